@@ -1,0 +1,46 @@
+# agentplane — the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+
+.PHONY: run test test-fast protos protos-check protos-lint lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+## Start Redis, every service and (once it exists) the gateway in the foreground; Ctrl-C stops all.
+run: $(STAMP)
+	$(PY) -m scripts.run_cluster
+
+## Run the whole suite against real Redis servers and real gRPC servers.
+test: $(STAMP) protos-check
+	$(PY) -m pytest -q
+
+## Regenerate the Python code and type stubs from protos/ into agentplane/.
+protos: $(STAMP)
+	$(PY) -m scripts.gen_protos
+
+## Fail when the committed generated code differs from what the protos produce.
+protos-check: $(STAMP)
+	$(PY) -m scripts.gen_protos --check
+
+## buf lint (STANDARD + COMMENTS) over protos/.
+protos-lint: $(STAMP)
+	$(PY) -m scripts.gen_protos --buf-deps
+	$(VENV)/bin/buf lint
+
+lint: $(STAMP) protos-lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services gateway scripts
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .buf-deps .pytest_cache

@@ -1,0 +1,99 @@
+"""Generate the Python code and type stubs for protos/ into agentplane/ (one command).
+
+The package path equals the folder path (protos/agentplane/usage/v1 → agentplane.usage.v1),
+so generated imports need no rewriting. `--check` regenerates into a temporary folder and
+fails when the committed code differs; `--buf-deps` lays out googleapis' protos (from the
+googleapis-common-protos wheel) where buf.yaml expects them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import google.api
+import grpc_tools
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "protos"
+OUT_PACKAGE = "agentplane"
+GOOGLEAPIS = Path(google.api.__path__[0]).parent.parent
+WKT = Path(grpc_tools.__path__[0]) / "_proto"
+BUF_DEPS = ["google/api/annotations.proto", "google/api/http.proto", "google/rpc/status.proto"]
+
+
+def generate(out: Path) -> None:
+    """Run protoc with the python, grpc and mypy-protobuf plugins into `out`."""
+    files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    plugin_dir = Path(sys.executable).parent
+    cmd = [
+        sys.executable, "-m", "grpc_tools.protoc",
+        f"-I{PROTOS}", f"-I{GOOGLEAPIS}", f"-I{WKT}",
+        f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
+        f"--python_out={out}", f"--grpc_python_out={out}",
+        f"--mypy_out={out}", f"--mypy_grpc_out={out}",
+        *files,
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=PROTOS, stdout=subprocess.DEVNULL)
+    package = out / OUT_PACKAGE
+    for directory in [package, *(p for p in package.rglob("*") if p.is_dir())]:
+        (directory / "__init__.py").touch()
+    (package / "py.typed").touch()
+
+
+def differences(left: Path, right: Path) -> list[str]:
+    """Relative paths that differ between two generated trees."""
+    cmp = filecmp.dircmp(left, right, ignore=["__pycache__"])
+    diffs: list[str] = []
+
+    def walk(c: filecmp.dircmp[str], prefix: str) -> None:
+        diffs.extend(prefix + n for n in c.left_only + c.right_only + c.diff_files)
+        for name, sub in c.subdirs.items():
+            walk(sub, f"{prefix}{name}/")
+
+    walk(cmp, "")
+    # dircmp compares shallowly by stat first; confirm byte equality for the rest.
+    for path in left.rglob("*"):
+        rel = path.relative_to(left)
+        other = right / rel
+        if path.is_file() and other.is_file() and path.read_bytes() != other.read_bytes():
+            diffs.append(str(rel))
+    return sorted(set(diffs))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="fail if generated code drifted")
+    parser.add_argument("--buf-deps", action="store_true", help="lay out .buf-deps for buf")
+    args = parser.parse_args()
+    if args.buf_deps:
+        for rel in BUF_DEPS:
+            target = ROOT / ".buf-deps" / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(GOOGLEAPIS / rel, target)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(Path(tmp))
+        fresh = Path(tmp) / OUT_PACKAGE
+        committed = ROOT / OUT_PACKAGE
+        if args.check:
+            diffs = differences(fresh, committed) if committed.exists() else ["agentplane/"]
+            if diffs:
+                print("generated code is out of date; run `make protos`:", *diffs, sep="\n  ")
+                return 1
+            print("generated code matches protos/")
+            return 0
+        shutil.rmtree(committed, ignore_errors=True)
+        shutil.copytree(fresh, committed)
+        print(f"generated {sum(1 for _ in committed.rglob('*.py'))} modules into {committed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
