@@ -1,0 +1,1 @@
+"""REST gateway (SPEC §3); implemented by its own issue."""

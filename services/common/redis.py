@@ -1,0 +1,43 @@
+"""Redis clients and Lua scripts.
+
+One asyncio client per process, standalone or Redis Cluster (REDIS_CLUSTER=true), with the
+hiredis parser (installed through redis[hiredis]), explicit timeouts so calls fail fast
+while Redis is down, and one retry on a broken connection so a restarted Redis is
+invisible. Scripts are redis-py `Script` objects: EVALSHA, and on NOSCRIPT (after a
+restart, failover or SCRIPT FLUSH) the script is loaded again and the call repeated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
+
+from services.common.settings import Settings
+
+RedisClient = Redis | RedisCluster
+
+
+def create_redis(settings: Settings) -> RedisClient:
+    """The process's Redis client, built from REDIS_URL and REDIS_CLUSTER."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": min(1.0, settings.redis_timeout_s),
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
+        "retry_on_error": [RedisConnectionError],
+        "health_check_interval": 15,
+    }
+    if settings.redis_cluster:
+        return RedisCluster.from_url(settings.redis_url, **options)
+    return Redis.from_url(settings.redis_url, **options)
+
+
+def load_script(redis: RedisClient, path: Path) -> Any:
+    """A callable script: `await script(keys=[...], args=[...])`."""
+    return redis.register_script(path.read_text())

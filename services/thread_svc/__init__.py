@@ -1,0 +1,1 @@
+"""The thread service (see SPEC §2); implemented by its own issue."""

@@ -1,0 +1,1 @@
+"""The usage service (see SPEC §2); implemented by its own issue."""
