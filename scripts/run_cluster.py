@@ -1,0 +1,102 @@
+"""`make run`: Redis, every service that exists and the gateway, in the foreground.
+
+Logs of all processes go to this terminal; one Ctrl-C (or SIGTERM) stops them all
+cleanly, services first and Redis last. An already-running Redis at REDIS_URL is reused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from scripts.redis_server import RedisProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = ROOT / ".run"
+PROCESSES = [
+    ("agent", "services.agent_svc", {"GRPC_PORT": "50051", "METRICS_PORT": "9101"}),
+    ("thread", "services.thread_svc", {"GRPC_PORT": "50052", "METRICS_PORT": "9102"}),
+    ("usage", "services.usage_svc", {"GRPC_PORT": "50053", "METRICS_PORT": "9103"}),
+    ("gateway", "gateway", {"HTTP_PORT": "8080", "METRICS_PORT": "9104"}),
+]
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+def _module_exists(module: str) -> bool:
+    return (ROOT / module.replace(".", "/") / "__main__.py").exists()
+
+
+def main() -> int:
+    RUN_DIR.mkdir(exist_ok=True)
+    redis_url = os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+    parsed = urlparse(redis_url)
+    redis: RedisProcess | None = None
+    if not _port_open(parsed.hostname or "localhost", parsed.port or 6379):
+        redis = RedisProcess(
+            port=parsed.port or 6379,
+            data_dir=str(RUN_DIR / "redis"),
+            extra_args=["--appendonly", "yes", "--appendfsync", "everysec"],
+            log_file=str(RUN_DIR / "redis.log"),
+        ).start()
+        print(f"[run] redis-server on {redis.url} (data in .run/redis, log in .run/redis.log)")
+    else:
+        print(f"[run] using the Redis already at {redis_url}")
+
+    env = {**os.environ, "REDIS_URL": redis_url, "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console")}
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    for name, module, overrides in PROCESSES:
+        if not _module_exists(module):
+            continue
+        children.append(
+            (name, subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env={**env, **overrides}))
+        )
+        print(f"[run] started {name} ({module}) on {overrides}")
+    print("[run] try: grpcurl -plaintext localhost:50051 list   — Ctrl-C stops everything")
+
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    exit_code = 0
+    while not stopping:
+        for name, child in children:
+            if child.poll() is not None:
+                print(f"[run] {name} exited with {child.returncode}; stopping the rest")
+                exit_code, stopping = 1, True
+                break
+        time.sleep(0.2)
+
+    for _name, child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for name, child in children:
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            print(f"[run] {name} did not stop in time; killing it")
+            child.kill()
+    if redis is not None:
+        redis.stop()
+    print("[run] stopped")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

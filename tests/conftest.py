@@ -1,0 +1,61 @@
+"""Shared fixtures: a real redis-server per session, real in-process gRPC servers on port 0."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+import redis as redis_sync
+
+from agentplane.agent.v1 import agent_service_pb2_grpc
+from scripts.redis_server import RedisProcess, free_port
+from services.agent_svc.server import create_server as create_agent_server
+from services.common.server import GrpcApp
+from services.common.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    with RedisProcess() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProcess) -> str:
+    """The session's Redis, emptied before each test."""
+    client = redis_sync.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+def make_settings(service_name: str, redis_url: str, **overrides: object) -> Settings:
+    """Settings for an in-process server; peers point at a closed port unless given."""
+    closed = f"127.0.0.1:{free_port()}"
+    base = Settings.from_env(
+        service_name,
+        env={
+            "REDIS_URL": redis_url,
+            "AGENT_SVC_ADDR": closed,
+            "THREAD_SVC_ADDR": closed,
+            "USAGE_SVC_ADDR": closed,
+            "METRICS_PORT": "0",
+        },
+    )
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def agent_app(redis_url: str) -> AsyncIterator[GrpcApp]:
+    app, _ = await create_agent_server(make_settings("agent_svc", redis_url), "127.0.0.1:0")
+    await app.start()
+    yield app
+    await app.stop(grace=0)
+
+
+@pytest.fixture
+async def agent_stub(agent_app: GrpcApp) -> AsyncIterator[agent_service_pb2_grpc.AgentServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{agent_app.port}") as channel:
+        yield agent_service_pb2_grpc.AgentServiceStub(channel)
