@@ -25,7 +25,7 @@ def status_name(value: int) -> str:
     """Short name of an AgentStatus value ("PAUSED"); INVALID_ARGUMENT for UNSPECIFIED/unknown."""
     if value == agent_pb2.AGENT_STATUS_UNSPECIFIED or value not in agent_pb2.AgentStatus.values():
         raise errors.invalid_argument("status", f"{value} is not an agent status")
-    return agent_pb2.AgentStatus.Name(value).removeprefix("AGENT_STATUS_")
+    return agent_pb2.AgentStatus.Name(value).removeprefix("AGENT_STATUS_")  # type: ignore[arg-type]
 
 
 def status_value(name: str) -> int:

@@ -10,7 +10,7 @@ restart, failover or SCRIPT FLUSH) the script is loaded again and the call repea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -20,7 +20,9 @@ from redis.retry import Retry
 
 from services.common.settings import Settings
 
-RedisClient = Redis | RedisCluster
+# Responses are decoded to str (decode_responses=True), which redis-py's bytes|str union
+# types cannot express; the stores treat the client as untyped at that boundary.
+RedisClient: TypeAlias = Any
 
 
 def create_redis(settings: Settings) -> RedisClient:
