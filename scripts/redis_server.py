@@ -61,7 +61,7 @@ class RedisProcess:
             "--dir", self.data_dir, "--save", "", "--protected-mode", "no",
             *self.extra_args,
         ]  # fmt: skip
-        output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

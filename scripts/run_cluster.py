@@ -55,13 +55,22 @@ def main() -> int:
     else:
         print(f"[run] using the Redis already at {redis_url}")
 
-    env = {**os.environ, "REDIS_URL": redis_url, "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console")}
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"),
+    }
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     for name, module, overrides in PROCESSES:
         if not _module_exists(module):
             continue
         children.append(
-            (name, subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env={**env, **overrides}))
+            (
+                name,
+                subprocess.Popen(
+                    [sys.executable, "-m", module], cwd=ROOT, env={**env, **overrides}
+                ),
+            )
         )
         print(f"[run] started {name} ({module}) on {overrides}")
     print("[run] try: grpcurl -plaintext localhost:50051 list   — Ctrl-C stops everything")

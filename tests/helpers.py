@@ -14,7 +14,11 @@ from services.common.errors import details_of
 
 
 async def expect_error(
-    call: Awaitable[Any], code: grpc.StatusCode, *, reason: str | None = None, field: str | None = None
+    call: Awaitable[Any],
+    code: grpc.StatusCode,
+    *,
+    reason: str | None = None,
+    field: str | None = None,
 ) -> grpc.aio.AioRpcError:
     """Await `call`, require it to fail with `code` (and ErrorInfo reason / BadRequest field)."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -36,7 +40,9 @@ async def expect_error(
     return error
 
 
-async def make_project(stub: Any, project_id: str = "demo", name: str = "Demo") -> project_pb2.Project:
+async def make_project(
+    stub: Any, project_id: str = "demo", name: str = "Demo"
+) -> project_pb2.Project:
     return await stub.CreateProject(
         agent_service_pb2.CreateProjectRequest(
             project=project_pb2.Project(display_name=name), project_id=project_id
@@ -44,7 +50,9 @@ async def make_project(stub: Any, project_id: str = "demo", name: str = "Demo") 
     )
 
 
-async def make_type(stub: Any, type_id: str = "coder", active: bool = True) -> agent_type_pb2.AgentType:
+async def make_type(
+    stub: Any, type_id: str = "coder", active: bool = True
+) -> agent_type_pb2.AgentType:
     return await stub.CreateAgentType(
         agent_service_pb2.CreateAgentTypeRequest(
             agent_type=agent_type_pb2.AgentType(

@@ -123,7 +123,9 @@ async def test_spawn_checks_type_project_and_name(stub) -> None:
     assert listed.total_size == 0
     memory = struct_pb2.Struct()
     memory.update({"goal": "ship", "step": 3})
-    agent = await spawn(stub, "a", description="first", peers=["p1", "p2"], short_term_memory=memory)
+    agent = await spawn(
+        stub, "a", description="first", peers=["p1", "p2"], short_term_memory=memory
+    )
     assert agent.status == agent_pb2.AGENT_STATUS_IDLE
     assert agent.agent_type_name == "Coder" and agent.project_name == "Demo"
     assert list(agent.peers) == ["p1", "p2"] and agent.short_term_memory == memory
@@ -177,7 +179,9 @@ async def test_page_size_rules_and_bad_tokens(stub) -> None:
     await expect_error(
         stub.ListAgents(
             M.ListAgentsRequest(
-                project_id="demo", status=agent_pb2.AGENT_STATUS_IDLE, page_token=page.next_page_token
+                project_id="demo",
+                status=agent_pb2.AGENT_STATUS_IDLE,
+                page_token=page.next_page_token,
             )
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -218,14 +222,18 @@ async def test_filters_by_project_and_status(stub) -> None:
 async def test_get_checks_the_project(stub) -> None:
     await make_project(stub, "other", "Other")
     agent = await spawn(stub, "a")
-    assert (await stub.GetAgent(M.GetAgentRequest(agent_id=agent.id, project_id="demo"))).id == agent.id
+    assert (
+        await stub.GetAgent(M.GetAgentRequest(agent_id=agent.id, project_id="demo"))
+    ).id == agent.id
     await expect_error(
         stub.GetAgent(M.GetAgentRequest(agent_id=agent.id, project_id="other")),
         grpc.StatusCode.NOT_FOUND,
         reason="AGENT_NOT_FOUND",
     )
     await expect_error(
-        stub.GetAgent(M.GetAgentRequest(agent_id="")), grpc.StatusCode.INVALID_ARGUMENT, field="agent_id"
+        stub.GetAgent(M.GetAgentRequest(agent_id="")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        field="agent_id",
     )
 
 
@@ -238,7 +246,10 @@ async def test_update_agent_changes_only_masked_fields(stub) -> None:
             agent_id=agent.id,
             project_id="demo",
             agent=agent_pb2.Agent(
-                name="renamed", description="new", session_id="ignored", short_term_memory=memory,
+                name="renamed",
+                description="new",
+                session_id="ignored",
+                short_term_memory=memory,
                 peers=["x"],
             ),
             update_mask=field_mask_pb2.FieldMask(
@@ -286,7 +297,9 @@ async def test_schema_metrics_and_overview(stub) -> None:
     await stub.StartTask(M.StartTaskRequest(agent_id=a.id, task="t2"))
     await stub.TerminateAgent(M.TerminateAgentRequest(agent_id=b.id))
     schema = await stub.GetAgentSchema(M.GetAgentSchemaRequest(agent_id=a.id))
-    assert schema.schema == '{"type": "object"}' and schema.content_type == "application/schema+json"
+    assert (
+        schema.schema == '{"type": "object"}' and schema.content_type == "application/schema+json"
+    )
     project = await stub.GetProjectAgentMetrics(M.GetProjectAgentMetricsRequest(project_id="demo"))
     assert (project.total_instances, project.active_instances, project.idle_instances) == (3, 1, 1)
     assert project.terminated_instances == 1 and project.total_tasks_completed == 1
@@ -309,7 +322,9 @@ async def test_watch_agents_streams_status_changes(stub) -> None:
     await stub.PauseAgent(M.PauseAgentRequest(agent_id=agent.id))
     first = await asyncio.wait_for(stream.read(), 5)
     second = await asyncio.wait_for(stream.read(), 5)
-    assert first.agent.id == agent.id and first.previous_status == agent_pb2.AGENT_STATUS_UNSPECIFIED
+    assert (
+        first.agent.id == agent.id and first.previous_status == agent_pb2.AGENT_STATUS_UNSPECIFIED
+    )
     assert second.previous_status == agent_pb2.AGENT_STATUS_IDLE
     assert second.agent.status == agent_pb2.AGENT_STATUS_PAUSED
     names = [(await asyncio.wait_for(everything.read(), 5)).agent.name for _ in range(3)]

@@ -83,7 +83,9 @@ async def test_task_cycle_counts_completed_tasks(stub) -> None:
     resumed = await stub.StartTask(agent_service_pb2.StartTaskRequest(agent_id=agent.id, task="t2"))
     assert resumed.status == status("WORKING") and resumed.current_task == "t2"
     await stub.CompleteTask(agent_service_pb2.CompleteTaskRequest(agent_id=agent.id))
-    metrics = await stub.GetAgentMetrics(agent_service_pb2.GetAgentMetricsRequest(agent_id=agent.id))
+    metrics = await stub.GetAgentMetrics(
+        agent_service_pb2.GetAgentMetricsRequest(agent_id=agent.id)
+    )
     assert metrics.tasks_completed == 2
 
 
