@@ -10,10 +10,12 @@ import pytest
 import redis as redis_sync
 
 from agentplane.agent.v1 import agent_service_pb2_grpc
+from agentplane.usage.v1 import usage_service_pb2_grpc
 from scripts.redis_server import RedisProcess, free_port
 from services.agent_svc.server import create_server as create_agent_server
 from services.common.server import GrpcApp
 from services.common.settings import Settings
+from services.usage_svc.server import create_server as create_usage_server
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +61,17 @@ async def agent_app(redis_url: str) -> AsyncIterator[GrpcApp]:
 async def agent_stub(agent_app: GrpcApp) -> AsyncIterator[agent_service_pb2_grpc.AgentServiceStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{agent_app.port}") as channel:
         yield agent_service_pb2_grpc.AgentServiceStub(channel)
+
+
+@pytest.fixture
+async def usage_app(redis_url: str) -> AsyncIterator[GrpcApp]:
+    app, _ = await create_usage_server(make_settings("usage_svc", redis_url), "127.0.0.1:0")
+    await app.start()
+    yield app
+    await app.stop(grace=0)
+
+
+@pytest.fixture
+async def usage_stub(usage_app: GrpcApp) -> AsyncIterator[usage_service_pb2_grpc.UsageServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{usage_app.port}") as channel:
+        yield usage_service_pb2_grpc.UsageServiceStub(channel)

@@ -40,6 +40,8 @@ def create_redis(settings: Settings) -> RedisClient:
     return Redis.from_url(settings.redis_url, **options)
 
 
-def load_script(redis: RedisClient, path: Path) -> Any:
-    """A callable script: `await script(keys=[...], args=[...])`."""
-    return redis.register_script(path.read_text())
+def load_script(redis: RedisClient, path: Path, prelude: Path | None = None) -> Any:
+    """A callable script: `await script(keys=[...], args=[...])`. A prelude (shared Lua
+    functions) is prepended, since Redis scripts cannot import one another."""
+    source = (prelude.read_text() + "\n" if prelude else "") + path.read_text()
+    return redis.register_script(source)

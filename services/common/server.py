@@ -182,5 +182,9 @@ def main(
         return 2
     configure_logging(settings)
     configure_telemetry(settings)
-    asyncio.run(serve(settings, create_server))
+    try:
+        asyncio.run(serve(settings, create_server))
+    except SettingsError as exc:  # e.g. a malformed file that a setting names
+        print(f"{service_name}: bad configuration: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -65,6 +65,13 @@ def _address(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+def _file(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "")
+    if value and not os.path.isfile(value):
+        raise SettingsError(f"{name}={value!r} is not a readable file")
+    return value
+
+
 def _redis_url(env: Mapping[str, str]) -> str:
     value = env.get("REDIS_URL") or "redis://localhost:6379/0"
     parsed = urlparse(value)
@@ -98,6 +105,8 @@ class Settings:
     admin_token: str
     default_max_tokens: int
     idempotency_ttl_s: int
+    usage_shards: int
+    price_table_path: str
 
     @property
     def tls_enabled(self) -> bool:
@@ -145,4 +154,6 @@ class Settings:
             admin_token=env.get("AGENTPLANE_ADMIN_TOKEN", ""),
             default_max_tokens=_int(env, "DEFAULT_MAX_TOKENS", 100_000, 1, 10**12),
             idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_SECONDS", 86_400, 60, 30 * 86_400),
+            usage_shards=_int(env, "USAGE_SHARDS", 8, 1, 1024),
+            price_table_path=_file(env, "PRICE_TABLE_PATH"),
         )

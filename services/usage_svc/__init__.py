@@ -1,1 +1,1 @@
-"""The usage service (see SPEC §2); implemented by its own issue."""
+"""The usage service: the gas gauge — exact, idempotent accounting and atomic budgets."""

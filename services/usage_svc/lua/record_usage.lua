@@ -1,0 +1,76 @@
+-- Record LLM calls: for each record, atomically, the idempotency check, settling its
+-- reservation, the thread's counters and hotness, and the cluster, agent, model and
+-- project aggregates. All keys of one call share the shard's hash tag (one slot).
+--
+-- KEYS, 12 per record: 1 usage-id key, 2 thread hash, 3 reservations hash,
+--   4 reservation expiries, 5 budgets-by-hotness zset, 6 totals hash, 7 agent hash,
+--   8 model hash, 9 agents-by-tokens zset, 10 models-by-tokens zset,
+--   11 project totals hash, 12 project agents-by-tokens zset
+-- ARGV: 1 now (ms), 2 usage-id ttl (s); then 11 per record: fingerprint, prompt,
+--   completion, cost micros, latency ms, unpriced (0/1), reservation id, agent id,
+--   model, thread id, has project (0/1)
+-- Returns per record: {outcome, cost, <budget state>}, outcome NEW | DUPLICATE | CONFLICT.
+local K, A = 12, 11
+local now, ttl = ARGV[1], ARGV[2]
+local replies = {}
+
+local function add(key, prompt, completion, cost, latency, unpriced)
+  redis.call('HINCRBY', key, 'p', prompt)
+  redis.call('HINCRBY', key, 'c', completion)
+  redis.call('HINCRBY', key, 'n', 1)
+  if cost ~= '0' then redis.call('HINCRBY', key, 'cost', cost) end
+  if latency ~= '0' then redis.call('HINCRBY', key, 'lat', latency) end
+  if unpriced ~= '0' then redis.call('HINCRBY', key, 'unp', 1) end
+end
+
+for i = 0, #KEYS / K - 1 do
+  local k, a = i * K, 2 + i * A
+  local fp, prompt, completion, cost = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local prior = redis.call('GET', KEYS[k + 1])
+  if prior then
+    local fields = {}
+    for part in string.gmatch(prior, '[^|]+') do fields[#fields + 1] = part end
+    if fields[1] ~= fp then
+      replies[#replies + 1] = {'CONFLICT'}
+    else
+      local reply = {'DUPLICATE'}
+      for j = 2, #fields do reply[#reply + 1] = tonumber(fields[j]) end
+      replies[#replies + 1] = reply
+    end
+  else
+    local thread = KEYS[k + 2]
+    purge_expired(thread, KEYS[k + 3], KEYS[k + 4], now)
+    local rid = ARGV[a + 7]
+    if rid ~= '' then
+      local held = redis.call('HGET', KEYS[k + 3], rid)
+      if held then
+        redis.call('HDEL', KEYS[k + 3], rid)
+        redis.call('ZREM', KEYS[k + 4], rid)
+        redis.call('HINCRBY', thread, 'reserved', -tonumber(held))
+      end
+    end
+    local latency, unpriced = ARGV[a + 5], ARGV[a + 6]
+    local tokens = tonumber(prompt) + tonumber(completion)
+    add(thread, prompt, completion, cost, latency, unpriced)
+    add(KEYS[k + 6], prompt, completion, cost, latency, unpriced)
+    add(KEYS[k + 7], prompt, completion, cost, latency, unpriced)
+    add(KEYS[k + 8], prompt, completion, cost, latency, unpriced)
+    redis.call('ZINCRBY', KEYS[k + 9], tokens, ARGV[a + 8])
+    redis.call('ZINCRBY', KEYS[k + 10], tokens, ARGV[a + 9])
+    if ARGV[a + 11] == '1' then
+      add(KEYS[k + 11], prompt, completion, cost, latency, unpriced)
+      redis.call('ZINCRBY', KEYS[k + 12], tokens, ARGV[a + 8])
+    end
+    local state = budget_state(thread)
+    if state[1] == 1 then
+      redis.call('HSET', thread, 'update_ms', now)
+      state[7] = tonumber(now)
+      redis.call('ZADD', KEYS[k + 5], (state[3] + state[4]) / state[2], ARGV[a + 10])
+    end
+    local reply = {'NEW', tonumber(cost)}
+    for _, v in ipairs(state) do reply[#reply + 1] = v end
+    redis.call('SET', KEYS[k + 1], fp .. '|' .. table.concat(reply, '|', 2), 'EX', ttl)
+    replies[#replies + 1] = reply
+  end
+end
+return replies
