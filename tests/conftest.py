@@ -11,7 +11,7 @@ import redis as redis_sync
 
 from agentplane.agent.v1 import agent_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2_grpc
-from scripts.redis_server import RedisProcess, free_port
+from scripts.redis_server import RedisClusterProcesses, RedisProcess, free_port
 from services.agent_svc.server import create_server as create_agent_server
 from services.common.server import GrpcApp
 from services.common.settings import Settings
@@ -24,6 +24,13 @@ def redis_server() -> Iterator[RedisProcess]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcesses]:
+    cluster = RedisClusterProcesses(masters=3).start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 def redis_url(redis_server: RedisProcess) -> str:
     """The session's Redis, emptied before each test."""
@@ -33,12 +40,31 @@ def redis_url(redis_server: RedisProcess) -> str:
     return redis_server.url
 
 
-def make_settings(service_name: str, redis_url: str, **overrides: object) -> Settings:
+@dataclasses.dataclass(frozen=True)
+class RedisTarget:
+    url: str
+    cluster: bool
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_target(request: pytest.FixtureRequest) -> RedisTarget:
+    """Run the test against a standalone Redis and against a real three-master cluster."""
+    if request.param == "cluster":
+        cluster: RedisClusterProcesses = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        return RedisTarget(cluster.url, True)
+    return RedisTarget(request.getfixturevalue("redis_url"), False)
+
+
+def make_settings(
+    service_name: str, redis_url: str, cluster: bool = False, **overrides: object
+) -> Settings:
     """Settings for an in-process server; peers point at a closed port unless given."""
     closed = f"127.0.0.1:{free_port()}"
     base = Settings.from_env(
         service_name,
         env={
+            "REDIS_CLUSTER": "true" if cluster else "false",
             "REDIS_URL": redis_url,
             "AGENT_SVC_ADDR": closed,
             "THREAD_SVC_ADDR": closed,
@@ -50,8 +76,9 @@ def make_settings(service_name: str, redis_url: str, **overrides: object) -> Set
 
 
 @pytest.fixture
-async def agent_app(redis_url: str) -> AsyncIterator[GrpcApp]:
-    app, _ = await create_agent_server(make_settings("agent_svc", redis_url), "127.0.0.1:0")
+async def agent_app(redis_target: RedisTarget) -> AsyncIterator[GrpcApp]:
+    settings = make_settings("agent_svc", redis_target.url, redis_target.cluster)
+    app, _ = await create_agent_server(settings, "127.0.0.1:0")
     await app.start()
     yield app
     await app.stop(grace=0)
@@ -64,8 +91,9 @@ async def agent_stub(agent_app: GrpcApp) -> AsyncIterator[agent_service_pb2_grpc
 
 
 @pytest.fixture
-async def usage_app(redis_url: str) -> AsyncIterator[GrpcApp]:
-    app, _ = await create_usage_server(make_settings("usage_svc", redis_url), "127.0.0.1:0")
+async def usage_app(redis_target: RedisTarget) -> AsyncIterator[GrpcApp]:
+    settings = make_settings("usage_svc", redis_target.url, redis_target.cluster)
+    app, _ = await create_usage_server(settings, "127.0.0.1:0")
     await app.start()
     yield app
     await app.stop(grace=0)

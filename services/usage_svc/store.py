@@ -10,6 +10,7 @@ the number of threads.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import zlib
 from collections.abc import Iterable, Sequence
@@ -138,7 +139,6 @@ class UsageStore:
         self._release = load_script(redis, LUA / "release.lua", prelude)
         self._set_budget = load_script(redis, LUA / "set_budget.lua", prelude)
         self._close_budget = load_script(redis, LUA / "close_budget.lua", prelude)
-        self._read_budget = load_script(redis, LUA / "read_budget.lua", prelude)
 
     def shard(self, thread_id: str) -> Shard:
         return self._shards[zlib.crc32(thread_id.encode()) % len(self._shards)]
@@ -146,20 +146,15 @@ class UsageStore:
     # Writes -------------------------------------------------------------------------
 
     async def record(self, records: Sequence[UsageRecord]) -> list[RecordOutcome]:
-        """Apply records (one script call per shard; several shards go in one pipeline)."""
+        """Apply records: one script call per shard touched."""
         groups: dict[int, list[int]] = {}
         for position, record in enumerate(records):
             groups.setdefault(id(self.shard(record.thread_id)), []).append(position)
         calls = [
             self._record_call([records[p] for p in positions]) for positions in groups.values()
         ]
-        if len(calls) == 1:
-            replies = [await self._record(keys=calls[0][0], args=calls[0][1])]
-        else:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    await self._record(keys=keys, args=args, client=pipe)
-                replies = await pipe.execute()
+        # Shards are independent slots: their scripts run concurrently, one round trip each.
+        replies = await asyncio.gather(*(self._record(keys=k, args=v) for k, v in calls))
         outcomes: list[RecordOutcome | None] = [None] * len(records)
         for positions, reply in zip(groups.values(), replies, strict=True):
             for position, item in zip(positions, reply, strict=True):
@@ -233,23 +228,40 @@ class UsageStore:
         return deleted
 
     async def _unlink(self, keys: list[str]) -> int:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.unlink(key)
-            return sum(await pipe.execute())
+        # On a cluster, redis-py splits a multi-key UNLINK by slot.
+        return int(await self._redis.unlink(*keys))
 
     # Reads --------------------------------------------------------------------------
 
     async def budgets(self, thread_ids: Sequence[str]) -> list[BudgetState | None]:
+        """Budgets of the threads (None where there is none), in one round trip.
+
+        A pure read: reservations whose ttl has passed are left out of `reserved` here and
+        given back by the next write to that thread.
+        """
         now = now_ms()
         async with self._redis.pipeline(transaction=False) as pipe:
             for thread_id in thread_ids:
-                await self._read_budget(
-                    keys=list(self.shard(thread_id).thread(thread_id)), args=[now], client=pipe
-                )
+                thread, reservations, expiries = self.shard(thread_id).thread(thread_id)
+                pipe.hmget(thread, "max_tokens", "p", "c", "reserved", "closed", "update_ms")
+                pipe.hgetall(reservations)
+                pipe.zrangebyscore(expiries, "-inf", now)
             replies = await pipe.execute()
-        states = [_budget_reply(t, r) for t, r in zip(thread_ids, replies, strict=True)]
-        return [state if outcome == "OK" else None for outcome, _, state in states]
+        states: list[BudgetState | None] = []
+        for position, thread_id in enumerate(thread_ids):
+            fields, held, expired = replies[3 * position : 3 * position + 3]
+            if fields[0] is None:
+                states.append(None)
+                continue
+            lapsed = sum(int(held.get(rid, 0)) for rid in expired)
+            max_tokens, prompt, completion, reserved, closed, update_ms = (
+                int(v or 0) for v in fields
+            )
+            states.append(
+                BudgetState(thread_id, True, max_tokens, prompt, completion,
+                            reserved - lapsed, bool(closed), update_ms)
+            )  # fmt: skip
+        return states
 
     async def hottest(self, offset: int, size: int) -> tuple[list[str], int]:
         """Thread ids of one page of budgets, hottest first, and the number of budgets.
