@@ -138,7 +138,7 @@ class RedisClusterProcesses:
                     "--cluster-node-timeout",
                     "2000",
                 ],
-            )  # fmt: skip
+            )
             for i in range(masters)
         ]
 
