@@ -1,0 +1,128 @@
+"""Faults: lost replies, SCRIPT FLUSH, Redis restarts, and Redis killed mid-load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import redis as redis_sync
+
+from agentplane.usage.v1 import usage_service_pb2 as U
+from agentplane.usage.v1 import usage_service_pb2_grpc
+from scripts.redis_server import RedisProcess
+from services.usage_svc.server import create_server
+from tests.conftest import make_settings
+from tests.faults import LosingProxy
+from tests.usage_svc.test_usage import record
+
+
+@contextlib.asynccontextmanager
+async def usage_service(redis_url: str):
+    app, port = await create_server(make_settings("usage_svc", redis_url), "127.0.0.1:0")
+    await app.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield usage_service_pb2_grpc.UsageServiceStub(channel)
+    finally:
+        await channel.close()
+        await app.stop(grace=0)
+
+
+async def totals(stub):
+    return (await stub.GetUsageOverview(U.GetUsageOverviewRequest())).totals
+
+
+async def test_a_retry_after_a_lost_reply_counts_once(redis_server, redis_url) -> None:
+    proxy = await LosingProxy(redis_server.port).start()
+    try:
+        async with usage_service(f"redis://127.0.0.1:{proxy.port}/0") as stub:
+            await stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="t1", max_tokens=10_000))
+            await stub.RecordUsage(record("warm-up"))
+            proxy.armed = True
+            # Redis applies the script, the reply is lost, redis-py reconnects and sends the
+            # same EVALSHA again: the usage id makes the second run a no-op.
+            answer = await stub.RecordUsage(record("lost-reply"), timeout=10)
+            assert proxy.dropped == 1
+            assert answer.budget.total_tokens == 300
+            seen = await totals(stub)
+            assert seen.request_count == 2 and seen.total_tokens == 300
+    finally:
+        await proxy.close()
+
+
+async def test_script_flush_is_invisible(redis_url) -> None:
+    async with usage_service(redis_url) as stub:
+        await stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="t1", max_tokens=1000))
+        await stub.RecordUsage(record("u1"))
+        with redis_sync.Redis.from_url(redis_url) as client:
+            client.script_flush()
+        await stub.RecordUsage(record("u2"))
+        await stub.ReserveBudget(
+            U.ReserveBudgetRequest(reservation_id="r", thread_id="t1", tokens=10)
+        )
+        with redis_sync.Redis.from_url(redis_url) as client:
+            client.script_flush()
+        batch = await stub.RecordUsageBatch(
+            U.RecordUsageBatchRequest(requests=[record(f"b{i}", thread=f"x{i}") for i in range(20)])
+        )
+        assert all(r.status.code == 0 for r in batch.results)
+        assert (await totals(stub)).request_count == 22
+
+
+async def test_redis_restart_is_invisible_and_keeps_data(tmp_path) -> None:
+    redis = RedisProcess(
+        data_dir=str(tmp_path), extra_args=["--appendonly", "yes", "--appendfsync", "always"]
+    )
+    redis.start()
+    try:
+        async with usage_service(redis.url) as stub:
+            await stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="t1", max_tokens=1000))
+            await stub.RecordUsage(record("before"))
+            redis.stop()
+            redis.start()
+            # The pooled connections are dead and the script cache is empty: neither shows.
+            after = await stub.RecordUsage(record("after"), timeout=5)
+            assert after.budget.total_tokens == 300
+            assert (await totals(stub)).request_count == 2
+    finally:
+        redis.stop()
+
+
+async def test_kill_mid_load_with_appendfsync_always_loses_no_acknowledged_record(tmp_path) -> None:
+    redis = RedisProcess(
+        data_dir=str(tmp_path), extra_args=["--appendonly", "yes", "--appendfsync", "always"]
+    )
+    redis.start()
+    acknowledged: list[str] = []
+    attempted = 0
+    try:
+        async with usage_service(redis.url) as stub:
+
+            async def writer(worker: int) -> None:
+                nonlocal attempted
+                for i in range(10_000):
+                    usage_id = f"w{worker}-{i}"
+                    attempted += 1
+                    try:
+                        await stub.RecordUsage(record(usage_id, thread=f"t{worker}"), timeout=2)
+                    except grpc.aio.AioRpcError:
+                        return
+                    acknowledged.append(usage_id)
+
+            workers = [asyncio.create_task(writer(w)) for w in range(8)]
+            await asyncio.sleep(1.0)
+            redis.stop(kill=True)  # SIGKILL mid-load
+            await asyncio.wait_for(asyncio.gather(*workers), 20)
+            assert len(acknowledged) > 50, "the load did not get going"
+
+            redis.start()
+            seen = await totals(stub)
+            # Every acknowledged record survived; at most the in-flight ones were added too.
+            assert len(acknowledged) <= seen.request_count <= attempted
+            for usage_id in acknowledged[:: max(1, len(acknowledged) // 200)]:
+                worker = usage_id.split("-")[0][1:]
+                again = await stub.RecordUsage(record(usage_id, thread=f"t{worker}"))
+                assert again.duplicate, usage_id
+    finally:
+        redis.stop()
