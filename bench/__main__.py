@@ -1,0 +1,227 @@
+"""`make bench`: SPEC §7's targets, each against a ceiling measured in the same run.
+
+Starts a real redis-server and a real usage-service process, drives them from several
+client processes, prints a table and writes bench/results.json. Figures depend on the
+machine; the ratios are what the targets are about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentplane.usage.v1 import usage_service_pb2 as U
+from agentplane.usage.v1 import usage_service_pb2_grpc
+from bench.load import THREADS, WorkerResult, run_worker, thread_of
+from scripts.redis_server import RedisProcess, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
+CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "32"))
+CALLS = int(os.environ.get("BENCH_CALLS", "8000"))  # per worker and phase
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def drive(target: str, kind: str, rate: float = 0.0, tag: str = "") -> dict[str, float]:
+    """Run WORKERS load processes; total throughput and latency percentiles."""
+    per_worker_rate = rate / WORKERS if rate else 0.0
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(WORKERS) as pool:
+        results: list[WorkerResult] = pool.starmap(
+            run_worker,
+            [(target, kind, w, CALLS, CONCURRENCY, per_worker_rate, tag) for w in range(WORKERS)],
+        )
+    latencies = [x for r in results for x in r.latencies_ms]
+    completed = sum(r.completed for r in results)
+    return {
+        "calls_per_s": completed / max(r.elapsed_s for r in results),
+        "p50_ms": percentile(latencies, 0.50),
+        "p99_ms": percentile(latencies, 0.99),
+        "errors": sum(r.errors for r in results),
+    }
+
+
+async def wait_serving(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        for _ in range(200):
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("usage service did not start")
+
+
+async def prepare_threads(stub: Any, count: int, prefix: str) -> None:
+    """`count` threads with budgets and some usage, through the public API."""
+    ids = [f"{prefix}{i}" for i in range(count)]
+    for start in range(0, count, 500):
+        chunk = ids[start : start + 500]
+        await asyncio.gather(
+            *(stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id=t, max_tokens=100_000)) for t in chunk)
+        )
+    for start in range(0, count, 1000):
+        chunk = ids[start : start + 1000]
+        await stub.RecordUsageBatch(
+            U.RecordUsageBatchRequest(
+                requests=[
+                    U.RecordUsageRequest(
+                        usage_id=f"fill-{t}", thread_id=t, agent_id=f"agent-{i % 50}",
+                        model="gpt-4o-mini", prompt_tokens=(i * 37) % 5000, completion_tokens=10,
+                    )  # fmt: skip
+                    for i, t in enumerate(chunk, start)
+                ]
+            )
+        )
+
+
+async def read_latency(stub: Any, samples: int = 200) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, call in (
+        ("list_thread_budgets", lambda: stub.ListThreadBudgets(U.ListThreadBudgetsRequest())),
+        ("usage_overview", lambda: stub.GetUsageOverview(U.GetUsageOverviewRequest())),
+    ):
+        timings = []
+        for _ in range(samples):
+            began = time.perf_counter()
+            await call()
+            timings.append((time.perf_counter() - began) * 1000)
+        out[f"{name}_p50_ms"] = statistics.median(timings)
+        out[f"{name}_p99_ms"] = percentile(timings, 0.99)
+    return out
+
+
+async def batch_throughput(stub: Any, batches: int = 40, in_flight: int = 4) -> float:
+    async def one(b: int) -> int:
+        reply = await stub.RecordUsageBatch(
+            U.RecordUsageBatchRequest(
+                requests=[
+                    U.RecordUsageRequest(
+                        usage_id=f"batch-{b}-{i}", thread_id=thread_of(b, i), agent_id=f"agent-{i % 8}",
+                        model="gpt-4o", prompt_tokens=100, completion_tokens=20, latency_ms=300,
+                    )  # fmt: skip
+                    for i in range(1000)
+                ]
+            )
+        )
+        assert all(r.status.code == 0 for r in reply.results)
+        return len(reply.results)
+
+    began = time.perf_counter()
+    done = 0
+    for start in range(0, batches, in_flight):
+        done += sum(await asyncio.gather(*(one(b) for b in range(start, min(batches, start + in_flight)))))
+    return done / (time.perf_counter() - began)
+
+
+def main() -> int:
+    redis = RedisProcess(log_file=None).start()
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    env = {
+        **os.environ, "GRPC_PORT": str(port), "REDIS_URL": redis.url, "METRICS_PORT": "0",
+        "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
+    }  # fmt: skip
+    service = subprocess.Popen(
+        [sys.executable, "-m", "services.usage_svc"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
+    )
+    results: dict[str, Any] = {"workers": WORKERS, "concurrency": CONCURRENCY, "calls_per_worker": CALLS}
+    try:
+        asyncio.run(wait_serving(target))
+
+        async def setup() -> None:
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = usage_service_pb2_grpc.UsageServiceStub(channel)
+                await asyncio.gather(
+                    *(stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id=f"bench-t{i}", max_tokens=10**12))
+                      for i in range(THREADS))
+                )  # fmt: skip
+
+        asyncio.run(setup())
+        drive(target, "check")  # warm-up
+        check = drive(target, "check")
+        record = drive(target, "record", tag="sat")
+        half_rate = check["calls_per_s"] / 2
+        half = drive(target, "record", rate=half_rate, tag="half")
+        results["health_check"] = check
+        results["record_usage_saturation"] = record
+        results["record_usage_half_load"] = {**half, "offered_calls_per_s": half_rate}
+        results["record_vs_check"] = record["calls_per_s"] / check["calls_per_s"]
+
+        async def reads_and_batches() -> None:
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = usage_service_pb2_grpc.UsageServiceStub(channel)
+                results["record_usage_batch_records_per_s"] = await batch_throughput(stub)
+                await stub.ResetUsage(U.ResetUsageRequest())
+                await prepare_threads(stub, 1_000, "small-")
+                small = await read_latency(stub)
+                await prepare_threads(stub, 99_000, "large-")
+                large = await read_latency(stub)
+                results["reads_at_1k_threads"] = small
+                results["reads_at_100k_threads"] = large
+                results["read_growth_1k_to_100k"] = {
+                    k: large[k] / small[k] for k in small if k.endswith("p50_ms")
+                }
+
+        asyncio.run(reads_and_batches())
+    finally:
+        service.terminate()
+        service.wait(timeout=20)
+        redis.stop()
+
+    targets = {
+        "RecordUsage ≥ 70% of Check": results["record_vs_check"] >= 0.70,
+        "p99 < 20 ms at half load": results["record_usage_half_load"]["p99_ms"] < 20,
+        "batch ≥ 20,000 records/s": results["record_usage_batch_records_per_s"] >= 20_000,
+        "reads within 2× from 1k to 100k threads": all(
+            v <= 2 for v in results["read_growth_1k_to_100k"].values()
+        ),
+    }
+    results["targets_met"] = targets
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    c, r, h = results["health_check"], results["record_usage_saturation"], results["record_usage_half_load"]
+    print(f"\nagentplane bench ({WORKERS} client processes × {CONCURRENCY} in flight, {os.cpu_count()} cores)")
+    print(f"{'measure':48} {'value':>14}")
+    rows = [
+        ("health Check ceiling (calls/s)", f"{c['calls_per_s']:.0f}"),
+        ("RecordUsage at saturation (calls/s)", f"{r['calls_per_s']:.0f}"),
+        ("  ratio to Check", f"{results['record_vs_check']:.2f}"),
+        ("  p50 / p99 at saturation (ms)", f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}"),
+        (f"RecordUsage at half load ({h['offered_calls_per_s']:.0f}/s) p50 / p99", f"{h['p50_ms']:.2f} / {h['p99_ms']:.2f}"),
+        ("RecordUsageBatch (records/s)", f"{results['record_usage_batch_records_per_s']:.0f}"),
+    ]  # fmt: skip
+    for scale, key in (("1k", "reads_at_1k_threads"), ("100k", "reads_at_100k_threads")):
+        reads = results[key]
+        rows.append((f"ListThreadBudgets p50 at {scale} threads (ms)", f"{reads['list_thread_budgets_p50_ms']:.2f}"))
+        rows.append((f"GetUsageOverview p50 at {scale} threads (ms)", f"{reads['usage_overview_p50_ms']:.2f}"))
+    for label, value in rows:
+        print(f"{label:48} {value:>14}")
+    for label, met in targets.items():
+        print(f"  [{'met' if met else 'NOT MET'}] {label}")
+    print("written: bench/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

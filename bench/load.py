@@ -1,0 +1,99 @@
+"""Load-generating workers: separate processes, each an asyncio loop with many calls in
+flight, sending pre-encoded requests so the client is not the bottleneck."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2
+
+from agentplane.usage.v1 import usage_service_pb2 as U
+
+RECORD = "/agentplane.usage.v1.UsageService/RecordUsage"
+RESERVE = "/agentplane.usage.v1.UsageService/ReserveBudget"
+CHECK = "/grpc.health.v1.Health/Check"
+THREADS = 200
+
+
+@dataclass
+class WorkerResult:
+    completed: int
+    errors: int
+    elapsed_s: float
+    latencies_ms: list[float]
+
+
+def _field(number: int, text: str) -> bytes:
+    """Protobuf wire encoding of one short string field (fields may come in any order)."""
+    data = text.encode()
+    return bytes([(number << 3) | 2, len(data)]) + data
+
+
+def thread_of(worker: int, n: int) -> str:
+    return f"bench-t{(worker * 7919 + n) % THREADS}"
+
+
+def record_body(worker: int, n: int, tag: str) -> bytes:
+    fixed = U.RecordUsageRequest(
+        agent_id=f"agent-{worker % 8}", project_id="bench", model="gpt-4o",
+        prompt_tokens=120, completion_tokens=80, latency_ms=350,
+    ).SerializeToString()  # fmt: skip
+    key = f"{tag}-{worker}-{n}"
+    return fixed + _field(1, key) + _field(2, thread_of(worker, n)) + _field(10, key)
+
+
+async def _run(
+    target: str, kind: str, worker: int, count: int, concurrency: int, rate: float, tag: str
+) -> WorkerResult:
+    async with grpc.aio.insecure_channel(target) as channel:
+        method = channel.unary_unary(CHECK if kind == "check" else RECORD)
+        if kind == "check":
+            body = health_pb2.HealthCheckRequest().SerializeToString()
+            bodies = [body] * count
+        else:
+            bodies = [record_body(worker, n, tag) for n in range(count)]
+            reserve = channel.unary_unary(RESERVE)
+            ttl = duration_pb2.Duration(seconds=600)
+
+            async def hold(n: int) -> None:
+                key = f"{tag}-{worker}-{n}"
+                request = U.ReserveBudgetRequest(
+                    reservation_id=key, thread_id=thread_of(worker, n), tokens=200, ttl=ttl
+                )
+                await reserve(request.SerializeToString())
+
+            for start in range(0, count, 256):  # the reservations the records settle (untimed)
+                await asyncio.gather(*(hold(n) for n in range(start, min(count, start + 256))))
+        latencies: list[float] = []
+        errors = 0
+        next_index = 0
+        began = time.perf_counter()
+
+        async def client() -> None:
+            nonlocal next_index, errors
+            while next_index < count:
+                n = next_index
+                next_index += 1
+                if rate:
+                    delay = began + n / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                sent = time.perf_counter()
+                try:
+                    await method(bodies[n])
+                    latencies.append((time.perf_counter() - sent) * 1000)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return WorkerResult(len(latencies), errors, time.perf_counter() - began, latencies)
+
+
+def run_worker(
+    target: str, kind: str, worker: int, count: int, concurrency: int, rate: float, tag: str
+) -> WorkerResult:
+    return asyncio.run(_run(target, kind, worker, count, concurrency, rate, tag))
