@@ -79,7 +79,10 @@ async def prepare_threads(stub: Any, count: int, prefix: str) -> None:
     for start in range(0, count, 500):
         chunk = ids[start : start + 500]
         await asyncio.gather(
-            *(stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id=t, max_tokens=100_000)) for t in chunk)
+            *(
+                stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id=t, max_tokens=100_000))
+                for t in chunk
+            )
         )
     for start in range(0, count, 1000):
         chunk = ids[start : start + 1000]
@@ -87,9 +90,13 @@ async def prepare_threads(stub: Any, count: int, prefix: str) -> None:
             U.RecordUsageBatchRequest(
                 requests=[
                     U.RecordUsageRequest(
-                        usage_id=f"fill-{t}", thread_id=t, agent_id=f"agent-{i % 50}",
-                        model="gpt-4o-mini", prompt_tokens=(i * 37) % 5000, completion_tokens=10,
-                    )  # fmt: skip
+                        usage_id=f"fill-{t}",
+                        thread_id=t,
+                        agent_id=f"agent-{i % 50}",
+                        model="gpt-4o-mini",
+                        prompt_tokens=(i * 37) % 5000,
+                        completion_tokens=10,
+                    )
                     for i, t in enumerate(chunk, start)
                 ]
             )
@@ -118,9 +125,14 @@ async def batch_throughput(stub: Any, batches: int = 40, in_flight: int = 4) -> 
             U.RecordUsageBatchRequest(
                 requests=[
                     U.RecordUsageRequest(
-                        usage_id=f"batch-{b}-{i}", thread_id=thread_of(b, i), agent_id=f"agent-{i % 8}",
-                        model="gpt-4o", prompt_tokens=100, completion_tokens=20, latency_ms=300,
-                    )  # fmt: skip
+                        usage_id=f"batch-{b}-{i}",
+                        thread_id=thread_of(b, i),
+                        agent_id=f"agent-{i % 8}",
+                        model="gpt-4o",
+                        prompt_tokens=100,
+                        completion_tokens=20,
+                        latency_ms=300,
+                    )
                     for i in range(1000)
                 ]
             )
@@ -131,7 +143,9 @@ async def batch_throughput(stub: Any, batches: int = 40, in_flight: int = 4) -> 
     began = time.perf_counter()
     done = 0
     for start in range(0, batches, in_flight):
-        done += sum(await asyncio.gather(*(one(b) for b in range(start, min(batches, start + in_flight)))))
+        done += sum(
+            await asyncio.gather(*(one(b) for b in range(start, min(batches, start + in_flight))))
+        )
     return done / (time.perf_counter() - began)
 
 
@@ -146,7 +160,11 @@ def main() -> int:
     service = subprocess.Popen(
         [sys.executable, "-m", "services.usage_svc"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
     )
-    results: dict[str, Any] = {"workers": WORKERS, "concurrency": CONCURRENCY, "calls_per_worker": CALLS}
+    results: dict[str, Any] = {
+        "workers": WORKERS,
+        "concurrency": CONCURRENCY,
+        "calls_per_worker": CALLS,
+    }
     try:
         asyncio.run(wait_serving(target))
 
@@ -154,9 +172,13 @@ def main() -> int:
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = usage_service_pb2_grpc.UsageServiceStub(channel)
                 await asyncio.gather(
-                    *(stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id=f"bench-t{i}", max_tokens=10**12))
-                      for i in range(THREADS))
-                )  # fmt: skip
+                    *(
+                        stub.SetThreadBudget(
+                            U.SetThreadBudgetRequest(thread_id=f"bench-t{i}", max_tokens=10**12)
+                        )
+                        for i in range(THREADS)
+                    )
+                )
 
         asyncio.run(setup())
         drive(target, "check")  # warm-up
@@ -194,27 +216,45 @@ def main() -> int:
         "RecordUsage ≥ 70% of Check": results["record_vs_check"] >= 0.70,
         "p99 < 20 ms at half load": results["record_usage_half_load"]["p99_ms"] < 20,
         "batch ≥ 20,000 records/s": results["record_usage_batch_records_per_s"] >= 20_000,
-        "reads within 2× from 1k to 100k threads": all(
+        "reads within 2x from 1k to 100k threads": all(
             v <= 2 for v in results["read_growth_1k_to_100k"].values()
         ),
     }
     results["targets_met"] = targets
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    c, r, h = results["health_check"], results["record_usage_saturation"], results["record_usage_half_load"]
-    print(f"\nagentplane bench ({WORKERS} client processes × {CONCURRENCY} in flight, {os.cpu_count()} cores)")
+    c, r, h = (
+        results["health_check"],
+        results["record_usage_saturation"],
+        results["record_usage_half_load"],
+    )
+    shape = f"{WORKERS} client processes x {CONCURRENCY} in flight, {os.cpu_count()} cores"
+    print(f"\nagentplane bench ({shape})")
     print(f"{'measure':48} {'value':>14}")
     rows = [
         ("health Check ceiling (calls/s)", f"{c['calls_per_s']:.0f}"),
         ("RecordUsage at saturation (calls/s)", f"{r['calls_per_s']:.0f}"),
         ("  ratio to Check", f"{results['record_vs_check']:.2f}"),
         ("  p50 / p99 at saturation (ms)", f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}"),
-        (f"RecordUsage at half load ({h['offered_calls_per_s']:.0f}/s) p50 / p99", f"{h['p50_ms']:.2f} / {h['p99_ms']:.2f}"),
+        (
+            f"RecordUsage at half load ({h['offered_calls_per_s']:.0f}/s) p50 / p99",
+            f"{h['p50_ms']:.2f} / {h['p99_ms']:.2f}",
+        ),
         ("RecordUsageBatch (records/s)", f"{results['record_usage_batch_records_per_s']:.0f}"),
     ]  # fmt: skip
     for scale, key in (("1k", "reads_at_1k_threads"), ("100k", "reads_at_100k_threads")):
         reads = results[key]
-        rows.append((f"ListThreadBudgets p50 at {scale} threads (ms)", f"{reads['list_thread_budgets_p50_ms']:.2f}"))
-        rows.append((f"GetUsageOverview p50 at {scale} threads (ms)", f"{reads['usage_overview_p50_ms']:.2f}"))
+        rows.append(
+            (
+                f"ListThreadBudgets p50 at {scale} threads (ms)",
+                f"{reads['list_thread_budgets_p50_ms']:.2f}",
+            )
+        )
+        rows.append(
+            (
+                f"GetUsageOverview p50 at {scale} threads (ms)",
+                f"{reads['usage_overview_p50_ms']:.2f}",
+            )
+        )
     for label, value in rows:
         print(f"{label:48} {value:>14}")
     for label, met in targets.items():

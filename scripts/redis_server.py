@@ -147,6 +147,13 @@ class RedisClusterProcesses:
         return self.nodes[0].url
 
     def start(self, timeout: float = 20.0) -> RedisClusterProcesses:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> RedisClusterProcesses:
         import redis as redis_sync
 
         for node in self.nodes:

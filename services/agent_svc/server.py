@@ -12,7 +12,8 @@ from services.agent_svc.store import AgentStore
 from services.common.server import Chassis, GrpcApp, create_app
 from services.common.settings import Settings
 
-SERVICE_NAME = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]
+SERVICE_NAME = SERVICE.full_name
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9101
 
@@ -20,7 +21,9 @@ DEFAULT_METRICS_PORT = 9101
 def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     store = AgentStore(chassis.redis, request_ttl_s=chassis.settings.idempotency_ttl_s)
     servicer = AgentServicer(store, chassis.peers, chassis.stopping)
-    agent_service_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
+        chassis.instrument(servicer, SERVICE), server
+    )
     return [SERVICE_NAME]
 
 

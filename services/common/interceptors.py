@@ -1,7 +1,7 @@
-"""The chassis interceptors.
+"""The chassis around every RPC, server and client side.
 
-Server side, one interceptor per process does for every RPC what no servicer should
-repeat: continue the caller's trace, remember its credentials and deadline for peer
+Server side, `instrument` wraps each RPC method once, at registration, to do what no
+servicer should repeat: continue the caller's trace, remember its credentials and deadline for peer
 calls, stop the handler at its deadline, turn domain errors (and Redis outages) into
 statuses with google.rpc details, hide anything unexpected behind INTERNAL, and write one
 log line and the Prometheus series. Client side, peer calls forward all of that.
@@ -10,11 +10,13 @@ log line and the Prometheus series. Client side, peer calls forward all of that.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry import propagate, trace
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -26,7 +28,15 @@ from services.common.telemetry import RPC_LATENCY, RPC_TOTAL, tracer
 
 log = get_logger("agentplane.rpc")
 
-UNOBSERVED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+@functools.cache
+def _rpc_counter(service: str, method: str, code: str) -> Any:
+    return RPC_TOTAL.labels(service, method, code)
+
+
+@functools.cache
+def _rpc_histogram(service: str, method: str) -> Any:
+    return RPC_LATENCY.labels(service, method)
 
 
 class _RpcScope:
@@ -66,8 +76,8 @@ class _RpcScope:
             return False
         finally:
             duration = time.perf_counter() - self._start
-            RPC_TOTAL.labels(self.service, self.method, self.code.name).inc()
-            RPC_LATENCY.labels(self.service, self.method).observe(duration)
+            _rpc_counter(self.service, self.method, self.code.name).inc()
+            _rpc_histogram(self.service, self.method).observe(duration)
             log.info(
                 "rpc",
                 method=self.method,
@@ -116,7 +126,7 @@ class _RpcScope:
         )
 
 
-def _wrap_unary(
+def wrap_unary(
     service: str, method: str, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -127,7 +137,7 @@ def _wrap_unary(
     return handle
 
 
-def _wrap_stream(
+def wrap_stream(
     service: str,
     method: str,
     behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
@@ -140,34 +150,18 @@ def _wrap_stream(
     return handle
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary-unary and unary-stream handler of the process's own services."""
+def instrument(servicer: Any, service: ServiceDescriptor, service_label: str) -> Any:
+    """Wrap each RPC method of `servicer` (in place) with the chassis behaviour.
 
-    def __init__(self, service_label: str) -> None:
-        self._service = service_label
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None or method.startswith(UNOBSERVED_PREFIXES):
-            return handler
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(self._service, method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(self._service, method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+    Done once at registration rather than by a grpc interceptor, which would build a new
+    handler on every call; health and reflection, registered separately, stay unobserved.
+    """
+    for method in service.methods:
+        behavior = getattr(servicer, method.name)
+        full_name = f"/{service.full_name}/{method.name}"
+        wrap = wrap_stream if method.server_streaming else wrap_unary
+        setattr(servicer, method.name, wrap(service_label, full_name, behavior))
+    return servicer
 
 
 def _forwarded(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import orjson
 import structlog
 from opentelemetry import trace
 
@@ -22,13 +23,17 @@ def _add_trace_ids(
     return event
 
 
+def _dumps(event: object, **_kw: object) -> str:
+    return orjson.dumps(event, default=str).decode()
+
+
 def configure_logging(settings: Settings) -> None:
     """Configure structlog (and stdlib logging, for libraries) once per process."""
     level = getattr(logging, settings.log_level.upper())
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer()
         if settings.log_format == "console"
-        else structlog.processors.JSONRenderer()
+        else structlog.processors.JSONRenderer(serializer=_dumps)
     )
     structlog.configure(
         processors=[
@@ -40,7 +45,7 @@ def configure_logging(settings: Settings) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, force=True)

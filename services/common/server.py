@@ -14,13 +14,16 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+import uvloop
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.clients import PeerClients
-from services.common.interceptors import ServerInterceptor
+from services.common.interceptors import instrument
 from services.common.logging import configure_logging, get_logger
 from services.common.redis import RedisClient, create_redis
 from services.common.settings import Settings, SettingsError
@@ -42,6 +45,10 @@ class Chassis:
     redis: RedisClient
     peers: PeerClients
     stopping: asyncio.Event
+
+    def instrument(self, servicer: Any, service: ServiceDescriptor) -> Any:
+        """The servicer with every RPC wrapped by the chassis (errors, logs, traces...)."""
+        return instrument(servicer, service, self.settings.service_name)
 
 
 Register = Callable[[grpc.aio.Server, Chassis], Sequence[str]]
@@ -111,7 +118,6 @@ class GrpcApp:
 async def create_app(settings: Settings, bind: str, register: Register) -> GrpcApp:
     """Build (but do not start) a service's server; `bind` may use port 0."""
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(settings.service_name)],
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
@@ -183,7 +189,7 @@ def main(
     configure_logging(settings)
     configure_telemetry(settings)
     try:
-        asyncio.run(serve(settings, create_server))
+        uvloop.run(serve(settings, create_server))
     except SettingsError as exc:  # e.g. a malformed file that a setting names
         print(f"{service_name}: bad configuration: {exc}", file=sys.stderr)
         return 2

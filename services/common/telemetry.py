@@ -60,4 +60,8 @@ def configure_telemetry(settings: Settings) -> None:
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("agentplane")
+    """The process's tracer (a proxy that follows the installed provider), made once."""
+    cached = _state.get("tracer")
+    if cached is None:
+        cached = _state.setdefault("tracer", trace.get_tracer("agentplane"))
+    return cached  # type: ignore[return-value]

@@ -13,7 +13,8 @@ from services.usage_svc.pricing import PriceTable
 from services.usage_svc.servicer import UsageServicer
 from services.usage_svc.store import UsageStore
 
-SERVICE_NAME = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
+SERVICE = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"]
+SERVICE_NAME = SERVICE.full_name
 DEFAULT_PORT = 50053
 DEFAULT_METRICS_PORT = 9103
 
@@ -24,7 +25,9 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     servicer = UsageServicer(
         store, PriceTable.load(settings.price_table_path), settings.default_max_tokens
     )
-    usage_service_pb2_grpc.add_UsageServiceServicer_to_server(servicer, server)
+    usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
+        chassis.instrument(servicer, SERVICE), server
+    )
     return [SERVICE_NAME]
 
 

@@ -174,11 +174,11 @@ class UsageStore:
                 shard.agents_rank, shard.models_rank, shard.project_totals(project),
                 shard.project_agents_rank(project),
             ]  # fmt: skip
-            args += [
-                r.fingerprint, r.prompt_tokens, r.completion_tokens, r.cost_micros, r.latency_ms,
-                int(r.unpriced), r.reservation_id, r.agent_id, r.model, r.thread_id,
-                int(bool(r.project_id)),
-            ]  # fmt: skip
+            args.append(
+                f"{r.fingerprint}|{r.prompt_tokens}|{r.completion_tokens}|{r.cost_micros}|"
+                f"{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|{r.agent_id}|{r.model}|"
+                f"{r.thread_id}|{int(bool(r.project_id))}"
+            )
         return keys, args
 
     async def reserve(

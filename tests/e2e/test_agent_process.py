@@ -74,7 +74,7 @@ async def test_sigterm_turns_not_serving_ends_streams_and_exits_zero(redis_url) 
             assert await watch.code() == grpc.StatusCode.OK
         assert await asyncio.to_thread(process.wait, 15) == 0
         output = process.stdout.read().decode()  # type: ignore[union-attr]
-        assert '"event": "shutting down"' in output and '"signal": "SIGTERM"' in output
+        assert '"event":"shutting down"' in output and '"signal":"SIGTERM"' in output
     finally:
         if process.poll() is None:
             process.kill()
