@@ -35,7 +35,7 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
 
     async def RecordUsage(self, request, context):  # type: ignore[no-untyped-def]
         record = self._check_record(request, "")
-        (outcome,) = await self._store.record([record])
+        outcome = await self._store.record_one(record)
         return self._record_answer(record, outcome)
 
     async def RecordUsageBatch(self, request, context):  # type: ignore[no-untyped-def]

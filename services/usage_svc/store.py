@@ -133,6 +133,8 @@ class UsageStore:
         self._redis = redis
         self._shards = [Shard(i) for i in range(shards)]
         self._ttl = usage_id_ttl_s
+        self._pending: list[tuple[UsageRecord, asyncio.Future[RecordOutcome]]] = []
+        self._flushes: set[asyncio.Future[None]] = set()
         prelude = LUA / "_budget.lua"
         self._record = load_script(redis, LUA / "record_usage.lua", prelude)
         self._reserve = load_script(redis, LUA / "reserve.lua", prelude)
@@ -144,6 +146,40 @@ class UsageStore:
         return self._shards[zlib.crc32(thread_id.encode()) % len(self._shards)]
 
     # Writes -------------------------------------------------------------------------
+
+    async def record_one(self, record: UsageRecord) -> RecordOutcome:
+        """Apply one record, sharing the script call with records that arrive meanwhile.
+
+        Concurrent RecordUsage calls that reach this process in the same event-loop turn
+        are written by one script call per shard (group commit): each call still costs one
+        Redis round trip, but the client-side work of that round trip is paid once.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[RecordOutcome] = loop.create_future()
+        self._pending.append((record, waiter))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return await waiter
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._write_batch(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _write_batch(
+        self, batch: list[tuple[UsageRecord, asyncio.Future[RecordOutcome]]]
+    ) -> None:
+        try:
+            outcomes = await self.record([record for record, _ in batch])
+        except Exception as exc:  # every waiter of the batch sees the failure
+            for _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        for (_, waiter), outcome in zip(batch, outcomes, strict=True):
+            if not waiter.done():  # a waiter past its deadline has been cancelled
+                waiter.set_result(outcome)
 
     async def record(self, records: Sequence[UsageRecord]) -> list[RecordOutcome]:
         """Apply records: one script call per shard touched."""
