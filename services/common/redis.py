@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -37,7 +37,15 @@ def create_redis(settings: Settings) -> RedisClient:
     }
     if settings.redis_cluster:
         return RedisCluster.from_url(settings.redis_url, **options)
-    return Redis.from_url(settings.redis_url, **options)
+    # A bounded pool: a burst of calls waits briefly for a connection instead of opening
+    # hundreds at once (which, on a busy host, is what makes connects time out).
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
+        **options,
+    )
+    return Redis(connection_pool=pool)
 
 
 def load_script(redis: RedisClient, path: Path, prelude: Path | None = None) -> Any:
