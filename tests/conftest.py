@@ -10,11 +10,13 @@ import pytest
 import redis as redis_sync
 
 from agentplane.agent.v1 import agent_service_pb2_grpc
+from agentplane.thread.v1 import thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2_grpc
 from scripts.redis_server import RedisClusterProcesses, RedisProcess, free_port
 from services.agent_svc.server import create_server as create_agent_server
 from services.common.server import GrpcApp
 from services.common.settings import Settings
+from services.thread_svc.server import create_server as create_thread_server
 from services.usage_svc.server import create_server as create_usage_server
 
 
@@ -103,3 +105,66 @@ async def usage_app(redis_target: RedisTarget) -> AsyncIterator[GrpcApp]:
 async def usage_stub(usage_app: GrpcApp) -> AsyncIterator[usage_service_pb2_grpc.UsageServiceStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{usage_app.port}") as channel:
         yield usage_service_pb2_grpc.UsageServiceStub(channel)
+
+
+@dataclasses.dataclass
+class Cluster:
+    """The three services in-process, wired to each other, on one Redis."""
+
+    apps: dict[str, GrpcApp]
+    channels: list[grpc.aio.Channel]
+    agent: agent_service_pb2_grpc.AgentServiceStub
+    thread: thread_service_pb2_grpc.ThreadServiceStub
+    usage: usage_service_pb2_grpc.UsageServiceStub
+    redis_url: str
+    redis_cluster: bool
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.apps[name].port}"
+
+
+async def start_cluster(
+    redis_url: str, redis_cluster: bool = False, **overrides: object
+) -> Cluster:
+    ports = {name: free_port() for name in ("agent", "thread", "usage")}
+    env = {
+        "agent_svc_addr": f"127.0.0.1:{ports['agent']}",
+        "thread_svc_addr": f"127.0.0.1:{ports['thread']}",
+        "usage_svc_addr": f"127.0.0.1:{ports['usage']}",
+    }
+    apps: dict[str, GrpcApp] = {}
+    for name, create in (
+        ("usage", create_usage_server),
+        ("agent", create_agent_server),
+        ("thread", create_thread_server),
+    ):
+        settings = make_settings(f"{name}_svc", redis_url, redis_cluster, **env, **overrides)
+        app, _ = await create(settings, f"127.0.0.1:{ports[name]}")
+        await app.start()
+        apps[name] = app
+    channels = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{ports[n]}") for n in ("agent", "thread", "usage")
+    ]
+    return Cluster(
+        apps=apps,
+        channels=channels,
+        agent=agent_service_pb2_grpc.AgentServiceStub(channels[0]),
+        thread=thread_service_pb2_grpc.ThreadServiceStub(channels[1]),
+        usage=usage_service_pb2_grpc.UsageServiceStub(channels[2]),
+        redis_url=redis_url,
+        redis_cluster=redis_cluster,
+    )
+
+
+async def stop_cluster(cluster: Cluster) -> None:
+    for channel in cluster.channels:
+        await channel.close()
+    for app in cluster.apps.values():
+        await app.stop(grace=0)
+
+
+@pytest.fixture
+async def cluster(redis_target: RedisTarget) -> AsyncIterator[Cluster]:
+    running = await start_cluster(redis_target.url, redis_target.cluster)
+    yield running
+    await stop_cluster(running)

@@ -177,6 +177,8 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
     async def GetAgent(self, request, context):  # type: ignore[no-untyped-def]
         record = await self._agent_record(request.agent_id, request.project_id)
+        if request.view == agent_service_pb2.AGENT_VIEW_BASIC:
+            return agent_message(record)
         return (await self._agents_with_usage([record]))[0]
 
     async def ListAgents(self, request, context):  # type: ignore[no-untyped-def]

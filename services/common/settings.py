@@ -107,6 +107,8 @@ class Settings:
     default_max_tokens: int
     idempotency_ttl_s: int
     usage_shards: int
+    max_payload_bytes: int
+    inbox_claim_idle_s: float
     price_table_path: str
 
     @property
@@ -157,5 +159,7 @@ class Settings:
             default_max_tokens=_int(env, "DEFAULT_MAX_TOKENS", 100_000, 1, 10**12),
             idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_SECONDS", 86_400, 60, 30 * 86_400),
             usage_shards=_int(env, "USAGE_SHARDS", 8, 1, 1024),
+            max_payload_bytes=_int(env, "MAX_PAYLOAD_BYTES", 64 * 1024, 256, 4 * 1024 * 1024),
+            inbox_claim_idle_s=_float(env, "INBOX_CLAIM_IDLE_SECONDS", 30.0, 0.05, 86_400.0),
             price_table_path=_file(env, "PRICE_TABLE_PATH"),
         )

@@ -1,1 +1,1 @@
-"""The thread service (see SPEC §2); implemented by its own issue."""
+"""The thread service: conversations between agents, operator injection, inbox delivery."""

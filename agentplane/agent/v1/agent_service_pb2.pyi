@@ -13,6 +13,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -23,6 +24,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AgentView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AgentViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGENT_VIEW_UNSPECIFIED: _AgentView.ValueType  # 0
+    """The default: FULL."""
+    AGENT_VIEW_BASIC: _AgentView.ValueType  # 1
+    """The stored fields only: no usage lookup (tokens_used and cost_usd stay 0). For
+    services that check an agent's status or peers on a hot path.
+    """
+    AGENT_VIEW_FULL: _AgentView.ValueType  # 2
+    """Everything, with tokens_used and cost_usd from the usage service."""
+
+class AgentView(_AgentView, metaclass=_AgentViewEnumTypeWrapper):
+    """How much of an agent a read returns."""
+
+AGENT_VIEW_UNSPECIFIED: AgentView.ValueType  # 0
+"""The default: FULL."""
+AGENT_VIEW_BASIC: AgentView.ValueType  # 1
+"""The stored fields only: no usage lookup (tokens_used and cost_usd stay 0). For
+services that check an agent's status or peers on a hot path.
+"""
+AGENT_VIEW_FULL: AgentView.ValueType  # 2
+"""Everything, with tokens_used and cost_usd from the usage service."""
+Global___AgentView: _TypeAlias = AgentView  # noqa: Y015
 
 @_typing.final
 class CreateProjectRequest(_message.Message):
@@ -324,19 +353,23 @@ class GetAgentRequest(_message.Message):
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Id of the agent."""
     project_id: _builtins.str
     """Project the agent must belong to; empty for no check."""
+    view: Global___AgentView.ValueType
+    """How much to return; default FULL."""
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         project_id: _builtins.str = ...,
+        view: Global___AgentView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "project_id", b"project_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
