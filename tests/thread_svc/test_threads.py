@@ -251,12 +251,11 @@ async def test_kill_closes_the_budget_and_the_thread(world) -> None:
 
 
 async def test_thread_listing_filters_and_pages(world) -> None:
-    cluster, alpha, beta, _, first = world
+    cluster, _, beta, _, first = world
     made = [first.id]
     for i in range(7):
-        made.append((await cluster.thread.CreateThread(
-            T.CreateThreadRequest(thread=thread_pb2.Thread(project_id="demo", participants=[beta.id] if i % 2 else []))
-        )).id)  # fmt: skip
+        spec = thread_pb2.Thread(project_id="demo", participants=[beta.id] if i % 2 else [])
+        made.append((await cluster.thread.CreateThread(T.CreateThreadRequest(thread=spec))).id)
     page1 = await cluster.thread.ListThreads(T.ListThreadsRequest(project_id="demo", page_size=5))
     page2 = await cluster.thread.ListThreads(
         T.ListThreadsRequest(project_id="demo", page_size=5, page_token=page1.next_page_token)
