@@ -366,7 +366,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             )  # fmt: skip
         claim_idle_ms = int(self._settings.inbox_claim_idle_s * 1000)
         status, checked = agent.status, time.monotonic()
-        pending_first = True
+        first, last_claim = True, time.monotonic()
         try:
             while not self._stopping.is_set():
                 await self._store.acquire_lease(agent_id, consumer, token, LEASE_MS)
@@ -378,23 +378,23 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                 if status == TERMINATED:
                     return
                 if status == PAUSED:  # nothing is delivered until the agent is resumed
-                    await asyncio.sleep(min(STATUS_CHECK_S, 0.25))
+                    await asyncio.sleep(0.25)
                     continue
-                if pending_first:
-                    # What this consumer received before but never acknowledged, first.
+                counts: dict[str, int] = {}
+                if first:
+                    # What this consumer was sent before but never acknowledged comes first.
                     entries = await self._store.read_inbox(agent_id, consumer, True, 0)
-                    entries += await self._store.claim_idle(agent_id, consumer, claim_idle_ms)
-                    pending_first = False
-                    counts = await self._store.delivery_counts(agent_id, [e for e, _ in entries])
+                    first = False
                 else:
                     entries = await self._store.read_inbox(
                         agent_id, consumer, False, STREAM_BLOCK_MS
                     )
-                    counts = {}
-                    if not entries:
-                        pending_first = (
-                            True  # idle: look again for deliveries left by vanished consumers
-                        )
+                if not entries and time.monotonic() - last_claim > min(claim_idle_ms / 1000, 5.0):
+                    # Deliveries left unacknowledged too long (a consumer vanished) move here.
+                    entries = await self._store.claim_idle(agent_id, consumer, claim_idle_ms)
+                    last_claim = time.monotonic()
+                if entries:
+                    counts = await self._store.delivery_counts(agent_id, [e for e, _ in entries])
                 for entry_id, fields in entries:
                     yield thread_service_pb2.ReceiveMessagesResponse(
                         message=message_of(fields, fields.get("thread_id", "")),
