@@ -280,3 +280,24 @@ async def test_watch_thread_streams_messages_and_the_end(world) -> None:
         second = await asyncio.wait_for(watcher.read(), 5)
         assert second.thread.status == thread_pb2.THREAD_STATUS_COMPLETED
         assert await asyncio.wait_for(watcher.read(), 5) is grpc.aio.EOF
+
+
+async def test_a_peer_that_is_down_gives_unavailable_not_a_hang(redis_url) -> None:
+    import time
+
+    from tests.conftest import start_cluster, stop_cluster
+
+    cluster = await start_cluster(redis_url)
+    try:
+        await make_project(cluster.agent)
+        await cluster.apps["agent"].stop(grace=0)
+        started = time.monotonic()
+        await expect_error(
+            cluster.thread.CreateThread(
+                T.CreateThreadRequest(thread=thread_pb2.Thread(project_id="demo")), timeout=10
+            ),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert time.monotonic() - started < 5
+    finally:
+        await stop_cluster(cluster)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplane.agent.v1 import agent_service_pb2, agent_service_pb2_grpc
@@ -50,6 +51,24 @@ async def wait_serving(port: int, timeout: float = 20) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise AssertionError(f"service on {port} never became SERVING")
+
+
+@pytest.mark.parametrize("module", ["services.usage_svc", "services.thread_svc"])
+async def test_every_service_drains_on_sigterm(redis_url, module) -> None:
+    port = free_port()
+    process = start_service(module, port, redis_url)
+    try:
+        await wait_serving(port)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await health.read()).status == health_pb2.HealthCheckResponse.SERVING
+            process.send_signal(signal.SIGTERM)
+            status = await asyncio.wait_for(health.read(), 5)
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await asyncio.to_thread(process.wait, 15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 async def test_sigterm_turns_not_serving_ends_streams_and_exits_zero(redis_url) -> None:

@@ -1,0 +1,70 @@
+"""The whole cluster as real processes: inject a message, receive it, account its usage."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from google.protobuf import struct_pb2
+
+from agentplane.agent.v1 import agent_service_pb2, agent_service_pb2_grpc
+from agentplane.thread.v1 import thread_service_pb2 as T
+from agentplane.thread.v1 import thread_service_pb2_grpc
+from agentplane.usage.v1 import usage_service_pb2 as U
+from agentplane.usage.v1 import usage_service_pb2_grpc
+from scripts.redis_server import free_port
+from tests.e2e.test_processes import start_service, wait_serving
+from tests.helpers import make_project, make_type, spawn
+
+
+async def test_inject_receive_and_account_across_real_processes(redis_url) -> None:
+    ports = {name: free_port() for name in ("agent", "thread", "usage")}
+    peers = {
+        "AGENT_SVC_ADDR": f"127.0.0.1:{ports['agent']}",
+        "THREAD_SVC_ADDR": f"127.0.0.1:{ports['thread']}",
+        "USAGE_SVC_ADDR": f"127.0.0.1:{ports['usage']}",
+    }
+    processes = [
+        start_service(f"services.{name}_svc", port, redis_url, **peers)
+        for name, port in ports.items()
+    ]
+    try:
+        await asyncio.gather(*(wait_serving(port) for port in ports.values()))
+        channels = {n: grpc.aio.insecure_channel(f"127.0.0.1:{p}") for n, p in ports.items()}
+        agents = agent_service_pb2_grpc.AgentServiceStub(channels["agent"])
+        threads = thread_service_pb2_grpc.ThreadServiceStub(channels["thread"])
+        usage = usage_service_pb2_grpc.UsageServiceStub(channels["usage"])
+        await make_project(agents)
+        await make_type(agents)
+        worker = await spawn(agents, "worker")
+
+        inbox = threads.ReceiveMessages(T.ReceiveMessagesRequest(agent_id=worker.id))
+        body = struct_pb2.Struct()
+        body.update({"task": "summarise the incident"})
+        injected = await threads.InjectMessage(T.InjectMessageRequest(to=worker.id, payload=body))
+        delivery = await asyncio.wait_for(inbox.read(), 10)
+        assert delivery.message.id == injected.message_id
+        assert delivery.message.payload["task"] == "summarise the incident"
+        await threads.AckMessages(
+            T.AckMessagesRequest(agent_id=worker.id, ack_ids=[delivery.ack_id])
+        )
+        inbox.cancel()
+
+        await usage.RecordUsage(
+            U.RecordUsageRequest(
+                usage_id="call-1", thread_id=injected.thread_id, agent_id=worker.id, project_id="demo",
+                model="gpt-4o", prompt_tokens=1200, completion_tokens=300, latency_ms=800,
+            )
+        )  # fmt: skip
+        seen = await agents.GetAgent(agent_service_pb2.GetAgentRequest(agent_id=worker.id))
+        assert seen.tokens_used == 1500 and seen.cost_usd > 0
+        overview = await agents.GetOverview(agent_service_pb2.GetOverviewRequest())
+        assert overview.threads.active == 1 and overview.usage.total_tokens == 1500
+        assert not overview.unavailable_sources
+        for channel in channels.values():
+            await channel.close()
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=20)
