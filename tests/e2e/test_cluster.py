@@ -52,8 +52,9 @@ async def test_inject_receive_and_account_across_real_processes(redis_url) -> No
 
         await usage.RecordUsage(
             U.RecordUsageRequest(
-                usage_id="call-1", thread_id=injected.thread_id, agent_id=worker.id, project_id="demo",
-                model="gpt-4o", prompt_tokens=1200, completion_tokens=300, latency_ms=800,
+                usage_id="call-1", thread_id=injected.thread_id, agent_id=worker.id,
+                project_id="demo", model="gpt-4o", prompt_tokens=1200, completion_tokens=300,
+                latency_ms=800,
             )
         )  # fmt: skip
         seen = await agents.GetAgent(agent_service_pb2.GetAgentRequest(agent_id=worker.id))
