@@ -38,10 +38,16 @@ def generate(out: Path) -> None:
         f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
         f"--python_out={out}", f"--grpc_python_out={out}",
         f"--mypy_out={out}", f"--mypy_grpc_out={out}",
+        # With comments, for the gateway's OpenAPI descriptions.
+        f"--descriptor_set_out={out / OUT_PACKAGE / 'descriptors.binpb'}",
+        "--include_source_info", "--include_imports",
         *files,
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, cwd=PROTOS, stdout=subprocess.DEVNULL)
     package = out / OUT_PACKAGE
+    package.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(cmd, cwd=PROTOS, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"protoc failed:\n{done.stdout}{done.stderr}")
     for directory in [package, *(p for p in package.rglob("*") if p.is_dir())]:
         (directory / "__init__.py").touch()
     (package / "py.typed").touch()
