@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Iterator
 
@@ -168,3 +170,32 @@ async def cluster(redis_target: RedisTarget) -> AsyncIterator[Cluster]:
     running = await start_cluster(redis_target.url, redis_target.cluster)
     yield running
     await stop_cluster(running)
+
+
+@contextlib.asynccontextmanager
+async def serve_gateway(cluster: Cluster, **overrides: object) -> AsyncIterator[str]:
+    """The real gateway app under uvicorn on a free port, wired to `cluster`; yields its URL."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = make_settings(
+        "gateway", cluster.redis_url, cluster.redis_cluster,
+        agent_svc_addr=cluster.address("agent"), thread_svc_addr=cluster.address("thread"),
+        usage_svc_addr=cluster.address("usage"), **overrides,
+    )  # fmt: skip
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="on"
+        )
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 (uvicorn offers no event for this)
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -68,11 +68,8 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
     async def CreateProject(self, request, context):  # type: ignore[no-untyped-def]
         project = request.project
-        project_id = (
-            require_slug("project_id", request.project_id)
-            if request.project_id
-            else new_id().lower()
-        )
+        chosen = request.project_id or project.id
+        project_id = require_slug("project_id", chosen) if chosen else new_id().lower()
         fields = {
             "id": project_id,
             "display_name": require_text(
