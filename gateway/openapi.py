@@ -189,7 +189,8 @@ def build_openapi(routes: Sequence[Route]) -> dict[str, Any]:
         if route.streaming:
             operation["responses"][status] = {
                 "description": "server-sent events, one JSON message per `data:` line",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                # Each event's data is one message of the stream.
+                "content": {"text/event-stream": {"schema": schemas.ref(method.output_type)}},
             }
         else:
             operation["responses"][status] = {
