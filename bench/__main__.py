@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
+from bench.gateway import measure_gateway
 from bench.load import THREADS, WorkerResult, run_worker, thread_of
 from scripts.redis_server import RedisProcess, free_port
 
@@ -207,6 +208,7 @@ def main() -> int:
                 }
 
         asyncio.run(reads_and_batches())
+        results["gateway"] = measure_gateway(redis.url)
     finally:
         service.terminate()
         service.wait(timeout=20)
@@ -219,6 +221,7 @@ def main() -> int:
         "reads within 2x from 1k to 100k threads": all(
             v <= 2 for v in results["read_growth_1k_to_100k"].values()
         ),
+        "gateway adds <= 30% to the gRPC call": results["gateway"]["added_fraction"] <= 0.30,
     }
     results["targets_met"] = targets
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -255,6 +258,14 @@ def main() -> int:
                 f"{reads['usage_overview_p50_ms']:.2f}",
             )
         )
+    g = results["gateway"]
+    rows.append(
+        (
+            "GetProject p50 over gRPC / via gateway (ms)",
+            f"{g['grpc_p50_ms']:.2f} / {g['gateway_p50_ms']:.2f}",
+        )
+    )
+    rows.append(("  gateway's added latency", f"+{g['added_fraction'] * 100:.0f}%"))
     for label, value in rows:
         print(f"{label:48} {value:>14}")
     for label, met in targets.items():

@@ -21,9 +21,15 @@ def main() -> int:
     configure_logging(settings)
     configure_telemetry(settings)
     config = uvicorn.Config(
-        create_app(settings), host="0.0.0.0", port=settings.http_port, log_config=None,
-        access_log=False, loop="uvloop", timeout_graceful_shutdown=int(settings.grace_period_s),
-    )  # fmt: skip
+        create_app(settings),
+        host="0.0.0.0",
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,  # the gateway writes its own access line, with the trace id
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=int(settings.grace_period_s),
+    )
     uvicorn.Server(config).run()
     return 0
 

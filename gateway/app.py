@@ -105,6 +105,15 @@ class Gateway:
         self.openapi = build_openapi(self.routes)
         self._calls: dict[tuple[str, int], Any] = {}
 
+    async def open(self) -> None:
+        """Channels to the backends, once, on the serving event loop (they are bound to it)."""
+        addresses = {
+            "agent": self.settings.agent_svc_addr,
+            "thread": self.settings.thread_svc_addr,
+            "usage": self.settings.usage_svc_addr,
+        }
+        self.channels = {name: open_channel(self.settings, a) for name, a in addresses.items()}
+
     async def close(self) -> None:
         for channel in self.channels.values():
             await channel.close()
@@ -308,6 +317,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await gateway.open()
         yield
         await gateway.close()
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
+import sys
 
 import grpc
+import httpx
 from google.protobuf import struct_pb2
 
 from agentplane.agent.v1 import agent_service_pb2, agent_service_pb2_grpc
@@ -13,7 +18,7 @@ from agentplane.thread.v1 import thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
 from scripts.redis_server import free_port
-from tests.e2e.test_processes import start_service, wait_serving
+from tests.e2e.test_processes import ROOT, start_service, wait_serving
 from tests.helpers import make_project, make_type, spawn
 
 
@@ -64,6 +69,25 @@ async def test_inject_receive_and_account_across_real_processes(redis_url) -> No
         assert not overview.unavailable_sources
         for channel in channels.values():
             await channel.close()
+
+        # The real gateway process in front of them.
+        http_port = free_port()
+        gateway = subprocess.Popen(  # noqa: ASYNC220 (a real process, started once)
+            [sys.executable, "-m", "gateway"], cwd=ROOT,
+            env={**os.environ, **peers, "HTTP_PORT": str(http_port), "METRICS_PORT": "0"},
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        processes.append(gateway)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as client:
+            for _ in range(100):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+            organism = await client.get("/api/v1/organism")
+            assert organism.status_code == 200 and organism.json()["usage"]["total_tokens"] == 1500
+            agent = (await client.get(f"/api/v1/agents/{worker.id}")).json()
+            assert agent["tokens_used"] == 1500 and agent["status"] == "idle"
     finally:
         for process in processes:
             process.terminate()
