@@ -20,6 +20,7 @@ from services.common.server import GrpcApp
 from services.common.settings import Settings
 from services.thread_svc.server import create_server as create_thread_server
 from services.usage_svc.server import create_server as create_usage_server
+from tests.helpers import ADMIN_TOKEN, authed_channel
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +75,8 @@ def make_settings(
             "THREAD_SVC_ADDR": closed,
             "USAGE_SVC_ADDR": closed,
             "METRICS_PORT": "0",
+            "AGENTPLANE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "AUTH_CACHE_SECONDS": "0.2",
         },
     )
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
@@ -90,7 +93,7 @@ async def agent_app(redis_target: RedisTarget) -> AsyncIterator[GrpcApp]:
 
 @pytest.fixture
 async def agent_stub(agent_app: GrpcApp) -> AsyncIterator[agent_service_pb2_grpc.AgentServiceStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{agent_app.port}") as channel:
+    async with authed_channel(f"127.0.0.1:{agent_app.port}") as channel:
         yield agent_service_pb2_grpc.AgentServiceStub(channel)
 
 
@@ -105,7 +108,7 @@ async def usage_app(redis_target: RedisTarget) -> AsyncIterator[GrpcApp]:
 
 @pytest.fixture
 async def usage_stub(usage_app: GrpcApp) -> AsyncIterator[usage_service_pb2_grpc.UsageServiceStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{usage_app.port}") as channel:
+    async with authed_channel(f"127.0.0.1:{usage_app.port}") as channel:
         yield usage_service_pb2_grpc.UsageServiceStub(channel)
 
 
@@ -144,9 +147,7 @@ async def start_cluster(
         app, _ = await create(settings, f"127.0.0.1:{ports[name]}")
         await app.start()
         apps[name] = app
-    channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{ports[n]}") for n in ("agent", "thread", "usage")
-    ]
+    channels = [authed_channel(f"127.0.0.1:{ports[n]}") for n in ("agent", "thread", "usage")]
     return Cluster(
         apps=apps,
         channels=channels,

@@ -76,3 +76,38 @@ async def spawn(
             request_id=request_id,
         )
     )
+
+
+ADMIN_TOKEN = "test-admin-token-not-for-production"
+
+
+class _BearerUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.metadata = ("authorization", f"Bearer {token}")
+
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(_with(details, self.metadata), request)
+
+
+class _BearerStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.metadata = ("authorization", f"Bearer {token}")
+
+    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(_with(details, self.metadata), request)
+
+
+def _with(details: grpc.aio.ClientCallDetails, item: tuple[str, str]) -> grpc.aio.ClientCallDetails:
+    metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
+    given = [m for m in (details.metadata or ()) if m[0] == "authorization"]
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, grpc.aio.Metadata(*metadata, *(given or [item])),
+        details.credentials, details.wait_for_ready,
+    )  # fmt: skip
+
+
+def authed_channel(address: str, token: str | None = ADMIN_TOKEN) -> grpc.aio.Channel:
+    """A plaintext channel whose calls carry `token` (the superuser's by default); a call's
+    own `authorization` metadata wins. token=None: no credentials at all."""
+    interceptors = [] if token is None else [_BearerUnary(token), _BearerStream(token)]
+    return grpc.aio.insecure_channel(address, interceptors=interceptors)

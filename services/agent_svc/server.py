@@ -9,6 +9,7 @@ import grpc
 from agentplane.agent.v1 import agent_service_pb2, agent_service_pb2_grpc
 from services.agent_svc.servicer import AgentServicer
 from services.agent_svc.store import AgentStore
+from services.common.auth import Authenticator
 from services.common.server import Chassis, GrpcApp, create_app
 from services.common.settings import Settings
 
@@ -21,6 +22,10 @@ DEFAULT_METRICS_PORT = 9101
 def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     store = AgentStore(chassis.redis, request_ttl_s=chassis.settings.idempotency_ttl_s)
     servicer = AgentServicer(store, chassis.peers, chassis.stopping)
+    # API keys are this service's own data: it checks tokens against its store directly.
+    chassis.guard.authenticator = Authenticator(
+        chassis.settings.admin_token, servicer.principal_for_key, chassis.settings.auth_cache_s
+    )
     agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
         chassis.instrument(servicer, SERVICE), server
     )

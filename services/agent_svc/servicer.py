@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import secrets
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -14,10 +16,11 @@ from agentplane.agent.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
     agent_type_pb2,
+    api_key_pb2,
 )
 from agentplane.thread.v1 import thread_pb2, thread_service_pb2
 from agentplane.usage.v1 import usage_pb2, usage_service_pb2
-from services.agent_svc import lifecycle
+from services.agent_svc import access, lifecycle
 from services.agent_svc.records import (
     agent_message,
     memory_text,
@@ -27,7 +30,9 @@ from services.agent_svc.records import (
 )
 from services.agent_svc.store import ALL, AgentChange, AgentStore
 from services.common import errors
+from services.common.auth import AGENT, OWNER, SUPERUSER, Principal, token_hash
 from services.common.clients import PeerClients
+from services.common.context import current_principal
 from services.common.convert import (
     new_id,
     now_ms,
@@ -75,7 +80,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             "display_name": require_text(
                 "project.display_name", project.display_name, 200, required=True
             ),
-            "owner": require_text("project.owner", project.owner, 200) or "anonymous",
+            "owner": access.owner_of_new_project(
+                current_principal(), require_text("project.owner", project.owner, 200)
+            ),
             "create_ms": str(now_ms()),
         }
         if not await self._store.create_project(fields, index_member=f"{new_id()}|{project_id}"):
@@ -86,8 +93,15 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         return project_message(await self._project(request.project_id))
 
     async def ListProjects(self, request, context):  # type: ignore[no-untyped-def]
+        principal = current_principal()
         page = parse_page(request.page_size, request.page_token, request.skip, ("projects",))
-        records, token, total = await self._store.list_projects(page)
+        if principal.role == AGENT:
+            own = await self._store.get_project(principal.project_id)
+            return agent_service_pb2.ListProjectsResponse(
+                projects=[project_message(own)] if own else [], total_size=1 if own else 0
+            )
+        owner = None if principal.is_superuser else principal.subject
+        records, token, total = await self._store.list_projects(page, owner)
         return agent_service_pb2.ListProjectsResponse(
             projects=[project_message(r) for r in records], next_page_token=token, total_size=total
         )
@@ -95,6 +109,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     # Agent types --------------------------------------------------------------------
 
     async def CreateAgentType(self, request, context):  # type: ignore[no-untyped-def]
+        access.require_superuser(current_principal(), "creating agent types")
         agent_type = request.agent_type
         type_id = require_slug("agent_type.id", agent_type.id)
         require_text("agent_type.display_name", agent_type.display_name, 200, required=True)
@@ -119,6 +134,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         )
 
     async def UpdateAgentType(self, request, context):  # type: ignore[no-untyped-def]
+        access.require_superuser(current_principal(), "changing agent types")
         type_id = request.agent_type_id or request.agent_type.id
         require_slug("agent_type_id", type_id)
         if request.agent_type.id and request.agent_type.id != type_id:
@@ -137,7 +153,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     # Agents -------------------------------------------------------------------------
 
     async def SpawnAgent(self, request, context):  # type: ignore[no-untyped-def]
+        access.require_manager(current_principal())
         project_id = require_id("project_id", request.project_id)
+        await self._project(project_id)
         agent = request.agent
         request_id = require_id("request_id", request.request_id) if request.request_id else ""
         type_id = require_slug("agent.agent_type_id", agent.agent_type_id)
@@ -180,7 +198,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
     async def ListAgents(self, request, context):  # type: ignore[no-untyped-def]
         project_id = request.project_id or ALL
-        if project_id != ALL:
+        if project_id == ALL:
+            access.require_superuser(current_principal(), "listing agents of every project")
+        else:
             await self._project(project_id)
         status = lifecycle.status_name(request.status) if request.status else ""
         page = parse_page(
@@ -192,6 +212,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         )
 
     async def UpdateAgent(self, request, context):  # type: ignore[no-untyped-def]
+        access.require_manager(current_principal())
         agent_id = request.agent_id or request.agent.id
         if request.agent.id and request.agent.id != agent_id:
             raise errors.invalid_argument("agent.id", "does not match agent_id")
@@ -285,6 +306,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         )
 
     async def GetOverview(self, request, context):  # type: ignore[no-untyped-def]
+        access.require_superuser(current_principal(), "the cluster overview")
         counters, threads, usage = await asyncio.gather(
             self._store.counters(),
             self._thread_counts(),
@@ -311,7 +333,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
     async def WatchAgents(self, request, context) -> AsyncIterator[agent_pb2.AgentEvent]:  # type: ignore[no-untyped-def]
         project_id = request.project_id or ALL
-        if project_id != ALL:
+        if project_id == ALL:
+            access.require_superuser(current_principal(), "watching every project")
+        else:
             await self._project(project_id)
         after = await self._store.last_event_id(project_id)
         while not self._stopping.is_set():
@@ -326,22 +350,85 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
                     event_time=timestamp(int(entry_id.split("-")[0])),
                 )
 
-    # API keys arrive with the security issue (#6). -----------------------------------
+    # API keys and principals -------------------------------------------------------
 
     async def CreateApiKey(self, request, context):  # type: ignore[no-untyped-def]
-        raise _not_yet()
+        principal = current_principal()
+        access.require_manager(principal)
+        if (
+            request.role == api_key_pb2.API_KEY_ROLE_UNSPECIFIED
+            or request.role not in api_key_pb2.ApiKeyRole.values()
+        ):
+            raise errors.invalid_argument("role", "must be SUPERUSER, OWNER or AGENT")
+        role = api_key_pb2.ApiKeyRole.Name(request.role).removeprefix("API_KEY_ROLE_")
+        project_id = require_id("project_id", request.project_id) if request.project_id else ""
+        if role == SUPERUSER:
+            access.require_superuser(principal, "creating superuser keys")
+            subject = require_text("subject", request.subject, 128) or "superuser"
+        elif role == OWNER:
+            subject = require_slug("subject", request.subject or principal.subject)
+            if subject != principal.subject:
+                access.require_superuser(principal, "creating keys for other principals")
+        else:
+            agent = await self._agent_record(require_id("subject", request.subject))
+            subject, project_id = agent["id"], agent["project_id"]
+        key_id = new_id().lower()
+        token = f"apk_{key_id}.{secrets.token_urlsafe(32)}"
+        fields = {
+            "key_id": key_id, "role": role, "subject": subject, "project_id": project_id,
+            "hash": token_hash(token), "create_ms": str(now_ms()), "revoked": "0",
+            "created_by": principal.subject,
+        }  # fmt: skip
+        await self._store.create_key(fields, visible_to=[principal.subject, subject])
+        return agent_service_pb2.CreateApiKeyResponse(api_key=key_message(fields), token=token)
 
     async def ListApiKeys(self, request, context):  # type: ignore[no-untyped-def]
-        raise _not_yet()
+        principal = current_principal()
+        access.require_manager(principal)
+        visible_to = None if principal.is_superuser else principal.subject
+        page = parse_page(request.page_size, request.page_token, 0, ("keys", visible_to))
+        records, token, total = await self._store.list_keys(page, visible_to)
+        return agent_service_pb2.ListApiKeysResponse(
+            api_keys=[key_message(r) for r in records], next_page_token=token, total_size=total
+        )
 
     async def RevokeApiKey(self, request, context):  # type: ignore[no-untyped-def]
-        raise _not_yet()
+        principal = current_principal()
+        access.require_manager(principal)
+        key_id = require_id("key_id", request.key_id)
+        record = await self._store.get_key(key_id)
+        mine = record is not None and principal.subject in (
+            record.get("created_by"),
+            record.get("subject"),
+        )
+        if record is None or not (principal.is_superuser or mine):
+            raise errors.not_found("api_key", key_id)
+        await self._store.revoke_key(key_id)
+        return key_message({**record, "revoked": "1"})
+
+    async def WhoAmI(self, request, context):  # type: ignore[no-untyped-def]
+        principal = current_principal()
+        return api_key_pb2.Principal(
+            role=api_key_pb2.ApiKeyRole.Value(f"API_KEY_ROLE_{principal.role}"),
+            subject=principal.subject,
+            project_id=principal.project_id,
+            key_id=principal.key_id,
+        )
+
+    async def principal_for_key(self, key_id: str, token: str) -> Principal | None:
+        """The authenticator's lookup: a live key whose stored hash matches the token."""
+        record = await self._store.get_key(key_id)
+        if record is None or record.get("revoked") == "1":
+            return None
+        if not hmac.compare_digest(record.get("hash", ""), token_hash(token)):
+            return None
+        return Principal(record["role"], record["subject"], record.get("project_id", ""), key_id)
 
     # Helpers ------------------------------------------------------------------------
 
     async def _project(self, project_id: str) -> dict[str, str]:
         record = await self._store.get_project(require_id("project_id", project_id))
-        if record is None:
+        if record is None or not access.can_see_project(current_principal(), record):
             raise errors.not_found("project", project_id)
         return record
 
@@ -356,6 +443,11 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         # An agent of another project answers exactly like one that does not exist.
         if record is None or (project_id and record.get("project_id") != project_id):
             raise errors.not_found("agent", agent_id)
+        principal = current_principal()
+        if not principal.is_superuser:
+            project = await self._store.get_project(record["project_id"])
+            if project is None or not access.can_see_project(principal, project):
+                raise errors.not_found("agent", agent_id)
         return record
 
     async def _move(
@@ -366,6 +458,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         set_fields: dict[str, str] | None = None,
         tasks_completed: int = 0,
     ) -> agent_pb2.Agent:
+        access.require_manager(current_principal())
         cleared, extra = lifecycle.effects(target, now_ms())
         sets = {**extra, **(set_fields or {})}
         return await self._change(
@@ -471,11 +564,15 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             return None
 
 
-def _not_yet() -> errors.ServiceError:
-    return errors.ServiceError(
-        "API keys arrive with the security work (issue #6)",
-        reason="NOT_IMPLEMENTED_YET",
-        code=grpc.StatusCode.UNIMPLEMENTED,
+def key_message(record: dict[str, str]) -> api_key_pb2.ApiKey:
+    return api_key_pb2.ApiKey(
+        key_id=record["key_id"],
+        role=api_key_pb2.ApiKeyRole.Value(f"API_KEY_ROLE_{record['role']}"),
+        subject=record.get("subject", ""),
+        project_id=record.get("project_id", ""),
+        create_time=timestamp(record.get("create_ms")),
+        revoked=record.get("revoked") == "1",
+        created_by=record.get("created_by", ""),
     )
 
 

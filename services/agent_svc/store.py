@@ -39,6 +39,20 @@ class Keys:
     def project(project_id: str) -> str:
         return f"{PREFIX}project:{project_id}"
 
+    api_keys = PREFIX + "keys"
+
+    @staticmethod
+    def owner_projects(owner: str) -> str:
+        return f"{PREFIX}owner:{owner}:projects"
+
+    @staticmethod
+    def api_key(key_id: str) -> str:
+        return f"{PREFIX}key:{key_id}"
+
+    @staticmethod
+    def keys_of(principal: str) -> str:
+        return f"{PREFIX}keys-of:{principal}"
+
     @staticmethod
     def agent_type(type_id: str) -> str:
         return f"{PREFIX}type:{type_id}"
@@ -89,7 +103,10 @@ class AgentStore:
     # Projects and agent types -------------------------------------------------------
 
     async def create_project(self, fields: dict[str, str], index_member: str) -> bool:
-        keys = [Keys.project(fields["id"]), Keys.projects, Keys.counters]
+        keys = [
+            Keys.project(fields["id"]), Keys.projects, Keys.counters,
+            Keys.owner_projects(fields["owner"]),
+        ]  # fmt: skip
         return bool(
             await self._create_record(keys=keys, args=[index_member, "projects", *_flat(fields)])
         )
@@ -97,10 +114,11 @@ class AgentStore:
     async def get_project(self, project_id: str) -> dict[str, str] | None:
         return await self._hash(Keys.project(project_id))
 
-    async def list_projects(self, page: Page) -> tuple[list[dict[str, str]], str, int]:
-        members, token, total = await read_lex_page(
-            self._redis, Keys.projects, page, newest_first=True
-        )
+    async def list_projects(
+        self, page: Page, owner: str | None = None
+    ) -> tuple[list[dict[str, str]], str, int]:
+        index = Keys.projects if owner is None else Keys.owner_projects(owner)
+        members, token, total = await read_lex_page(self._redis, index, page, newest_first=True)
         projects = await self._hashes(Keys.project(m.split("|", 1)[1]) for m in members)
         return [p for p in projects if p], token, total
 
@@ -192,6 +210,27 @@ class AgentStore:
 
     async def counters(self) -> dict[str, int]:
         return {k: int(v) for k, v in (await self._redis.hgetall(Keys.counters)).items()}
+
+    # API keys -----------------------------------------------------------------------
+
+    async def create_key(self, fields: dict[str, str], visible_to: Sequence[str]) -> None:
+        keys = [Keys.api_key(fields["key_id"]), Keys.api_keys, Keys.counters]
+        keys += [Keys.keys_of(p) for p in sorted(set(visible_to))]
+        await self._create_record(keys=keys, args=[fields["key_id"], "api_keys", *_flat(fields)])
+
+    async def get_key(self, key_id: str) -> dict[str, str] | None:
+        return await self._hash(Keys.api_key(key_id))
+
+    async def list_keys(
+        self, page: Page, visible_to: str | None
+    ) -> tuple[list[dict[str, str]], str, int]:
+        index = Keys.api_keys if visible_to is None else Keys.keys_of(visible_to)
+        members, token, total = await read_lex_page(self._redis, index, page, newest_first=True)
+        found = await self._hashes(Keys.api_key(m) for m in members)
+        return [k for k in found if k], token, total
+
+    async def revoke_key(self, key_id: str) -> None:
+        await self._redis.hset(Keys.api_key(key_id), "revoked", "1")
 
     # Status events ------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ log line and the Prometheus series. Client side, peer calls forward all of that.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common import errors
+from services.common.auth import Guard
 from services.common.context import CallContext, current_call
 from services.common.logging import get_logger
 from services.common.telemetry import RPC_LATENCY, RPC_TOTAL, tracer
@@ -42,13 +44,27 @@ def _rpc_histogram(service: str, method: str) -> Any:
 class _RpcScope:
     """Everything that surrounds one RPC; used by both the unary and the stream wrappers."""
 
-    __slots__ = ("_span_cm", "_start", "_token", "code", "context", "method", "service")
+    __slots__ = (
+        "_span_cm",
+        "_start",
+        "_token",
+        "code",
+        "context",
+        "guard",
+        "method",
+        "principal",
+        "service",
+    )
 
-    def __init__(self, service: str, method: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(
+        self, service: str, method: str, context: grpc.aio.ServicerContext, guard: Guard
+    ) -> None:
         self.service = service
         self.method = method
         self.context = context
+        self.guard = guard
         self.code = grpc.StatusCode.OK
+        self.principal = ""
 
     async def __aenter__(self) -> _RpcScope:
         self._start = time.perf_counter()
@@ -69,6 +85,14 @@ class _RpcScope:
         )
         return self
 
+    async def admit(self) -> None:
+        """Authenticate and rate-limit the caller; inside the scope, so refusals are mapped."""
+        call = current_call.get()
+        assert call is not None
+        principal = await self.guard.admit(call.authorization, self.method.rsplit("/", 1)[-1])
+        self.principal = principal.label
+        current_call.set(dataclasses.replace(call, principal=principal))
+
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         try:
             if exc is not None:
@@ -84,6 +108,7 @@ class _RpcScope:
                 code=self.code.name,
                 duration_ms=round(duration * 1000, 3),
                 peer=self.context.peer(),
+                principal=self.principal,
             )
             current_call.reset(self._token)
             self._span_cm.__exit__(None, None, None)
@@ -127,10 +152,14 @@ class _RpcScope:
 
 
 def wrap_unary(
-    service: str, method: str, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+    service: str,
+    method: str,
+    behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    guard: Guard,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _RpcScope(service, method, context):
+        async with _RpcScope(service, method, context, guard) as scope:
+            await scope.admit()
             async with asyncio.timeout(context.time_remaining()):
                 return await behavior(request, context)
 
@@ -141,16 +170,18 @@ def wrap_stream(
     service: str,
     method: str,
     behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+    guard: Guard,
 ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with _RpcScope(service, method, context):
+        async with _RpcScope(service, method, context, guard) as scope:
+            await scope.admit()
             async for item in behavior(request, context):
                 yield item
 
     return handle
 
 
-def instrument(servicer: Any, service: ServiceDescriptor, service_label: str) -> Any:
+def instrument(servicer: Any, service: ServiceDescriptor, service_label: str, guard: Guard) -> Any:
     """Wrap each RPC method of `servicer` (in place) with the chassis behaviour.
 
     Done once at registration rather than by a grpc interceptor, which would build a new
@@ -160,7 +191,7 @@ def instrument(servicer: Any, service: ServiceDescriptor, service_label: str) ->
         behavior = getattr(servicer, method.name)
         full_name = f"/{service.full_name}/{method.name}"
         wrap = wrap_stream if method.server_streaming else wrap_unary
-        setattr(servicer, method.name, wrap(service_label, full_name, behavior))
+        setattr(servicer, method.name, wrap(service_label, full_name, behavior, guard))
     return servicer
 
 

@@ -22,6 +22,16 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from agentplane.agent.v1 import agent_service_pb2, api_key_pb2
+from services.common import errors
+from services.common.auth import (
+    Authenticator,
+    Guard,
+    KeyLookup,
+    Principal,
+    RateLimiter,
+    parse_rate_limits,
+)
 from services.common.clients import PeerClients
 from services.common.interceptors import instrument
 from services.common.logging import configure_logging, get_logger
@@ -45,10 +55,11 @@ class Chassis:
     redis: RedisClient
     peers: PeerClients
     stopping: asyncio.Event
+    guard: Guard
 
     def instrument(self, servicer: Any, service: ServiceDescriptor) -> Any:
-        """The servicer with every RPC wrapped by the chassis (errors, logs, traces...)."""
-        return instrument(servicer, service, self.settings.service_name)
+        """The servicer with every RPC wrapped by the chassis (auth, errors, logs, traces...)."""
+        return instrument(servicer, service, self.settings.service_name, self.guard)
 
 
 Register = Callable[[grpc.aio.Server, Chassis], Sequence[str]]
@@ -115,6 +126,28 @@ class GrpcApp:
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
 
+def whoami_lookup(peers: PeerClients) -> KeyLookup:
+    """API keys belong to the agent service: other services ask it who a token is."""
+
+    async def lookup(_key_id: str, token: str) -> Principal | None:
+        try:
+            reply = await peers.agent.WhoAmI(
+                agent_service_pb2.WhoAmIRequest(),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=2.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return None
+            raise errors.unavailable(
+                "cannot authenticate: the agent service is unreachable"
+            ) from exc
+        role = api_key_pb2.ApiKeyRole.Name(reply.role).removeprefix("API_KEY_ROLE_")
+        return Principal(role, reply.subject, reply.project_id, reply.key_id)
+
+    return lookup
+
+
 async def create_app(settings: Settings, bind: str, register: Register) -> GrpcApp:
     """Build (but do not start) a service's server; `bind` may use port 0."""
     server = grpc.aio.server(
@@ -125,11 +158,17 @@ async def create_app(settings: Settings, bind: str, register: Register) -> GrpcA
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
+    redis = create_redis(settings)
+    peers = PeerClients.connect(settings)
     chassis = Chassis(
         settings=settings,
-        redis=create_redis(settings),
-        peers=PeerClients.connect(settings),
+        redis=redis,
+        peers=peers,
         stopping=asyncio.Event(),
+        guard=Guard(
+            Authenticator(settings.admin_token, whoami_lookup(peers), settings.auth_cache_s),
+            RateLimiter(redis, settings.key_prefix, parse_rate_limits(settings.rate_limits_text)),
+        ),
     )
     service_names = list(register(server, chassis))
     health_servicer = health.aio.HealthServicer()
@@ -185,6 +224,13 @@ def main(
         )
     except SettingsError as exc:
         print(f"{service_name}: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if len(settings.admin_token) < 16:
+        print(
+            f"{service_name}: bad configuration: AGENTPLANE_ADMIN_TOKEN must be set "
+            "(at least 16 characters; `make run` generates one)",
+            file=sys.stderr,
+        )
         return 2
     configure_logging(settings)
     configure_telemetry(settings)

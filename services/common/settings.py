@@ -72,6 +72,17 @@ def _file(env: Mapping[str, str], name: str) -> str:
     return value
 
 
+def _rate_limits(env: Mapping[str, str]) -> str:
+    from services.common.auth import parse_rate_limits
+
+    text = env.get("RATE_LIMITS", "")
+    try:
+        parse_rate_limits(text)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    return text
+
+
 def _redis_url(env: Mapping[str, str]) -> str:
     value = env.get("REDIS_URL") or "redis://localhost:6379/0"
     parsed = urlparse(value)
@@ -108,8 +119,15 @@ class Settings:
     idempotency_ttl_s: int
     usage_shards: int
     max_payload_bytes: int
+    auth_cache_s: float
+    rate_limits_text: str
     inbox_claim_idle_s: float
     price_table_path: str
+
+    @property
+    def key_prefix(self) -> str:
+        """The Redis key prefix this process owns (SPEC §1): ap:agent:, ap:thread:, ap:usage:."""
+        return f"ap:{self.service_name.removesuffix('_svc')}:"
 
     @property
     def tls_enabled(self) -> bool:
@@ -159,6 +177,8 @@ class Settings:
             default_max_tokens=_int(env, "DEFAULT_MAX_TOKENS", 100_000, 1, 10**12),
             idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_SECONDS", 86_400, 60, 30 * 86_400),
             usage_shards=_int(env, "USAGE_SHARDS", 8, 1, 1024),
+            auth_cache_s=_float(env, "AUTH_CACHE_SECONDS", 5.0, 0.0, 300.0),
+            rate_limits_text=_rate_limits(env),
             max_payload_bytes=_int(env, "MAX_PAYLOAD_BYTES", 64 * 1024, 256, 4 * 1024 * 1024),
             inbox_claim_idle_s=_float(env, "INBOX_CLAIM_IDLE_SECONDS", 30.0, 0.05, 86_400.0),
             price_table_path=_file(env, "PRICE_TABLE_PATH"),

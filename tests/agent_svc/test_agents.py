@@ -334,9 +334,3 @@ async def test_watch_agents_streams_status_changes(stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.WatchAgents(M.WatchAgentsRequest(project_id="ghost")).read()
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-
-
-async def test_api_keys_wait_for_the_security_issue(agent_stub) -> None:
-    await expect_error(
-        agent_stub.ListApiKeys(M.ListApiKeysRequest()), grpc.StatusCode.UNIMPLEMENTED
-    )

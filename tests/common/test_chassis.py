@@ -21,7 +21,7 @@ from services.common.clients import open_channel
 from services.common.interceptors import wrap_unary
 from services.common.server import Chassis, create_app
 from tests.conftest import make_settings
-from tests.helpers import expect_error, make_project, make_type, spawn
+from tests.helpers import ADMIN_TOKEN, authed_channel, expect_error, make_project, make_type, spawn
 
 PROBE = "test.Probe"
 
@@ -56,7 +56,9 @@ def _probe_register(server: grpc.aio.Server, chassis: Chassis) -> list[str]:
         return await channel.unary_unary(f"/{PROBE}/Echo")(b"")
 
     handlers = {
-        name: grpc.unary_unary_rpc_method_handler(wrap_unary("probe", f"/{PROBE}/{name}", fn))
+        name: grpc.unary_unary_rpc_method_handler(
+            wrap_unary("probe", f"/{PROBE}/{name}", fn, chassis.guard)
+        )
         for name, fn in {
             "Boom": boom, "Refuse": refuse, "Slow": slow, "Echo": echo, "Forward": forward,
         }.items()
@@ -69,7 +71,7 @@ def _probe_register(server: grpc.aio.Server, chassis: Chassis) -> list[str]:
 async def probe(redis_url):
     app = await create_app(make_settings("probe", redis_url), "127.0.0.1:0", _probe_register)
     await app.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    channel = authed_channel(f"127.0.0.1:{app.port}")
     yield app, channel
     await channel.close()
     await app.stop(grace=0)
@@ -110,12 +112,12 @@ async def test_peer_calls_forward_token_trace_and_deadline(probe) -> None:
         f"127.0.0.1:{app.port}".encode(),
         timeout=5,
         metadata=[
-            ("authorization", "Bearer caller-token"),
+            ("authorization", f"Bearer {ADMIN_TOKEN}"),
             ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
         ],
     )
     seen = json.loads(reply)
-    assert seen["authorization"] == "Bearer caller-token"
+    assert seen["authorization"] == f"Bearer {ADMIN_TOKEN}"
     assert seen["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
     assert seen["remaining"] is not None and 0 < seen["remaining"] < 4.2
 
@@ -130,7 +132,7 @@ async def test_reflection_lists_the_service(agent_app) -> None:
 
 
 async def _health(port: int, service: str) -> int:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with authed_channel(f"127.0.0.1:{port}") as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=2
         )
@@ -150,7 +152,7 @@ async def test_redis_outage_fails_fast_flips_health_and_recovers(tmp_path) -> No
     redis = RedisProcess(data_dir=str(tmp_path), extra_args=["--appendonly", "yes"]).start()
     app, port = await create_server(make_settings("agent_svc", redis.url), "127.0.0.1:0")
     await app.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = authed_channel(f"127.0.0.1:{port}")
     stub = agent_service_pb2_grpc.AgentServiceStub(channel)
     try:
         await make_project(stub)

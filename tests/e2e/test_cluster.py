@@ -19,7 +19,9 @@ from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
 from scripts.redis_server import free_port
 from tests.e2e.test_processes import ROOT, start_service, wait_serving
-from tests.helpers import make_project, make_type, spawn
+from tests.helpers import ADMIN_TOKEN, authed_channel, make_project, make_type, spawn
+
+ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 async def test_inject_receive_and_account_across_real_processes(redis_url) -> None:
@@ -35,7 +37,7 @@ async def test_inject_receive_and_account_across_real_processes(redis_url) -> No
     ]
     try:
         await asyncio.gather(*(wait_serving(port) for port in ports.values()))
-        channels = {n: grpc.aio.insecure_channel(f"127.0.0.1:{p}") for n, p in ports.items()}
+        channels = {n: authed_channel(f"127.0.0.1:{p}") for n, p in ports.items()}
         agents = agent_service_pb2_grpc.AgentServiceStub(channels["agent"])
         threads = thread_service_pb2_grpc.ThreadServiceStub(channels["thread"])
         usage = usage_service_pb2_grpc.UsageServiceStub(channels["usage"])
@@ -74,11 +76,14 @@ async def test_inject_receive_and_account_across_real_processes(redis_url) -> No
         http_port = free_port()
         gateway = subprocess.Popen(  # noqa: ASYNC220 (a real process, started once)
             [sys.executable, "-m", "gateway"], cwd=ROOT,
-            env={**os.environ, **peers, "HTTP_PORT": str(http_port), "METRICS_PORT": "0"},
+            env={**os.environ, **peers, "HTTP_PORT": str(http_port), "METRICS_PORT": "0",
+                 "AGENTPLANE_ADMIN_TOKEN": ADMIN_TOKEN},
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         processes.append(gateway)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{http_port}", headers=ADMIN_HEADERS
+        ) as client:
             for _ in range(100):
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get("/readyz")).status_code == 200:

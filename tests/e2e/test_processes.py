@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplane.agent.v1 import agent_service_pb2, agent_service_pb2_grpc
 from scripts.redis_server import free_port
-from tests.helpers import make_project
+from tests.helpers import ADMIN_TOKEN, authed_channel, make_project
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +31,7 @@ def start_service(module: str, port: int, redis_url: str, **env: str) -> subproc
             "METRICS_PORT": "0",
             "REDIS_URL": redis_url,
             "SHUTDOWN_GRACE_SECONDS": "5",
+            "AGENTPLANE_ADMIN_TOKEN": ADMIN_TOKEN,
             **env,
         },
         stdout=subprocess.PIPE,
@@ -40,7 +41,7 @@ def start_service(module: str, port: int, redis_url: str, **env: str) -> subproc
 
 async def wait_serving(port: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with authed_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -59,7 +60,7 @@ async def test_every_service_drains_on_sigterm(redis_url, module) -> None:
     process = start_service(module, port, redis_url)
     try:
         await wait_serving(port)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with authed_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
             assert (await health.read()).status == health_pb2.HealthCheckResponse.SERVING
             process.send_signal(signal.SIGTERM)
@@ -76,7 +77,7 @@ async def test_sigterm_turns_not_serving_ends_streams_and_exits_zero(redis_url) 
     process = start_service("services.agent_svc", port, redis_url)
     try:
         await wait_serving(port)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with authed_channel(f"127.0.0.1:{port}") as channel:
             stub = agent_service_pb2_grpc.AgentServiceStub(channel)
             await make_project(stub)
             watch = stub.WatchAgents(agent_service_pb2.WatchAgentsRequest(project_id="demo"))

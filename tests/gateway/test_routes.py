@@ -9,13 +9,18 @@ import orjson
 import pytest
 
 from tests.conftest import serve_gateway
+from tests.helpers import ADMIN_TOKEN
 
 API = "/api/v1"
+ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @pytest.fixture
 async def http(cluster):
-    async with serve_gateway(cluster) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+    async with (
+        serve_gateway(cluster) as url,
+        httpx.AsyncClient(base_url=url, timeout=10, headers=ADMIN_HEADERS) as client,
+    ):
         yield client
 
 
@@ -276,12 +281,15 @@ async def test_health_readiness_and_openapi(http) -> None:
 async def test_backend_down_is_503_and_slow_is_504(cluster) -> None:
     async with (
         serve_gateway(cluster, peer_timeout_s=0.001) as url,
-        httpx.AsyncClient(base_url=url) as client,
+        httpx.AsyncClient(base_url=url, headers=ADMIN_HEADERS) as client,
     ):
         slow = await client.get(f"{API}/organism")
         assert slow.status_code == 504 and slow.json()["error"]["status"] == "DEADLINE_EXCEEDED"
     await cluster.apps["usage"].stop(grace=0)
-    async with serve_gateway(cluster) as url, httpx.AsyncClient(base_url=url) as client:
+    async with (
+        serve_gateway(cluster) as url,
+        httpx.AsyncClient(base_url=url, headers=ADMIN_HEADERS) as client,
+    ):
         down = await client.get(f"{API}/usage")
         assert down.status_code == 503
         ready = await client.get("/readyz")

@@ -14,7 +14,7 @@ from agentplane.thread.v1 import thread_pb2, thread_service_pb2_grpc
 from agentplane.thread.v1 import thread_service_pb2 as T
 from services.thread_svc.server import create_server as create_thread_server
 from tests.conftest import make_settings, start_cluster, stop_cluster
-from tests.helpers import make_project, make_type, spawn
+from tests.helpers import authed_channel, make_project, make_type, spawn
 
 
 def text(value: str) -> struct_pb2.Struct:
@@ -126,7 +126,7 @@ async def test_inbox_survives_a_thread_service_restart(redis_target) -> None:
         fresh, port = await create_thread_server(settings, "127.0.0.1:0")
         await fresh.start()
         cluster.apps["thread"] = fresh
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with authed_channel(f"127.0.0.1:{port}") as channel:
             stub = thread_service_pb2_grpc.ThreadServiceStub(channel)
             resumed = stub.ReceiveMessages(T.ReceiveMessagesRequest(agent_id=beta.id))
             back = await take(resumed, 2)
@@ -171,7 +171,7 @@ async def test_two_replicas_never_deliver_one_message_twice(redis_target) -> Non
         "127.0.0.1:0",
     )  # fmt: skip
     await second.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = authed_channel(f"127.0.0.1:{port}")
     try:
         alpha, beta, thread = await setup_pair(cluster)
         other = thread_service_pb2_grpc.ThreadServiceStub(channel)

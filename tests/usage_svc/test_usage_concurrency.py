@@ -14,6 +14,7 @@ from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
 from services.usage_svc.server import create_server
 from tests.conftest import make_settings
+from tests.helpers import authed_channel
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ async def two_replicas(redis_target):
         )
         await app.start()
         apps.append(app)
-        channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+        channels.append(authed_channel(f"127.0.0.1:{port}"))
     yield [usage_service_pb2_grpc.UsageServiceStub(c) for c in channels]
     for channel in channels:
         await channel.close()

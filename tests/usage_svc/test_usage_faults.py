@@ -15,13 +15,14 @@ from services.usage_svc.server import create_server
 from tests.conftest import make_settings
 from tests.faults import LosingProxy
 from tests.usage_svc.test_usage import record
+from tests.helpers import authed_channel
 
 
 @contextlib.asynccontextmanager
 async def usage_service(redis_url: str):
     app, port = await create_server(make_settings("usage_svc", redis_url), "127.0.0.1:0")
     await app.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = authed_channel(f"127.0.0.1:{port}")
     try:
         yield usage_service_pb2_grpc.UsageServiceStub(channel)
     finally:

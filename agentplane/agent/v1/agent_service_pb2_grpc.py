@@ -159,6 +159,11 @@ class AgentServiceStub:
                 request_serializer=agentplane_dot_agent_dot_v1_dot_agent__service__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=agentplane_dot_agent_dot_v1_dot_api__key__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/agentplane.agent.v1.AgentService/WhoAmI',
+                request_serializer=agentplane_dot_agent_dot_v1_dot_agent__service__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=agentplane_dot_agent_dot_v1_dot_api__key__pb2.Principal.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -335,6 +340,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """Says who the caller's bearer token speaks for. The other services authenticate
+        tokens through it (and cache the answer briefly).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -457,6 +470,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=agentplane_dot_agent_dot_v1_dot_agent__service__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=agentplane_dot_agent_dot_v1_dot_api__key__pb2.ApiKey.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=agentplane_dot_agent_dot_v1_dot_agent__service__pb2.WhoAmIRequest.FromString,
+                    response_serializer=agentplane_dot_agent_dot_v1_dot_api__key__pb2.Principal.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1108,6 +1126,33 @@ class AgentService:
             '/agentplane.agent.v1.AgentService/RevokeApiKey',
             agentplane_dot_agent_dot_v1_dot_agent__service__pb2.RevokeApiKeyRequest.SerializeToString,
             agentplane_dot_agent_dot_v1_dot_api__key__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.agent.v1.AgentService/WhoAmI',
+            agentplane_dot_agent_dot_v1_dot_agent__service__pb2.WhoAmIRequest.SerializeToString,
+            agentplane_dot_agent_dot_v1_dot_api__key__pb2.Principal.FromString,
             options,
             channel_credentials,
             insecure,

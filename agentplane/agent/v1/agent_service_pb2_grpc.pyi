@@ -89,6 +89,10 @@ class AgentServiceStub:
     """Lists API keys (never their tokens)."""
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.RevokeApiKeyRequest, _api_key_pb2.ApiKey]
     """Revokes an API key everywhere."""
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.WhoAmIRequest, _api_key_pb2.Principal]
+    """Says who the caller's bearer token speaks for. The other services authenticate
+    tokens through it (and cache the answer briefly).
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -147,6 +151,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Lists API keys (never their tokens)."""
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.RevokeApiKeyRequest, _api_key_pb2.ApiKey]  # type: ignore[assignment]
     """Revokes an API key everywhere."""
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.WhoAmIRequest, _api_key_pb2.Principal]  # type: ignore[assignment]
+    """Says who the caller's bearer token speaks for. The other services authenticate
+    tokens through it (and cache the answer briefly).
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Projects, agent types, agent instances and their lifecycle, and cluster metrics."""
@@ -346,5 +354,15 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_api_key_pb2.ApiKey, _abc.Awaitable[_api_key_pb2.ApiKey]]:
         """Revokes an API key everywhere."""
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _agent_service_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_api_key_pb2.Principal, _abc.Awaitable[_api_key_pb2.Principal]]:
+        """Says who the caller's bearer token speaks for. The other services authenticate
+        tokens through it (and cache the answer briefly).
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

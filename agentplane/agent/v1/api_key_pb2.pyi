@@ -58,6 +58,7 @@ class ApiKey(_message.Message):
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Server-made id of the key."""
     role: Global___ApiKeyRole.ValueType
@@ -68,6 +69,8 @@ class ApiKey(_message.Message):
     """Project the key is limited to; empty for none."""
     revoked: _builtins.bool
     """Whether the key has been revoked."""
+    created_by: _builtins.str
+    """Principal that created the key."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the key was created."""
@@ -81,11 +84,46 @@ class ApiKey(_message.Message):
         project_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         revoked: _builtins.bool = ...,
+        created_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "key_id", b"key_id", "project_id", b"project_id", "revoked", b"revoked", "role", b"role", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "key_id", b"key_id", "project_id", b"project_id", "revoked", b"revoked", "role", b"role", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApiKey: _TypeAlias = ApiKey  # noqa: Y015
+
+@_typing.final
+class Principal(_message.Message):
+    """Who a bearer token speaks for, as the services judge it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    role: Global___ApiKeyRole.ValueType
+    """The principal's role."""
+    subject: _builtins.str
+    """Principal name (OWNER), agent id (AGENT), or "admin" for the bootstrap superuser."""
+    project_id: _builtins.str
+    """Project an AGENT principal belongs to (or a key is limited to); empty otherwise."""
+    key_id: _builtins.str
+    """The API key behind the token; empty for the bootstrap superuser token."""
+    def __init__(
+        self,
+        *,
+        role: Global___ApiKeyRole.ValueType = ...,
+        subject: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "project_id", b"project_id", "role", b"role", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Principal: _TypeAlias = Principal  # noqa: Y015

@@ -297,19 +297,25 @@ class SetThreadBudgetRequest(_message.Message):
 
     THREAD_ID_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
     thread_id: _builtins.str
     """The thread."""
     max_tokens: _builtins.int
     """Budget in tokens (more than 0); 0 means the configured default."""
+    project_id: _builtins.str
+    """Project the thread belongs to; kept with the budget so access can be checked. Set
+    by the thread service; fixed once set.
+    """
     def __init__(
         self,
         *,
         thread_id: _builtins.str = ...,
         max_tokens: _builtins.int = ...,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "thread_id", b"thread_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "project_id", b"project_id", "thread_id", b"thread_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
