@@ -16,6 +16,7 @@ from agentplane.agent.v1 import agent_pb2, agent_service_pb2
 from agentplane.thread.v1 import thread_pb2, thread_service_pb2, thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2
 from services.common import errors
+from services.common.access import Visibility, require_manager, require_self, require_superuser
 from services.common.clients import PeerClients
 from services.common.convert import new_id, now_ms, require_id, require_text, timestamp
 from services.common.logging import get_logger
@@ -82,10 +83,12 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         self._peers = peers
         self._settings = settings
         self._stopping = stopping
+        self._visibility = Visibility(peers, settings.auth_cache_s)
 
     # Threads ------------------------------------------------------------------------
 
     async def CreateThread(self, request, context):  # type: ignore[no-untyped-def]
+        require_manager()
         spec = request.thread
         project_id = require_id("thread.project_id", spec.project_id)
         thread_id = require_id("thread_id", request.thread_id) if request.thread_id else new_id()
@@ -115,7 +118,9 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         # The budget first: a thread never exists without one (a failed create leaves at
         # most an unused budget, which a retry with the same thread_id reuses).
         await self._peers.usage.SetThreadBudget(
-            usage_service_pb2.SetThreadBudgetRequest(thread_id=thread_id, max_tokens=max_tokens)
+            usage_service_pb2.SetThreadBudgetRequest(
+                thread_id=thread_id, max_tokens=max_tokens, project_id=project_id
+            )
         )
         now = str(now_ms())
         fields = {
@@ -145,6 +150,12 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             require_id("project_id", project_id)
         agent_id = require_id("agent", request.agent) if request.agent else ""
         status = thread_status_name(request.status) if request.status else ""
+        if agent_id:
+            await self._agent(agent_id, "agent")
+        elif project_id == ALL:
+            require_superuser("listing threads of every project")
+        elif not await self._visibility.project(project_id):
+            raise errors.not_found("project", project_id)
         page = parse_page(
             request.page_size, request.page_token, request.skip,
             ("threads", project_id, agent_id, status), default_size=50,
@@ -168,7 +179,8 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         return await self._end(request.thread_id, "FAILED" if request.failed else "COMPLETED", "")
 
     async def _end(self, thread_id: str, target: str, reason: str) -> thread_pb2.Thread:
-        require_id("thread_id", thread_id)
+        require_manager()
+        await self._thread(thread_id)
         outcome, current = await self._store.end_thread(thread_id, target, reason)
         if outcome == "NO_THREAD":
             raise errors.not_found("thread", thread_id)
@@ -204,6 +216,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                 raise errors.invalid_argument(
                     "agent", "is required when listing across threads ('-')"
                 )
+            await self._agent(agent_id, "agent")
             refs, token, total = await self._store.agent_messages(agent_id, page)
             entries = await self._store.entries(refs)
             messages = [message_of(e, t) for (t, _), e in zip(refs, entries, strict=True) if e]
@@ -226,6 +239,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
     async def PostMessage(self, request, context):  # type: ignore[no-untyped-def]
         thread_id = require_id("thread_id", request.thread_id)
         sender = require_id("from_agent", request.from_agent)
+        require_self(sender, "from_agent")
         recipient = require_id("to_agent", request.to_agent)
         message = self._new_message(
             thread_id, sender, recipient, request.payload_type, request.payload, True
@@ -263,6 +277,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         return await self._post(message, record["member"], request_key)
 
     async def InjectMessage(self, request, context):  # type: ignore[no-untyped-def]
+        require_manager()
         target = require_id("to", request.to)
         request_key = (
             Keys.request("inject", require_id("request_id", request.request_id))
@@ -355,6 +370,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         self, request, context
     ) -> AsyncIterator[thread_service_pb2.ReceiveMessagesResponse]:  # type: ignore[no-untyped-def]
         agent_id = require_id("agent_id", request.agent_id)
+        require_self(agent_id, "agent_id")
         consumer = require_id("consumer", request.consumer) if request.consumer else "default"
         agent = await self._agent(agent_id, "agent_id")
         await self._store.ensure_group(agent_id)
@@ -406,6 +422,8 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
 
     async def AckMessages(self, request, context):  # type: ignore[no-untyped-def]
         agent_id = require_id("agent_id", request.agent_id)
+        require_self(agent_id, "agent_id")
+        await self._agent(agent_id, "agent_id")
         if not request.ack_ids:
             raise errors.invalid_argument("ack_ids", "names no delivery")
         for ack_id in request.ack_ids:
@@ -441,7 +459,8 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
 
     async def _thread(self, thread_id: str) -> tuple[dict[str, str], list[str]]:
         found = await self._store.get_thread(require_id("thread_id", thread_id))
-        if found is None:
+        # A thread of a project the caller cannot see answers as though it did not exist.
+        if found is None or not await self._visibility.project(found[0]["project_id"]):
             raise errors.not_found("thread", thread_id)
         return found
 

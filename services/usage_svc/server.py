@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import grpc
 
 from agentplane.usage.v1 import usage_service_pb2, usage_service_pb2_grpc
+from services.common.access import Visibility
 from services.common.server import Chassis, GrpcApp, create_app
 from services.common.settings import Settings
 from services.usage_svc.pricing import PriceTable
@@ -23,7 +24,10 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     settings = chassis.settings
     store = UsageStore(chassis.redis, settings.usage_shards, settings.idempotency_ttl_s)
     servicer = UsageServicer(
-        store, PriceTable.load(settings.price_table_path), settings.default_max_tokens
+        store,
+        PriceTable.load(settings.price_table_path),
+        settings.default_max_tokens,
+        Visibility(chassis.peers, settings.auth_cache_s),
     )
     usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
         chassis.instrument(servicer, SERVICE), server

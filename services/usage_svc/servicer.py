@@ -9,6 +9,9 @@ from google.rpc import code_pb2, status_pb2
 
 from agentplane.usage.v1 import usage_pb2, usage_service_pb2, usage_service_pb2_grpc
 from services.common import errors
+from services.common.access import Visibility, require_manager, require_self, require_superuser
+from services.common.auth import AGENT
+from services.common.context import current_principal
 from services.common.convert import require_id, require_text, timestamp
 from services.common.pagination import parse_page
 from services.common.telemetry import BUDGET_REJECTIONS, COST_RECORDED, TOKENS_RECORDED
@@ -26,15 +29,19 @@ TOP_N = 100
 
 
 class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
-    def __init__(self, store: UsageStore, prices: PriceTable, default_max_tokens: int) -> None:
+    def __init__(
+        self, store: UsageStore, prices: PriceTable, default_max_tokens: int, visibility: Visibility
+    ) -> None:
         self._store = store
         self._prices = prices
         self._default_max_tokens = default_max_tokens
+        self._visibility = visibility
 
     # Recording ----------------------------------------------------------------------
 
     async def RecordUsage(self, request, context):  # type: ignore[no-untyped-def]
         record = self._check_record(request, "")
+        await self._may_record(record, "")
         outcome = await self._store.record_one(record)
         return self._record_answer(record, outcome)
 
@@ -46,7 +53,9 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
         for position, item in enumerate(request.requests):
             result = usage_service_pb2.RecordUsageBatchResult(usage_id=item.usage_id)
             try:
-                valid.append((position, self._check_record(item, f"requests[{position}].")))
+                record = self._check_record(item, f"requests[{position}].")
+                await self._may_record(record, f"requests[{position}].")
+                valid.append((position, record))
             except errors.ServiceError as exc:
                 result.status.CopyFrom(_rpc_status(exc))
             results.append(result)
@@ -109,7 +118,36 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             fingerprint=hashlib.blake2b(body, digest_size=12).hexdigest(),
         )
 
+    async def _may_record(self, record: UsageRecord, prefix: str) -> None:
+        """The superuser records anything; an agent only its own usage in its project; an
+        owner only in projects it owns."""
+        principal = current_principal()
+        if principal.is_superuser:
+            return
+        if principal.role == AGENT:
+            require_self(record.agent_id, prefix + "agent_id")
+            if record.project_id != principal.project_id:
+                raise errors.permission_denied(
+                    f"an agent token records usage only in its own project ({principal.project_id})",
+                    "NOT_SELF",
+                )
+            return
+        if not record.project_id:
+            raise errors.invalid_argument(prefix + "project_id", "is required for owner tokens")
+        if not await self._visibility.project(record.project_id):
+            raise errors.not_found("project", record.project_id)
+
+    async def _thread_access(self, thread_id: str) -> None:
+        """A thread's budget is visible to whoever may see its project."""
+        if current_principal().is_superuser:
+            return
+        exists, project_id = await self._store.budget_project(thread_id)
+        if not exists or not project_id or not await self._visibility.project(project_id):
+            raise _no_budget(thread_id)
+
     def _record_answer(self, record: UsageRecord, outcome) -> usage_service_pb2.RecordUsageResponse:  # type: ignore[no-untyped-def]
+        if outcome.outcome == "FOREIGN":
+            raise errors.not_found("thread_budget", record.thread_id)
         if outcome.outcome == "CONFLICT":
             raise errors.already_exists(
                 "usage", record.usage_id,
@@ -133,6 +171,7 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
     async def ReserveBudget(self, request, context):  # type: ignore[no-untyped-def]
         reservation_id = require_id("reservation_id", request.reservation_id)
         thread_id = require_id("thread_id", request.thread_id)
+        await self._thread_access(thread_id)
         if not 0 < request.tokens <= MAX_TOKENS_PER_CALL:
             raise errors.invalid_argument("tokens", f"must be between 1 and {MAX_TOKENS_PER_CALL}")
         ttl_ms = DEFAULT_RESERVATION_TTL_MS
@@ -176,6 +215,7 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
     async def ReleaseReservation(self, request, context):  # type: ignore[no-untyped-def]
         thread_id = require_id("thread_id", request.thread_id)
         reservation_id = require_id("reservation_id", request.reservation_id)
+        await self._thread_access(thread_id)
         outcome, released, state = await self._store.release(thread_id, reservation_id)
         if outcome == "NO_BUDGET":
             raise _no_budget(thread_id)
@@ -184,16 +224,28 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
         )
 
     async def SetThreadBudget(self, request, context):  # type: ignore[no-untyped-def]
+        principal = require_manager()
         thread_id = require_id("thread_id", request.thread_id)
+        project_id = require_id("project_id", request.project_id) if request.project_id else ""
+        if not principal.is_superuser:
+            if not project_id:
+                raise errors.invalid_argument("project_id", "is required for owner tokens")
+            if not await self._visibility.project(project_id):
+                raise errors.not_found("project", project_id)
         if not 0 <= request.max_tokens <= MAX_BUDGET:
             raise errors.invalid_argument(
                 "max_tokens", f"must be between 0 (default) and {MAX_BUDGET}"
             )
         max_tokens = request.max_tokens or self._default_max_tokens
-        return budget_message(await self._store.set_budget(thread_id, max_tokens))
+        state = await self._store.set_budget(thread_id, max_tokens, project_id)
+        if state is None:  # the thread belongs to another project
+            raise _no_budget(thread_id)
+        return budget_message(state)
 
     async def CloseThreadBudget(self, request, context):  # type: ignore[no-untyped-def]
+        require_manager()
         thread_id = require_id("thread_id", request.thread_id)
+        await self._thread_access(thread_id)
         outcome, _, state = await self._store.close_budget(thread_id)
         if outcome == "NO_BUDGET":
             raise _no_budget(thread_id)
@@ -201,12 +253,14 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
 
     async def GetThreadBudget(self, request, context):  # type: ignore[no-untyped-def]
         thread_id = require_id("thread_id", request.thread_id)
+        await self._thread_access(thread_id)
         (state,) = await self._store.budgets([thread_id])
         if state is None:
             raise _no_budget(thread_id)
         return budget_message(state)
 
     async def ListThreadBudgets(self, request, context):  # type: ignore[no-untyped-def]
+        require_superuser("listing every thread's budget")
         page = parse_page(request.page_size, request.page_token, request.skip, ("budgets",))
         # The hottest list changes as usage arrives, so its cursor is a position.
         offset = (int(page.cursor) if page.cursor and page.cursor.isdigit() else 0) + page.skip
@@ -224,6 +278,10 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
 
     async def GetUsageOverview(self, request, context):  # type: ignore[no-untyped-def]
         project_id = require_id("project_id", request.project_id) if request.project_id else ""
+        if not project_id:
+            require_superuser("the cluster-wide usage overview")
+        elif not await self._visibility.project(project_id):
+            raise errors.not_found("project", project_id)
         overview = await self._store.overview(project_id, TOP_N)
         return usage_pb2.UsageOverview(
             totals=totals_message(overview.totals),
@@ -240,15 +298,20 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
 
     async def GetAgentUsage(self, request, context):  # type: ignore[no-untyped-def]
         agent_id = require_id("agent_id", request.agent_id)
+        if not current_principal().is_superuser and await self._visibility.agent(agent_id) is None:
+            # Another project's agent reads as an unknown one: zeros.
+            return usage_pb2.AgentUsage(agent_id=agent_id, totals=totals_message(Counters()))
         counters = await self._store.agent_counters(agent_id)
         return usage_pb2.AgentUsage(agent_id=agent_id, totals=totals_message(counters))
 
     async def GetModelUsage(self, request, context):  # type: ignore[no-untyped-def]
+        require_superuser("cluster-wide model usage")
         model = require_id("model", request.model)
         counters = await self._store.model_counters(model)
         return usage_pb2.ModelUsage(model=model, totals=totals_message(counters))
 
     async def ResetUsage(self, request, context):  # type: ignore[no-untyped-def]
+        require_superuser("resetting usage")
         return usage_service_pb2.ResetUsageResponse(deleted_keys=await self._store.reset())
 
 

@@ -213,7 +213,7 @@ class UsageStore:
             args.append(
                 f"{r.fingerprint}|{r.prompt_tokens}|{r.completion_tokens}|{r.cost_micros}|"
                 f"{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|{r.agent_id}|{r.model}|"
-                f"{r.thread_id}|{int(bool(r.project_id))}"
+                f"{r.thread_id}|{int(bool(r.project_id))}|{r.project_id}"
             )
         return keys, args
 
@@ -233,14 +233,24 @@ class UsageStore:
         )
         return _budget_reply(thread_id, reply)
 
-    async def set_budget(self, thread_id: str, max_tokens: int) -> BudgetState:
+    async def set_budget(
+        self, thread_id: str, max_tokens: int, project_id: str
+    ) -> BudgetState | None:
+        """The budget after setting it; None when it belongs to another project."""
         shard = self.shard(thread_id)
         thread, reservations, expiries = shard.thread(thread_id)
         reply = await self._set_budget(
             keys=[thread, shard.budgets, shard.stats, reservations, expiries],
-            args=[max_tokens, now_ms(), thread_id],
+            args=[max_tokens, now_ms(), thread_id, project_id],
         )
-        return _budget_reply(thread_id, reply)[2]
+        outcome, _, state = _budget_reply(thread_id, reply)
+        return None if outcome == "FOREIGN" else state
+
+    async def budget_project(self, thread_id: str) -> tuple[bool, str]:
+        """(whether the thread has a budget, the project it belongs to or "")."""
+        thread, _, _ = self.shard(thread_id).thread(thread_id)
+        max_tokens, project_id = await self._redis.hmget(thread, "max_tokens", "project_id")
+        return max_tokens is not None, project_id or ""
 
     async def close_budget(self, thread_id: str) -> tuple[str, int, BudgetState]:
         shard = self.shard(thread_id)
@@ -380,8 +390,8 @@ def _top(ranked_per_shard: Sequence[Sequence[tuple[str, float]]], top: int) -> l
 
 
 def _outcome(thread_id: str, item: Sequence[object]) -> RecordOutcome:
-    if item[0] == "CONFLICT":
-        return RecordOutcome("CONFLICT")
+    if item[0] in ("CONFLICT", "FOREIGN"):
+        return RecordOutcome(str(item[0]))
     budget = BudgetState.from_reply(thread_id, item[2:9])  # type: ignore[arg-type]
     return RecordOutcome(str(item[0]), int(item[1]), budget if budget.has_budget else None)  # type: ignore[call-overload]
 

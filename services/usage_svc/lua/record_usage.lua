@@ -8,8 +8,10 @@
 --   11 project totals hash, 12 project agents-by-tokens zset
 -- ARGV: 1 now (ms), 2 usage-id ttl (s); then one per record, its fields joined by '|'
 --   (ids cannot contain '|'): fingerprint, prompt, completion, cost micros, latency ms,
---   unpriced (0/1), reservation id, agent id, model, thread id, has project (0/1)
--- Returns per record: {outcome, cost, <budget state>}, outcome NEW | DUPLICATE | CONFLICT.
+--   unpriced (0/1), reservation id, agent id, model, thread id, has project (0/1),
+--   project id
+-- Returns per record: {outcome, cost, <budget state>}, outcome NEW | DUPLICATE | CONFLICT,
+-- or {'FOREIGN'} when the thread's budget belongs to another project (nothing written).
 local K = 12
 local now, ttl = ARGV[1], ARGV[2]
 local replies = {}
@@ -49,6 +51,8 @@ for i = 0, #KEYS / K - 1 do
       for j = 2, #fields do reply[#reply + 1] = tonumber(fields[j]) end
       replies[#replies + 1] = reply
     end
+  elseif r[11] == '1' and (redis.call('HGET', KEYS[k + 2], 'project_id') or r[12]) ~= r[12] then
+    replies[#replies + 1] = {'FOREIGN'}
   else
     local thread = KEYS[k + 2]
     purge_expired(thread, KEYS[k + 3], KEYS[k + 4], now)
