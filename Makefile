@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: run test test-fast protos protos-check protos-lint lint bench clean
+.PHONY: run test protos protos-check protos-lint lint bench certs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,10 @@ lint: $(STAMP) protos-lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services gateway scripts
+
+## A development CA and service certificate for mutual TLS, in .run/certs/.
+certs: $(STAMP)
+	$(PY) -m scripts.make_certs .run/certs
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -24,7 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
 from bench.gateway import measure_gateway
-from bench.load import THREADS, WorkerResult, run_worker, thread_of
+from bench.load import BENCH_TOKEN, THREADS, WorkerResult, run_worker, thread_of
+from bench.load import channel as channel_to
 from scripts.redis_server import RedisProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def drive(target: str, kind: str, rate: float = 0.0, tag: str = "") -> dict[str,
 
 
 async def wait_serving(target: str) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with channel_to(target) as channel:
         for _ in range(200):
             try:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
@@ -156,6 +157,7 @@ def main() -> int:
     target = f"127.0.0.1:{port}"
     env = {
         **os.environ, "GRPC_PORT": str(port), "REDIS_URL": redis.url, "METRICS_PORT": "0",
+        "AGENTPLANE_ADMIN_TOKEN": BENCH_TOKEN,
         "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
     }  # fmt: skip
     service = subprocess.Popen(
@@ -170,7 +172,7 @@ def main() -> int:
         asyncio.run(wait_serving(target))
 
         async def setup() -> None:
-            async with grpc.aio.insecure_channel(target) as channel:
+            async with channel_to(target) as channel:
                 stub = usage_service_pb2_grpc.UsageServiceStub(channel)
                 await asyncio.gather(
                     *(
@@ -193,7 +195,7 @@ def main() -> int:
         results["record_vs_check"] = record["calls_per_s"] / check["calls_per_s"]
 
         async def reads_and_batches() -> None:
-            async with grpc.aio.insecure_channel(target) as channel:
+            async with channel_to(target) as channel:
                 stub = usage_service_pb2_grpc.UsageServiceStub(channel)
                 results["record_usage_batch_records_per_s"] = await batch_throughput(stub)
                 await stub.ResetUsage(U.ResetUsageRequest())

@@ -15,6 +15,8 @@ import grpc
 import httpx
 
 from agentplane.agent.v1 import agent_service_pb2, agent_service_pb2_grpc, project_pb2
+from bench.load import BENCH_TOKEN
+from bench.load import channel as channel_to
 from scripts.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +36,7 @@ async def _wait_http(url: str) -> None:
 
 
 async def _measure(grpc_target: str, http_url: str) -> dict[str, float]:
-    async with grpc.aio.insecure_channel(grpc_target) as channel:
+    async with channel_to(grpc_target) as channel:
         stub = agent_service_pb2_grpc.AgentServiceStub(channel)
         for _ in range(100):
             try:
@@ -52,7 +54,8 @@ async def _measure(grpc_target: str, http_url: str) -> dict[str, float]:
         request = agent_service_pb2.GetProjectRequest(project_id="bench")
         direct: list[float] = []
         via: list[float] = []
-        async with httpx.AsyncClient(base_url=http_url) as client:
+        headers = {"authorization": f"Bearer {BENCH_TOKEN}"}
+        async with httpx.AsyncClient(base_url=http_url, headers=headers) as client:
             for _ in range(100):  # warm both paths
                 await stub.GetProject(request)
                 await client.get("/api/v1/projects/bench")
@@ -75,8 +78,13 @@ async def _measure(grpc_target: str, http_url: str) -> dict[str, float]:
 
 def measure_gateway(redis_url: str) -> dict[str, Any]:
     grpc_port, http_port = free_port(), free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "METRICS_PORT": "0",
-           "AGENT_SVC_ADDR": f"127.0.0.1:{grpc_port}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "METRICS_PORT": "0",
+        "AGENT_SVC_ADDR": f"127.0.0.1:{grpc_port}",
+        "AGENTPLANE_ADMIN_TOKEN": BENCH_TOKEN,
+    }
     agent = subprocess.Popen(
         [sys.executable, "-m", "services.agent_svc"], cwd=ROOT,
         env={**env, "GRPC_PORT": str(grpc_port)}, stdout=subprocess.DEVNULL,

@@ -17,6 +17,22 @@ RECORD = "/agentplane.usage.v1.UsageService/RecordUsage"
 RESERVE = "/agentplane.usage.v1.UsageService/ReserveBudget"
 CHECK = "/grpc.health.v1.Health/Check"
 THREADS = 200
+BENCH_TOKEN = "bench-superuser-token-0123456789"
+METADATA = (("authorization", f"Bearer {BENCH_TOKEN}"),)
+
+
+class _Bearer(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        details = grpc.aio.ClientCallDetails(
+            details.method, details.timeout, grpc.aio.Metadata(*METADATA),
+            details.credentials, details.wait_for_ready,
+        )  # fmt: skip
+        return await continuation(details, request)
+
+
+def channel(target: str) -> grpc.aio.Channel:
+    """A channel whose unary calls carry the bench's superuser token."""
+    return grpc.aio.insecure_channel(target, interceptors=[_Bearer()])
 
 
 @dataclass
@@ -49,14 +65,14 @@ def record_body(worker: int, n: int, tag: str) -> bytes:
 async def _run(
     target: str, kind: str, worker: int, count: int, concurrency: int, rate: float, tag: str
 ) -> WorkerResult:
-    async with grpc.aio.insecure_channel(target) as channel:
-        method = channel.unary_unary(CHECK if kind == "check" else RECORD)
+    async with grpc.aio.insecure_channel(target) as raw:
+        method = raw.unary_unary(CHECK if kind == "check" else RECORD)
         if kind == "check":
             body = health_pb2.HealthCheckRequest().SerializeToString()
             bodies = [body] * count
         else:
             bodies = [record_body(worker, n, tag) for n in range(count)]
-            reserve = channel.unary_unary(RESERVE)
+            reserve = raw.unary_unary(RESERVE)
             ttl = duration_pb2.Duration(seconds=600)
 
             async def hold(n: int) -> None:
@@ -64,7 +80,7 @@ async def _run(
                 request = U.ReserveBudgetRequest(
                     reservation_id=key, thread_id=thread_of(worker, n), tokens=200, ttl=ttl
                 )
-                await reserve(request.SerializeToString())
+                await reserve(request.SerializeToString(), metadata=METADATA)
 
             for start in range(0, count, 256):  # the reservations the records settle (untimed)
                 await asyncio.gather(*(hold(n) for n in range(start, min(count, start + 256))))
@@ -84,7 +100,7 @@ async def _run(
                         await asyncio.sleep(delay)
                 sent = time.perf_counter()
                 try:
-                    await method(bodies[n])
+                    await method(bodies[n], metadata=METADATA)
                     latencies.append((time.perf_counter() - sent) * 1000)
                 except grpc.aio.AioRpcError:
                     errors += 1

@@ -7,6 +7,7 @@ cleanly, services first and Redis last. An already-running Redis at REDIS_URL is
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -37,6 +38,25 @@ def _port_open(host: str, port: int) -> bool:
 
 def _module_exists(module: str) -> bool:
     return (ROOT / module.replace(".", "/") / "__main__.py").exists()
+
+
+def admin_token() -> str:
+    """AGENTPLANE_ADMIN_TOKEN, or one generated on first use and kept in .admin-token
+    (ignored by git), printed once so the operator can use it."""
+    given = os.environ.get("AGENTPLANE_ADMIN_TOKEN", "")
+    if given:
+        return given
+    path = ROOT / ".admin-token"
+    if path.exists():
+        print(
+            "[run] superuser token: in .admin-token (export AGENTPLANE_ADMIN_TOKEN to choose one)"
+        )
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    print(f"[run] generated a superuser token (kept in .admin-token): {token}")
+    return token
 
 
 def main() -> int:

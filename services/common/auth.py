@@ -142,22 +142,24 @@ class RateLimiter:
             raise errors.unavailable("rate limiter unavailable; writes are refused") from exc
         if not allowed:
             raise errors.resource_exhausted(
-                f"rate limit for {method_name}: {rate.per_minute}/min", "RATE_LIMITED",
-                subject=f"{principal.label}:{method_name}", retry_after_s=max(0.001, retry_ms / 1000),
-            )  # fmt: skip
+                f"rate limit for {method_name}: {rate.per_minute}/min",
+                "RATE_LIMITED",
+                subject=f"{principal.label}:{method_name}",
+                retry_after_s=max(0.001, retry_ms / 1000),
+            )
 
 
 def parse_rate_limits(text: str) -> dict[str, Rate]:
     """RATE_LIMITS: "SpawnAgent=20/min,default_read=60/min,RecordUsage=600/min:100"
-    (name=count/min, optionally :burst; the burst defaults to a sixth of a minute's)."""
+    (name=count/min, optionally :burst; the burst defaults to a minute's worth)."""
     limits = {
         "SpawnAgent": Rate(20, 5),
-        "default_read": Rate(60, 10),
-        "default_write": Rate(60, 10),
+        "default_read": Rate(60, 60),
+        "default_write": Rate(30, 30),
     }
     for hot in ("RecordUsage", "RecordUsageBatch", "ReserveBudget", "ReleaseReservation",
                 "PostMessage", "AckMessages", "ReceiveMessages", "WhoAmI"):  # fmt: skip
-        limits[hot] = Rate(600, 100)
+        limits[hot] = Rate(600, 600)
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, spec = item.partition("=")
         count, _, rest = spec.partition("/")
@@ -165,7 +167,7 @@ def parse_rate_limits(text: str) -> dict[str, Rate]:
         if not (name and count.isdigit() and int(count) > 0 and unit == "min"):
             raise ValueError(f"RATE_LIMITS entry {item!r} must look like Method=20/min[:burst]")
         per_minute = int(count)
-        limits[name] = Rate(per_minute, int(burst) if burst.isdigit() else max(1, per_minute // 6))
+        limits[name] = Rate(per_minute, int(burst) if burst.isdigit() else per_minute)
     return limits
 
 

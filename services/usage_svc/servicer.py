@@ -128,7 +128,7 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             require_self(record.agent_id, prefix + "agent_id")
             if record.project_id != principal.project_id:
                 raise errors.permission_denied(
-                    f"an agent token records usage only in its own project ({principal.project_id})",
+                    f"an agent token records usage only in its project ({principal.project_id})",
                     "NOT_SELF",
                 )
             return

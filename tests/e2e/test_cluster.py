@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import grpc
 import httpx
 from google.protobuf import struct_pb2
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import serve_gateway
+from tests.helpers import ADMIN_TOKEN
 
 ST = Path(sys.executable).parent / "st"
-# API keys answer UNIMPLEMENTED until the security issue (#6) lands them.
-EXCLUDED = ["--exclude-path-regex", "apiKeys"]
 
 
 @pytest.mark.timeout(300)
@@ -29,7 +28,7 @@ async def test_schemathesis_finds_no_server_errors_or_schema_violations(cluster)
             "--max-examples", "8", "--workers", "1", "--request-timeout", "5",
             "--checks", "not_a_server_error,response_schema_conformance",
             "--phases", "examples,fuzzing", "--seed", "20261125",
-            *EXCLUDED,
+            "--header", f"Authorization: Bearer {ADMIN_TOKEN}",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         output, _ = await asyncio.wait_for(process.communicate(), 280)

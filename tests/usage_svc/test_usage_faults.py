@@ -14,8 +14,8 @@ from scripts.redis_server import RedisProcess
 from services.usage_svc.server import create_server
 from tests.conftest import make_settings
 from tests.faults import LosingProxy
-from tests.usage_svc.test_usage import record
 from tests.helpers import authed_channel
+from tests.usage_svc.test_usage import record
 
 
 @contextlib.asynccontextmanager
