@@ -25,6 +25,7 @@ from gateway.openapi import build_openapi
 from gateway.routes import Route, build_routes, match
 from services.common import errors
 from services.common.clients import open_channel
+from services.common.limits import HTTP_MAX_BODY_BYTES as MAX_BODY_BYTES
 from services.common.logging import get_logger
 from services.common.settings import Settings
 from services.common.telemetry import tracer
@@ -41,7 +42,6 @@ HTTP_STATUS = {
     grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.INTERNAL: 500,
     grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DATA_LOSS: 500,
 }  # fmt: skip
-MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

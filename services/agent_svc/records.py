@@ -10,8 +10,7 @@ from agentplane.agent.v1 import agent_pb2, agent_type_pb2, project_pb2
 from services.agent_svc.lifecycle import status_value
 from services.common import errors
 from services.common.convert import timestamp
-
-MAX_MEMORY_BYTES = 64 * 1024
+from services.common.limits import MAX_MEMORY_BYTES
 
 
 def project_message(record: dict[str, str]) -> project_pb2.Project:

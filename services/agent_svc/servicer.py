@@ -41,6 +41,7 @@ from services.common.convert import (
     require_text,
     timestamp,
 )
+from services.common.limits import MAX_PEERS
 from services.common.logging import get_logger
 from services.common.pagination import parse_page
 
@@ -48,7 +49,7 @@ log = get_logger("agentplane.agent")
 
 PEER_LOOKUP_TIMEOUT_S = 1.0
 WATCH_BLOCK_MS = 1000
-MAX_PEERS = 256
+
 AGENT_FIELDS = {
     "name", "description", "status", "current_task", "short_term_memory",
     "long_term_memory_ref", "session_id", "peers",

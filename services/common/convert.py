@@ -9,8 +9,8 @@ from google.protobuf import timestamp_pb2
 from ulid import ULID
 
 from services.common import errors
+from services.common.limits import MAX_ID_LENGTH
 
-MAX_ID_LENGTH = 128
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 

@@ -15,9 +15,8 @@ import json
 from dataclasses import dataclass
 
 from services.common import errors
+from services.common.limits import MAX_PAGE_SIZE
 from services.common.redis import RedisClient
-
-MAX_PAGE_SIZE = 100
 
 
 @dataclass(frozen=True, slots=True)

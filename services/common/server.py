@@ -34,6 +34,7 @@ from services.common.auth import (
 )
 from services.common.clients import PeerClients
 from services.common.interceptors import instrument
+from services.common.limits import GRPC_MAX_MESSAGE_BYTES
 from services.common.logging import configure_logging, get_logger
 from services.common.redis import RedisClient, create_redis
 from services.common.settings import Settings, SettingsError
@@ -153,7 +154,7 @@ async def create_app(settings: Settings, bind: str, register: Register) -> GrpcA
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],

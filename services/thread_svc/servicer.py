@@ -19,6 +19,8 @@ from services.common import errors
 from services.common.access import Visibility, require_manager, require_self, require_superuser
 from services.common.clients import PeerClients
 from services.common.convert import new_id, now_ms, require_id, require_text, timestamp
+from services.common.limits import MAX_BUDGET_TOKENS as MAX_BUDGET
+from services.common.limits import MAX_PARTICIPANTS
 from services.common.logging import get_logger
 from services.common.pagination import parse_page
 from services.common.settings import Settings
@@ -27,8 +29,7 @@ from services.thread_svc.store import ALL, Keys, NewMessage, ThreadStore
 log = get_logger("agentplane.thread")
 
 OPERATOR = "operator"
-MAX_PARTICIPANTS = 64
-MAX_BUDGET = 10**12
+
 STREAM_BLOCK_MS = 1000
 LEASE_MS = 5000
 STATUS_CHECK_S = 1.0

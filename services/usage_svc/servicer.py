@@ -13,18 +13,20 @@ from services.common.access import Visibility, require_manager, require_self, re
 from services.common.auth import AGENT
 from services.common.context import current_principal
 from services.common.convert import require_id, require_text, timestamp
+from services.common.limits import (
+    DEFAULT_RESERVATION_TTL_MS,
+    MAX_COST_USD,
+    MAX_LATENCY_MS,
+    MAX_RESERVATION_TTL_MS,
+    MAX_TOKENS_PER_CALL,
+)
+from services.common.limits import MAX_BATCH_RECORDS as MAX_BATCH
+from services.common.limits import MAX_BUDGET_TOKENS as MAX_BUDGET
 from services.common.pagination import parse_page
 from services.common.telemetry import BUDGET_REJECTIONS, COST_RECORDED, TOKENS_RECORDED
 from services.usage_svc.pricing import PriceTable
 from services.usage_svc.store import BudgetState, Counters, UsageRecord, UsageStore
 
-MAX_TOKENS_PER_CALL = 100_000_000
-MAX_LATENCY_MS = 3_600_000
-MAX_COST_USD = 1_000_000.0
-MAX_BATCH = 1000
-MAX_BUDGET = 10**12
-DEFAULT_RESERVATION_TTL_MS = 60_000
-MAX_RESERVATION_TTL_MS = 3_600_000
 TOP_N = 100
 
 
