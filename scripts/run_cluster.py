@@ -79,6 +79,7 @@ def main() -> int:
         **os.environ,
         "REDIS_URL": redis_url,
         "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"),
+        "AGENTPLANE_ADMIN_TOKEN": admin_token(),
     }
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     for name, module, overrides in PROCESSES:
