@@ -1,0 +1,336 @@
+"""The REST gateway: HTTP/JSON in, gRPC to the services, JSON or server-sent events out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import orjson
+from google.protobuf import message_factory
+from google.rpc import status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import propagate, trace
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.routing import Route as StarletteRoute
+
+from gateway import codec
+from gateway.compat import COMPAT, Compat, Paging, legacy_paging
+from gateway.openapi import build_openapi
+from gateway.routes import Route, build_routes, match
+from services.common import errors
+from services.common.clients import open_channel
+from services.common.limits import HTTP_MAX_BODY_BYTES as MAX_BODY_BYTES
+from services.common.logging import get_logger
+from services.common.settings import Settings
+from services.common.telemetry import tracer
+
+log = get_logger("agentplane.gateway")
+
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409, grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DATA_LOSS: 500,
+}  # fmt: skip
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
+
+
+def error_envelope(
+    code: grpc.StatusCode, message: str, details: list[Any]
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    status = HTTP_STATUS.get(code, 500)
+    headers: dict[str, str] = {}
+    if status == 429:
+        delay = next(
+            (d.get("retry_delay") for d in details if d.get("@type", "").endswith("RetryInfo")),
+            None,
+        )
+        seconds = float(delay.rstrip("s")) if isinstance(delay, str) else 1.0
+        headers["Retry-After"] = str(max(1, round(seconds + 0.499)))
+    body = {"error": {"code": status, "status": code.name, "message": message, "details": details}}
+    return status, body, headers
+
+
+def _details_from_status(status: status_pb2.Status) -> list[Any]:
+    from google.protobuf import json_format
+
+    return [
+        json_format.MessageToDict(detail, preserving_proto_field_name=True)
+        for detail in status.details
+    ]
+
+
+def rpc_error_parts(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, list[Any]]:
+    details: list[Any] = []
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            details = _details_from_status(status_pb2.Status.FromString(value))
+    return exc.code(), exc.details() or exc.code().name, details
+
+
+def service_error_parts(exc: errors.ServiceError) -> tuple[grpc.StatusCode, str, list[Any]]:
+    status = exc.to_status()
+    details: list[Any] = []
+    for key, value in status.trailing_metadata:
+        if key == "grpc-status-details-bin":
+            details = _details_from_status(status_pb2.Status.FromString(value))
+    return exc.code, exc.message, details
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.routes = build_routes()
+        addresses = {
+            "agent": settings.agent_svc_addr,
+            "thread": settings.thread_svc_addr,
+            "usage": settings.usage_svc_addr,
+        }
+        self.channels = {
+            name: open_channel(settings, address) for name, address in addresses.items()
+        }
+        self.openapi = build_openapi(self.routes)
+        self._calls: dict[tuple[str, int], Any] = {}
+
+    async def open(self) -> None:
+        """Channels to the backends, once, on the serving event loop (they are bound to it)."""
+        addresses = {
+            "agent": self.settings.agent_svc_addr,
+            "thread": self.settings.thread_svc_addr,
+            "usage": self.settings.usage_svc_addr,
+        }
+        self.channels = {name: open_channel(self.settings, a) for name, a in addresses.items()}
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+
+    def _callable(self, route: Route) -> Any:
+        key = (route.rpc_path, route.streaming)
+        if key not in self._calls:
+            request_cls = message_factory.GetMessageClass(route.method.input_type)
+            response_cls = message_factory.GetMessageClass(route.method.output_type)
+            channel = self.channels[route.backend]
+            make = channel.unary_stream if route.streaming else channel.unary_unary
+            self._calls[key] = make(
+                route.rpc_path,
+                request_serializer=request_cls.SerializeToString,
+                response_deserializer=response_cls.FromString,
+            )
+        return self._calls[key]
+
+    async def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        carrier = {k: v for k, v in request.headers.items() if k in ("traceparent", "tracestate")}
+        route, values, known = match(self.routes, request.method, request.url.path)
+        template = route.template if route else "-"
+        with tracer().start_as_current_span(
+            f"{request.method} {template}",
+            context=propagate.extract(carrier),
+            kind=trace.SpanKind.SERVER,
+        ) as span:
+            try:
+                if route is None and known:
+                    message = f"{request.method} is not allowed on {request.url.path}"
+                    error = {"code": 405, "status": "METHOD_NOT_ALLOWED", "message": message}
+                    response = json_response({"error": {**error, "details": []}}, 405)
+                elif route is None:
+                    response = self._error(
+                        grpc.StatusCode.NOT_FOUND,
+                        f"no route {request.method} {request.url.path}",
+                        [],
+                    )
+                else:
+                    response = await self._call(route, values, request)
+            except errors.ServiceError as exc:
+                response = self._error(*service_error_parts(exc))
+            except grpc.aio.AioRpcError as exc:
+                response = self._error(*rpc_error_parts(exc))
+            except Exception as exc:  # nothing unexpected reaches the caller
+                trace_id = format(span.get_span_context().trace_id, "032x")
+                log.error("gateway error", exc_info=exc, trace_id=trace_id)
+                response = self._error(
+                    grpc.StatusCode.INTERNAL, f"internal error (trace {trace_id})", []
+                )
+            log.info(
+                "http",
+                method=request.method,
+                route=template,
+                status=response.status_code,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+            return response
+
+    def _error(self, code: grpc.StatusCode, message: str, details: list[Any]) -> Response:
+        status, body, headers = error_envelope(code, message, details)
+        return json_response(body, status, headers)
+
+    async def _call(self, route: Route, values: dict[str, str], request: Request) -> Response:
+        compat = COMPAT.get((route.verb, route.template), Compat())
+        data: dict[str, Any] = {}
+        query = dict(request.query_params)
+        paging = Paging(0, 0, 0)
+        if compat.paging:
+            paging, fields = legacy_paging(compat.paging, query)
+            data.update(fields)
+            for name in ("limit", "offset", "page"):
+                query.pop(name, None)
+        data.update(compat.fixed)
+        for name, value in values.items():
+            _assign(data, name, value)
+        input_type = route.method.input_type
+        for name in query:
+            field = _field_at(input_type, name)
+            if field is None:
+                raise errors.invalid_argument(name, "is not a parameter of this route")
+            values_of = request.query_params.getlist(name)
+            converted = [codec.query_value(field, v, name) for v in values_of]
+            _assign(data, name, converted if codec.is_repeated(field) else converted[-1])
+        if route.body:
+            body = await self._body(request)
+            if route.body == "*":
+                if not isinstance(body, dict):
+                    raise errors.invalid_argument("body", "must be a JSON object")
+                # Path variables win over the same keys in the body.
+                data.update({k: v for k, v in body.items() if k not in values})
+            else:
+                data[route.body] = body
+                if (
+                    route.verb == "PATCH"
+                    and "update_mask" in input_type.fields_by_name
+                    and "update_mask" not in query
+                    and isinstance(body, dict)
+                ):
+                    # A PATCH changes exactly the fields present in its body.
+                    data["update_mask"] = ",".join(body.keys())
+        message = codec.from_json(data, message_factory.GetMessageClass(input_type)())
+        metadata = []
+        if authorization := request.headers.get("authorization"):
+            metadata.append(("authorization", authorization))
+        call = self._callable(route)
+        if route.streaming:
+            return StreamingResponse(
+                self._events(call(message, metadata=metadata), request),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        reply = await call(message, metadata=metadata, timeout=self.settings.peer_timeout_s)
+        answer = codec.to_json(reply)
+        if compat.reshape is not None:
+            answer = compat.reshape(answer, paging, values)
+        return json_response(answer, compat.status)
+
+    async def _body(self, request: Request) -> Any:
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise errors.invalid_argument("body", f"is larger than {MAX_BODY_BYTES} bytes")
+        if not raw.strip():
+            return {}
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise errors.invalid_argument("body", f"malformed JSON: {exc}") from None
+
+    async def _events(self, call: Any, request: Request) -> AsyncIterator[bytes]:
+        """Server-sent events: one `data:` line per streamed message; errors as `event: error`."""
+        try:
+            async for item in call:
+                yield b"data: " + orjson.dumps(codec.to_json(item)) + b"\n\n"
+                if await request.is_disconnected():
+                    break
+        except grpc.aio.AioRpcError as exc:
+            _, body, _ = error_envelope(*rpc_error_parts(exc))
+            yield b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+        finally:
+            call.cancel()
+
+    async def healthz(self, _request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(self, _request: Request) -> Response:
+        async def check(name: str) -> tuple[str, str]:
+            try:
+                reply = await health_pb2_grpc.HealthStub(self.channels[name]).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1.0
+                )
+                return name, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.aio.AioRpcError as exc:
+                return name, exc.code().name
+
+        states = dict(await asyncio.gather(*(check(n) for n in self.channels)))
+        ready = all(v == "SERVING" for v in states.values())
+        return json_response({"ready": ready, "backends": states}, 200 if ready else 503)
+
+    async def openapi_json(self, _request: Request) -> Response:
+        return json_response(self.openapi)
+
+    async def docs(self, _request: Request) -> Response:
+        return HTMLResponse(DOCS_PAGE)
+
+
+DOCS_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>agentplane API</title>
+<style>body{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}code{background:#eee}
+td{padding:.2rem .6rem;border-bottom:1px solid #ddd;vertical-align:top}</style></head>
+<body><h1>agentplane REST API</h1><p>Machine-readable: <a href="/openapi.json">/openapi.json</a>
+(OpenAPI 3.1).</p><table id="ops"></table><script>
+fetch('/openapi.json').then(r=>r.json()).then(spec=>{const t=document.getElementById('ops');
+for(const [path,ops] of Object.entries(spec.paths)){for(const [verb,op] of Object.entries(ops)){
+const row=t.insertRow();row.insertCell().innerHTML='<code>'+verb.toUpperCase()+'</code>';
+row.insertCell().innerHTML='<code>'+path+'</code>';row.insertCell().textContent=op.summary||'';}}});
+</script></body></html>"""
+
+
+def _field_at(descriptor: Any, dotted: str) -> Any:
+    field = None
+    for part in dotted.split("."):
+        if descriptor is None:
+            return None
+        field = descriptor.fields_by_name.get(part)
+        if field is None:
+            return None
+        descriptor = field.message_type
+    return field
+
+
+def _assign(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[last] = value
+
+
+def create_app(settings: Settings) -> Starlette:
+    gateway = Gateway(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await gateway.open()
+        yield
+        await gateway.close()
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+    app = Starlette(
+        routes=[
+            StarletteRoute("/healthz", gateway.healthz, methods=["GET"]),
+            StarletteRoute("/readyz", gateway.readyz, methods=["GET"]),
+            StarletteRoute("/openapi.json", gateway.openapi_json, methods=["GET"]),
+            StarletteRoute("/docs", gateway.docs, methods=["GET"]),
+            StarletteRoute("/{path:path}", gateway.handle, methods=methods),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app

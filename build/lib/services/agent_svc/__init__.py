@@ -1,0 +1,1 @@
+"""The agent service: projects, agent types, agent instances and their lifecycle."""

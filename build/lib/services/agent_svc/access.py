@@ -1,0 +1,42 @@
+"""Who may see and change what in the agent service (SPEC §4), in one place.
+
+- the superuser: everything;
+- an owner: the projects whose `owner` is their principal name, and everything in them;
+  anything else answers NOT_FOUND, as though it did not exist;
+- an agent: reads within its own project, and no management at all.
+Cross-project listing (`-`), the overview, and agent types' changes are superuser-only.
+"""
+
+from __future__ import annotations
+
+from services.common import errors
+from services.common.auth import AGENT, OWNER, Principal
+
+
+def can_see_project(principal: Principal, project: dict[str, str]) -> bool:
+    if principal.is_superuser:
+        return True
+    if principal.role == OWNER:
+        return project.get("owner") == principal.subject
+    return principal.role == AGENT and project.get("id") == principal.project_id
+
+
+def require_manager(principal: Principal) -> None:
+    """Owners and the superuser manage agents; agent tokens cannot."""
+    if principal.role == AGENT:
+        raise errors.permission_denied(
+            "an agent token cannot manage agents or projects", "AGENT_TOKEN"
+        )
+
+
+def require_superuser(principal: Principal, what: str) -> None:
+    if not principal.is_superuser:
+        raise errors.permission_denied(f"{what} is for the superuser only", "SUPERUSER_ONLY")
+
+
+def owner_of_new_project(principal: Principal, requested: str) -> str:
+    """An owner's projects are theirs; the superuser may name any owner."""
+    require_manager(principal)
+    if principal.is_superuser:
+        return requested or principal.subject
+    return principal.subject

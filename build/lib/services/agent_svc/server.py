@@ -1,0 +1,37 @@
+"""Builds the agent service's server on the shared chassis."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from agentplane.agent.v1 import agent_service_pb2, agent_service_pb2_grpc
+from services.agent_svc.servicer import AgentServicer
+from services.agent_svc.store import AgentStore
+from services.common.auth import Authenticator
+from services.common.server import Chassis, GrpcApp, create_app
+from services.common.settings import Settings
+
+SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]
+SERVICE_NAME = SERVICE.full_name
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9101
+
+
+def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
+    store = AgentStore(chassis.redis, request_ttl_s=chassis.settings.idempotency_ttl_s)
+    servicer = AgentServicer(store, chassis.peers, chassis.stopping)
+    # API keys are this service's own data: it checks tokens against its store directly.
+    chassis.guard.authenticator = Authenticator(
+        chassis.settings.admin_token, servicer.principal_for_key, chassis.settings.auth_cache_s
+    )
+    agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
+        chassis.instrument(servicer, SERVICE), server
+    )
+    return [SERVICE_NAME]
+
+
+async def create_server(settings: Settings, bind: str) -> tuple[GrpcApp, int]:
+    app = await create_app(settings, bind, _register)
+    return app, app.port

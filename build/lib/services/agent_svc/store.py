@@ -1,0 +1,260 @@
+"""Redis storage of projects, agent types and agents.
+
+Every key lives under one hash tag, `ap:agent:{a}:`, so that each write — an agent's
+record with its status indexes, name index, counters and status event — is one atomic
+Lua script, on a standalone Redis or a Redis Cluster alike. This metadata is small and
+written at human and lifecycle rates (spawns, status moves), not per LLM call, so one
+slot holds it comfortably; the per-call hot paths (usage, messages) shard elsewhere.
+
+Indexes are sorted sets with score 0 whose members sort by creation time (ULIDs), read
+a page at a time (`read_lex_page`); counters are kept as writes happen, so no read
+scans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.convert import now_ms
+from services.common.pagination import Page, read_lex_page
+from services.common.redis import RedisClient, load_script
+
+PREFIX = "ap:agent:{a}:"
+STATUSES = ("IDLE", "WORKING", "WAITING", "PAUSED", "TERMINATED")
+EVENTS_MAXLEN = 10_000
+ALL = "-"
+LUA = Path(__file__).with_name("lua")
+
+
+class Keys:
+    """Key names; `project_id` "-" means "every project" for indexes and events."""
+
+    counters = PREFIX + "counters"
+    projects = PREFIX + "projects"
+    types = PREFIX + "types"
+
+    @staticmethod
+    def project(project_id: str) -> str:
+        return f"{PREFIX}project:{project_id}"
+
+    api_keys = PREFIX + "keys"
+
+    @staticmethod
+    def owner_projects(owner: str) -> str:
+        return f"{PREFIX}owner:{owner}:projects"
+
+    @staticmethod
+    def api_key(key_id: str) -> str:
+        return f"{PREFIX}key:{key_id}"
+
+    @staticmethod
+    def keys_of(principal: str) -> str:
+        return f"{PREFIX}keys-of:{principal}"
+
+    @staticmethod
+    def agent_type(type_id: str) -> str:
+        return f"{PREFIX}type:{type_id}"
+
+    @staticmethod
+    def agent(agent_id: str) -> str:
+        return f"{PREFIX}agent:{agent_id}"
+
+    @staticmethod
+    def names(project_id: str) -> str:
+        return f"{PREFIX}names:{project_id}"
+
+    @staticmethod
+    def spawn_request(project_id: str, request_id: str) -> str:
+        return f"{PREFIX}spawn:{project_id}:{request_id}"
+
+    @staticmethod
+    def index(project_id: str, status: str = "") -> str:
+        return f"{PREFIX}idx:{project_id}:{status or 'ALL'}"
+
+    @staticmethod
+    def events(project_id: str) -> str:
+        return f"{PREFIX}events:{project_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentChange:
+    """One atomic change of an agent (see update_agent.lua)."""
+
+    agent_id: str
+    project_check: str = ""
+    target_status: str = ""
+    allowed_from: Sequence[str] = ()
+    new_name: str = ""
+    tasks_completed: int = 0
+    delete_fields: Sequence[str] = ()
+    set_fields: dict[str, str] | None = None
+
+
+class AgentStore:
+    def __init__(self, redis: RedisClient, request_ttl_s: int) -> None:
+        self._redis = redis
+        self._request_ttl_s = request_ttl_s
+        self._create_record = load_script(redis, LUA / "create_record.lua")
+        self._spawn = load_script(redis, LUA / "spawn_agent.lua")
+        self._update = load_script(redis, LUA / "update_agent.lua")
+
+    # Projects and agent types -------------------------------------------------------
+
+    async def create_project(self, fields: dict[str, str], index_member: str) -> bool:
+        keys = [
+            Keys.project(fields["id"]), Keys.projects, Keys.counters,
+            Keys.owner_projects(fields["owner"]),
+        ]  # fmt: skip
+        return bool(
+            await self._create_record(keys=keys, args=[index_member, "projects", *_flat(fields)])
+        )
+
+    async def get_project(self, project_id: str) -> dict[str, str] | None:
+        return await self._hash(Keys.project(project_id))
+
+    async def list_projects(
+        self, page: Page, owner: str | None = None
+    ) -> tuple[list[dict[str, str]], str, int]:
+        index = Keys.projects if owner is None else Keys.owner_projects(owner)
+        members, token, total = await read_lex_page(self._redis, index, page, newest_first=True)
+        projects = await self._hashes(Keys.project(m.split("|", 1)[1]) for m in members)
+        return [p for p in projects if p], token, total
+
+    async def create_type(self, fields: dict[str, str]) -> bool:
+        keys = [Keys.agent_type(fields["id"]), Keys.types, Keys.counters]
+        return bool(
+            await self._create_record(keys=keys, args=[fields["id"], "agent_types", *_flat(fields)])
+        )
+
+    async def get_type(self, type_id: str) -> dict[str, str] | None:
+        return await self._hash(Keys.agent_type(type_id))
+
+    async def update_type(self, type_id: str, fields: dict[str, str]) -> None:
+        """Types are never deleted, so an existence check then HSET cannot resurrect one."""
+        if fields:
+            await self._redis.hset(Keys.agent_type(type_id), mapping=fields)
+
+    async def list_types(self, page: Page) -> tuple[list[dict[str, str]], str, int]:
+        members, token, total = await read_lex_page(
+            self._redis, Keys.types, page, newest_first=False
+        )
+        types = await self._hashes(Keys.agent_type(m) for m in members)
+        return [t for t in types if t], token, total
+
+    async def display_names(
+        self, type_ids: Iterable[str], project_ids: Iterable[str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Display names of types and projects, for the agents' denormalised fields."""
+        type_ids, project_ids = sorted(set(type_ids)), sorted(set(project_ids))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for type_id in type_ids:
+                pipe.hget(Keys.agent_type(type_id), "display_name")
+            for project_id in project_ids:
+                pipe.hget(Keys.project(project_id), "display_name")
+            names = await pipe.execute()
+        return (
+            dict(zip(type_ids, (n or "" for n in names[: len(type_ids)]), strict=True)),
+            dict(zip(project_ids, (n or "" for n in names[len(type_ids) :]), strict=True)),
+        )
+
+    # Agents -------------------------------------------------------------------------
+
+    async def spawn(self, fields: dict[str, str], request_id: str) -> tuple[str, str]:
+        """Returns (outcome, agent id or holder): OK, DUPLICATE, NO_PROJECT or NAME_TAKEN."""
+        project_id, agent_id = fields["project_id"], fields["id"]
+        keys = [
+            Keys.agent(agent_id), Keys.project(project_id), Keys.names(project_id),
+            Keys.spawn_request(project_id, request_id or "-"),
+            Keys.index(project_id), Keys.index(project_id, "IDLE"),
+            Keys.index(ALL), Keys.index(ALL, "IDLE"),
+            Keys.counters, Keys.events(project_id), Keys.events(ALL),
+        ]  # fmt: skip
+        args = [agent_id, fields["name"], "1" if request_id else "0", self._request_ttl_s,
+                EVENTS_MAXLEN, *_flat(fields)]  # fmt: skip
+        result = await self._spawn(keys=keys, args=args)
+        return result[0], (result[1] if len(result) > 1 else "")
+
+    async def update(self, change: AgentChange, project_id: str) -> tuple[str, str]:
+        """Apply a change; returns (outcome, detail): OK/BAD_STATE with the from-state,
+        NOT_FOUND, or NAME_TAKEN with the holder. `project_id` is the agent's own."""
+        keys = [
+            Keys.agent(change.agent_id), Keys.project(project_id), Keys.names(project_id),
+            Keys.counters, Keys.events(project_id), Keys.events(ALL),
+            *(Keys.index(project_id, s) for s in STATUSES),
+            *(Keys.index(ALL, s) for s in STATUSES),
+        ]  # fmt: skip
+        allowed = "," + ",".join(change.allowed_from) + ","
+        args = [
+            change.project_check, change.target_status, allowed, change.new_name,
+            change.tasks_completed, now_ms(), EVENTS_MAXLEN, len(change.delete_fields),
+            *change.delete_fields, *_flat(change.set_fields or {}),
+        ]  # fmt: skip
+        result = await self._update(keys=keys, args=args)
+        return result[0], (result[1] if len(result) > 1 else "")
+
+    async def get_agent(self, agent_id: str) -> dict[str, str] | None:
+        return await self._hash(Keys.agent(agent_id))
+
+    async def get_agents(self, agent_ids: Sequence[str]) -> list[dict[str, str]]:
+        return [a for a in await self._hashes(Keys.agent(i) for i in agent_ids) if a]
+
+    async def list_agents(
+        self, project_id: str, status: str, page: Page
+    ) -> tuple[list[dict[str, str]], str, int]:
+        members, token, total = await read_lex_page(
+            self._redis, Keys.index(project_id, status), page, newest_first=True
+        )
+        return await self.get_agents(members), token, total
+
+    async def counters(self) -> dict[str, int]:
+        return {k: int(v) for k, v in (await self._redis.hgetall(Keys.counters)).items()}
+
+    # API keys -----------------------------------------------------------------------
+
+    async def create_key(self, fields: dict[str, str], visible_to: Sequence[str]) -> None:
+        keys = [Keys.api_key(fields["key_id"]), Keys.api_keys, Keys.counters]
+        keys += [Keys.keys_of(p) for p in sorted(set(visible_to))]
+        await self._create_record(keys=keys, args=[fields["key_id"], "api_keys", *_flat(fields)])
+
+    async def get_key(self, key_id: str) -> dict[str, str] | None:
+        return await self._hash(Keys.api_key(key_id))
+
+    async def list_keys(
+        self, page: Page, visible_to: str | None
+    ) -> tuple[list[dict[str, str]], str, int]:
+        index = Keys.api_keys if visible_to is None else Keys.keys_of(visible_to)
+        members, token, total = await read_lex_page(self._redis, index, page, newest_first=True)
+        found = await self._hashes(Keys.api_key(m) for m in members)
+        return [k for k in found if k], token, total
+
+    async def revoke_key(self, key_id: str) -> None:
+        await self._redis.hset(Keys.api_key(key_id), "revoked", "1")
+
+    # Status events ------------------------------------------------------------------
+
+    async def last_event_id(self, project_id: str) -> str:
+        latest = await self._redis.xrevrange(Keys.events(project_id), count=1)
+        return latest[0][0] if latest else "0-0"
+
+    async def read_events(
+        self, project_id: str, after: str, block_ms: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        reply = await self._redis.xread({Keys.events(project_id): after}, count=100, block=block_ms)
+        return [entry for _stream, entries in reply for entry in entries] if reply else []
+
+    # Helpers ------------------------------------------------------------------------
+
+    async def _hash(self, key: str) -> dict[str, str] | None:
+        return await self._redis.hgetall(key) or None
+
+    async def _hashes(self, keys: Iterable[str]) -> list[dict[str, str]]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            return list(await pipe.execute())
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]

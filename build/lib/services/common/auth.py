@@ -1,0 +1,185 @@
+"""Who is calling, and how often they may.
+
+Every RPC names a principal with `authorization: Bearer <token>`: the bootstrap superuser
+(AGENTPLANE_ADMIN_TOKEN, compared in constant time) or an API key (`apk_<key id>.<secret>`,
+256 random bits, stored only as a SHA-256 hash by the agent service). The agent service
+looks keys up in its own storage; the other services ask it (`WhoAmI`, with the caller's
+own token). Answers are cached per replica for AUTH_CACHE_SECONDS, which bounds how long a
+revoked key keeps working.
+
+Rate limits are per principal and method, shared by all replicas through one Lua script
+(GCRA). The superuser is not limited. When Redis cannot answer, reads are let through and
+writes are refused (UNAVAILABLE): a limiter must not be a way around itself for writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from services.common import errors
+from services.common.redis import RedisClient, load_script
+
+SUPERUSER, OWNER, AGENT = "SUPERUSER", "OWNER", "AGENT"
+TOKEN_PATTERN = re.compile(r"^apk_([0-9a-z]{26})\.([A-Za-z0-9_-]{43,64})$")
+READ_PREFIXES = ("Get", "List", "Watch", "WhoAmI", "Receive")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    role: str
+    subject: str
+    project_id: str = ""
+    key_id: str = ""
+
+    @property
+    def is_superuser(self) -> bool:
+        return self.role == SUPERUSER
+
+    @property
+    def label(self) -> str:
+        return f"{self.role.lower()}:{self.subject}"
+
+
+ADMIN = Principal(SUPERUSER, "admin")
+
+
+def token_hash(token: str) -> str:
+    """Tokens carry 256 random bits, so a plain SHA-256 is a safe way to store them."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def unauthenticated(message: str) -> errors.ServiceError:
+    return errors.ServiceError(
+        message, reason="UNAUTHENTICATED", code=grpc.StatusCode.UNAUTHENTICATED
+    )
+
+
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise unauthenticated("missing authorization: send 'authorization: Bearer <token>'")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip() or len(token) > 512:
+        raise unauthenticated("malformed authorization: expected 'Bearer <token>'")
+    return token.strip()
+
+
+KeyLookup = Callable[[str, str], Awaitable[Principal | None]]
+
+
+class Authenticator:
+    """Token → principal: the admin token locally, API keys through `lookup`, cached."""
+
+    def __init__(self, admin_token: str, lookup: KeyLookup, cache_s: float) -> None:
+        self._admin = admin_token
+        self._lookup = lookup
+        self._cache_s = cache_s
+        self._cache: dict[str, tuple[float, Principal]] = {}
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        token = bearer_token(authorization)
+        if self._admin and hmac.compare_digest(token.encode(), self._admin.encode()):
+            return ADMIN
+        match = TOKEN_PATTERN.match(token)
+        if match is None:
+            raise unauthenticated("malformed or unknown token")
+        digest = token_hash(token)
+        cached = self._cache.get(digest)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        principal = await self._lookup(match.group(1), token)
+        if principal is None:
+            self._cache.pop(digest, None)
+            raise unauthenticated("unknown or revoked token")
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (now + self._cache_s, principal)
+        return principal
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    per_minute: int
+    burst: int
+
+
+class RateLimiter:
+    """Per principal and method limits; RESOURCE_EXHAUSTED with RetryInfo past them."""
+
+    def __init__(self, redis: RedisClient, key_prefix: str, limits: dict[str, Rate]) -> None:
+        self._redis = redis
+        self._prefix = key_prefix
+        self._limits = limits
+        self._script = load_script(redis, Path(__file__).with_name("lua") / "gcra.lua")
+
+    def rate_for(self, method_name: str) -> Rate:
+        if method_name in self._limits:
+            return self._limits[method_name]
+        kind = "read" if method_name.startswith(READ_PREFIXES) else "write"
+        return self._limits[f"default_{kind}"]
+
+    async def check(self, principal: Principal, method_name: str) -> None:
+        if principal.is_superuser:
+            return
+        rate = self.rate_for(method_name)
+        interval = 60_000 / rate.per_minute
+        key = f"{self._prefix}rl:{{{principal.label}}}:{method_name}"
+        try:
+            allowed, retry_ms = await self._script(
+                keys=[key], args=[int(time.time() * 1000), interval, interval * rate.burst]
+            )
+        except Exception as exc:  # Redis unreachable: reads pass, writes are refused
+            if method_name.startswith(READ_PREFIXES):
+                return
+            raise errors.unavailable("rate limiter unavailable; writes are refused") from exc
+        if not allowed:
+            raise errors.resource_exhausted(
+                f"rate limit for {method_name}: {rate.per_minute}/min",
+                "RATE_LIMITED",
+                subject=f"{principal.label}:{method_name}",
+                retry_after_s=max(0.001, retry_ms / 1000),
+            )
+
+
+def parse_rate_limits(text: str) -> dict[str, Rate]:
+    """RATE_LIMITS: "SpawnAgent=20/min,default_read=60/min,RecordUsage=600/min:100"
+    (name=count/min, optionally :burst; the burst defaults to a minute's worth)."""
+    limits = {
+        "SpawnAgent": Rate(20, 5),
+        "default_read": Rate(60, 60),
+        "default_write": Rate(30, 30),
+    }
+    for hot in ("RecordUsage", "RecordUsageBatch", "ReserveBudget", "ReleaseReservation",
+                "PostMessage", "AckMessages", "ReceiveMessages", "WhoAmI"):  # fmt: skip
+        limits[hot] = Rate(600, 600)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, spec = item.partition("=")
+        count, _, rest = spec.partition("/")
+        unit, _, burst = rest.partition(":")
+        if not (name and count.isdigit() and int(count) > 0 and unit == "min"):
+            raise ValueError(f"RATE_LIMITS entry {item!r} must look like Method=20/min[:burst]")
+        per_minute = int(count)
+        limits[name] = Rate(per_minute, int(burst) if burst.isdigit() else per_minute)
+    return limits
+
+
+class Guard:
+    """Authentication then rate limiting, for every RPC of a process."""
+
+    def __init__(self, authenticator: Authenticator, limiter: RateLimiter | None) -> None:
+        self.authenticator = authenticator
+        self.limiter = limiter
+
+    async def admit(self, authorization: str | None, method_name: str) -> Principal:
+        principal = await self.authenticator.authenticate(authorization)
+        if self.limiter is not None:
+            await self.limiter.check(principal, method_name)
+        return principal

@@ -1,0 +1,63 @@
+"""Channels and stubs for calling the other services, created once per process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from agentplane.agent.v1 import agent_service_pb2_grpc
+from agentplane.thread.v1 import thread_service_pb2_grpc
+from agentplane.usage.v1 import usage_service_pb2_grpc
+from services.common.interceptors import ForwardingStreamInterceptor, ForwardingUnaryInterceptor
+from services.common.settings import Settings
+from services.common.tls import client_credentials
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+]
+
+
+def open_channel(settings: Settings, address: str) -> grpc.aio.Channel:
+    """A channel to a peer: mutual TLS when configured, plaintext otherwise."""
+    interceptors = [ForwardingUnaryInterceptor(), ForwardingStreamInterceptor()]
+    if settings.tls_enabled:
+        return grpc.aio.secure_channel(
+            address, client_credentials(settings), options=CHANNEL_OPTIONS,
+            interceptors=interceptors,
+        )  # fmt: skip
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+@dataclass
+class PeerClients:
+    """Stubs for the three services; channels connect lazily, on first use."""
+
+    agent: agent_service_pb2_grpc.AgentServiceStub
+    thread: thread_service_pb2_grpc.ThreadServiceStub
+    usage: usage_service_pb2_grpc.UsageServiceStub
+    channels: list[grpc.aio.Channel]
+
+    @classmethod
+    def connect(cls, settings: Settings) -> PeerClients:
+        agent, thread, usage = (
+            open_channel(settings, address)
+            for address in (
+                settings.agent_svc_addr,
+                settings.thread_svc_addr,
+                settings.usage_svc_addr,
+            )
+        )
+        return cls(
+            agent=agent_service_pb2_grpc.AgentServiceStub(agent),
+            thread=thread_service_pb2_grpc.ThreadServiceStub(thread),
+            usage=usage_service_pb2_grpc.UsageServiceStub(usage),
+            channels=[agent, thread, usage],
+        )
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()

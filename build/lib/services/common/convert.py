@@ -1,0 +1,64 @@
+"""Small conversions shared by the services: ids, times, request-field checks."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from google.protobuf import timestamp_pb2
+from ulid import ULID
+
+from services.common import errors
+from services.common.limits import MAX_ID_LENGTH
+
+SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def new_id() -> str:
+    """A new server-made id: a ULID, so ids sort by creation time."""
+    return str(ULID())
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def timestamp(ms: int | str | None) -> timestamp_pb2.Timestamp | None:
+    """A Timestamp from epoch milliseconds; None when unset."""
+    if ms in (None, "", 0, "0"):
+        return None
+    value = timestamp_pb2.Timestamp()
+    value.FromMilliseconds(int(ms))  # type: ignore[arg-type]
+    return value
+
+
+def require_id(field: str, value: str) -> str:
+    """A non-empty id of sane length and no control characters."""
+    if not value:
+        raise errors.invalid_argument(field, "is required")
+    if len(value) > MAX_ID_LENGTH:
+        raise errors.invalid_argument(field, f"is longer than {MAX_ID_LENGTH} characters")
+    if not value.isprintable() or "|" in value:
+        raise errors.invalid_argument(field, "contains characters that are not allowed")
+    return value
+
+
+def require_slug(field: str, value: str) -> str:
+    if not value:
+        raise errors.invalid_argument(field, "is required")
+    if not SLUG.match(value):
+        raise errors.invalid_argument(
+            field,
+            "must be 1-63 lowercase letters, digits, '-' or '_', starting with a letter or digit",
+        )
+    return value
+
+
+def require_text(field: str, value: str, max_length: int, *, required: bool = False) -> str:
+    if required and not value.strip():
+        raise errors.invalid_argument(field, "is required")
+    if len(value) > max_length:
+        raise errors.invalid_argument(field, f"is longer than {max_length} characters")
+    if any(ord(ch) < 32 and ch not in "\n\t" for ch in value):
+        raise errors.invalid_argument(field, "contains control characters")
+    return value

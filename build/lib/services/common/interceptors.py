@@ -1,0 +1,241 @@
+"""The chassis around every RPC, server and client side.
+
+Server side, `instrument` wraps each RPC method once, at registration, to do what no
+servicer should repeat: continue the caller's trace, remember its credentials and deadline for peer
+calls, stop the handler at its deadline, turn domain errors (and Redis outages) into
+statuses with google.rpc details, hide anything unexpected behind INTERNAL, and write one
+log line and the Prometheus series. Client side, peer calls forward all of that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from opentelemetry import propagate, trace
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.common import errors
+from services.common.auth import Guard
+from services.common.context import CallContext, current_call
+from services.common.logging import get_logger
+from services.common.telemetry import RPC_LATENCY, RPC_TOTAL, tracer
+
+log = get_logger("agentplane.rpc")
+
+
+@functools.cache
+def _rpc_counter(service: str, method: str, code: str) -> Any:
+    return RPC_TOTAL.labels(service, method, code)
+
+
+@functools.cache
+def _rpc_histogram(service: str, method: str) -> Any:
+    return RPC_LATENCY.labels(service, method)
+
+
+class _RpcScope:
+    """Everything that surrounds one RPC; used by both the unary and the stream wrappers."""
+
+    __slots__ = (
+        "_span_cm",
+        "_start",
+        "_token",
+        "code",
+        "context",
+        "guard",
+        "method",
+        "principal",
+        "service",
+    )
+
+    def __init__(
+        self, service: str, method: str, context: grpc.aio.ServicerContext, guard: Guard
+    ) -> None:
+        self.service = service
+        self.method = method
+        self.context = context
+        self.guard = guard
+        self.code = grpc.StatusCode.OK
+        self.principal = ""
+
+    async def __aenter__(self) -> _RpcScope:
+        self._start = time.perf_counter()
+        metadata = self.context.invocation_metadata() or ()
+        carrier = {key: value for key, value in metadata if isinstance(value, str)}
+        remaining = self.context.time_remaining()
+        self._span_cm = tracer().start_as_current_span(
+            self.method, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER
+        )
+        self._span_cm.__enter__()
+        self._token = current_call.set(
+            CallContext(
+                method=self.method,
+                peer=self.context.peer() or "",
+                authorization=carrier.get("authorization"),
+                deadline=None if remaining is None else time.monotonic() + remaining,
+            )
+        )
+        return self
+
+    async def admit(self) -> None:
+        """Authenticate and rate-limit the caller; inside the scope, so refusals are mapped."""
+        call = current_call.get()
+        assert call is not None
+        principal = await self.guard.admit(call.authorization, self.method.rsplit("/", 1)[-1])
+        self.principal = principal.label
+        current_call.set(dataclasses.replace(call, principal=principal))
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        try:
+            if exc is not None:
+                await self._abort(exc)
+            return False
+        finally:
+            duration = time.perf_counter() - self._start
+            _rpc_counter(self.service, self.method, self.code.name).inc()
+            _rpc_histogram(self.service, self.method).observe(duration)
+            log.info(
+                "rpc",
+                method=self.method,
+                code=self.code.name,
+                duration_ms=round(duration * 1000, 3),
+                peer=self.context.peer(),
+                principal=self.principal,
+            )
+            current_call.reset(self._token)
+            self._span_cm.__exit__(None, None, None)
+
+    async def _abort(self, exc: BaseException) -> None:
+        """Map the exception to a status and abort; AbortError passes through unchanged."""
+        if isinstance(exc, grpc.aio.AbortError):
+            self.code = self.context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            self.code = grpc.StatusCode.CANCELLED
+            return
+        error = self._as_service_error(exc)
+        self.code = error.code
+        trace.get_current_span().set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+        await self.context.abort_with_status(error.to_status())
+
+    def _as_service_error(self, exc: BaseException) -> errors.ServiceError:
+        if isinstance(exc, errors.ServiceError):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return errors.ServiceError(
+                "deadline exceeded", reason="DEADLINE_EXCEEDED",
+                code=grpc.StatusCode.DEADLINE_EXCEEDED,
+            )  # fmt: skip
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+            log.warning("redis unavailable", method=self.method, error=str(exc))
+            return errors.unavailable("storage is unavailable, retry later", "STORAGE_UNAVAILABLE")
+        if isinstance(exc, grpc.aio.AioRpcError):
+            # A peer's refusal passes through with its code; its message is the peer's own.
+            return errors.ServiceError(
+                exc.details() or exc.code().name, reason="PEER_" + exc.code().name,
+                code=exc.code(),
+            )  # fmt: skip
+        span_context = trace.get_current_span().get_span_context()
+        trace_id = format(span_context.trace_id, "032x")
+        log.error("unexpected error", method=self.method, exc_info=exc, trace_id=trace_id)
+        return errors.ServiceError(
+            f"internal error (trace {trace_id})", reason="INTERNAL", code=grpc.StatusCode.INTERNAL
+        )
+
+
+def wrap_unary(
+    service: str,
+    method: str,
+    behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    guard: Guard,
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with _RpcScope(service, method, context, guard) as scope:
+            await scope.admit()
+            async with asyncio.timeout(context.time_remaining()):
+                return await behavior(request, context)
+
+    return handle
+
+
+def wrap_stream(
+    service: str,
+    method: str,
+    behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+    guard: Guard,
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async with _RpcScope(service, method, context, guard) as scope:
+            await scope.admit()
+            async for item in behavior(request, context):
+                yield item
+
+    return handle
+
+
+def instrument(servicer: Any, service: ServiceDescriptor, service_label: str, guard: Guard) -> Any:
+    """Wrap each RPC method of `servicer` (in place) with the chassis behaviour.
+
+    Done once at registration rather than by a grpc interceptor, which would build a new
+    handler on every call; health and reflection, registered separately, stay unobserved.
+    """
+    for method in service.methods:
+        behavior = getattr(servicer, method.name)
+        full_name = f"/{service.full_name}/{method.name}"
+        wrap = wrap_stream if method.server_streaming else wrap_unary
+        setattr(servicer, method.name, wrap(service_label, full_name, behavior, guard))
+    return servicer
+
+
+def _forwarded(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    """The call details with the current caller's token, trace context and deadline added."""
+    metadata = list(details.metadata or ())
+    call = current_call.get()
+    if (
+        call is not None
+        and call.authorization
+        and not any(key == "authorization" for key, _ in metadata)
+    ):
+        metadata.append(("authorization", call.authorization))
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    metadata.extend(carrier.items())
+    timeout = details.timeout
+    remaining = call.time_remaining() if call is not None else None
+    if remaining is not None:
+        timeout = remaining if timeout is None else min(timeout, remaining)
+    return grpc.aio.ClientCallDetails(
+        details.method, timeout, grpc.aio.Metadata(*metadata), details.credentials,
+        details.wait_for_ready,
+    )  # fmt: skip
+
+
+class ForwardingUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Peer unary calls: a client span, and the caller's token, trace and deadline."""
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        name = client_call_details.method
+        method = name.decode() if isinstance(name, bytes) else name
+        with tracer().start_as_current_span(method, kind=trace.SpanKind.CLIENT):
+            call = await continuation(_forwarded(client_call_details), request)
+            await call
+            return call
+
+
+class ForwardingStreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):
+    """Peer server-streaming calls: the caller's token, trace and deadline."""
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(_forwarded(client_call_details), request)

@@ -1,0 +1,55 @@
+"""Redis clients and Lua scripts.
+
+One asyncio client per process, standalone or Redis Cluster (REDIS_CLUSTER=true), with the
+hiredis parser (installed through redis[hiredis]), explicit timeouts so calls fail fast
+while Redis is down, and one retry on a broken connection so a restarted Redis is
+invisible. Scripts are redis-py `Script` objects: EVALSHA, and on NOSCRIPT (after a
+restart, failover or SCRIPT FLUSH) the script is loaded again and the call repeated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from services.common.settings import Settings
+
+# Responses are decoded to str (decode_responses=True), which redis-py's bytes|str union
+# types cannot express; the stores treat the client as untyped at that boundary.
+RedisClient: TypeAlias = Any
+
+
+def create_redis(settings: Settings) -> RedisClient:
+    """The process's Redis client, built from REDIS_URL and REDIS_CLUSTER."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": min(1.0, settings.redis_timeout_s),
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
+        "retry_on_error": [RedisConnectionError],
+        "health_check_interval": 15,
+    }
+    if settings.redis_cluster:
+        return RedisCluster.from_url(settings.redis_url, **options)
+    # A bounded pool: a burst of calls waits briefly for a connection instead of opening
+    # hundreds at once (which, on a busy host, is what makes connects time out).
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
+        **options,
+    )
+    return Redis(connection_pool=pool)
+
+
+def load_script(redis: RedisClient, path: Path, prelude: Path | None = None) -> Any:
+    """A callable script: `await script(keys=[...], args=[...])`. A prelude (shared Lua
+    functions) is prepended, since Redis scripts cannot import one another."""
+    source = (prelude.read_text() + "\n" if prelude else "") + path.read_text()
+    return redis.register_script(source)

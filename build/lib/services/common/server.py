@@ -1,0 +1,243 @@
+"""Server bootstrap shared by every service.
+
+`create_app(settings, bind, register)` builds a `grpc.aio` server with the chassis
+interceptor, the standard health service (per service name and ""), server reflection,
+and the process's Redis client and peer stubs; `register` adds the service's own
+servicers. `serve()` runs one until SIGTERM/SIGINT, then drains it and returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import uvloop
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agentplane.agent.v1 import agent_service_pb2, api_key_pb2
+from services.common import errors
+from services.common.auth import (
+    Authenticator,
+    Guard,
+    KeyLookup,
+    Principal,
+    RateLimiter,
+    parse_rate_limits,
+)
+from services.common.clients import PeerClients
+from services.common.interceptors import instrument
+from services.common.limits import GRPC_MAX_MESSAGE_BYTES
+from services.common.logging import configure_logging, get_logger
+from services.common.redis import RedisClient, create_redis
+from services.common.settings import Settings, SettingsError
+from services.common.telemetry import configure_telemetry
+from services.common.tls import server_credentials
+
+log = get_logger("agentplane.server")
+
+HEALTH_INTERVAL_S = 1.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Chassis:
+    """What a service's servicers get: settings, Redis, peer stubs, and a stop signal."""
+
+    settings: Settings
+    redis: RedisClient
+    peers: PeerClients
+    stopping: asyncio.Event
+    guard: Guard
+
+    def instrument(self, servicer: Any, service: ServiceDescriptor) -> Any:
+        """The servicer with every RPC wrapped by the chassis (auth, errors, logs, traces...)."""
+        return instrument(servicer, service, self.settings.service_name, self.guard)
+
+
+Register = Callable[[grpc.aio.Server, Chassis], Sequence[str]]
+
+
+class GrpcApp:
+    """A service process's server: start it, stop it gracefully."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        chassis: Chassis,
+        health_servicer: health.aio.HealthServicer,
+        service_names: Sequence[str],
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.chassis = chassis
+        self.health = health_servicer
+        self.service_names = list(service_names)
+        self._monitor: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self._set_health(await self._redis_ok())
+        self._monitor = asyncio.create_task(self._watch_redis(), name="redis-health")
+        log.info("serving", port=self.port, services=self.service_names)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, end streams, finish in-flight calls within the grace, release all."""
+        grace = self.chassis.settings.grace_period_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.chassis.stopping.set()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await self.server.stop(grace)
+        await self.chassis.peers.close()
+        await self.chassis.redis.aclose()
+        log.info("stopped", port=self.port)
+
+    async def _redis_ok(self) -> bool:
+        try:
+            async with asyncio.timeout(self.chassis.settings.redis_timeout_s):
+                return bool(await self.chassis.redis.ping())
+        except Exception:  # any failure to answer means "not serving"
+            return False
+
+    async def _set_health(self, ok: bool) -> None:
+        for name in ["", *self.service_names]:
+            await self.health.set(name, SERVING if ok else NOT_SERVING)
+
+    async def _watch_redis(self) -> None:
+        """Follow Redis: NOT_SERVING while it is unreachable, SERVING when it returns."""
+        previous: bool | None = None
+        while True:
+            ok = await self._redis_ok()
+            if ok != previous:
+                await self._set_health(ok)
+                (log.info if ok else log.warning)("redis health", reachable=ok)
+                previous = ok
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+
+def whoami_lookup(peers: PeerClients) -> KeyLookup:
+    """API keys belong to the agent service: other services ask it who a token is."""
+
+    async def lookup(_key_id: str, token: str) -> Principal | None:
+        try:
+            reply = await peers.agent.WhoAmI(
+                agent_service_pb2.WhoAmIRequest(),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=2.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return None
+            raise errors.unavailable(
+                "cannot authenticate: the agent service is unreachable"
+            ) from exc
+        role = api_key_pb2.ApiKeyRole.Name(reply.role).removeprefix("API_KEY_ROLE_")
+        return Principal(role, reply.subject, reply.project_id, reply.key_id)
+
+    return lookup
+
+
+async def create_app(settings: Settings, bind: str, register: Register) -> GrpcApp:
+    """Build (but do not start) a service's server; `bind` may use port 0."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ],
+    )
+    redis = create_redis(settings)
+    peers = PeerClients.connect(settings)
+    chassis = Chassis(
+        settings=settings,
+        redis=redis,
+        peers=peers,
+        stopping=asyncio.Event(),
+        guard=Guard(
+            Authenticator(settings.admin_token, whoami_lookup(peers), settings.auth_cache_s),
+            RateLimiter(redis, settings.key_prefix, parse_rate_limits(settings.rate_limits_text)),
+        ),
+    )
+    service_names = list(register(server, chassis))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )  # fmt: skip
+    if settings.tls_enabled:
+        port = server.add_secure_port(bind, server_credentials(settings))
+    else:
+        log.warning("TLS_CERT/TLS_KEY/TLS_CA unset: serving plaintext")
+        port = server.add_insecure_port(bind)
+    return GrpcApp(server, port, chassis, health_servicer, service_names)
+
+
+async def _wait_for_signal() -> str:
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[str] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not received.done():
+            received.set_result(sig.name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return await received
+
+
+async def serve(
+    settings: Settings, create_server: Callable[[Settings, str], Awaitable[tuple[GrpcApp, int]]]
+) -> None:
+    app, _port = await create_server(settings, f"[::]:{settings.grpc_port}")
+    await app.start()
+    name = await _wait_for_signal()
+    log.info("shutting down", signal=name, grace_s=settings.grace_period_s)
+    await app.stop()
+
+
+def main(
+    service_name: str,
+    default_grpc_port: int,
+    default_metrics_port: int,
+    create_server: Callable[[Settings, str], Awaitable[tuple[GrpcApp, int]]],
+) -> int:
+    """Entry point of `python -m services.<name>`: exit 0 after a clean stop, 2 on bad settings."""
+    try:
+        settings = Settings.from_env(
+            service_name,
+            default_grpc_port=default_grpc_port,
+            default_metrics_port=default_metrics_port,
+        )
+    except SettingsError as exc:
+        print(f"{service_name}: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if len(settings.admin_token) < 16:
+        print(
+            f"{service_name}: bad configuration: AGENTPLANE_ADMIN_TOKEN must be set "
+            "(at least 16 characters; `make run` generates one)",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(settings)
+    configure_telemetry(settings)
+    try:
+        uvloop.run(serve(settings, create_server))
+    except SettingsError as exc:  # e.g. a malformed file that a setting names
+        print(f"{service_name}: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    return 0

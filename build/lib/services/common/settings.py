@@ -1,0 +1,185 @@
+"""Process settings: one frozen dataclass, built once from the environment and passed down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+
+class SettingsError(ValueError):
+    """A bad environment value; the message names the variable and what it must be."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name}={value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name}={value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name}={raw!r} must be true or false")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: set[str]) -> str:
+    value = env.get(name) or default
+    if value.lower() not in choices:
+        raise SettingsError(f"{name}={value!r} must be one of {sorted(choices)}")
+    return value.lower()
+
+
+def _address(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name) or default
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise SettingsError(f"{name}={value!r} must be host:port")
+    return value
+
+
+def _file(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "")
+    if value and not os.path.isfile(value):
+        raise SettingsError(f"{name}={value!r} is not a readable file")
+    return value
+
+
+def _rate_limits(env: Mapping[str, str]) -> str:
+    from services.common.auth import parse_rate_limits
+
+    text = env.get("RATE_LIMITS", "")
+    try:
+        parse_rate_limits(text)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    return text
+
+
+def _redis_url(env: Mapping[str, str]) -> str:
+    value = env.get("REDIS_URL") or "redis://localhost:6379/0"
+    parsed = urlparse(value)
+    if parsed.scheme not in {"redis", "rediss", "unix"}:
+        raise SettingsError(f"REDIS_URL={value!r} must start with redis://, rediss:// or unix://")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a process reads from its environment (SPEC §1, §4, §6)."""
+
+    service_name: str
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+    redis_url: str
+    redis_cluster: bool
+    redis_timeout_s: float
+    redis_max_connections: int
+    agent_svc_addr: str
+    thread_svc_addr: str
+    usage_svc_addr: str
+    peer_timeout_s: float
+    log_format: str
+    log_level: str
+    grace_period_s: float
+    otlp_endpoint: str
+    tls_cert: str
+    tls_key: str
+    tls_ca: str
+    admin_token: str
+    default_max_tokens: int
+    idempotency_ttl_s: int
+    usage_shards: int
+    max_payload_bytes: int
+    auth_cache_s: float
+    rate_limits_text: str
+    inbox_claim_idle_s: float
+    price_table_path: str
+
+    @property
+    def key_prefix(self) -> str:
+        """The Redis key prefix this process owns (SPEC §1): ap:agent:, ap:thread:, ap:usage:."""
+        return f"ap:{self.service_name.removesuffix('_svc')}:"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert and self.tls_key and self.tls_ca)
+
+    @classmethod
+    def from_env(
+        cls,
+        service_name: str,
+        *,
+        default_grpc_port: int = 0,
+        default_metrics_port: int = 0,
+        env: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Read and check the environment; raise SettingsError naming the bad variable."""
+        env = os.environ if env is None else env
+        tls = {name: env.get(name, "") for name in ("TLS_CERT", "TLS_KEY", "TLS_CA")}
+        if any(tls.values()) and not all(tls.values()):
+            missing = sorted(k for k, v in tls.items() if not v)
+            raise SettingsError(f"TLS needs TLS_CERT, TLS_KEY and TLS_CA; missing {missing}")
+        for name, path in tls.items():
+            if path and not os.path.isfile(path):
+                raise SettingsError(f"{name}={path!r} is not a readable file")
+        return cls(
+            service_name=service_name,
+            grpc_port=_int(env, "GRPC_PORT", default_grpc_port, 0, 65535),
+            http_port=_int(env, "HTTP_PORT", 8080, 0, 65535),
+            metrics_port=_int(env, "METRICS_PORT", default_metrics_port, 0, 65535),
+            redis_url=_redis_url(env),
+            redis_cluster=_bool(env, "REDIS_CLUSTER", False),
+            redis_timeout_s=_float(env, "REDIS_TIMEOUT_SECONDS", 2.0, 0.05, 60.0),
+            redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", 128, 4, 10_000),
+            agent_svc_addr=_address(env, "AGENT_SVC_ADDR", "localhost:50051"),
+            thread_svc_addr=_address(env, "THREAD_SVC_ADDR", "localhost:50052"),
+            usage_svc_addr=_address(env, "USAGE_SVC_ADDR", "localhost:50053"),
+            peer_timeout_s=_float(env, "PEER_TIMEOUT_SECONDS", 10.0, 0.05, 300.0),
+            log_format=_choice(env, "LOG_FORMAT", "json", {"json", "console"}),
+            log_level=_choice(
+                env, "LOG_LEVEL", "info", {"debug", "info", "warning", "error", "critical"}
+            ),
+            grace_period_s=_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0, 0.0, 300.0),
+            otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            tls_cert=tls["TLS_CERT"],
+            tls_key=tls["TLS_KEY"],
+            tls_ca=tls["TLS_CA"],
+            admin_token=env.get("AGENTPLANE_ADMIN_TOKEN", ""),
+            default_max_tokens=_int(env, "DEFAULT_MAX_TOKENS", 100_000, 1, 10**12),
+            idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_SECONDS", 86_400, 60, 30 * 86_400),
+            usage_shards=_int(env, "USAGE_SHARDS", 8, 1, 1024),
+            auth_cache_s=_float(env, "AUTH_CACHE_SECONDS", 5.0, 0.0, 300.0),
+            rate_limits_text=_rate_limits(env),
+            max_payload_bytes=_int(env, "MAX_PAYLOAD_BYTES", 64 * 1024, 256, 4 * 1024 * 1024),
+            inbox_claim_idle_s=_float(env, "INBOX_CLAIM_IDLE_SECONDS", 30.0, 0.05, 86_400.0),
+            price_table_path=_file(env, "PRICE_TABLE_PATH"),
+        )

@@ -1,0 +1,1 @@
+"""The thread service: conversations between agents, operator injection, inbox delivery."""

@@ -1,0 +1,32 @@
+"""Builds the thread service's server on the shared chassis."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from agentplane.thread.v1 import thread_service_pb2, thread_service_pb2_grpc
+from services.common.server import Chassis, GrpcApp, create_app
+from services.common.settings import Settings
+from services.thread_svc.servicer import ThreadServicer
+from services.thread_svc.store import ThreadStore
+
+SERVICE = thread_service_pb2.DESCRIPTOR.services_by_name["ThreadService"]
+SERVICE_NAME = SERVICE.full_name
+DEFAULT_PORT = 50052
+DEFAULT_METRICS_PORT = 9102
+
+
+def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
+    store = ThreadStore(chassis.redis, request_ttl_s=chassis.settings.idempotency_ttl_s)
+    servicer = ThreadServicer(store, chassis.peers, chassis.settings, chassis.stopping)
+    thread_service_pb2_grpc.add_ThreadServiceServicer_to_server(
+        chassis.instrument(servicer, SERVICE), server
+    )
+    return [SERVICE_NAME]
+
+
+async def create_server(settings: Settings, bind: str) -> tuple[GrpcApp, int]:
+    app = await create_app(settings, bind, _register)
+    return app, app.port

@@ -1,0 +1,1 @@
+"""The usage service: the gas gauge — exact, idempotent accounting and atomic budgets."""

@@ -1,0 +1,40 @@
+"""Builds the usage service's server on the shared chassis."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from agentplane.usage.v1 import usage_service_pb2, usage_service_pb2_grpc
+from services.common.access import Visibility
+from services.common.server import Chassis, GrpcApp, create_app
+from services.common.settings import Settings
+from services.usage_svc.pricing import PriceTable
+from services.usage_svc.servicer import UsageServicer
+from services.usage_svc.store import UsageStore
+
+SERVICE = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"]
+SERVICE_NAME = SERVICE.full_name
+DEFAULT_PORT = 50053
+DEFAULT_METRICS_PORT = 9103
+
+
+def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
+    settings = chassis.settings
+    store = UsageStore(chassis.redis, settings.usage_shards, settings.idempotency_ttl_s)
+    servicer = UsageServicer(
+        store,
+        PriceTable.load(settings.price_table_path),
+        settings.default_max_tokens,
+        Visibility(chassis.peers, settings.auth_cache_s),
+    )
+    usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
+        chassis.instrument(servicer, SERVICE), server
+    )
+    return [SERVICE_NAME]
+
+
+async def create_server(settings: Settings, bind: str) -> tuple[GrpcApp, int]:
+    app = await create_app(settings, bind, _register)
+    return app, app.port

@@ -1,0 +1,364 @@
+"""UsageService: checks requests, resolves costs, calls the store, maps the answers."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+from google.rpc import code_pb2, status_pb2
+
+from agentplane.usage.v1 import usage_pb2, usage_service_pb2, usage_service_pb2_grpc
+from services.common import errors
+from services.common.access import Visibility, require_manager, require_self, require_superuser
+from services.common.auth import AGENT
+from services.common.context import current_principal
+from services.common.convert import require_id, require_text, timestamp
+from services.common.limits import (
+    DEFAULT_RESERVATION_TTL_MS,
+    MAX_COST_USD,
+    MAX_LATENCY_MS,
+    MAX_RESERVATION_TTL_MS,
+    MAX_TOKENS_PER_CALL,
+)
+from services.common.limits import MAX_BATCH_RECORDS as MAX_BATCH
+from services.common.limits import MAX_BUDGET_TOKENS as MAX_BUDGET
+from services.common.pagination import parse_page
+from services.common.telemetry import BUDGET_REJECTIONS, COST_RECORDED, TOKENS_RECORDED
+from services.usage_svc.pricing import PriceTable
+from services.usage_svc.store import BudgetState, Counters, UsageRecord, UsageStore
+
+TOP_N = 100
+
+
+class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
+    def __init__(
+        self, store: UsageStore, prices: PriceTable, default_max_tokens: int, visibility: Visibility
+    ) -> None:
+        self._store = store
+        self._prices = prices
+        self._default_max_tokens = default_max_tokens
+        self._visibility = visibility
+
+    # Recording ----------------------------------------------------------------------
+
+    async def RecordUsage(self, request, context):  # type: ignore[no-untyped-def]
+        record = self._check_record(request, "")
+        await self._may_record(record, "")
+        outcome = await self._store.record_one(record)
+        return self._record_answer(record, outcome)
+
+    async def RecordUsageBatch(self, request, context):  # type: ignore[no-untyped-def]
+        if len(request.requests) > MAX_BATCH:
+            raise errors.invalid_argument("requests", f"holds more than {MAX_BATCH} records")
+        results: list[usage_service_pb2.RecordUsageBatchResult] = []
+        valid: list[tuple[int, UsageRecord]] = []
+        for position, item in enumerate(request.requests):
+            result = usage_service_pb2.RecordUsageBatchResult(usage_id=item.usage_id)
+            try:
+                record = self._check_record(item, f"requests[{position}].")
+                await self._may_record(record, f"requests[{position}].")
+                valid.append((position, record))
+            except errors.ServiceError as exc:
+                result.status.CopyFrom(_rpc_status(exc))
+            results.append(result)
+        outcomes = await self._store.record([record for _, record in valid])
+        for (position, record), outcome in zip(valid, outcomes, strict=True):
+            try:
+                results[position].response.CopyFrom(self._record_answer(record, outcome))
+                results[position].status.code = code_pb2.OK
+            except errors.ServiceError as exc:
+                results[position].status.CopyFrom(_rpc_status(exc))
+        return usage_service_pb2.RecordUsageBatchResponse(results=results)
+
+    def _check_record(self, request, prefix: str) -> UsageRecord:  # type: ignore[no-untyped-def]
+        usage_id = require_id(prefix + "usage_id", request.usage_id)
+        thread_id = require_id(prefix + "thread_id", request.thread_id)
+        agent_id = require_id(prefix + "agent_id", request.agent_id)
+        project_id = (
+            require_id(prefix + "project_id", request.project_id) if request.project_id else ""
+        )
+        model = require_id(prefix + "model", require_text(prefix + "model", request.model, 200))
+        reservation_id = (
+            require_id(prefix + "reservation_id", request.reservation_id)
+            if request.reservation_id
+            else ""
+        )
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = getattr(request, name)
+            if not 0 <= value <= MAX_TOKENS_PER_CALL:
+                raise errors.invalid_argument(
+                    prefix + name, f"must be between 0 and {MAX_TOKENS_PER_CALL}"
+                )
+        if not 0 <= request.latency_ms <= MAX_LATENCY_MS:
+            raise errors.invalid_argument(
+                prefix + "latency_ms", f"must be between 0 and {MAX_LATENCY_MS}"
+            )
+        if request.HasField("cost_usd"):
+            if not (math.isfinite(request.cost_usd) and 0 <= request.cost_usd <= MAX_COST_USD):
+                raise errors.invalid_argument(
+                    prefix + "cost_usd", f"must be between 0 and {MAX_COST_USD:g}"
+                )
+            cost, unpriced = round(request.cost_usd * 1_000_000), False
+        else:
+            priced = self._prices.cost_micros(
+                model, request.prompt_tokens, request.completion_tokens
+            )
+            cost, unpriced = (0, True) if priced is None else (priced, False)
+        body = request.SerializeToString(deterministic=True)
+        return UsageRecord(
+            usage_id=usage_id,
+            thread_id=thread_id,
+            agent_id=agent_id,
+            project_id=project_id,
+            model=model,
+            prompt_tokens=request.prompt_tokens,
+            completion_tokens=request.completion_tokens,
+            cost_micros=cost,
+            latency_ms=request.latency_ms,
+            unpriced=unpriced,
+            reservation_id=reservation_id,
+            fingerprint=hashlib.blake2b(body, digest_size=12).hexdigest(),
+        )
+
+    async def _may_record(self, record: UsageRecord, prefix: str) -> None:
+        """The superuser records anything; an agent only its own usage in its project; an
+        owner only in projects it owns."""
+        principal = current_principal()
+        if principal.is_superuser:
+            return
+        if principal.role == AGENT:
+            require_self(record.agent_id, prefix + "agent_id")
+            if record.project_id != principal.project_id:
+                raise errors.permission_denied(
+                    f"an agent token records usage only in its project ({principal.project_id})",
+                    "NOT_SELF",
+                )
+            return
+        if not record.project_id:
+            raise errors.invalid_argument(prefix + "project_id", "is required for owner tokens")
+        if not await self._visibility.project(record.project_id):
+            raise errors.not_found("project", record.project_id)
+
+    async def _thread_access(self, thread_id: str) -> None:
+        """A thread's budget is visible to whoever may see its project."""
+        if current_principal().is_superuser:
+            return
+        exists, project_id = await self._store.budget_project(thread_id)
+        if not exists or not project_id or not await self._visibility.project(project_id):
+            raise _no_budget(thread_id)
+
+    def _record_answer(self, record: UsageRecord, outcome) -> usage_service_pb2.RecordUsageResponse:  # type: ignore[no-untyped-def]
+        if outcome.outcome == "FOREIGN":
+            raise errors.not_found("thread_budget", record.thread_id)
+        if outcome.outcome == "CONFLICT":
+            raise errors.already_exists(
+                "usage", record.usage_id,
+                f"usage_id {record.usage_id!r} was already recorded with a different body",
+            )  # fmt: skip
+        if outcome.outcome == "NEW":
+            TOKENS_RECORDED.labels("prompt").inc(record.prompt_tokens)
+            TOKENS_RECORDED.labels("completion").inc(record.completion_tokens)
+            COST_RECORDED.inc(outcome.cost_micros)
+        answer = usage_service_pb2.RecordUsageResponse(
+            cost_usd=outcome.cost_micros / 1_000_000,
+            cost_micros=outcome.cost_micros,
+            duplicate=outcome.outcome == "DUPLICATE",
+        )
+        if outcome.budget is not None:
+            answer.budget.CopyFrom(budget_message(outcome.budget))
+        return answer
+
+    # Budgets and reservations -------------------------------------------------------
+
+    async def ReserveBudget(self, request, context):  # type: ignore[no-untyped-def]
+        reservation_id = require_id("reservation_id", request.reservation_id)
+        thread_id = require_id("thread_id", request.thread_id)
+        await self._thread_access(thread_id)
+        if not 0 < request.tokens <= MAX_TOKENS_PER_CALL:
+            raise errors.invalid_argument("tokens", f"must be between 1 and {MAX_TOKENS_PER_CALL}")
+        ttl_ms = DEFAULT_RESERVATION_TTL_MS
+        if request.HasField("ttl"):
+            ttl_ms = request.ttl.ToMilliseconds()
+            if not 0 < ttl_ms <= MAX_RESERVATION_TTL_MS:
+                raise errors.invalid_argument("ttl", "must be more than 0 and at most 1 hour")
+        outcome, expire_ms, state = await self._store.reserve(
+            thread_id, reservation_id, request.tokens, ttl_ms
+        )
+        if outcome == "NO_BUDGET":
+            raise _no_budget(thread_id)
+        if outcome == "CLOSED":
+            raise errors.failed_precondition(
+                f"thread {thread_id!r} is closed: no new reservations",
+                "THREAD_CLOSED",
+                thread_id=thread_id,
+            )
+        if outcome == "CONFLICT":
+            raise errors.already_exists(
+                "reservation", reservation_id,
+                f"reservation {reservation_id!r} already holds a different number of tokens",
+            )  # fmt: skip
+        if outcome == "EXHAUSTED":
+            BUDGET_REJECTIONS.inc()
+            budget = budget_message(state)
+            raise errors.resource_exhausted(
+                f"thread {thread_id!r} budget exhausted: requested {request.tokens} tokens, "
+                f"{budget.remaining} of {budget.max_tokens} remain",
+                "THREAD_BUDGET_EXHAUSTED",
+                subject=f"thread:{thread_id}",
+            )
+        return usage_pb2.Reservation(
+            reservation_id=reservation_id,
+            thread_id=thread_id,
+            tokens=request.tokens,
+            expire_time=timestamp(expire_ms),
+            budget=budget_message(state),
+        )
+
+    async def ReleaseReservation(self, request, context):  # type: ignore[no-untyped-def]
+        thread_id = require_id("thread_id", request.thread_id)
+        reservation_id = require_id("reservation_id", request.reservation_id)
+        await self._thread_access(thread_id)
+        outcome, released, state = await self._store.release(thread_id, reservation_id)
+        if outcome == "NO_BUDGET":
+            raise _no_budget(thread_id)
+        return usage_service_pb2.ReleaseReservationResponse(
+            released=bool(released), budget=budget_message(state)
+        )
+
+    async def SetThreadBudget(self, request, context):  # type: ignore[no-untyped-def]
+        principal = require_manager()
+        thread_id = require_id("thread_id", request.thread_id)
+        project_id = require_id("project_id", request.project_id) if request.project_id else ""
+        if not principal.is_superuser:
+            if not project_id:
+                raise errors.invalid_argument("project_id", "is required for owner tokens")
+            if not await self._visibility.project(project_id):
+                raise errors.not_found("project", project_id)
+        if not 0 <= request.max_tokens <= MAX_BUDGET:
+            raise errors.invalid_argument(
+                "max_tokens", f"must be between 0 (default) and {MAX_BUDGET}"
+            )
+        max_tokens = request.max_tokens or self._default_max_tokens
+        state = await self._store.set_budget(thread_id, max_tokens, project_id)
+        if state is None:  # the thread belongs to another project
+            raise _no_budget(thread_id)
+        return budget_message(state)
+
+    async def CloseThreadBudget(self, request, context):  # type: ignore[no-untyped-def]
+        require_manager()
+        thread_id = require_id("thread_id", request.thread_id)
+        await self._thread_access(thread_id)
+        outcome, _, state = await self._store.close_budget(thread_id)
+        if outcome == "NO_BUDGET":
+            raise _no_budget(thread_id)
+        return budget_message(state)
+
+    async def GetThreadBudget(self, request, context):  # type: ignore[no-untyped-def]
+        thread_id = require_id("thread_id", request.thread_id)
+        await self._thread_access(thread_id)
+        (state,) = await self._store.budgets([thread_id])
+        if state is None:
+            raise _no_budget(thread_id)
+        return budget_message(state)
+
+    async def ListThreadBudgets(self, request, context):  # type: ignore[no-untyped-def]
+        require_superuser("listing every thread's budget")
+        page = parse_page(request.page_size, request.page_token, request.skip, ("budgets",))
+        # The hottest list changes as usage arrives, so its cursor is a position.
+        offset = (int(page.cursor) if page.cursor and page.cursor.isdigit() else 0) + page.skip
+        thread_ids, total = await self._store.hottest(offset, page.size)
+        states = await self._store.budgets(thread_ids)
+        end = offset + len(thread_ids)
+        return usage_service_pb2.ListThreadBudgetsResponse(
+            threads=[budget_message(s) for s in states if s is not None],
+            next_page_token=page.token_after(str(end)) if end < total else "",
+            total_size=total,
+            default_max_tokens=self._default_max_tokens,
+        )
+
+    # Reads --------------------------------------------------------------------------
+
+    async def GetUsageOverview(self, request, context):  # type: ignore[no-untyped-def]
+        project_id = require_id("project_id", request.project_id) if request.project_id else ""
+        if not project_id:
+            require_superuser("the cluster-wide usage overview")
+        elif not await self._visibility.project(project_id):
+            raise errors.not_found("project", project_id)
+        overview = await self._store.overview(project_id, TOP_N)
+        return usage_pb2.UsageOverview(
+            totals=totals_message(overview.totals),
+            by_agent=[
+                usage_pb2.AgentUsage(agent_id=a, totals=totals_message(c))
+                for a, c in overview.by_agent
+            ],
+            by_model=[
+                usage_pb2.ModelUsage(model=m, totals=totals_message(c))
+                for m, c in overview.by_model
+            ],
+            active_threads=overview.active_threads,
+        )
+
+    async def GetAgentUsage(self, request, context):  # type: ignore[no-untyped-def]
+        agent_id = require_id("agent_id", request.agent_id)
+        if not current_principal().is_superuser and await self._visibility.agent(agent_id) is None:
+            # Another project's agent reads as an unknown one: zeros.
+            return usage_pb2.AgentUsage(agent_id=agent_id, totals=totals_message(Counters()))
+        counters = await self._store.agent_counters(agent_id)
+        return usage_pb2.AgentUsage(agent_id=agent_id, totals=totals_message(counters))
+
+    async def GetModelUsage(self, request, context):  # type: ignore[no-untyped-def]
+        require_superuser("cluster-wide model usage")
+        model = require_id("model", request.model)
+        counters = await self._store.model_counters(model)
+        return usage_pb2.ModelUsage(model=model, totals=totals_message(counters))
+
+    async def ResetUsage(self, request, context):  # type: ignore[no-untyped-def]
+        require_superuser("resetting usage")
+        return usage_service_pb2.ResetUsageResponse(deleted_keys=await self._store.reset())
+
+
+def budget_message(state: BudgetState) -> usage_pb2.ThreadBudget:
+    total = state.prompt_tokens + state.completion_tokens
+    remaining = max(0, state.max_tokens - total - state.reserved_tokens)
+    percent = round(100 * total / state.max_tokens, 1) if state.max_tokens else 0.0
+    return usage_pb2.ThreadBudget(
+        thread_id=state.thread_id,
+        max_tokens=state.max_tokens,
+        prompt_tokens=state.prompt_tokens,
+        completion_tokens=state.completion_tokens,
+        total_tokens=total,
+        reserved_tokens=state.reserved_tokens,
+        remaining=remaining,
+        percent_used=percent,
+        is_exhausted=remaining == 0,
+        is_closed=state.closed,
+        update_time=timestamp(state.update_ms),
+    )
+
+
+def totals_message(counters: Counters) -> usage_pb2.UsageTotals:
+    return usage_pb2.UsageTotals(
+        total_tokens=counters.prompt + counters.completion,
+        prompt_tokens=counters.prompt,
+        completion_tokens=counters.completion,
+        request_count=counters.requests,
+        total_cost_usd=counters.cost_micros / 1_000_000,
+        total_cost_micros=counters.cost_micros,
+        avg_latency_ms=round(counters.latency_sum_ms / counters.requests, 3)
+        if counters.requests
+        else 0.0,
+        unpriced_request_count=counters.unpriced,
+    )
+
+
+def _no_budget(thread_id: str) -> errors.ServiceError:
+    return errors.not_found("thread_budget", thread_id)
+
+
+def _rpc_status(exc: errors.ServiceError) -> status_pb2.Status:
+    """A per-record google.rpc.Status (same code, message and details as a call error)."""
+    status = exc.to_status()
+    for key, value in status.trailing_metadata:
+        if key == "grpc-status-details-bin":
+            return status_pb2.Status.FromString(value)
+    return status_pb2.Status(code=status.code.value[0], message=exc.message)

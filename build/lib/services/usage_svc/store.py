@@ -1,0 +1,402 @@
+"""Redis storage of usage counters, thread budgets and reservations.
+
+Keys are spread over `shards` hash tags, `ap:usage:{uN}:`, chosen by the thread id
+(crc32). Everything one record touches — its idempotency key, the thread's budget and
+reservations, and the shard's cluster/agent/model/project aggregates — shares that tag, so
+each write is one atomic Lua script in one slot, and a Redis Cluster spreads the shards
+over its masters. Reads sum the shards: their cost depends on the shard count, never on
+the number of threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.convert import now_ms
+from services.common.redis import RedisClient, load_script
+
+PREFIX = "ap:usage:"
+LUA = Path(__file__).with_name("lua")
+COUNTER_FIELDS = ("p", "c", "n", "cost", "lat", "unp")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One checked record, with its cost already resolved."""
+
+    usage_id: str
+    thread_id: str
+    agent_id: str
+    project_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micros: int
+    latency_ms: int
+    unpriced: bool
+    reservation_id: str
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    thread_id: str
+    has_budget: bool
+    max_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    reserved_tokens: int
+    closed: bool
+    update_ms: int
+
+    @classmethod
+    def from_reply(cls, thread_id: str, values: Sequence[int]) -> BudgetState:
+        has, max_tokens, prompt, completion, reserved, closed, update_ms = (int(v) for v in values)
+        return cls(
+            thread_id, bool(has), max_tokens, prompt, completion, reserved, bool(closed), update_ms
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOutcome:
+    outcome: str  # NEW | DUPLICATE | CONFLICT
+    cost_micros: int = 0
+    budget: BudgetState | None = None
+
+
+@dataclass(slots=True)
+class Counters:
+    prompt: int = 0
+    completion: int = 0
+    requests: int = 0
+    cost_micros: int = 0
+    latency_sum_ms: int = 0
+    unpriced: int = 0
+
+    def add(self, raw: dict[str, str]) -> Counters:
+        self.prompt += int(raw.get("p", 0))
+        self.completion += int(raw.get("c", 0))
+        self.requests += int(raw.get("n", 0))
+        self.cost_micros += int(raw.get("cost", 0))
+        self.latency_sum_ms += int(raw.get("lat", 0))
+        self.unpriced += int(raw.get("unp", 0))
+        return self
+
+
+@dataclass(slots=True)
+class Overview:
+    totals: Counters
+    by_agent: list[tuple[str, Counters]] = field(default_factory=list)
+    by_model: list[tuple[str, Counters]] = field(default_factory=list)
+    active_threads: int = 0
+
+
+class Shard:
+    """Key names within one shard."""
+
+    def __init__(self, index: int) -> None:
+        self.prefix = f"{PREFIX}{{u{index}}}:"
+        self.totals = self.prefix + "totals"
+        self.stats = self.prefix + "stats"
+        self.budgets = self.prefix + "budgets"
+        self.agents_rank = self.prefix + "rank:agents"
+        self.models_rank = self.prefix + "rank:models"
+
+    def thread(self, thread_id: str) -> tuple[str, str, str]:
+        """The thread's hash, reservations hash and reservation expiries."""
+        base = f"{self.prefix}thread:{thread_id}"
+        return base, base + ":res", base + ":exp"
+
+    def usage_id(self, thread_id: str, usage_id: str) -> str:
+        return f"{self.prefix}usage:{thread_id}:{usage_id}"
+
+    def agent(self, agent_id: str) -> str:
+        return f"{self.prefix}agent:{agent_id}"
+
+    def model(self, model: str) -> str:
+        return f"{self.prefix}model:{model}"
+
+    def project_totals(self, project_id: str) -> str:
+        return f"{self.prefix}project:{project_id}:totals"
+
+    def project_agents_rank(self, project_id: str) -> str:
+        return f"{self.prefix}project:{project_id}:rank:agents"
+
+
+class UsageStore:
+    def __init__(self, redis: RedisClient, shards: int, usage_id_ttl_s: int) -> None:
+        self._redis = redis
+        self._shards = [Shard(i) for i in range(shards)]
+        self._ttl = usage_id_ttl_s
+        self._pending: list[tuple[UsageRecord, asyncio.Future[RecordOutcome]]] = []
+        self._flushes: set[asyncio.Future[None]] = set()
+        prelude = LUA / "_budget.lua"
+        self._record = load_script(redis, LUA / "record_usage.lua", prelude)
+        self._reserve = load_script(redis, LUA / "reserve.lua", prelude)
+        self._release = load_script(redis, LUA / "release.lua", prelude)
+        self._set_budget = load_script(redis, LUA / "set_budget.lua", prelude)
+        self._close_budget = load_script(redis, LUA / "close_budget.lua", prelude)
+
+    def shard(self, thread_id: str) -> Shard:
+        return self._shards[zlib.crc32(thread_id.encode()) % len(self._shards)]
+
+    # Writes -------------------------------------------------------------------------
+
+    async def record_one(self, record: UsageRecord) -> RecordOutcome:
+        """Apply one record, sharing the script call with records that arrive meanwhile.
+
+        Concurrent RecordUsage calls that reach this process in the same event-loop turn
+        are written by one script call per shard (group commit): each call still costs one
+        Redis round trip, but the client-side work of that round trip is paid once.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[RecordOutcome] = loop.create_future()
+        self._pending.append((record, waiter))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return await waiter
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._write_batch(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _write_batch(
+        self, batch: list[tuple[UsageRecord, asyncio.Future[RecordOutcome]]]
+    ) -> None:
+        try:
+            outcomes = await self.record([record for record, _ in batch])
+        except Exception as exc:  # every waiter of the batch sees the failure
+            for _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        for (_, waiter), outcome in zip(batch, outcomes, strict=True):
+            if not waiter.done():  # a waiter past its deadline has been cancelled
+                waiter.set_result(outcome)
+
+    async def record(self, records: Sequence[UsageRecord]) -> list[RecordOutcome]:
+        """Apply records: one script call per shard touched."""
+        groups: dict[int, list[int]] = {}
+        for position, record in enumerate(records):
+            groups.setdefault(id(self.shard(record.thread_id)), []).append(position)
+        calls = [
+            self._record_call([records[p] for p in positions]) for positions in groups.values()
+        ]
+        # Shards are independent slots: their scripts run concurrently, one round trip each.
+        replies = await asyncio.gather(*(self._record(keys=k, args=v) for k, v in calls))
+        outcomes: list[RecordOutcome | None] = [None] * len(records)
+        for positions, reply in zip(groups.values(), replies, strict=True):
+            for position, item in zip(positions, reply, strict=True):
+                outcomes[position] = _outcome(records[position].thread_id, item)
+        return outcomes  # type: ignore[return-value]
+
+    def _record_call(self, records: Sequence[UsageRecord]) -> tuple[list[str], list[object]]:
+        keys: list[str] = []
+        args: list[object] = [now_ms(), self._ttl]
+        for r in records:
+            shard = self.shard(r.thread_id)
+            thread, reservations, expiries = shard.thread(r.thread_id)
+            project = r.project_id or "-"
+            keys += [
+                shard.usage_id(r.thread_id, r.usage_id), thread, reservations, expiries,
+                shard.budgets, shard.totals, shard.agent(r.agent_id), shard.model(r.model),
+                shard.agents_rank, shard.models_rank, shard.project_totals(project),
+                shard.project_agents_rank(project),
+            ]  # fmt: skip
+            args.append(
+                f"{r.fingerprint}|{r.prompt_tokens}|{r.completion_tokens}|{r.cost_micros}|"
+                f"{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|{r.agent_id}|{r.model}|"
+                f"{r.thread_id}|{int(bool(r.project_id))}|{r.project_id}"
+            )
+        return keys, args
+
+    async def reserve(
+        self, thread_id: str, reservation_id: str, tokens: int, ttl_ms: int
+    ) -> tuple[str, int, BudgetState]:
+        now = now_ms()
+        reply = await self._reserve(
+            keys=list(self.shard(thread_id).thread(thread_id)),
+            args=[reservation_id, tokens, now, now + ttl_ms],
+        )
+        return _budget_reply(thread_id, reply)
+
+    async def release(self, thread_id: str, reservation_id: str) -> tuple[str, int, BudgetState]:
+        reply = await self._release(
+            keys=list(self.shard(thread_id).thread(thread_id)), args=[reservation_id, now_ms()]
+        )
+        return _budget_reply(thread_id, reply)
+
+    async def set_budget(
+        self, thread_id: str, max_tokens: int, project_id: str
+    ) -> BudgetState | None:
+        """The budget after setting it; None when it belongs to another project."""
+        shard = self.shard(thread_id)
+        thread, reservations, expiries = shard.thread(thread_id)
+        reply = await self._set_budget(
+            keys=[thread, shard.budgets, shard.stats, reservations, expiries],
+            args=[max_tokens, now_ms(), thread_id, project_id],
+        )
+        outcome, _, state = _budget_reply(thread_id, reply)
+        return None if outcome == "FOREIGN" else state
+
+    async def budget_project(self, thread_id: str) -> tuple[bool, str]:
+        """(whether the thread has a budget, the project it belongs to or "")."""
+        thread, _, _ = self.shard(thread_id).thread(thread_id)
+        max_tokens, project_id = await self._redis.hmget(thread, "max_tokens", "project_id")
+        return max_tokens is not None, project_id or ""
+
+    async def close_budget(self, thread_id: str) -> tuple[str, int, BudgetState]:
+        shard = self.shard(thread_id)
+        thread, reservations, expiries = shard.thread(thread_id)
+        reply = await self._close_budget(
+            keys=[thread, shard.stats, reservations, expiries], args=[now_ms()]
+        )
+        return _budget_reply(thread_id, reply)
+
+    async def reset(self) -> int:
+        """Delete every usage key (admin only). Scans: a rare, deliberate operation."""
+        deleted = 0
+        batch: list[str] = []
+        async for key in self._redis.scan_iter(match=PREFIX + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += await self._unlink(batch)
+                batch = []
+        if batch:
+            deleted += await self._unlink(batch)
+        return deleted
+
+    async def _unlink(self, keys: list[str]) -> int:
+        # On a cluster, redis-py splits a multi-key UNLINK by slot.
+        return int(await self._redis.unlink(*keys))
+
+    # Reads --------------------------------------------------------------------------
+
+    async def budgets(self, thread_ids: Sequence[str]) -> list[BudgetState | None]:
+        """Budgets of the threads (None where there is none), in one round trip.
+
+        A pure read: reservations whose ttl has passed are left out of `reserved` here and
+        given back by the next write to that thread.
+        """
+        now = now_ms()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for thread_id in thread_ids:
+                thread, reservations, expiries = self.shard(thread_id).thread(thread_id)
+                pipe.hmget(thread, "max_tokens", "p", "c", "reserved", "closed", "update_ms")
+                pipe.hgetall(reservations)
+                pipe.zrangebyscore(expiries, "-inf", now)
+            replies = await pipe.execute()
+        states: list[BudgetState | None] = []
+        for position, thread_id in enumerate(thread_ids):
+            fields, held, expired = replies[3 * position : 3 * position + 3]
+            if fields[0] is None:
+                states.append(None)
+                continue
+            lapsed = sum(int(held.get(rid, 0)) for rid in expired)
+            max_tokens, prompt, completion, reserved, closed, update_ms = (
+                int(v or 0) for v in fields
+            )
+            states.append(
+                BudgetState(thread_id, True, max_tokens, prompt, completion,
+                            reserved - lapsed, bool(closed), update_ms)
+            )  # fmt: skip
+        return states
+
+    async def hottest(self, offset: int, size: int) -> tuple[list[str], int]:
+        """Thread ids of one page of budgets, hottest first, and the number of budgets.
+
+        Each shard's sorted set is read from the top for offset + size entries and merged,
+        so the first page costs the same at any number of threads.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard in self._shards:
+                pipe.zrevrange(shard.budgets, 0, offset + size - 1, withscores=True)
+                pipe.zcard(shard.budgets)
+            replies = await pipe.execute()
+        ranked = heapq.merge(
+            *replies[0::2], key=lambda member_score: (-member_score[1], member_score[0])
+        )
+        page = [member for member, _ in ranked][offset : offset + size]
+        return page, sum(replies[1::2])
+
+    async def agent_counters(self, agent_id: str) -> Counters:
+        return (await self._sum_each([[s.agent(agent_id) for s in self._shards]]))[0]
+
+    async def model_counters(self, model: str) -> Counters:
+        return (await self._sum_each([[s.model(model) for s in self._shards]]))[0]
+
+    async def overview(self, project_id: str, top: int) -> Overview:
+        """Totals, top agents and models by tokens, and active budgets; all from shard
+        aggregates. With a project: its totals and agents (models are cluster-wide)."""
+        if project_id:
+            totals_keys = [s.project_totals(project_id) for s in self._shards]
+            agent_ranks = [s.project_agents_rank(project_id) for s in self._shards]
+        else:
+            totals_keys = [s.totals for s in self._shards]
+            agent_ranks = [s.agents_rank for s in self._shards]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in agent_ranks:
+                pipe.zrevrange(key, 0, top - 1, withscores=True)
+            for shard in self._shards:
+                pipe.zrevrange(shard.models_rank, 0, top - 1, withscores=True)
+                pipe.hget(shard.stats, "active")
+            replies = await pipe.execute()
+        n = len(self._shards)
+        agents = _top(replies[:n], top)
+        models = _top(replies[n::2], top) if not project_id else []
+        active = sum(int(v or 0) for v in replies[n + 1 :: 2])
+        sums = await self._sum_each(
+            [totals_keys]
+            + [[s.agent(a) for s in self._shards] for a in agents]
+            + [[s.model(m) for s in self._shards] for m in models]
+        )
+        return Overview(
+            totals=sums[0],
+            by_agent=list(zip(agents, sums[1 : 1 + len(agents)], strict=True)),
+            by_model=list(zip(models, sums[1 + len(agents) :], strict=True)),
+            active_threads=active if not project_id else 0,
+        )
+
+    async def _sum_each(self, key_groups: Iterable[Sequence[str]]) -> list[Counters]:
+        groups = list(key_groups)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys in groups:
+                for key in keys:
+                    pipe.hgetall(key)
+            raw = await pipe.execute()
+        sums, position = [], 0
+        for keys in groups:
+            total = Counters()
+            for item in raw[position : position + len(keys)]:
+                total.add(item)
+            sums.append(total)
+            position += len(keys)
+        return sums
+
+
+def _top(ranked_per_shard: Sequence[Sequence[tuple[str, float]]], top: int) -> list[str]:
+    totals: dict[str, float] = {}
+    for ranked in ranked_per_shard:
+        for member, score in ranked:
+            totals[member] = totals.get(member, 0.0) + score
+    return [m for m, _ in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+
+
+def _outcome(thread_id: str, item: Sequence[object]) -> RecordOutcome:
+    if item[0] in ("CONFLICT", "FOREIGN"):
+        return RecordOutcome(str(item[0]))
+    budget = BudgetState.from_reply(thread_id, item[2:9])  # type: ignore[arg-type]
+    return RecordOutcome(str(item[0]), int(item[1]), budget if budget.has_budget else None)  # type: ignore[call-overload]
+
+
+def _budget_reply(thread_id: str, reply: Sequence[object]) -> tuple[str, int, BudgetState]:
+    outcome, value = str(reply[0]), int(reply[1])  # type: ignore[call-overload]
+    values = reply[2:9] if len(reply) >= 9 else [0] * 7
+    return outcome, value, BudgetState.from_reply(thread_id, values)  # type: ignore[arg-type]
