@@ -1,1 +1,0 @@
-"""REST gateway (SPEC §3): routes from the protos' HTTP annotations, JSON and SSE."""

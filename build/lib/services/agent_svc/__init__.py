@@ -1,1 +1,0 @@
-"""The agent service: projects, agent types, agent instances and their lifecycle."""

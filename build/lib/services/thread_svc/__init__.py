@@ -1,1 +1,0 @@
-"""The thread service: conversations between agents, operator injection, inbox delivery."""

@@ -1,1 +1,0 @@
-"""The usage service: the gas gauge — exact, idempotent accounting and atomic budgets."""
