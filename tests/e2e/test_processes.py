@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -105,3 +106,35 @@ async def test_bad_configuration_exits_with_a_clear_message(redis_url) -> None:
     assert await asyncio.to_thread(process.wait, 20) == 2
     output = process.stdout.read().decode()  # type: ignore[union-attr]
     assert "LOG_FORMAT" in output and "Traceback" not in output
+
+
+async def test_metrics_endpoint_and_one_log_line_per_rpc(redis_url) -> None:
+    import httpx
+
+    port, metrics = free_port(), free_port()
+    process = start_service("services.agent_svc", port, redis_url, METRICS_PORT=str(metrics))
+    try:
+        await wait_serving(port)
+        async with authed_channel(f"127.0.0.1:{port}") as channel:
+            await make_project(agent_service_pb2_grpc.AgentServiceStub(channel))
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{metrics}/metrics")).text
+        assert (
+            'agentplane_rpc_total{code="OK",method="/agentplane.agent.v1.AgentService/CreateProject"'
+            in text
+        )
+        assert "agentplane_rpc_duration_seconds_bucket" in text
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 15) == 0
+        lines = [
+            json.loads(line)
+            for line in process.stdout.read().decode().splitlines()
+            if line.startswith("{")
+        ]  # type: ignore[union-attr]
+        (rpc,) = [line for line in lines if line.get("event") == "rpc"]
+        assert rpc["method"].endswith("/CreateProject") and rpc["code"] == "OK"
+        assert rpc["principal"] == "superuser:admin" and rpc["duration_ms"] > 0
+        assert len(rpc["trace_id"]) == 32 and len(rpc["span_id"]) == 16 and rpc["peer"]
+    finally:
+        if process.poll() is None:
+            process.kill()
