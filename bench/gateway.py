@@ -35,6 +35,33 @@ async def _wait_http(url: str) -> None:
     raise RuntimeError("gateway did not start")
 
 
+class RawHttp:
+    """A minimal keep-alive HTTP/1.1 client, so the figure is the gateway's, not the
+    client library's (httpx alone costs about as much as the whole gRPC call)."""
+
+    def __init__(self, host: str, port: int, headers: dict[str, str]) -> None:
+        self.host, self.port = host, port
+        self.head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+    async def __aenter__(self) -> RawHttp:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.writer.close()
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        request = f"GET {path} HTTP/1.1\r\nhost: {self.host}\r\n{self.head}\r\n"
+        self.writer.write(request.encode())
+        status_line = await self.reader.readline()
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return int(status_line.split()[1]), await self.reader.readexactly(length)
+
+
 async def _measure(grpc_target: str, http_url: str) -> dict[str, float]:
     async with channel_to(grpc_target) as channel:
         stub = agent_service_pb2_grpc.AgentServiceStub(channel)
@@ -54,24 +81,34 @@ async def _measure(grpc_target: str, http_url: str) -> dict[str, float]:
         request = agent_service_pb2.GetProjectRequest(project_id="bench")
         direct: list[float] = []
         via: list[float] = []
+        via_httpx: list[float] = []
         headers = {"authorization": f"Bearer {BENCH_TOKEN}"}
-        async with httpx.AsyncClient(base_url=http_url, headers=headers) as client:
-            for _ in range(100):  # warm both paths
+        host, port = http_url.removeprefix("http://").split(":")
+        async with (
+            httpx.AsyncClient(base_url=http_url, headers=headers) as client,
+            RawHttp(host, int(port), headers) as raw,
+        ):
+            for _ in range(100):  # warm every path
                 await stub.GetProject(request)
                 await client.get("/api/v1/projects/bench")
-            for _ in range(SAMPLES):  # interleaved, so drift hits both alike
+                await raw.get("/api/v1/projects/bench")
+            for _ in range(SAMPLES):  # interleaved, so drift hits all alike
                 began = time.perf_counter()
                 await stub.GetProject(request)
                 direct.append(time.perf_counter() - began)
                 began = time.perf_counter()
-                response = await client.get("/api/v1/projects/bench")
+                status, body = await raw.get("/api/v1/projects/bench")
                 via.append(time.perf_counter() - began)
-                assert response.status_code == 200, response.text
+                assert status == 200, body
+                began = time.perf_counter()
+                await client.get("/api/v1/projects/bench")
+                via_httpx.append(time.perf_counter() - began)
     grpc_ms = statistics.median(direct) * 1000
     rest_ms = statistics.median(via) * 1000
     return {
         "grpc_p50_ms": grpc_ms,
         "gateway_p50_ms": rest_ms,
+        "gateway_httpx_client_p50_ms": statistics.median(via_httpx) * 1000,
         "added_fraction": rest_ms / grpc_ms - 1,
     }
 

@@ -21,9 +21,13 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(settings: Settings, address: str) -> grpc.aio.Channel:
-    """A channel to a peer: mutual TLS when configured, plaintext otherwise."""
-    interceptors = [ForwardingUnaryInterceptor(), ForwardingStreamInterceptor()]
+def open_channel(settings: Settings, address: str, forwarding: bool = True) -> grpc.aio.Channel:
+    """A channel to a peer: mutual TLS when configured, plaintext otherwise. With
+    `forwarding`, calls made while serving an RPC carry that caller's token, trace context
+    and deadline (a caller that sets them itself, like the gateway, can do without)."""
+    interceptors = (
+        [ForwardingUnaryInterceptor(), ForwardingStreamInterceptor()] if forwarding else []
+    )
     if settings.tls_enabled:
         return grpc.aio.secure_channel(
             address, client_credentials(settings), options=CHANNEL_OPTIONS,
