@@ -23,6 +23,7 @@ from services.common.redis import RedisClient, load_script
 PREFIX = "ap:usage:"
 LUA = Path(__file__).with_name("lua")
 COUNTER_FIELDS = ("p", "c", "n", "cost", "lat", "unp")
+MAX_GROUP = 256  # records per group-commit script call
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +135,7 @@ class UsageStore:
         self._shards = [Shard(i) for i in range(shards)]
         self._ttl = usage_id_ttl_s
         self._pending: list[tuple[UsageRecord, asyncio.Future[RecordOutcome]]] = []
-        self._flushes: set[asyncio.Future[None]] = set()
+        self._writer: asyncio.Future[None] | None = None
         prelude = LUA / "_budget.lua"
         self._record = load_script(redis, LUA / "record_usage.lua", prelude)
         self._reserve = load_script(redis, LUA / "reserve.lua", prelude)
@@ -150,22 +151,20 @@ class UsageStore:
     async def record_one(self, record: UsageRecord) -> RecordOutcome:
         """Apply one record, sharing the script call with records that arrive meanwhile.
 
-        Concurrent RecordUsage calls that reach this process in the same event-loop turn
-        are written by one script call per shard (group commit): each call still costs one
-        Redis round trip, but the client-side work of that round trip is paid once.
+        Group commit: one batch is written at a time; records that arrive while it is
+        in flight wait for the next one, so under load batches grow by themselves and at
+        low load a record is written at once. Each call still gets its own answer.
         """
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[RecordOutcome] = loop.create_future()
+        waiter: asyncio.Future[RecordOutcome] = asyncio.get_running_loop().create_future()
         self._pending.append((record, waiter))
-        if len(self._pending) == 1:
-            loop.call_soon(self._flush)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_pending())
         return await waiter
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        task = asyncio.ensure_future(self._write_batch(batch))
-        self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+            await self._write_batch(batch)
 
     async def _write_batch(
         self, batch: list[tuple[UsageRecord, asyncio.Future[RecordOutcome]]]
