@@ -87,8 +87,19 @@ def to_json(message: Message) -> dict[str, Any]:
     return out
 
 
+_DIRECT = {
+    # The common well-known types, without json_format's generic (and slow) walk.
+    "google.protobuf.Timestamp": lambda v: v.ToJsonString(),
+    "google.protobuf.Duration": lambda v: v.ToJsonString(),
+    "google.protobuf.FieldMask": lambda v: ",".join(v.paths),
+}
+
+
 def _value(field: FieldDescriptor, value: Any) -> Any:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
+        direct = _DIRECT.get(field.message_type.full_name)
+        if direct is not None:
+            return direct(value)
         if (
             field.message_type.full_name in WELL_KNOWN_AS_JSON
             or field.message_type.full_name.startswith("google.")
