@@ -363,3 +363,89 @@ async def test_mutual_tls_accepts_its_ca_and_refuses_others(redis_url, tmp_path)
                     agent_service_pb2.WhoAmIRequest(), metadata=metadata, timeout=5)  # fmt: skip
     finally:
         await app.stop(grace=0)
+
+
+def _aimed_at(method, ids: dict[str, str]):
+    """A request for `method` whose every id field names one of alice's resources."""
+    request = message_factory.GetMessageClass(method.input_type)()
+    for field in method.input_type.fields:
+        name = field.name
+        if field.type != field.TYPE_STRING:
+            if name in ("tokens", "max_tokens"):
+                setattr(request, name, 5)
+            continue
+        if name in ("project_id",):
+            value = ids["project"]
+        elif name in ("agent_id", "from_agent", "to_agent", "to", "agent", "subject"):
+            value = ids["agent"]
+        elif name == "thread_id":
+            value = ids["thread"]
+        elif name in ("usage_id", "reservation_id", "request_id", "key_id"):
+            value = "probe-1"
+        elif name == "model":
+            value = "gpt-4o"
+        else:
+            continue
+        if field.label == field.LABEL_REPEATED if hasattr(field, "label") else field.is_repeated:
+            getattr(request, name).append(value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+@pytest.mark.parametrize(("backend", "method"), EVERY_RPC, ids=[m.full_name for _, m in EVERY_RPC])
+async def test_no_rpc_lets_one_owner_reach_anothers_resources(stack, backend, method) -> None:
+    """Every RPC, aimed at alice's resources with bob's token, is refused or answers with
+    nothing of hers; and alice's resources are unchanged afterwards."""
+    await make_type(stack.agent)
+    alice = tenant(stack, "alice", await owner_key(stack, "alice"))
+    bob = tenant(stack, "bob", await owner_key(stack, "bob"))
+    a1, _, a_thread = await world_of(alice)
+    await world_of(bob)
+    await alice.usage.RecordUsage(usage_service_pb2.RecordUsageRequest(
+        usage_id="real", thread_id=a_thread.id, agent_id=a1.id, project_id="alice-project",
+        model="gpt-4o", prompt_tokens=10, completion_tokens=5))  # fmt: skip
+    ids = {"project": "alice-project", "agent": a1.id, "thread": a_thread.id}
+    request = _aimed_at(method, ids)
+    channel = bob.channels[("agent", "thread", "usage").index(backend)]
+    response_cls = message_factory.GetMessageClass(method.output_type)
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    try:
+        if method.server_streaming:
+            call = channel.unary_stream(path, request_serializer=type(request).SerializeToString,
+                                        response_deserializer=response_cls.FromString)(request, timeout=2)  # fmt: skip
+            reply = await call.read()
+            call.cancel()
+        else:
+            reply = await channel.unary_unary(path, request_serializer=type(request).SerializeToString,
+                                              response_deserializer=response_cls.FromString)(request, timeout=5)  # fmt: skip
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() in {
+            grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED,
+        }, (method.full_name, exc.code(), exc.details())  # fmt: skip
+    else:
+        # An answer may echo the id it was asked about, and must say nothing else of hers.
+        echoed = {
+            f.name for f in method.input_type.fields if f.name in method.output_type.fields_by_name
+        }
+        shown = {f.name: v for f, v in reply.ListFields() if f.name not in echoed}
+        text = str(shown)
+        assert not any(value in text for value in ids.values()), (method.full_name, text)
+        if method.name == "GetAgentUsage":
+            assert reply.totals.total_tokens == 0
+    agent = await alice.agent.GetAgent(agent_service_pb2.GetAgentRequest(agent_id=a1.id))
+    assert agent.status == agent_pb2.AGENT_STATUS_IDLE and agent.name == "one"
+    thread = await alice.thread.GetThread(
+        thread_service_pb2.GetThreadRequest(thread_id=a_thread.id)
+    )
+    assert (
+        thread.thread.status == thread_pb2.THREAD_STATUS_ACTIVE and thread.thread.message_count == 0
+    )
+    budget = await alice.usage.GetThreadBudget(
+        usage_service_pb2.GetThreadBudgetRequest(thread_id=a_thread.id)
+    )
+    assert budget.total_tokens == 15 and budget.reserved_tokens == 0 and not budget.is_closed
+    for t in (alice, bob):
+        for c in t.channels:
+            await c.close()
