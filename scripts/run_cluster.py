@@ -20,12 +20,19 @@ from scripts.redis_server import RedisProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
+# RUN_PORT_OFFSET moves every port at once (to run a second cluster beside the first).
+OFFSET = int(os.environ.get("RUN_PORT_OFFSET", "0"))
 PROCESSES = [
-    ("agent", "services.agent_svc", {"GRPC_PORT": "50051", "METRICS_PORT": "9101"}),
-    ("thread", "services.thread_svc", {"GRPC_PORT": "50052", "METRICS_PORT": "9102"}),
-    ("usage", "services.usage_svc", {"GRPC_PORT": "50053", "METRICS_PORT": "9103"}),
-    ("gateway", "gateway", {"HTTP_PORT": "8080", "METRICS_PORT": "9104"}),
+    ("agent", "services.agent_svc", {"GRPC_PORT": 50051 + OFFSET, "METRICS_PORT": 9101 + OFFSET}),
+    ("thread", "services.thread_svc", {"GRPC_PORT": 50052 + OFFSET, "METRICS_PORT": 9102 + OFFSET}),
+    ("usage", "services.usage_svc", {"GRPC_PORT": 50053 + OFFSET, "METRICS_PORT": 9103 + OFFSET}),
+    ("gateway", "gateway", {"HTTP_PORT": 8080 + OFFSET, "METRICS_PORT": 9104 + OFFSET}),
 ]
+PEERS = {
+    "AGENT_SVC_ADDR": f"localhost:{50051 + OFFSET}",
+    "THREAD_SVC_ADDR": f"localhost:{50052 + OFFSET}",
+    "USAGE_SVC_ADDR": f"localhost:{50053 + OFFSET}",
+}
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -67,11 +74,11 @@ def main() -> int:
     if not _port_open(parsed.hostname or "localhost", parsed.port or 6379):
         redis = RedisProcess(
             port=parsed.port or 6379,
-            data_dir=str(RUN_DIR / "redis"),
+            data_dir=str(RUN_DIR / f"redis-{parsed.port or 6379}"),
             extra_args=["--appendonly", "yes", "--appendfsync", "everysec"],
-            log_file=str(RUN_DIR / "redis.log"),
+            log_file=str(RUN_DIR / f"redis-{parsed.port or 6379}.log"),
         ).start()
-        print(f"[run] redis-server on {redis.url} (data in .run/redis, log in .run/redis.log)")
+        print(f"[run] redis-server on {redis.url} (data and log in .run/)")
     else:
         print(f"[run] using the Redis already at {redis_url}")
 
@@ -80,6 +87,7 @@ def main() -> int:
         "REDIS_URL": redis_url,
         "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"),
         "AGENTPLANE_ADMIN_TOKEN": admin_token(),
+        **PEERS,
     }
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     for name, module, overrides in PROCESSES:
@@ -89,7 +97,9 @@ def main() -> int:
             (
                 name,
                 subprocess.Popen(
-                    [sys.executable, "-m", module], cwd=ROOT, env={**env, **overrides}
+                    [sys.executable, "-m", module],
+                    cwd=ROOT,
+                    env={**env, **{k: str(v) for k, v in overrides.items()}},
                 ),
             )
         )
