@@ -20,7 +20,11 @@ DEFAULT_METRICS_PORT = 9101
 
 
 def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
-    store = AgentStore(chassis.redis, request_ttl_s=chassis.settings.idempotency_ttl_s)
+    store = AgentStore(
+        chassis.redis,
+        request_ttl_s=chassis.settings.idempotency_ttl_s,
+        streams=chassis.stream_redis,
+    )
     servicer = AgentServicer(store, chassis.peers, chassis.stopping)
     # API keys are this service's own data: it checks tokens against its store directly.
     chassis.guard.authenticator = Authenticator(

@@ -93,8 +93,11 @@ class AgentChange:
 
 
 class AgentStore:
-    def __init__(self, redis: RedisClient, request_ttl_s: int) -> None:
+    def __init__(
+        self, redis: RedisClient, request_ttl_s: int, streams: RedisClient | None = None
+    ) -> None:
         self._redis = redis
+        self._streams = streams or redis  # blocking reads of server streams
         self._request_ttl_s = request_ttl_s
         self._create_record = load_script(redis, LUA / "create_record.lua")
         self._spawn = load_script(redis, LUA / "spawn_agent.lua")
@@ -241,7 +244,9 @@ class AgentStore:
     async def read_events(
         self, project_id: str, after: str, block_ms: int
     ) -> list[tuple[str, dict[str, str]]]:
-        reply = await self._redis.xread({Keys.events(project_id): after}, count=100, block=block_ms)
+        reply = await self._streams.xread(
+            {Keys.events(project_id): after}, count=100, block=block_ms
+        )
         return [entry for _stream, entries in reply for entry in entries] if reply else []
 
     # Helpers ------------------------------------------------------------------------

@@ -25,8 +25,13 @@ from services.common.settings import Settings
 RedisClient: TypeAlias = Any
 
 
-def create_redis(settings: Settings) -> RedisClient:
-    """The process's Redis client, built from REDIS_URL and REDIS_CLUSTER."""
+def create_redis(settings: Settings, *, blocking_reads: bool = False) -> RedisClient:
+    """A Redis client from REDIS_URL and REDIS_CLUSTER.
+
+    `blocking_reads=True` builds the separate client that server streams use for
+    XREAD/XREADGROUP BLOCK: each open stream holds one of its connections while it waits,
+    so those waits can never starve the ordinary commands of their pool.
+    """
     options: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": settings.redis_timeout_s,
@@ -39,9 +44,14 @@ def create_redis(settings: Settings) -> RedisClient:
         return RedisCluster.from_url(settings.redis_url, **options)
     # A bounded pool: a burst of calls waits briefly for a connection instead of opening
     # hundreds at once (which, on a busy host, is what makes connects time out).
+    if blocking_reads:
+        # A blocked XREAD waits up to ~1 s; its socket timeout must outlast that.
+        options["socket_timeout"] = max(settings.redis_timeout_s, 5.0)
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
-        max_connections=settings.redis_max_connections,
+        max_connections=settings.redis_stream_connections
+        if blocking_reads
+        else settings.redis_max_connections,
         timeout=settings.redis_timeout_s,
         **options,
     )

@@ -54,6 +54,7 @@ class Chassis:
 
     settings: Settings
     redis: RedisClient
+    stream_redis: RedisClient  # for server streams' blocking reads only
     peers: PeerClients
     stopping: asyncio.Event
     guard: Guard
@@ -102,6 +103,7 @@ class GrpcApp:
         await self.server.stop(grace)
         await self.chassis.peers.close()
         await self.chassis.redis.aclose()
+        await self.chassis.stream_redis.aclose()
         log.info("stopped", port=self.port)
 
     async def _redis_ok(self) -> bool:
@@ -164,6 +166,7 @@ async def create_app(settings: Settings, bind: str, register: Register) -> GrpcA
     chassis = Chassis(
         settings=settings,
         redis=redis,
+        stream_redis=create_redis(settings, blocking_reads=True),
         peers=peers,
         stopping=asyncio.Event(),
         guard=Guard(

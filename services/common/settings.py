@@ -102,6 +102,7 @@ class Settings:
     redis_cluster: bool
     redis_timeout_s: float
     redis_max_connections: int
+    redis_stream_connections: int
     agent_svc_addr: str
     thread_svc_addr: str
     usage_svc_addr: str
@@ -159,6 +160,7 @@ class Settings:
             redis_cluster=_bool(env, "REDIS_CLUSTER", False),
             redis_timeout_s=_float(env, "REDIS_TIMEOUT_SECONDS", 2.0, 0.05, 60.0),
             redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", 128, 4, 10_000),
+            redis_stream_connections=_int(env, "REDIS_STREAM_CONNECTIONS", 1000, 4, 100_000),
             agent_svc_addr=_address(env, "AGENT_SVC_ADDR", "localhost:50051"),
             thread_svc_addr=_address(env, "THREAD_SVC_ADDR", "localhost:50052"),
             usage_svc_addr=_address(env, "USAGE_SVC_ADDR", "localhost:50053"),

@@ -19,7 +19,11 @@ DEFAULT_METRICS_PORT = 9102
 
 
 def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
-    store = ThreadStore(chassis.redis, request_ttl_s=chassis.settings.idempotency_ttl_s)
+    store = ThreadStore(
+        chassis.redis,
+        request_ttl_s=chassis.settings.idempotency_ttl_s,
+        streams=chassis.stream_redis,
+    )
     servicer = ThreadServicer(store, chassis.peers, chassis.settings, chassis.stopping)
     thread_service_pb2_grpc.add_ThreadServiceServicer_to_server(
         chassis.instrument(servicer, SERVICE), server

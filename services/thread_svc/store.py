@@ -80,8 +80,11 @@ class NewMessage:
 
 
 class ThreadStore:
-    def __init__(self, redis: RedisClient, request_ttl_s: int) -> None:
+    def __init__(
+        self, redis: RedisClient, request_ttl_s: int, streams: RedisClient | None = None
+    ) -> None:
         self._redis = redis
+        self._streams = streams or redis  # blocking reads of server streams
         self._request_ttl_s = request_ttl_s
         self._create = load_script(redis, LUA / "create_thread.lua")
         self._post = load_script(redis, LUA / "post_message.lua")
@@ -221,7 +224,7 @@ class ThreadStore:
     async def read_log(
         self, thread_id: str, after: str, block_ms: int
     ) -> list[tuple[str, dict[str, str]]]:
-        reply = await self._redis.xread({Keys.log(thread_id): after}, count=100, block=block_ms)
+        reply = await self._streams.xread({Keys.log(thread_id): after}, count=100, block=block_ms)
         return [(e, dict(f)) for _s, entries in reply for e, f in entries] if reply else []
 
     # Inbox --------------------------------------------------------------------------
@@ -253,7 +256,7 @@ class ThreadStore:
         self, agent_id: str, consumer: str, pending: bool, block_ms: int
     ) -> list[tuple[str, dict[str, str]]]:
         """This consumer's unacknowledged deliveries (pending=True) or new messages."""
-        reply = await self._redis.xreadgroup(
+        reply = await self._streams.xreadgroup(
             GROUP, consumer, {Keys.inbox(agent_id): "0" if pending else ">"},
             count=100, block=None if pending else block_ms,
         )  # fmt: skip

@@ -234,3 +234,24 @@ async def test_streams_end_cleanly_on_shutdown(pair) -> None:
     assert await inbox.code() == grpc.StatusCode.OK
     assert await asyncio.wait_for(watch.read(), 5) is grpc.aio.EOF
     assert await watch.code() == grpc.StatusCode.OK
+
+
+async def test_open_streams_never_starve_ordinary_calls(redis_url) -> None:
+    """Blocking stream reads use their own connection pool: with the ordinary pool at 4
+    connections, 12 open streams leave every unary call answering promptly."""
+    cluster = await start_cluster(redis_url, redis_max_connections=4)
+    try:
+        alpha, beta, thread = await setup_pair(cluster)
+        watchers = [cluster.thread.WatchThread(T.WatchThreadRequest(thread_id=thread.id)) for _ in range(12)]
+        await asyncio.sleep(0.5)
+        for i in range(10):
+            await asyncio.wait_for(send(cluster, thread, alpha, beta, f"m{i}"), 3)
+            got = await asyncio.wait_for(
+                cluster.thread.GetThread(T.GetThreadRequest(thread_id=thread.id)), 3
+            )
+            assert got.thread.message_count == i + 1
+        for watcher in watchers:
+            assert (await take(watcher, 1))[0].message.payload["text"] == "m0"
+            watcher.cancel()
+    finally:
+        await stop_cluster(cluster)
