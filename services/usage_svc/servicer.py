@@ -28,6 +28,8 @@ from services.usage_svc.pricing import PriceTable
 from services.usage_svc.store import BudgetState, Counters, UsageRecord, UsageStore
 
 TOP_N = 100
+PROMPT_TOKENS = TOKENS_RECORDED.labels("prompt")
+COMPLETION_TOKENS = TOKENS_RECORDED.labels("completion")
 
 
 class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
@@ -156,8 +158,8 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
                 f"usage_id {record.usage_id!r} was already recorded with a different body",
             )  # fmt: skip
         if outcome.outcome == "NEW":
-            TOKENS_RECORDED.labels("prompt").inc(record.prompt_tokens)
-            TOKENS_RECORDED.labels("completion").inc(record.completion_tokens)
+            PROMPT_TOKENS.inc(record.prompt_tokens)
+            COMPLETION_TOKENS.inc(record.completion_tokens)
             COST_RECORDED.inc(outcome.cost_micros)
         answer = usage_service_pb2.RecordUsageResponse(
             cost_usd=outcome.cost_micros / 1_000_000,

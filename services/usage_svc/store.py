@@ -188,8 +188,10 @@ class UsageStore:
         calls = [
             self._record_call([records[p] for p in positions]) for positions in groups.values()
         ]
-        # Shards are independent slots: their scripts run concurrently, one round trip each.
-        replies = await asyncio.gather(*(self._record(keys=k, args=v) for k, v in calls))
+        if len(calls) == 1:
+            replies = [await self._record(keys=calls[0][0], args=calls[0][1])]
+        else:  # shards are independent slots: their scripts run concurrently
+            replies = await asyncio.gather(*(self._record(keys=k, args=v) for k, v in calls))
         outcomes: list[RecordOutcome | None] = [None] * len(records)
         for positions, reply in zip(groups.values(), replies, strict=True):
             for position, item in zip(positions, reply, strict=True):

@@ -242,7 +242,9 @@ async def test_open_streams_never_starve_ordinary_calls(redis_url) -> None:
     cluster = await start_cluster(redis_url, redis_max_connections=4)
     try:
         alpha, beta, thread = await setup_pair(cluster)
-        watchers = [cluster.thread.WatchThread(T.WatchThreadRequest(thread_id=thread.id)) for _ in range(12)]
+        watchers = [
+            cluster.thread.WatchThread(T.WatchThreadRequest(thread_id=thread.id)) for _ in range(12)
+        ]
         await asyncio.sleep(0.5)
         for i in range(10):
             await asyncio.wait_for(send(cluster, thread, alpha, beta, f"m{i}"), 3)
