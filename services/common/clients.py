@@ -25,8 +25,11 @@ def open_channel(settings: Settings, address: str, forwarding: bool = True) -> g
     """A channel to a peer: mutual TLS when configured, plaintext otherwise. With
     `forwarding`, calls made while serving an RPC carry that caller's token, trace context
     and deadline (a caller that sets them itself, like the gateway, can do without)."""
+    secret = settings.admin_token  # signs the proof that a call is forwarded by a service
     interceptors = (
-        [ForwardingUnaryInterceptor(), ForwardingStreamInterceptor()] if forwarding else []
+        [ForwardingUnaryInterceptor(secret), ForwardingStreamInterceptor(secret)]
+        if forwarding
+        else []
     )
     if settings.tls_enabled:
         return grpc.aio.secure_channel(

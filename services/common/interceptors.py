@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common import errors
-from services.common.auth import Guard
+from services.common.auth import INTERNAL_HEADER, Guard, internal_proof
 from services.common.context import CallContext, current_call
 from services.common.logging import get_logger
 from services.common.telemetry import RPC_LATENCY, RPC_TOTAL, tracer
@@ -89,7 +89,14 @@ class _RpcScope:
         """Authenticate and rate-limit the caller; inside the scope, so refusals are mapped."""
         call = current_call.get()
         assert call is not None
-        principal = await self.guard.admit(call.authorization, self.method.rsplit("/", 1)[-1])
+        proof = next(
+            (v for k, v in self.context.invocation_metadata() or () if k == INTERNAL_HEADER), None
+        )
+        principal = await self.guard.admit(
+            call.authorization,
+            self.method.rsplit("/", 1)[-1],
+            proof if isinstance(proof, str) else None,
+        )
         self.principal = principal.label
         current_call.set(dataclasses.replace(call, principal=principal))
 
@@ -195,8 +202,9 @@ def instrument(servicer: Any, service: ServiceDescriptor, service_label: str, gu
     return servicer
 
 
-def _forwarded(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    """The call details with the current caller's token, trace context and deadline added."""
+def _forwarded(details: grpc.aio.ClientCallDetails, secret: str) -> grpc.aio.ClientCallDetails:
+    """The call details with the current caller's token, trace context and deadline added,
+    and the proof that a service forwards them (see auth.internal_proof)."""
     metadata = list(details.metadata or ())
     call = current_call.get()
     if (
@@ -205,6 +213,9 @@ def _forwarded(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetail
         and not any(key == "authorization" for key, _ in metadata)
     ):
         metadata.append(("authorization", call.authorization))
+    authorization = next((v for k, v in metadata if k == "authorization"), None)
+    if secret and isinstance(authorization, str):
+        metadata.append((INTERNAL_HEADER, internal_proof(secret, authorization)))
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     metadata.extend(carrier.items())
@@ -221,13 +232,16 @@ def _forwarded(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetail
 class ForwardingUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     """Peer unary calls: a client span, and the caller's token, trace and deadline."""
 
+    def __init__(self, secret: str = "") -> None:
+        self._secret = secret
+
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
         name = client_call_details.method
         method = name.decode() if isinstance(name, bytes) else name
         with tracer().start_as_current_span(method, kind=trace.SpanKind.CLIENT):
-            call = await continuation(_forwarded(client_call_details), request)
+            call = await continuation(_forwarded(client_call_details, self._secret), request)
             await call
             return call
 
@@ -235,7 +249,10 @@ class ForwardingUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
 class ForwardingStreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):
     """Peer server-streaming calls: the caller's token, trace and deadline."""
 
+    def __init__(self, secret: str = "") -> None:
+        self._secret = secret
+
     async def intercept_unary_stream(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(_forwarded(client_call_details), request)
+        return await continuation(_forwarded(client_call_details, self._secret), request)

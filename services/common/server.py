@@ -134,6 +134,8 @@ def whoami_lookup(peers: PeerClients) -> KeyLookup:
 
     async def lookup(_key_id: str, token: str) -> Principal | None:
         try:
+            # The forwarding interceptor adds the internal proof: WhoAmI lookups made on a
+            # caller's behalf do not count against its rate limits.
             reply = await peers.agent.WhoAmI(
                 agent_service_pb2.WhoAmIRequest(),
                 metadata=[("authorization", f"Bearer {token}")],
@@ -172,6 +174,7 @@ async def create_app(settings: Settings, bind: str, register: Register) -> GrpcA
         guard=Guard(
             Authenticator(settings.admin_token, whoami_lookup(peers), settings.auth_cache_s),
             RateLimiter(redis, settings.key_prefix, parse_rate_limits(settings.rate_limits_text)),
+            secret=settings.admin_token,
         ),
     )
     service_names = list(register(server, chassis))

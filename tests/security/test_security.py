@@ -449,3 +449,42 @@ async def test_no_rpc_lets_one_owner_reach_anothers_resources(stack, backend, me
     for t in (alice, bob):
         for c in t.channels:
             await c.close()
+
+
+async def test_calls_between_services_do_not_spend_the_callers_rate_limit(redis_url) -> None:
+    """An agent's posts make the thread service look both agents up (GetAgent) with the
+    agent's token; those lookups carry the services' proof and are not limited again, while
+    the agent's own GetAgent calls are — and a forged proof changes nothing."""
+    stack = await start_cluster(redis_url, rate_limits_text="default_read=2/min:2")
+    try:
+        await make_type(stack.agent)
+        owner = tenant(stack, "erin", await owner_key(stack, "erin"))
+        one, two, thread = await world_of(owner)
+        made = await owner.agent.CreateApiKey(
+            agent_service_pb2.CreateApiKeyRequest(
+                role=api_key_pb2.API_KEY_ROLE_AGENT, subject=one.id
+            )
+        )
+        me = tenant(stack, "one", made.token)
+        body = struct_pb2.Struct()
+        body.update({"text": "hi"})
+        for _ in range(5):  # 10 internal GetAgent lookups, far past 2/min
+            await me.thread.PostMessage(thread_service_pb2.PostMessageRequest(
+                thread_id=thread.id, from_agent=one.id, to_agent=two.id, payload=body))  # fmt: skip
+        forged = [("x-agentplane-internal", "0" * 64)]
+        for _ in range(2):
+            await me.agent.GetAgent(
+                agent_service_pb2.GetAgentRequest(agent_id=one.id, view=1), metadata=forged
+            )
+        await expect_error(
+            me.agent.GetAgent(
+                agent_service_pb2.GetAgentRequest(agent_id=one.id, view=1), metadata=forged
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            reason="RATE_LIMITED",
+        )
+        for t in (owner, me):
+            for c in t.channels:
+                await c.close()
+    finally:
+        await stop_cluster(stack)
