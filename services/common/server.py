@@ -9,7 +9,6 @@ servicers. `serve()` runs one until SIGTERM/SIGINT, then drains it and returns 0
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -98,12 +97,12 @@ class GrpcApp:
         self.chassis.stopping.set()
         if self._monitor is not None:
             self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
-        await self.server.stop(grace)
-        await self.chassis.peers.close()
-        await self.chassis.redis.aclose()
-        await self.chassis.stream_redis.aclose()
+            await _bounded("health monitor", asyncio.wait({self._monitor}), 2.0)
+        await _bounded("server", self.server.stop(grace), grace + 5.0)
+        # Releasing clients must never keep a stopping process alive.
+        await _bounded("peer channels", self.chassis.peers.close(), 5.0)
+        await _bounded("redis", self.chassis.redis.aclose(), 5.0)
+        await _bounded("redis streams", self.chassis.stream_redis.aclose(), 5.0)
         log.info("stopped", port=self.port)
 
     async def _redis_ok(self) -> bool:
@@ -127,6 +126,16 @@ class GrpcApp:
                 (log.info if ok else log.warning)("redis health", reachable=ok)
                 previous = ok
             await asyncio.sleep(HEALTH_INTERVAL_S)
+
+
+async def _bounded(what: str, step: Awaitable[object], seconds: float) -> None:
+    """One shutdown step, given at most `seconds`; a step that overruns is logged and left."""
+    try:
+        await asyncio.wait_for(step, seconds)  # type: ignore[arg-type]
+    except TimeoutError:
+        log.warning("shutdown step overran; continuing", step=what, seconds=seconds)
+    except Exception as exc:  # a failing release must not stop the rest of the shutdown
+        log.warning("shutdown step failed; continuing", step=what, error=str(exc))
 
 
 def whoami_lookup(peers: PeerClients) -> KeyLookup:
