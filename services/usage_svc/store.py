@@ -164,7 +164,11 @@ class UsageStore:
     async def _write_pending(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
-            await self._write_batch(batch)
+            # A caller that gave up while waiting (its deadline passed) is not written for:
+            # no write happens after a handler's deadline.
+            batch = [(record, waiter) for record, waiter in batch if not waiter.done()]
+            if batch:
+                await self._write_batch(batch)
 
     async def _write_batch(
         self, batch: list[tuple[UsageRecord, asyncio.Future[RecordOutcome]]]

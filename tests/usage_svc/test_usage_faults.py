@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 import grpc
+import pytest
 import redis as redis_sync
 
 from agentplane.usage.v1 import usage_service_pb2 as U
@@ -127,3 +128,38 @@ async def test_kill_mid_load_with_appendfsync_always_loses_no_acknowledged_recor
                 assert again.duplicate, usage_id
     finally:
         redis.stop()
+
+
+async def test_a_record_whose_caller_gave_up_is_not_written(redis_url) -> None:
+    """Group commit and deadlines: a record still queued when its caller's deadline passes
+    is dropped, not written after the deadline."""
+    from services.common.redis import create_redis
+    from services.usage_svc.servicer import UsageServicer
+    from services.usage_svc.store import UsageStore
+
+    settings = make_settings("usage_svc", redis_url)
+    redis = create_redis(settings)
+    store = UsageStore(redis, shards=4, usage_id_ttl_s=3600)
+    servicer = UsageServicer.__new__(UsageServicer)
+    servicer._prices = __import__(
+        "services.usage_svc.pricing", fromlist=["PriceTable"]
+    ).PriceTable.load()
+    first, late = (servicer._check_record(record(f"q{i}"), "") for i in range(2))
+    release = asyncio.Event()
+    real_record = store.record
+
+    async def slow_record(records):
+        await release.wait()
+        return await real_record(records)
+
+    store.record = slow_record  # hold the first batch in flight
+    writing = asyncio.create_task(store.record_one(first))
+    await asyncio.sleep(0.05)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.1):  # the second caller's deadline passes while queued
+            await store.record_one(late)
+    release.set()
+    await writing
+    overview = await store.overview("", 10)
+    assert overview.totals.requests == 1  # only the first record was written
+    await redis.aclose()
