@@ -124,14 +124,12 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         return type_message(await self._type(request.agent_type_id))
 
     async def ListAgentTypes(self, request, context):  # type: ignore[no-untyped-def]
-        page = parse_page(request.page_size, request.page_token, request.skip, ("types",))
-        records, token, total = await self._store.list_types(page)
-        types = [type_message(r) for r in records]
-        if request.active_only:
-            # Inactive types are rare; filtering the page keeps the index simple.
-            types = [t for t in types if t.is_active]
+        page = parse_page(
+            request.page_size, request.page_token, request.skip, ("types", request.active_only)
+        )
+        records, token, total = await self._store.list_types(page, request.active_only)
         return agent_service_pb2.ListAgentTypesResponse(
-            agent_types=types, next_page_token=token, total_size=total
+            agent_types=[type_message(r) for r in records], next_page_token=token, total_size=total
         )
 
     async def UpdateAgentType(self, request, context):  # type: ignore[no-untyped-def]

@@ -34,6 +34,7 @@ class Keys:
     counters = PREFIX + "counters"
     projects = PREFIX + "projects"
     types = PREFIX + "types"
+    active_types = PREFIX + "types:active"
 
     @staticmethod
     def project(project_id: str) -> str:
@@ -127,6 +128,8 @@ class AgentStore:
 
     async def create_type(self, fields: dict[str, str]) -> bool:
         keys = [Keys.agent_type(fields["id"]), Keys.types, Keys.counters]
+        if fields.get("is_active") == "1":
+            keys.append(Keys.active_types)
         return bool(
             await self._create_record(keys=keys, args=[fields["id"], "agent_types", *_flat(fields)])
         )
@@ -135,14 +138,23 @@ class AgentStore:
         return await self._hash(Keys.agent_type(type_id))
 
     async def update_type(self, type_id: str, fields: dict[str, str]) -> None:
-        """Types are never deleted, so an existence check then HSET cannot resurrect one."""
-        if fields:
-            await self._redis.hset(Keys.agent_type(type_id), mapping=fields)
+        """Types are never deleted, so an existence check then HSET cannot resurrect one.
+        The record and the index of active types change together (MULTI, one slot)."""
+        if not fields:
+            return
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(Keys.agent_type(type_id), mapping=fields)
+            if fields.get("is_active") == "1":
+                pipe.zadd(Keys.active_types, {type_id: 0})
+            elif fields.get("is_active") == "0":
+                pipe.zrem(Keys.active_types, type_id)
+            await pipe.execute()
 
-    async def list_types(self, page: Page) -> tuple[list[dict[str, str]], str, int]:
-        members, token, total = await read_lex_page(
-            self._redis, Keys.types, page, newest_first=False
-        )
+    async def list_types(
+        self, page: Page, active_only: bool = False
+    ) -> tuple[list[dict[str, str]], str, int]:
+        index = Keys.active_types if active_only else Keys.types
+        members, token, total = await read_lex_page(self._redis, index, page, newest_first=False)
         types = await self._hashes(Keys.agent_type(m) for m in members)
         return [t for t in types if t], token, total
 

@@ -65,7 +65,7 @@ async def test_agent_types(agent_stub) -> None:
     listed = await agent_stub.ListAgentTypes(M.ListAgentTypesRequest())
     assert [t.id for t in listed.agent_types] == ["asleep", "coder"] and listed.total_size == 2
     active = await agent_stub.ListAgentTypes(M.ListAgentTypesRequest(active_only=True))
-    assert [t.id for t in active.agent_types] == ["coder"]
+    assert [t.id for t in active.agent_types] == ["coder"] and active.total_size == 1
     updated = await agent_stub.UpdateAgentType(
         M.UpdateAgentTypeRequest(
             agent_type_id="coder",
@@ -75,6 +75,8 @@ async def test_agent_types(agent_stub) -> None:
     )
     assert updated.description == "writes code" and not updated.is_active
     assert updated.display_name == "Coder"  # not in the mask: untouched
+    now_active = await agent_stub.ListAgentTypes(M.ListAgentTypesRequest(active_only=True))
+    assert now_active.total_size == 0 and not now_active.agent_types
     await expect_error(
         agent_stub.UpdateAgentType(
             M.UpdateAgentTypeRequest(
