@@ -13,7 +13,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from prometheus_client import Counter, Histogram, start_http_server
 
@@ -36,12 +36,16 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def configure_telemetry(settings: Settings) -> None:
-    """Install the tracer provider and start the metrics endpoint, once per process."""
+def configure_telemetry(settings: Settings, exporter: SpanExporter | None = None) -> None:
+    """Install the tracer provider and start the metrics endpoint, once per process.
+    `exporter` (tests) records every span synchronously instead of the OTLP exporter."""
     with _lock:
         if "tracing" not in _state:
             resource = Resource.create({"service.name": settings.service_name})
-            if settings.otlp_endpoint:
+            if exporter is not None:
+                provider = TracerProvider(resource=resource)
+                provider.add_span_processor(SimpleSpanProcessor(exporter))
+            elif settings.otlp_endpoint:
                 provider = TracerProvider(resource=resource)
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
                     OTLPSpanExporter,
