@@ -10,8 +10,7 @@ from agentplane.agent.v1 import agent_service_pb2, agent_service_pb2_grpc
 from services.agent_svc.servicer import AgentServicer
 from services.agent_svc.store import AgentStore
 from services.common.auth import Authenticator
-from services.common.server import Chassis, GrpcApp, create_app
-from services.common.settings import Settings
+from services.common.server import Chassis, server_factory
 
 SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]
 SERVICE_NAME = SERVICE.full_name
@@ -36,6 +35,4 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     return [SERVICE_NAME]
 
 
-async def create_server(settings: Settings, bind: str) -> tuple[GrpcApp, int]:
-    app = await create_app(settings, bind, _register)
-    return app, app.port
+create_server = server_factory(_register)

@@ -202,6 +202,20 @@ async def create_app(settings: Settings, bind: str, register: Register) -> GrpcA
     return GrpcApp(server, port, chassis, health_servicer, service_names)
 
 
+CreateServer = Callable[[Settings, str], Awaitable[tuple[GrpcApp, int]]]
+
+
+def server_factory(register: Register) -> CreateServer:
+    """A service's `create_server(settings, bind) -> (app, port)`: the chassis plus its own
+    servicers (`register`). Tests call it with port 0; `main` with GRPC_PORT."""
+
+    async def create_server(settings: Settings, bind: str) -> tuple[GrpcApp, int]:
+        app = await create_app(settings, bind, register)
+        return app, app.port
+
+    return create_server
+
+
 async def _wait_for_signal() -> str:
     loop = asyncio.get_running_loop()
     received: asyncio.Future[str] = loop.create_future()

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import grpc
 
 from agentplane.thread.v1 import thread_service_pb2, thread_service_pb2_grpc
-from services.common.server import Chassis, GrpcApp, create_app
-from services.common.settings import Settings
+from services.common.server import Chassis, server_factory
 from services.thread_svc.servicer import ThreadServicer
 from services.thread_svc.store import ThreadStore
 
@@ -31,6 +30,4 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     return [SERVICE_NAME]
 
 
-async def create_server(settings: Settings, bind: str) -> tuple[GrpcApp, int]:
-    app = await create_app(settings, bind, _register)
-    return app, app.port
+create_server = server_factory(_register)

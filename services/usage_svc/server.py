@@ -8,8 +8,7 @@ import grpc
 
 from agentplane.usage.v1 import usage_service_pb2, usage_service_pb2_grpc
 from services.common.access import Visibility
-from services.common.server import Chassis, GrpcApp, create_app
-from services.common.settings import Settings
+from services.common.server import Chassis, server_factory
 from services.usage_svc.pricing import PriceTable
 from services.usage_svc.servicer import UsageServicer
 from services.usage_svc.store import UsageStore
@@ -35,6 +34,4 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     return [SERVICE_NAME]
 
 
-async def create_server(settings: Settings, bind: str) -> tuple[GrpcApp, int]:
-    app = await create_app(settings, bind, _register)
-    return app, app.port
+create_server = server_factory(_register)
