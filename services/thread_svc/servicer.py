@@ -108,6 +108,15 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         await self._peers.agent.GetProject(
             agent_service_pb2.GetProjectRequest(project_id=project_id)
         )
+        # Participants are agents of the thread's project (so an agent's threads are all in
+        # its own project, which the indexes rely on).
+        members = await asyncio.gather(*(self._visibility.agent(p) for p in participants))
+        for participant, agent in zip(participants, members, strict=True):
+            if agent is None or agent.project_id != project_id:
+                raise errors.invalid_argument(
+                    "thread.participants",
+                    f"{participant!r} is not an agent of project {project_id!r}",
+                )
         if await self._store.get_thread(thread_id) is not None:
             raise errors.already_exists("thread", thread_id)
         return await self._create(thread_id, project_id, title, participants, metadata, max_tokens)
@@ -152,7 +161,10 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         agent_id = require_id("agent", request.agent) if request.agent else ""
         status = thread_status_name(request.status) if request.status else ""
         if agent_id:
-            await self._agent(agent_id, "agent")
+            agent = await self._agent(agent_id, "agent")
+            if project_id not in (ALL, agent.project_id):
+                # An agent's threads are all in its own project: another project has none.
+                return thread_service_pb2.ListThreadsResponse()
         elif project_id == ALL:
             require_superuser("listing threads of every project")
         elif not await self._visibility.project(project_id):
@@ -162,10 +174,6 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             ("threads", project_id, agent_id, status), default_size=50,
         )  # fmt: skip
         found, token, total = await self._store.list_threads(project_id, agent_id, status, page)
-        if agent_id and project_id != ALL:
-            # An agent's threads are all in its own project: another project has none.
-            found = [f for f in found if f[0].get("project_id") == project_id]
-            total = total if found or not total else 0
         return thread_service_pb2.ListThreadsResponse(
             threads=[thread_message(r, p) for r, p in found],
             next_page_token=token,

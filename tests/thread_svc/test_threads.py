@@ -89,6 +89,15 @@ async def test_create_thread_sets_its_budget(world) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         field="thread.project_id",
     )
+    await expect_error(
+        cluster.thread.CreateThread(
+            T.CreateThreadRequest(
+                thread=thread_pb2.Thread(project_id="demo", participants=["ghost"])
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        field="thread.participants",
+    )
 
 
 async def test_peer_and_status_rules(world) -> None:
