@@ -82,34 +82,34 @@ def make_settings(
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-async def agent_app(redis_target: RedisTarget) -> AsyncIterator[GrpcApp]:
-    settings = make_settings("agent_svc", redis_target.url, redis_target.cluster)
-    app, _ = await create_agent_server(settings, "127.0.0.1:0")
+@contextlib.asynccontextmanager
+async def one_service(create, name: str, target: RedisTarget, stub_class):  # type: ignore[no-untyped-def]
+    """One service alone in-process (peers unreachable), and a superuser stub to it."""
+    app, port = await create(make_settings(name, target.url, target.cluster), "127.0.0.1:0")
     await app.start()
-    yield app
-    await app.stop(grace=0)
+    try:
+        async with authed_channel(f"127.0.0.1:{port}") as channel:
+            yield stub_class(channel)
+    finally:
+        await app.stop(grace=0)
 
 
 @pytest.fixture
-async def agent_stub(agent_app: GrpcApp) -> AsyncIterator[agent_service_pb2_grpc.AgentServiceStub]:
-    async with authed_channel(f"127.0.0.1:{agent_app.port}") as channel:
-        yield agent_service_pb2_grpc.AgentServiceStub(channel)
+async def agent_stub(
+    redis_target: RedisTarget,
+) -> AsyncIterator[agent_service_pb2_grpc.AgentServiceStub]:
+    stub = agent_service_pb2_grpc.AgentServiceStub
+    async with one_service(create_agent_server, "agent_svc", redis_target, stub) as agent:
+        yield agent
 
 
 @pytest.fixture
-async def usage_app(redis_target: RedisTarget) -> AsyncIterator[GrpcApp]:
-    settings = make_settings("usage_svc", redis_target.url, redis_target.cluster)
-    app, _ = await create_usage_server(settings, "127.0.0.1:0")
-    await app.start()
-    yield app
-    await app.stop(grace=0)
-
-
-@pytest.fixture
-async def usage_stub(usage_app: GrpcApp) -> AsyncIterator[usage_service_pb2_grpc.UsageServiceStub]:
-    async with authed_channel(f"127.0.0.1:{usage_app.port}") as channel:
-        yield usage_service_pb2_grpc.UsageServiceStub(channel)
+async def usage_stub(
+    redis_target: RedisTarget,
+) -> AsyncIterator[usage_service_pb2_grpc.UsageServiceStub]:
+    stub = usage_service_pb2_grpc.UsageServiceStub
+    async with one_service(create_usage_server, "usage_svc", redis_target, stub) as usage:
+        yield usage
 
 
 @dataclasses.dataclass

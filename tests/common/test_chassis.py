@@ -122,12 +122,18 @@ async def test_peer_calls_forward_token_trace_and_deadline(probe) -> None:
     assert seen["remaining"] is not None and 0 < seen["remaining"] < 4.2
 
 
-async def test_reflection_lists_the_service(agent_app) -> None:
+async def test_reflection_lists_the_service(redis_url) -> None:
+    app, port = await create_server(make_settings("agent_svc", redis_url), "127.0.0.1:0")
+    await app.start()
+
     def services() -> list[str]:
-        with grpc.insecure_channel(f"127.0.0.1:{agent_app.port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             return list(ProtoReflectionDescriptorDatabase(channel).get_services())
 
-    listed = await asyncio.to_thread(services)
+    try:
+        listed = await asyncio.to_thread(services)
+    finally:
+        await app.stop(grace=0)
     assert SERVICE_NAME in listed and "grpc.health.v1.Health" in listed
 
 
