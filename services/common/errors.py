@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "agentplane.dev"
@@ -149,7 +149,6 @@ __all__ = [
     "DOMAIN",
     "ServiceError",
     "already_exists",
-    "code_pb2",
     "details_of",
     "failed_precondition",
     "invalid_argument",
