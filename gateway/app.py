@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import orjson
-from google.protobuf import message_factory
+from google.protobuf import json_format, message_factory
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import propagate, trace
@@ -62,8 +62,6 @@ def error_envelope(
 
 
 def _details_from_status(status: status_pb2.Status) -> list[Any]:
-    from google.protobuf import json_format
-
     return [
         json_format.MessageToDict(detail, preserving_proto_field_name=True)
         for detail in status.details
@@ -79,12 +77,7 @@ def rpc_error_parts(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, li
 
 
 def service_error_parts(exc: errors.ServiceError) -> tuple[grpc.StatusCode, str, list[Any]]:
-    status = exc.to_status()
-    details: list[Any] = []
-    for key, value in status.trailing_metadata:
-        if key == "grpc-status-details-bin":
-            details = _details_from_status(status_pb2.Status.FromString(value))
-    return exc.code, exc.message, details
+    return exc.code, exc.message, _details_from_status(exc.to_proto())
 
 
 class Gateway:

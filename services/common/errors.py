@@ -34,6 +34,10 @@ class ServiceError(Exception):
 
     def to_status(self) -> grpc.Status:
         """The grpc.Status (with details in `grpc-status-details-bin`) for this error."""
+        return rpc_status.to_status(self.to_proto())
+
+    def to_proto(self) -> status_pb2.Status:
+        """The error as a google.rpc.Status (batch results, the gateway's envelope)."""
         details = [
             error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
         ]
@@ -64,8 +68,7 @@ class ServiceError(Exception):
             any_detail = any_pb2.Any()
             any_detail.Pack(detail)
             packed.append(any_detail)
-        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
-        return rpc_status.to_status(status)
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
 
 
 def invalid_argument(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 
-from google.rpc import code_pb2, status_pb2
+from google.rpc import code_pb2
 
 from agentplane.usage.v1 import usage_pb2, usage_service_pb2, usage_service_pb2_grpc
 from services.common import errors
@@ -61,7 +61,7 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
                 await self._may_record(record, f"requests[{position}].")
                 valid.append((position, record))
             except errors.ServiceError as exc:
-                result.status.CopyFrom(_rpc_status(exc))
+                result.status.CopyFrom(exc.to_proto())
             results.append(result)
         outcomes = await self._store.record([record for _, record in valid])
         for (position, record), outcome in zip(valid, outcomes, strict=True):
@@ -69,7 +69,7 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
                 results[position].response.CopyFrom(self._record_answer(record, outcome))
                 results[position].status.code = code_pb2.OK
             except errors.ServiceError as exc:
-                results[position].status.CopyFrom(_rpc_status(exc))
+                results[position].status.CopyFrom(exc.to_proto())
         return usage_service_pb2.RecordUsageBatchResponse(results=results)
 
     def _check_record(self, request, prefix: str) -> UsageRecord:  # type: ignore[no-untyped-def]
@@ -355,12 +355,3 @@ def totals_message(counters: Counters) -> usage_pb2.UsageTotals:
 
 def _no_budget(thread_id: str) -> errors.ServiceError:
     return errors.not_found("thread_budget", thread_id)
-
-
-def _rpc_status(exc: errors.ServiceError) -> status_pb2.Status:
-    """A per-record google.rpc.Status (same code, message and details as a call error)."""
-    status = exc.to_status()
-    for key, value in status.trailing_metadata:
-        if key == "grpc-status-details-bin":
-            return status_pb2.Status.FromString(value)
-    return status_pb2.Status(code=status.code.value[0], message=exc.message)
