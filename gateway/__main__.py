@@ -22,7 +22,7 @@ def main() -> int:
     configure_telemetry(settings)
     config = uvicorn.Config(
         create_app(settings),
-        host="0.0.0.0",
+        host=settings.bind_host,
         port=settings.http_port,
         log_config=None,
         access_log=False,  # the gateway writes its own access line, with the trace id

@@ -52,6 +52,7 @@ class _RpcScope:
         "context",
         "guard",
         "method",
+        "peer",
         "principal",
         "service",
     )
@@ -65,9 +66,15 @@ class _RpcScope:
         self.guard = guard
         self.code = grpc.StatusCode.OK
         self.principal = ""
+        self.peer = ""
 
     async def __aenter__(self) -> _RpcScope:
+        # Everything the scope needs from the RPC's context is taken now, while the RPC is
+        # surely alive: once a stream has ended (a client cancelled it), touching its
+        # context is undefined behaviour in grpc's C core (seen: SIGSEGV under many
+        # simultaneous cancellations).
         self._start = time.perf_counter()
+        self.peer = self.context.peer() or ""
         metadata = self.context.invocation_metadata() or ()
         carrier = {key: value for key, value in metadata if isinstance(value, str)}
         remaining = self.context.time_remaining()
@@ -78,7 +85,7 @@ class _RpcScope:
         self._token = current_call.set(
             CallContext(
                 method=self.method,
-                peer=self.context.peer() or "",
+                peer=self.peer,
                 authorization=carrier.get("authorization"),
                 deadline=None if remaining is None else time.monotonic() + remaining,
             )
@@ -114,7 +121,7 @@ class _RpcScope:
                 method=self.method,
                 code=self.code.name,
                 duration_ms=round(duration * 1000, 3),
-                peer=self.context.peer(),
+                peer=self.peer,
                 principal=self.principal,
             )
             current_call.reset(self._token)
@@ -125,7 +132,9 @@ class _RpcScope:
         if isinstance(exc, grpc.aio.AbortError):
             self.code = self.context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
             return
-        if isinstance(exc, asyncio.CancelledError):
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            # The RPC is over (cancelled, or its stream closed by grpc): nothing to send,
+            # and its context must not be touched any more.
             self.code = grpc.StatusCode.CANCELLED
             return
         error = self._as_service_error(exc)

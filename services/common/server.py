@@ -232,7 +232,7 @@ async def _wait_for_signal() -> str:
 async def serve(
     settings: Settings, create_server: Callable[[Settings, str], Awaitable[tuple[GrpcApp, int]]]
 ) -> None:
-    app, _port = await create_server(settings, f"[::]:{settings.grpc_port}")
+    app, _port = await create_server(settings, settings.bind_address(settings.grpc_port))
     await app.start()
     name = await _wait_for_signal()
     log.info("shutting down", signal=name, grace_s=settings.grace_period_s)

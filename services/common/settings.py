@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -90,11 +91,23 @@ def _redis_url(env: Mapping[str, str]) -> str:
     return value
 
 
+def _bind_host(env: Mapping[str, str]) -> str:
+    """BIND_HOST: the address servers listen on ("::", every interface, by default)."""
+    host = env.get("BIND_HOST", "::").strip().strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise SettingsError(f"BIND_HOST={host!r} must be an IP address or localhost") from None
+    return host
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a process reads from its environment (SPEC §1, §4, §6)."""
 
     service_name: str
+    bind_host: str
     grpc_port: int
     http_port: int
     metrics_port: int
@@ -129,6 +142,11 @@ class Settings:
         """The Redis key prefix this process owns (SPEC §1): ap:agent:, ap:thread:, ap:usage:."""
         return f"ap:{self.service_name.removesuffix('_svc')}:"
 
+    def bind_address(self, port: int) -> str:
+        """host:port to listen on (IPv6 addresses in brackets)."""
+        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+        return f"{host}:{port}"
+
     @property
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert and self.tls_key and self.tls_ca)
@@ -153,6 +171,7 @@ class Settings:
                 raise SettingsError(f"{name}={path!r} is not a readable file")
         return cls(
             service_name=service_name,
+            bind_host=_bind_host(env),
             grpc_port=_int(env, "GRPC_PORT", default_grpc_port, 0, 65535),
             http_port=_int(env, "HTTP_PORT", 8080, 0, 65535),
             metrics_port=_int(env, "METRICS_PORT", default_metrics_port, 0, 65535),
