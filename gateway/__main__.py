@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import sys
 
-import uvicorn
-
 from gateway.app import create_app
-from services.common.logging import configure_logging
+from gateway.server import listen, make_server
+from services.common.logging import configure_logging, get_logger
 from services.common.settings import Settings, SettingsError
 from services.common.telemetry import configure_telemetry
 
@@ -20,17 +19,15 @@ def main() -> int:
         return 2
     configure_logging(settings)
     configure_telemetry(settings)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.bind_host,
-        port=settings.http_port,
-        log_config=None,
-        access_log=False,  # the gateway writes its own access line, with the trace id
-        loop="uvloop",
-        http="httptools",
-        timeout_graceful_shutdown=int(settings.grace_period_s),
+    try:
+        sock = listen(settings)
+    except OSError as exc:
+        print(f"gateway: cannot listen on port {settings.http_port}: {exc}", file=sys.stderr)
+        return 1
+    get_logger("agentplane.gateway").info(
+        "listening", port=sock.getsockname()[1], host=settings.bind_host
     )
-    uvicorn.Server(config).run()
+    make_server(settings, create_app(settings)).run(sockets=[sock])
     return 0
 
 

@@ -16,11 +16,13 @@ from opentelemetry import propagate, trace
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 
+from agentplane.agent.v1 import agent_service_pb2_grpc
 from gateway import codec
 from gateway.compat import COMPAT, Compat, Paging, legacy_paging
 from gateway.openapi import build_openapi
 from gateway.routes import Route, build_routes, match
 from services.common import errors
+from services.common.auth import Authenticator, whoami_lookup
 from services.common.clients import open_channel
 from services.common.limits import HTTP_MAX_BODY_BYTES as MAX_BODY_BYTES
 from services.common.logging import get_logger
@@ -80,6 +82,13 @@ def service_error_parts(exc: errors.ServiceError) -> tuple[grpc.StatusCode, str,
     return exc.code, exc.message, _details_from_status(exc.to_proto())
 
 
+class BodyTooLarge(Exception):
+    """A request body past HTTP_MAX_BODY_BYTES: 413, and the connection is closed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body is larger than {limit} bytes")
+
+
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -94,6 +103,15 @@ class Gateway:
         }
         self.openapi = build_openapi(self.routes)
         self._calls: dict[tuple[str, int], Any] = {}
+        self.auth = self._authenticator()
+
+    def _authenticator(self) -> Authenticator:
+        """Callers are authenticated here, before their body is read (the services check
+        again); API keys are looked up with the agent service, cached like everywhere."""
+        agent = agent_service_pb2_grpc.AgentServiceStub(self.channels["agent"])
+        return Authenticator(
+            self.settings.admin_token, whoami_lookup(agent), self.settings.auth_cache_s
+        )
 
     async def open(self) -> None:
         """Channels to the backends, once, on the serving event loop (they are bound to it)."""
@@ -107,6 +125,8 @@ class Gateway:
         self.channels = {
             name: open_channel(self.settings, a, forwarding=False) for name, a in addresses.items()
         }
+        self._calls.clear()
+        self.auth = self._authenticator()
 
     async def close(self) -> None:
         for channel in self.channels.values():
@@ -148,7 +168,14 @@ class Gateway:
                         [],
                     )
                 else:
+                    await self.auth.authenticate(request.headers.get("authorization"))
                     response = await self._call(route, values, request)
+            except BodyTooLarge as exc:
+                response = json_response(
+                    {"error": {"code": 413, "status": "INVALID_ARGUMENT", "message": str(exc),
+                               "details": []}},
+                    413, {"Connection": "close"},
+                )  # fmt: skip
             except errors.ServiceError as exc:
                 response = self._error(*service_error_parts(exc))
             except grpc.aio.AioRpcError as exc:
@@ -170,6 +197,8 @@ class Gateway:
 
     def _error(self, code: grpc.StatusCode, message: str, details: list[Any]) -> Response:
         status, body, headers = error_envelope(code, message, details)
+        if status == 401:
+            headers["Connection"] = "close"  # a body the caller may still be sending is unread
         return json_response(body, status, headers)
 
     async def _call(self, route: Route, values: dict[str, str], request: Request) -> Response:
@@ -230,9 +259,19 @@ class Gateway:
         return json_response(answer, compat.status)
 
     async def _body(self, request: Request) -> Any:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise errors.invalid_argument("body", f"is larger than {MAX_BODY_BYTES} bytes")
+        """The JSON body, read only up to the limit: a declared Content-Length past it is
+        refused before any byte is read, a chunked body as soon as it passes it."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise BodyTooLarge(MAX_BODY_BYTES)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise BodyTooLarge(MAX_BODY_BYTES)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         if not raw.strip():
             return {}
         try:

@@ -175,25 +175,23 @@ async def cluster(redis_target: RedisTarget) -> AsyncIterator[Cluster]:
 
 @contextlib.asynccontextmanager
 async def serve_gateway(cluster: Cluster, **overrides: object) -> AsyncIterator[str]:
-    """The real gateway app under uvicorn on a free port, wired to `cluster`; yields its URL."""
-    import uvicorn
-
+    """The real gateway app and HTTP server on port 0, wired to `cluster`; yields its URL."""
     from gateway.app import create_app
+    from gateway.server import listen, make_server
 
     settings = make_settings(
         "gateway", cluster.redis_url, cluster.redis_cluster,
         agent_svc_addr=cluster.address("agent"), thread_svc_addr=cluster.address("thread"),
-        usage_svc_addr=cluster.address("usage"), **overrides,
+        usage_svc_addr=cluster.address("usage"), bind_host="127.0.0.1", **overrides,
     )  # fmt: skip
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="on"
-        )
-    )
+    sock = listen(settings, 0)
+    port = sock.getsockname()[1]
+    server = make_server(settings, create_app(settings))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:  # noqa: ASYNC110 (uvicorn offers no event for this)
+        if task.done():
+            task.result()
         await asyncio.sleep(0.02)
     try:
         yield f"http://127.0.0.1:{port}"

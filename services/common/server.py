@@ -21,16 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agentplane.agent.v1 import agent_service_pb2, api_key_pb2
-from services.common import errors
-from services.common.auth import (
-    Authenticator,
-    Guard,
-    KeyLookup,
-    Principal,
-    RateLimiter,
-    parse_rate_limits,
-)
+from services.common.auth import Authenticator, Guard, RateLimiter, parse_rate_limits, whoami_lookup
 from services.common.clients import PeerClients
 from services.common.interceptors import instrument
 from services.common.limits import GRPC_MAX_MESSAGE_BYTES
@@ -138,30 +129,6 @@ async def _bounded(what: str, step: Awaitable[object], seconds: float) -> None:
         log.warning("shutdown step failed; continuing", step=what, error=str(exc))
 
 
-def whoami_lookup(peers: PeerClients) -> KeyLookup:
-    """API keys belong to the agent service: other services ask it who a token is."""
-
-    async def lookup(_key_id: str, token: str) -> Principal | None:
-        try:
-            # The forwarding interceptor adds the internal proof: WhoAmI lookups made on a
-            # caller's behalf do not count against its rate limits.
-            reply = await peers.agent.WhoAmI(
-                agent_service_pb2.WhoAmIRequest(),
-                metadata=[("authorization", f"Bearer {token}")],
-                timeout=2.0,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                return None
-            raise errors.unavailable(
-                "cannot authenticate: the agent service is unreachable"
-            ) from exc
-        role = api_key_pb2.ApiKeyRole.Name(reply.role).removeprefix("API_KEY_ROLE_")
-        return Principal(role, reply.subject, reply.project_id, reply.key_id)
-
-    return lookup
-
-
 async def create_app(settings: Settings, bind: str, register: Register) -> GrpcApp:
     """Build (but do not start) a service's server; `bind` may use port 0."""
     server = grpc.aio.server(
@@ -181,7 +148,7 @@ async def create_app(settings: Settings, bind: str, register: Register) -> GrpcA
         peers=peers,
         stopping=asyncio.Event(),
         guard=Guard(
-            Authenticator(settings.admin_token, whoami_lookup(peers), settings.auth_cache_s),
+            Authenticator(settings.admin_token, whoami_lookup(peers.agent), settings.auth_cache_s),
             RateLimiter(redis, settings.key_prefix, parse_rate_limits(settings.rate_limits_text)),
             secret=settings.admin_token,
         ),

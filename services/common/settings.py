@@ -110,6 +110,8 @@ class Settings:
     bind_host: str
     grpc_port: int
     http_port: int
+    http_read_timeout_s: float
+    http_max_connections: int
     metrics_port: int
     redis_url: str
     redis_cluster: bool
@@ -174,6 +176,8 @@ class Settings:
             bind_host=_bind_host(env),
             grpc_port=_int(env, "GRPC_PORT", default_grpc_port, 0, 65535),
             http_port=_int(env, "HTTP_PORT", 8080, 0, 65535),
+            http_read_timeout_s=_float(env, "HTTP_READ_TIMEOUT_SECONDS", 30.0, 0.1, 3600.0),
+            http_max_connections=_int(env, "HTTP_MAX_CONNECTIONS", 2048, 1, 1_000_000),
             metrics_port=_int(env, "METRICS_PORT", default_metrics_port, 0, 65535),
             redis_url=_redis_url(env),
             redis_cluster=_bool(env, "REDIS_CLUSTER", False),
