@@ -187,9 +187,8 @@ async def serve_gateway(cluster: Cluster, **overrides: object) -> AsyncIterator[
     sock = listen(settings, 0)
     port = sock.getsockname()[1]
     server = make_server(settings, create_app(settings))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:  # noqa: ASYNC110 (uvicorn offers no event for this)
+    while not server.started:  # uvicorn offers no event for this
         if task.done():
             task.result()
         await asyncio.sleep(0.02)
