@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +25,7 @@ from gateway.routes import Route, build_routes, match
 from services.common import errors
 from services.common.auth import Authenticator, whoami_lookup
 from services.common.clients import open_channel
+from services.common.interceptors import STREAM_OPEN_HEADER
 from services.common.limits import HTTP_MAX_BODY_BYTES as MAX_BODY_BYTES
 from services.common.logging import get_logger
 from services.common.settings import Settings
@@ -52,13 +54,14 @@ def error_envelope(
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
     status = HTTP_STATUS.get(code, 500)
     headers: dict[str, str] = {}
-    if status == 429:
-        delay = next(
-            (d.get("retry_delay") for d in details if d.get("@type", "").endswith("RetryInfo")),
-            None,
-        )
-        seconds = float(delay.rstrip("s")) if isinstance(delay, str) else 1.0
-        headers["Retry-After"] = str(max(1, round(seconds + 0.499)))
+    delay = next(
+        (d.get("retry_delay") for d in details if d.get("@type", "").endswith("RetryInfo")),
+        None,
+    )
+    if isinstance(delay, str):
+        # Only when the service said when a retry can succeed (a rate limit); an exhausted
+        # budget is 429 too, but waiting does not help, so it carries no Retry-After.
+        headers["Retry-After"] = str(max(1, math.ceil(float(delay.rstrip("s")))))
     body = {"error": {"code": status, "status": code.name, "message": message, "details": details}}
     return status, body, headers
 
@@ -247,8 +250,10 @@ class Gateway:
             metadata.append(("authorization", authorization))
         call = self._callable(route)
         if route.streaming:
+            stream = call(message, metadata=metadata)
+            await self._opened(stream)
             return StreamingResponse(
-                self._events(call(message, metadata=metadata), request),
+                self._events(stream, request),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -278,6 +283,25 @@ class Gateway:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise errors.invalid_argument("body", f"malformed JSON: {exc}") from None
+
+    async def _opened(self, stream: Any) -> None:
+        """Wait until the service has accepted the stream: a refusal known before the first
+        event (401, 403, 404, 409...) becomes the HTTP status, not an `event: error`."""
+        try:
+            async with asyncio.timeout(self.settings.peer_timeout_s):
+                initial = await stream.initial_metadata()
+                if any(key == STREAM_OPEN_HEADER for key, _ in initial or ()):
+                    return
+                await stream.read()  # ended before opening: raises its error, if any
+        except TimeoutError:
+            stream.cancel()
+            raise errors.ServiceError(
+                "the service did not open the stream in time", reason="DEADLINE_EXCEEDED",
+                code=grpc.StatusCode.DEADLINE_EXCEEDED,
+            ) from None  # fmt: skip
+        except BaseException:
+            stream.cancel()
+            raise
 
     async def _events(self, call: Any, request: Request) -> AsyncIterator[bytes]:
         """Server-sent events: one `data:` line per streamed message; errors as `event: error`."""

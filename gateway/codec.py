@@ -141,10 +141,24 @@ def _normalize_field(field: FieldDescriptor, value: Any, path: str) -> Any:
     return _normalize_scalar(field, value, path)
 
 
+def field_mask_json(value: str) -> str:
+    """A FieldMask as its JSON form (lowerCamelCase paths): REST callers write the proto
+    names (`current_task`), which json_format would refuse."""
+    return ",".join(
+        re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), path.strip())
+        for path in value.split(",")
+        if path.strip()
+    )
+
+
 def _normalize_scalar(field: FieldDescriptor, value: Any, path: str) -> Any:
     if field.type == FieldDescriptor.TYPE_ENUM:
         return enum_full(field.enum_type, value, path)
     if field.type == FieldDescriptor.TYPE_MESSAGE:
+        if field.message_type.full_name == "google.protobuf.FieldMask":
+            if not isinstance(value, str):
+                raise errors.invalid_argument(path, "must be a comma-separated list of fields")
+            return field_mask_json(value)
         if field.message_type.full_name in WELL_KNOWN_AS_JSON:
             return value
         return normalize(value, field.message_type, path)

@@ -80,6 +80,40 @@ def _listing(key: str) -> Callable[[dict[str, Any], Paging, dict[str, str]], dic
     return reshape
 
 
+def _with_cost(totals: dict[str, Any]) -> dict[str, Any]:
+    """UsageTotals with the seed's `total_cost` (USD) beside `total_cost_usd`."""
+    return {**totals, "total_cost": totals["total_cost_usd"]}
+
+
+def _flat(key: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """AgentUsage/ModelUsage in the seed's flat shape: {"agent_id", "total_tokens", ...,
+    "total_cost"} instead of {"agent_id", "totals": {...}}."""
+
+    def flatten(entry: dict[str, Any]) -> dict[str, Any]:
+        return {key: entry[key], **_with_cost(entry["totals"] or _ZERO_TOTALS)}
+
+    return flatten
+
+
+_ZERO_TOTALS = {
+    "total_tokens": 0, "prompt_tokens": 0, "completion_tokens": 0, "request_count": 0,
+    "total_cost_usd": 0.0, "avg_latency_ms": 0.0, "total_cost_micros": 0,
+    "unpriced_request_count": 0,
+}  # fmt: skip
+_flat_agent, _flat_model = _flat("agent_id"), _flat("model")
+
+
+def _usage(answer: dict[str, Any], _paging: Paging, _path: dict[str, str]) -> dict[str, Any]:
+    return {
+        "usage": {
+            **answer,
+            "totals": _with_cost(answer["totals"] or _ZERO_TOTALS),
+            "by_agent": [_flat_agent(a) for a in answer["by_agent"]],
+            "by_model": [_flat_model(m) for m in answer["by_model"]],
+        }
+    }
+
+
 COMPAT: dict[tuple[str, str], Compat] = {
     ("GET", "/api/v1/capabilities"): Compat(
         reshape=lambda a, _p, _v: {"capabilities": a["agent_types"], "count": a["total_size"]}
@@ -94,7 +128,9 @@ COMPAT: dict[tuple[str, str], Compat] = {
     ("GET", "/api/v1/messages"): Compat(
         fixed={"thread_id": "-"}, paging=OFFSET, reshape=_listing("messages")
     ),
-    ("GET", "/api/v1/usage"): Compat(reshape=lambda a, _p, _v: {"usage": a}),
+    ("GET", "/api/v1/usage"): Compat(reshape=_usage),
+    ("GET", "/api/v1/usage/agents/{agent_id}"): Compat(reshape=lambda a, _p, _v: _flat_agent(a)),
+    ("GET", "/api/v1/usage/models/{model}"): Compat(reshape=lambda a, _p, _v: _flat_model(a)),
     ("GET", "/api/v1/usage/threads"): Compat(
         reshape=lambda a, _p, _v: {
             "threads": a["threads"],

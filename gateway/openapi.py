@@ -155,7 +155,7 @@ def _query_parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
 def _response_schema(route: Route, schemas: _Schemas) -> dict[str, Any]:
     compat = COMPAT.get((route.verb, route.template))
     if compat and compat.reshape is not None:
-        return {"type": "object", "description": "the operators' legacy shape (see SPEC §3)"}
+        return {"type": "object", "description": "the operators' legacy shape (see the README)"}
     return schemas.ref(route.method.output_type)
 
 

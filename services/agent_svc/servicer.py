@@ -41,6 +41,7 @@ from services.common.convert import (
     require_text,
     timestamp,
 )
+from services.common.interceptors import stream_open
 from services.common.limits import MAX_PEERS
 from services.common.logging import get_logger
 from services.common.pagination import parse_page
@@ -337,6 +338,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         else:
             await self._project(project_id)
         after = await self._store.last_event_id(project_id)
+        await stream_open(context)
         while not self._stopping.is_set():
             for entry_id, event in await self._store.read_events(project_id, after, WATCH_BLOCK_MS):
                 after = entry_id

@@ -167,6 +167,16 @@ class _RpcScope:
         )
 
 
+STREAM_OPEN_HEADER = "x-agentplane-stream"
+
+
+async def stream_open(context: grpc.aio.ServicerContext) -> None:
+    """Called by a server-streaming handler once its checks have passed: the initial
+    metadata goes out at once, marked, so a caller (the gateway) can tell a refused stream
+    (status, no mark) from an open one still waiting for its first event."""
+    await context.send_initial_metadata(((STREAM_OPEN_HEADER, "open"),))
+
+
 def wrap_unary(
     service: str,
     method: str,

@@ -19,6 +19,7 @@ from services.common import errors
 from services.common.access import Visibility, require_manager, require_self, require_superuser
 from services.common.clients import PeerClients
 from services.common.convert import new_id, now_ms, require_id, require_text, timestamp
+from services.common.interceptors import stream_open
 from services.common.limits import MAX_BUDGET_TOKENS as MAX_BUDGET
 from services.common.limits import MAX_PARTICIPANTS
 from services.common.logging import get_logger
@@ -389,6 +390,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                 f"consumer {consumer!r} of agent {agent_id!r} is already receiving elsewhere",
                 reason="INBOX_BUSY", code=grpc.StatusCode.ABORTED,
             )  # fmt: skip
+        await stream_open(context)
         claim_idle_ms = int(self._settings.inbox_claim_idle_s * 1000)
         status, checked = agent.status, time.monotonic()
         first, last_claim = True, time.monotonic()
@@ -449,6 +451,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         thread_id = request.thread_id
         await self._thread(thread_id)
         after = await self._store.last_entry(thread_id)
+        await stream_open(context)
         while not self._stopping.is_set():
             for entry_id, fields in await self._store.read_log(thread_id, after, STREAM_BLOCK_MS):
                 after = entry_id

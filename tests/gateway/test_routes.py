@@ -6,62 +6,9 @@ import asyncio
 
 import httpx
 import orjson
-import pytest
 
 from tests.conftest import serve_gateway
-from tests.helpers import ADMIN_TOKEN
-
-API = "/api/v1"
-ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@pytest.fixture
-async def http(cluster):
-    async with (
-        serve_gateway(cluster) as url,
-        httpx.AsyncClient(base_url=url, timeout=10, headers=ADMIN_HEADERS) as client,
-    ):
-        yield client
-
-
-@pytest.fixture
-async def seeded(http):
-    """A project, a type, two peered agents, a thread with a message."""
-    made = await http.post(f"{API}/projects", json={"display_name": "Demo", "id": "demo"})
-    assert made.status_code == 200, made.text
-    kind = await http.post(
-        f"{API}/capabilities",
-        json={
-            "id": "coder",
-            "display_name": "Coder",
-            "is_active": True,
-            "input_schema": '{"type": "object"}',
-        },
-    )
-    assert kind.status_code == 200, kind.text
-    alpha = (
-        await http.post(
-            f"{API}/projects/demo/agents", json={"agent_type_id": "coder", "name": "alpha"}
-        )
-    ).json()
-    beta = (
-        await http.post(
-            f"{API}/projects/demo/agents", json={"agent_type_id": "coder", "name": "beta"}
-        )
-    ).json()
-    patched = await http.patch(
-        f"{API}/projects/demo/agents/{alpha['id']}", json={"peers": [beta["id"]]}
-    )
-    assert patched.status_code == 200 and patched.json()["peers"] == [beta["id"]]
-    thread = (
-        await http.post(f"{API}/threads", json={"project_id": "demo", "title": "work"})
-    ).json()
-    posted = await http.post(
-        f"{API}/threads/{thread['id']}/messages",
-        json={"from_agent": alpha["id"], "to_agent": beta["id"], "payload": {"text": "hello"}},
-    )
-    assert posted.status_code == 200, posted.text
-    return alpha, beta, thread
+from tests.gateway.conftest import ADMIN_HEADERS, API
 
 
 async def test_organism_and_capabilities(http, seeded) -> None:
@@ -195,14 +142,12 @@ async def test_usage_routes(http, seeded) -> None:
     budget = (await http.get(f"{API}/usage/threads/{thread['id']}")).json()
     assert budget["total_tokens"] == 1100 and budget["percent_used"] == 1.1
     assert (await http.get(f"{API}/usage/threads/none")).status_code == 404
-    assert (await http.get(f"{API}/usage/agents/{alpha['id']}")).json()["totals"][
-        "request_count"
-    ] == 1
-    assert (await http.get(f"{API}/usage/models/gpt-4o")).json()["totals"]["prompt_tokens"] == 1000
+    assert (await http.get(f"{API}/usage/agents/{alpha['id']}")).json()["request_count"] == 1
+    assert (await http.get(f"{API}/usage/models/gpt-4o")).json()["prompt_tokens"] == 1000
     held = await http.post(
         f"{API}/usage/threads/{thread['id']}:reserve", json={"reservation_id": "r", "tokens": 10**6}
     )
-    assert held.status_code == 429 and int(held.headers["retry-after"]) >= 1
+    assert held.status_code == 429 and "retry-after" not in held.headers
     assert held.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
     reset = await http.post(f"{API}/usage/reset")
     assert reset.status_code == 200 and reset.json()["deleted_keys"] > 0
