@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from agentplane.agent.v1 import agent_service_pb2, agent_service_pb2_grpc
+from agentplane.agent.v1 import agent_service_pb2
 from services.agent_svc.servicer import AgentServicer
 from services.agent_svc.store import AgentStore
 from services.common.auth import Authenticator
@@ -29,10 +29,7 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     chassis.guard.authenticator = Authenticator(
         chassis.settings.admin_token, servicer.principal_for_key, chassis.settings.auth_cache_s
     )
-    agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-        chassis.instrument(servicer, SERVICE), server
-    )
-    return [SERVICE_NAME]
+    return [chassis.serve(server, servicer, SERVICE)]
 
 
 create_server = server_factory(_register)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry import propagate, trace
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,6 +28,7 @@ from services.common.auth import INTERNAL_HEADER, Guard, internal_proof
 from services.common.context import CallContext, current_call
 from services.common.logging import get_logger
 from services.common.telemetry import RPC_LATENCY, RPC_TOTAL, tracer
+from services.common.validate import check_request
 
 log = get_logger("agentplane.rpc")
 
@@ -186,6 +188,7 @@ def wrap_unary(
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _RpcScope(service, method, context, guard) as scope:
             await scope.admit()
+            _admissible(request)
             async with asyncio.timeout(context.time_remaining()):
                 return await behavior(request, context)
 
@@ -201,24 +204,65 @@ def wrap_stream(
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _RpcScope(service, method, context, guard) as scope:
             await scope.admit()
+            _admissible(request)
             async for item in behavior(request, context):
                 yield item
 
     return handle
 
 
-def instrument(servicer: Any, service: ServiceDescriptor, service_label: str, guard: Guard) -> Any:
-    """Wrap each RPC method of `servicer` (in place) with the chassis behaviour.
+MALFORMED = object()  # what a request that is not valid protobuf deserializes to
 
-    Done once at registration rather than by a grpc interceptor, which would build a new
-    handler on every call; health and reflection, registered separately, stay unobserved.
+
+def _deserializer(message_class: Any) -> Callable[[bytes], Any]:
+    """Parse a request; bytes that are not a valid message become MALFORMED, which the
+    wrapper answers with INVALID_ARGUMENT (grpc itself would answer UNKNOWN)."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception:  # DecodeError, or nesting past protobuf's recursion limit
+            return MALFORMED
+
+    return parse
+
+
+def _admissible(request: Any) -> None:
+    if request is MALFORMED:
+        raise errors.invalid_argument("request", "is not a valid protobuf message of this RPC")
+    check_request(request)
+
+
+def register(
+    server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor, service_label: str,
+    guard: Guard,
+) -> None:  # fmt: skip
+    """Serve `service` from `servicer`, each RPC method wrapped with the chassis behaviour.
+
+    The handlers are built here from the service's descriptor, once, rather than by the
+    generated `add_*_to_server` plus a grpc interceptor, which would build a new handler
+    on every call; health and reflection, registered separately, stay unobserved.
     """
+    handlers = {}
     for method in service.methods:
         behavior = getattr(servicer, method.name)
         full_name = f"/{service.full_name}/{method.name}"
-        wrap = wrap_stream if method.server_streaming else wrap_unary
-        setattr(servicer, method.name, wrap(service_label, full_name, behavior, guard))
-    return servicer
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        make, wrap = (
+            (grpc.unary_stream_rpc_method_handler, wrap_stream)
+            if method.server_streaming
+            else (grpc.unary_unary_rpc_method_handler, wrap_unary)
+        )
+        handlers[method.name] = make(
+            wrap(service_label, full_name, behavior, guard),
+            request_deserializer=_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _forwarded(details: grpc.aio.ClientCallDetails, secret: str) -> grpc.aio.ClientCallDetails:

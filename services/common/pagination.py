@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 
 from services.common import errors
-from services.common.limits import MAX_PAGE_SIZE
+from services.common.limits import MAX_PAGE_SIZE, MAX_PAGE_TOKEN_LENGTH
 from services.common.redis import RedisClient
 
 
@@ -46,6 +46,8 @@ def parse_page(
     size = min(page_size or default_size, MAX_PAGE_SIZE)
     want = fingerprint(*filters)
     cursor = None
+    if len(page_token) > MAX_PAGE_TOKEN_LENGTH:
+        raise errors.invalid_argument("page_token", "malformed page token")
     if page_token:
         try:
             padded = page_token + "=" * (-len(page_token) % 4)
@@ -53,7 +55,7 @@ def parse_page(
             cursor, got = decoded["c"], decoded["f"]
             if not isinstance(cursor, str) or not isinstance(got, str):
                 raise TypeError
-        except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
+        except (ValueError, TypeError, KeyError, binascii.Error, RecursionError):
             raise errors.invalid_argument("page_token", "malformed page token") from None
         if got != want:
             raise errors.invalid_argument(

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import Authenticator, Guard, RateLimiter, parse_rate_limits, whoami_lookup
 from services.common.clients import PeerClients
-from services.common.interceptors import instrument
+from services.common.interceptors import register
 from services.common.limits import GRPC_MAX_MESSAGE_BYTES
 from services.common.logging import configure_logging, get_logger
 from services.common.redis import RedisClient, create_redis
@@ -49,9 +49,11 @@ class Chassis:
     stopping: asyncio.Event
     guard: Guard
 
-    def instrument(self, servicer: Any, service: ServiceDescriptor) -> Any:
-        """The servicer with every RPC wrapped by the chassis (auth, errors, logs, traces...)."""
-        return instrument(servicer, service, self.settings.service_name, self.guard)
+    def serve(self, server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor) -> str:
+        """Add `servicer` to `server`, every RPC wrapped by the chassis (auth, input checks,
+        errors, logs, traces...); returns the service's full name."""
+        register(server, servicer, service, self.settings.service_name, self.guard)
+        return str(service.full_name)
 
 
 Register = Callable[[grpc.aio.Server, Chassis], Sequence[str]]

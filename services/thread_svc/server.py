@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from agentplane.thread.v1 import thread_service_pb2, thread_service_pb2_grpc
+from agentplane.thread.v1 import thread_service_pb2
 from services.common.server import Chassis, server_factory
 from services.thread_svc.servicer import ThreadServicer
 from services.thread_svc.store import ThreadStore
@@ -24,10 +24,7 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
         streams=chassis.stream_redis,
     )
     servicer = ThreadServicer(store, chassis.peers, chassis.settings, chassis.stopping)
-    thread_service_pb2_grpc.add_ThreadServiceServicer_to_server(
-        chassis.instrument(servicer, SERVICE), server
-    )
-    return [SERVICE_NAME]
+    return [chassis.serve(server, servicer, SERVICE)]
 
 
 create_server = server_factory(_register)

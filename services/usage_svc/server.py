@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from agentplane.usage.v1 import usage_service_pb2, usage_service_pb2_grpc
+from agentplane.usage.v1 import usage_service_pb2
 from services.common.access import Visibility
 from services.common.server import Chassis, server_factory
 from services.usage_svc.pricing import PriceTable
@@ -28,10 +28,7 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
         settings.default_max_tokens,
         Visibility(chassis.peers, settings.auth_cache_s),
     )
-    usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
-        chassis.instrument(servicer, SERVICE), server
-    )
-    return [SERVICE_NAME]
+    return [chassis.serve(server, servicer, SERVICE)]
 
 
 create_server = server_factory(_register)

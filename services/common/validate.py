@@ -1,0 +1,143 @@
+"""Checks every request gets before its handler runs, whatever the RPC.
+
+protobuf accepts on the wire what no handler should see: enum numbers the proto does not
+define (proto3 enums are open), Durations and Timestamps outside their documented ranges
+or with mixed signs, NaN and ±Infinity in doubles and inside Struct values (which then
+cannot even be written out as JSON). Each is INVALID_ARGUMENT naming the field.
+
+The walk is planned once per message type: a type with none of these fields (most
+hot-path requests) costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from services.common import errors
+
+DURATION = "google.protobuf.Duration"
+TIMESTAMP = "google.protobuf.Timestamp"
+STRUCT = "google.protobuf.Struct"
+VALUE = "google.protobuf.Value"
+LIST_VALUE = "google.protobuf.ListValue"
+MAX_DURATION_SECONDS = 315_576_000_000  # ±10,000 years, as the protobuf docs define
+MIN_TIMESTAMP_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
+MAX_TIMESTAMP_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
+
+# What to check in a field: "enum", "float", or a message kind.
+Plan = tuple[tuple[FieldDescriptor, str, bool], ...]
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    flag = getattr(field, "is_repeated", None)
+    if flag is not None:
+        return bool(flag)
+    return field.label == FieldDescriptor.LABEL_REPEATED  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _plan(descriptor: Descriptor) -> Plan:
+    steps: list[tuple[FieldDescriptor, str, bool]] = []
+    for field in descriptor.fields:
+        kind = ""
+        if field.type == FieldDescriptor.TYPE_ENUM:
+            kind = "enum"
+        elif field.type in FLOATS:
+            kind = "float"
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            name = field.message_type.full_name
+            if field.message_type.GetOptions().map_entry:
+                value = field.message_type.fields_by_name["value"]
+                if value.type == FieldDescriptor.TYPE_MESSAGE and _needs(value.message_type):
+                    kind = "map"
+            elif name in (DURATION, TIMESTAMP, STRUCT, VALUE, LIST_VALUE):
+                kind = name
+            elif _needs(field.message_type):
+                kind = "message"
+        if kind:
+            steps.append((field, kind, _repeated(field)))
+    return tuple(steps)
+
+
+def _needs(descriptor: Descriptor) -> bool:
+    if descriptor.full_name in (DURATION, TIMESTAMP, STRUCT, VALUE, LIST_VALUE):
+        return True
+    return bool(_plan(descriptor))
+
+
+def check_request(message: Message) -> None:
+    """INVALID_ARGUMENT naming the first field that protobuf accepted but the API does not."""
+    _check(message, "")
+
+
+def _check(message: Message, prefix: str) -> None:
+    for field, kind, repeated in _plan(message.DESCRIPTOR):
+        path = prefix + field.name
+        value = getattr(message, field.name)
+        if kind == "map":
+            for key, item in value.items():
+                _check(item, f"{path}.{key}.")
+            continue
+        if repeated:
+            if kind not in ("enum", "float") and not len(value):
+                continue
+            for index, item in enumerate(value):
+                _check_one(field, kind, item, f"{path}[{index}]")
+            continue
+        if kind not in ("enum", "float") and not message.HasField(field.name):
+            continue
+        _check_one(field, kind, value, path)
+
+
+def _check_one(field: FieldDescriptor, kind: str, value: Any, path: str) -> None:
+    if kind == "enum":
+        if value not in field.enum_type.values_by_number:
+            raise errors.invalid_argument(path, f"{value} is not a {field.enum_type.name} value")
+    elif kind == "float":
+        if not math.isfinite(value):
+            raise errors.invalid_argument(path, "must be a finite number")
+    elif kind == DURATION:
+        seconds, nanos = value.seconds, value.nanos
+        if (
+            abs(seconds) > MAX_DURATION_SECONDS
+            or abs(nanos) > 999_999_999
+            or (seconds > 0 and nanos < 0)
+            or (seconds < 0 and nanos > 0)
+        ):
+            raise errors.invalid_argument(path, "is not a valid Duration")
+    elif kind == TIMESTAMP:
+        if (
+            not MIN_TIMESTAMP_SECONDS <= value.seconds <= MAX_TIMESTAMP_SECONDS
+            or not 0 <= value.nanos <= 999_999_999
+        ):
+            raise errors.invalid_argument(path, "is not a valid Timestamp")
+    elif kind == STRUCT:
+        for key, item in value.fields.items():
+            _check_value(item, f"{path}.{key}")
+    elif kind == VALUE:
+        _check_value(value, path)
+    elif kind == LIST_VALUE:
+        for index, item in enumerate(value.values):
+            _check_value(item, f"{path}[{index}]")
+    else:
+        _check(value, path + ".")
+
+
+def _check_value(value: Any, path: str) -> None:
+    """A google.protobuf.Value: numbers must be finite (JSON has no NaN or Infinity)."""
+    which = value.WhichOneof("kind")
+    if which == "number_value":
+        if not math.isfinite(value.number_value):
+            raise errors.invalid_argument(path, "must be a finite number (JSON has no NaN)")
+    elif which == "struct_value":
+        for key, item in value.struct_value.fields.items():
+            _check_value(item, f"{path}.{key}")
+    elif which == "list_value":
+        for index, item in enumerate(value.list_value.values):
+            _check_value(item, f"{path}[{index}]")
