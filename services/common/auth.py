@@ -168,7 +168,7 @@ def parse_rate_limits(text: str) -> dict[str, Rate]:
     """RATE_LIMITS: "SpawnAgent=20/min,default_read=60/min,RecordUsage=600/min:100"
     (name=count/min, optionally :burst; the burst defaults to a minute's worth)."""
     limits = {
-        "SpawnAgent": Rate(20, 5),
+        "SpawnAgent": Rate(20, 20),
         "default_read": Rate(60, 60),
         "default_write": Rate(30, 30),
     }
@@ -229,8 +229,10 @@ class Guard:
 
     async def admit(
         self, authorization: str | None, method_name: str, proof: str | None = None
-    ) -> Principal:
+    ) -> tuple[Principal, bool]:
+        """(the caller, whether a service made this call on its behalf)."""
         principal = await self.authenticator.authenticate(authorization)
-        if self.limiter is not None and not self.is_internal(authorization, proof):
+        internal = self.is_internal(authorization, proof)
+        if self.limiter is not None and not internal:
             await self.limiter.check(principal, method_name)
-        return principal
+        return principal, internal

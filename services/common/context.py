@@ -22,6 +22,7 @@ class CallContext:
     authorization: str | None
     deadline: float | None  # time.monotonic() instant, None for no deadline
     principal: Principal | None = None
+    internal: bool = False  # made by a service on a caller's behalf (auth.internal_proof)
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -36,3 +37,9 @@ def current_principal() -> Principal:
     if call is None or call.principal is None:
         raise RuntimeError("no authenticated call in progress")
     return call.principal
+
+
+def current_call_is_internal() -> bool:
+    """Whether the RPC being served was made by another service on its caller's behalf."""
+    call = current_call.get()
+    return call is not None and call.internal

@@ -19,8 +19,11 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
 from opentelemetry import propagate, trace
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common import errors
@@ -101,13 +104,13 @@ class _RpcScope:
         proof = next(
             (v for k, v in self.context.invocation_metadata() or () if k == INTERNAL_HEADER), None
         )
-        principal = await self.guard.admit(
+        principal, internal = await self.guard.admit(
             call.authorization,
             self.method.rsplit("/", 1)[-1],
             proof if isinstance(proof, str) else None,
         )
         self.principal = principal.label
-        current_call.set(dataclasses.replace(call, principal=principal))
+        current_call.set(dataclasses.replace(call, principal=principal, internal=internal))
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         try:
@@ -155,6 +158,15 @@ class _RpcScope:
         if isinstance(exc, RedisConnectionError | RedisTimeoutError):
             log.warning("redis unavailable", method=self.method, error=str(exc))
             return errors.unavailable("storage is unavailable, retry later", "STORAGE_UNAVAILABLE")
+        if isinstance(exc, RedisOutOfMemoryError) or (
+            isinstance(exc, RedisResponseError) and str(exc).startswith("OOM")
+        ):
+            log.error("redis is out of memory; writes are refused", method=self.method)
+            return errors.ServiceError(
+                "storage is full (Redis reached maxmemory): nothing was written; writes are "
+                "refused until an operator frees memory or raises the limit",
+                reason="STORAGE_FULL", code=grpc.StatusCode.UNAVAILABLE,
+            )  # fmt: skip
         if isinstance(exc, grpc.aio.AioRpcError):
             # A peer's refusal passes through with its code; its message is the peer's own.
             return errors.ServiceError(
@@ -230,7 +242,8 @@ def _deserializer(message_class: Any) -> Callable[[bytes], Any]:
 def _admissible(request: Any) -> None:
     if request is MALFORMED:
         raise errors.invalid_argument("request", "is not a valid protobuf message of this RPC")
-    check_request(request)
+    if isinstance(request, Message):
+        check_request(request)
 
 
 def register(

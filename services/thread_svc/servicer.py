@@ -45,7 +45,11 @@ def thread_status_name(value: int) -> str:
     return thread_pb2.ThreadStatus.Name(value).removeprefix("THREAD_STATUS_")  # type: ignore[arg-type]
 
 
-def thread_message(record: dict[str, str], participants: list[str]) -> thread_pb2.Thread:
+def thread_message(
+    record: dict[str, str], participants: list[str], max_tokens: int
+) -> thread_pb2.Thread:
+    """A thread as the API shows it; `max_tokens` comes from its budget (the usage service
+    is the one source of truth for it)."""
     thread = thread_pb2.Thread(
         id=record["id"],
         project_id=record.get("project_id", ""),
@@ -53,7 +57,7 @@ def thread_message(record: dict[str, str], participants: list[str]) -> thread_pb
         status=thread_pb2.ThreadStatus.Value("THREAD_STATUS_" + record["status"]),  # type: ignore[arg-type]
         participants=participants,
         message_count=int(record.get("message_count", 0)),
-        max_tokens=int(record.get("max_tokens", 0)),
+        max_tokens=max_tokens,
         create_time=timestamp(record.get("create_ms")),
         update_time=timestamp(record.get("update_ms")),
         end_time=timestamp(record.get("end_ms")),
@@ -128,20 +132,27 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
     ) -> thread_pb2.Thread:  # fmt: skip
         # The budget first: a thread never exists without one (a failed create leaves at
         # most an unused budget, which a retry with the same thread_id reuses).
-        await self._peers.usage.SetThreadBudget(
-            usage_service_pb2.SetThreadBudgetRequest(
-                thread_id=thread_id, max_tokens=max_tokens, project_id=project_id
+        try:
+            budget = await self._peers.usage.SetThreadBudget(
+                usage_service_pb2.SetThreadBudgetRequest(
+                    thread_id=thread_id, max_tokens=max_tokens, project_id=project_id
+                )
             )
-        )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                # A budget of that id exists in another project (left by a create that
+                # failed half-way): the id is taken.
+                raise errors.already_exists("thread", thread_id) from None
+            raise
         now = str(now_ms())
         fields = {
             "id": thread_id, "project_id": project_id, "title": title, "status": "ACTIVE",
-            "metadata": metadata, "message_count": "0", "max_tokens": str(max_tokens),
+            "metadata": metadata, "message_count": "0",
             "create_ms": now, "update_ms": now, "member": f"{new_id()}|{thread_id}",
         }  # fmt: skip
         if not await self._store.create_thread(fields, participants, fields["member"]):
             raise errors.already_exists("thread", thread_id)
-        return thread_message(fields, participants)
+        return thread_message(fields, participants, budget.max_tokens)
 
     async def GetThread(self, request, context):  # type: ignore[no-untyped-def]
         if request.message_limit < 0:
@@ -151,7 +162,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             record["id"], min(request.message_limit or 20, 100)
         )
         return thread_service_pb2.GetThreadResponse(
-            thread=thread_message(record, participants),
+            thread=await self._render(record, participants),
             messages=[message_of(m, record["id"]) for m in latest],
         )
 
@@ -175,8 +186,9 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             ("threads", project_id, agent_id, status), default_size=50,
         )  # fmt: skip
         found, token, total = await self._store.list_threads(project_id, agent_id, status, page)
+        budgets = await self._budgets([r["id"] for r, _ in found])
         return thread_service_pb2.ListThreadsResponse(
-            threads=[thread_message(r, p) for r, p in found],
+            threads=[thread_message(r, p, budgets[r["id"]]) for r, p in found],
             next_page_token=token,
             total_size=total,
         )
@@ -211,7 +223,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
         record, participants = await self._thread(thread_id)
-        return thread_message(record, participants)
+        return await self._render(record, participants)
 
     # Messages -----------------------------------------------------------------------
 
@@ -221,13 +233,19 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         page = parse_page(
             request.page_size, request.page_token, request.skip, ("messages", thread_id, agent_id)
         )
-        if thread_id == ALL:
-            if not agent_id:
-                raise errors.invalid_argument(
-                    "agent", "is required when listing across threads ('-')"
+        if thread_id == ALL and not agent_id:
+            raise errors.invalid_argument("agent", "is required when listing across threads ('-')")
+        if agent_id:
+            # Filtered listings read an index of the agent's messages (across threads, or in
+            # this thread), so pages are full and total_size counts what the filter keeps.
+            if thread_id == ALL:
+                await self._agent(agent_id, "agent")
+                refs, token, total = await self._store.agent_messages(agent_id, page)
+            else:
+                await self._thread(thread_id)
+                refs, token, total = await self._store.thread_agent_messages(
+                    thread_id, agent_id, page
                 )
-            await self._agent(agent_id, "agent")
-            refs, token, total = await self._store.agent_messages(agent_id, page)
             entries = await self._store.entries(refs)
             messages = [message_of(e, t) for (t, _), e in zip(refs, entries, strict=True) if e]
             return thread_service_pb2.ListMessagesResponse(
@@ -237,11 +255,8 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         found, more = await self._store.thread_messages(
             thread_id, page.cursor, page.skip, page.size
         )
-        messages = [message_of(fields, thread_id) for _, fields in found]
-        if agent_id:
-            messages = [m for m in messages if agent_id in (m.from_agent, m.to_agent)]
         return thread_service_pb2.ListMessagesResponse(
-            messages=messages,
+            messages=[message_of(fields, thread_id) for _, fields in found],
             next_page_token=page.token_after(found[-1][0]) if more and found else "",
             total_size=int(record.get("message_count", 0)),
         )
@@ -462,12 +477,33 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                     continue
                 record, participants = await self._thread(thread_id)
                 yield thread_service_pb2.WatchThreadResponse(
-                    thread=thread_message(record, participants)
+                    thread=await self._render(record, participants)
                 )
                 if fields.get("status") in TERMINAL:
                     return  # nothing can follow an end
 
     # Helpers ------------------------------------------------------------------------
+
+    async def _render(self, record: dict[str, str], participants: list[str]) -> thread_pb2.Thread:
+        budgets = await self._budgets([record["id"]])
+        return thread_message(record, participants, budgets[record["id"]])
+
+    async def _budgets(self, thread_ids: list[str]) -> dict[str, int]:
+        """Each thread's budget (max_tokens) as the usage service has it now; 0 for none."""
+
+        async def one(thread_id: str) -> int:
+            try:
+                budget = await self._peers.usage.GetThreadBudget(
+                    usage_service_pb2.GetThreadBudgetRequest(thread_id=thread_id)
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return 0
+                raise
+            return int(budget.max_tokens)
+
+        found = await asyncio.gather(*(one(t) for t in thread_ids))
+        return dict(zip(thread_ids, found, strict=True))
 
     async def _thread(self, thread_id: str) -> tuple[dict[str, str], list[str]]:
         found = await self._store.get_thread(require_id("thread_id", thread_id))

@@ -56,6 +56,10 @@ class Keys:
         return f"{PREFIX}msgs:{agent_id}"
 
     @staticmethod
+    def thread_messages_of(thread_id: str, agent_id: str) -> str:
+        return f"{PREFIX}tmsgs:{thread_id}:{agent_id}"
+
+    @staticmethod
     def inbox(agent_id: str) -> str:
         return f"{PREFIX}inbox:{agent_id}"
 
@@ -172,6 +176,8 @@ class ThreadStore:
             Keys.messages_of(sender),
             Keys.agent_index(message.to_agent), Keys.agent_index(message.to_agent, "ACTIVE"),
             Keys.agent_index(sender), Keys.agent_index(sender, "ACTIVE"),
+            Keys.thread_messages_of(message.thread_id, message.to_agent),
+            Keys.thread_messages_of(message.thread_id, sender),
         ]  # fmt: skip
         args = [
             "1" if request_key else "0", self._request_ttl_s, message.message_id, sender,
@@ -201,6 +207,20 @@ class ThreadStore:
         messages = [(e, dict(f)) for e, f in entries if f.get("kind") == "message"][skip:]
         more = len(messages) > size or len(entries) == skip + size + 1
         return messages[:size], more
+
+    async def thread_agent_messages(
+        self, thread_id: str, agent_id: str, page: Page
+    ) -> tuple[list[tuple[str, str]], str, int]:
+        """(thread id, entry id) of the messages from or to one agent in one thread, oldest
+        first: an exact page and total from the thread's per-agent index."""
+        members, token, total = await read_lex_page(
+            self._redis, Keys.thread_messages_of(thread_id, agent_id), page, newest_first=False
+        )
+        refs = []
+        for member in members:
+            ms, _, seq = member.partition("-")
+            refs.append((thread_id, f"{int(ms)}-{int(seq)}"))
+        return refs, token, total
 
     async def latest_messages(self, thread_id: str, count: int) -> list[dict[str, str]]:
         entries = await self._redis.xrevrange(Keys.log(thread_id), "+", "-", count=count + 4)

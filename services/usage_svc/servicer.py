@@ -11,7 +11,7 @@ from agentplane.usage.v1 import usage_pb2, usage_service_pb2, usage_service_pb2_
 from services.common import errors
 from services.common.access import Visibility, require_manager, require_self, require_superuser
 from services.common.auth import AGENT
-from services.common.context import current_principal
+from services.common.context import current_call_is_internal, current_principal
 from services.common.convert import require_id, require_text, timestamp
 from services.common.limits import (
     DEFAULT_RESERVATION_TTL_MS,
@@ -241,8 +241,12 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
                 "max_tokens", f"must be between 0 (default) and {MAX_BUDGET}"
             )
         max_tokens = request.max_tokens or self._default_max_tokens
-        state = await self._store.set_budget(thread_id, max_tokens, project_id)
-        if state is None:  # the thread belongs to another project
+        # A budget is created only for a thread being created (the thread service's call)
+        # or by the superuser; anyone else changes an existing one, so nobody can take a
+        # thread id by budgeting a thread that does not exist.
+        create = principal.is_superuser or current_call_is_internal()
+        state = await self._store.set_budget(thread_id, max_tokens, project_id, create)
+        if state is None:  # none to change, or the thread belongs to another project
             raise _no_budget(thread_id)
         return budget_message(state)
 

@@ -239,17 +239,19 @@ class UsageStore:
         return _budget_reply(thread_id, reply)
 
     async def set_budget(
-        self, thread_id: str, max_tokens: int, project_id: str
+        self, thread_id: str, max_tokens: int, project_id: str, create: bool
     ) -> BudgetState | None:
-        """The budget after setting it; None when it belongs to another project."""
+        """The budget after setting it; None when it belongs to another project, or when
+        there is none and `create` is false."""
         shard = self.shard(thread_id)
         thread, reservations, expiries = shard.thread(thread_id)
         reply = await self._set_budget(
             keys=[thread, shard.budgets, shard.stats, reservations, expiries],
-            args=[max_tokens, now_ms(), thread_id, project_id],
+            args=[max_tokens, now_ms(), thread_id, project_id, "1" if create else "0"],
         )
-        outcome, _, state = _budget_reply(thread_id, reply)
-        return None if outcome == "FOREIGN" else state
+        if reply[0] in ("FOREIGN", "NO_BUDGET"):
+            return None
+        return _budget_reply(thread_id, reply)[2]
 
     async def budget_project(self, thread_id: str) -> tuple[bool, str]:
         """(whether the thread has a budget, the project it belongs to or "")."""

@@ -196,3 +196,52 @@ async def test_redis_outage_fails_fast_flips_health_and_recovers(tmp_path) -> No
         await channel.close()
         await app.stop(grace=0)
         redis.stop()
+
+
+async def test_redis_out_of_memory_is_a_clear_unavailable_not_internal() -> None:
+    """Redis at maxmemory (noeviction) refuses writes with OOM: callers get UNAVAILABLE
+    naming the cause, nothing is half-written, and writes work again once there is room."""
+    from agentplane.usage.v1 import usage_service_pb2 as U
+    from agentplane.usage.v1 import usage_service_pb2_grpc
+    from services.usage_svc.server import create_server as create_usage_server
+
+    with RedisProcess() as redis:
+        app, port = await create_server(make_settings("agent_svc", redis.url), "127.0.0.1:0")
+        usage, usage_port = await create_usage_server(
+            make_settings("usage_svc", redis.url), "127.0.0.1:0"
+        )
+        await app.start()
+        await usage.start()
+        try:
+            async with (
+                authed_channel(f"127.0.0.1:{port}") as channel,
+                authed_channel(f"127.0.0.1:{usage_port}") as usage_channel,
+            ):
+                stub = agent_service_pb2_grpc.AgentServiceStub(channel)
+                usage_stub = usage_service_pb2_grpc.UsageServiceStub(usage_channel)
+                await make_project(stub, "before")
+                await app.chassis.redis.config_set("maxmemory", 1)
+                try:
+                    error = await expect_error(
+                        make_project(stub, "during"), grpc.StatusCode.UNAVAILABLE,
+                        reason="STORAGE_FULL",
+                    )  # fmt: skip
+                    assert "maxmemory" in error.details()
+                    await expect_error(
+                        usage_stub.SetThreadBudget(
+                            U.SetThreadBudgetRequest(thread_id="t", max_tokens=10)
+                        ),
+                        grpc.StatusCode.UNAVAILABLE,
+                        reason="STORAGE_FULL",
+                    )
+                    # Reads still work.
+                    listed = await stub.ListProjects(agent_service_pb2.ListProjectsRequest())
+                    assert [p.id for p in listed.projects] == ["before"]
+                finally:
+                    await app.chassis.redis.config_set("maxmemory", 0)
+                await make_project(stub, "after")
+                listed = await stub.ListProjects(agent_service_pb2.ListProjectsRequest())
+                assert sorted(p.id for p in listed.projects) == ["after", "before"]
+        finally:
+            await app.stop(grace=0)
+            await usage.stop(grace=0)

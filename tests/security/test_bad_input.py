@@ -109,7 +109,7 @@ async def test_an_undefined_enum_value_is_invalid_argument(world) -> None:
 
 
 async def test_a_duration_with_mixed_signs_is_invalid_argument(world) -> None:
-    cluster, worker = world
+    cluster, _ = world
     thread = await cluster.thread.CreateThread(
         T.CreateThreadRequest(thread=thread_pb2.Thread(project_id="demo"))
     )

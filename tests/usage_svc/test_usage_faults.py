@@ -163,3 +163,46 @@ async def test_a_record_whose_caller_gave_up_is_not_written(redis_url) -> None:
     overview = await store.overview("", 10)
     assert overview.totals.requests == 1  # only the first record was written
     await redis.aclose()
+
+
+async def test_an_error_after_a_stall_means_outcome_unknown_and_the_retry_counts_once() -> None:
+    """Redis stalls (SIGSTOP) under load: calls fail with DEADLINE_EXCEEDED or UNAVAILABLE,
+    yet some of them reach Redis and are applied when it resumes. Such an error means
+    "outcome unknown": retrying with the same usage_id answers `duplicate` for those that
+    were applied, records those that were not, and every record counts exactly once."""
+    import os
+    import signal
+
+    with RedisProcess() as redis:
+        async with usage_service(redis.url) as stub:
+            await stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="t1", max_tokens=10**9))
+            await stub.RecordUsage(record("warm-up"))
+            os.kill(redis.process.pid, signal.SIGSTOP)
+            try:
+                calls = [
+                    stub.RecordUsage(record(f"stalled-{i}"), timeout=0.5 + 0.1 * i)
+                    for i in range(17)
+                ]
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            finally:
+                os.kill(redis.process.pid, signal.SIGCONT)
+            failed = [i for i, o in enumerate(outcomes) if isinstance(o, grpc.aio.AioRpcError)]
+            assert failed, "the stall should have failed some calls"
+            for i in failed:
+                assert outcomes[i].code() in (
+                    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
+                )  # fmt: skip
+            await asyncio.sleep(0.5)
+            applied_early = (await totals(stub)).request_count - 1
+            # The batch that was in flight when Redis stopped is applied when it resumes,
+            # although its callers were told DEADLINE_EXCEEDED.
+            assert applied_early >= 1
+            duplicates = 0
+            for i in range(17):
+                answer = await stub.RecordUsage(record(f"stalled-{i}"), timeout=10)
+                duplicates += answer.duplicate
+            # Whatever was applied during the stall answers duplicate on retry ...
+            assert duplicates == applied_early
+            # ... and every record counts once.
+            seen = await totals(stub)
+            assert seen.request_count == 18 and seen.total_tokens == 18 * 150

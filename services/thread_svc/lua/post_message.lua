@@ -4,7 +4,8 @@
 -- KEYS: 1 thread hash, 2 participants set, 3 thread log, 4 request-id key,
 --       5 recipient inbox, 6 recipient message index, 7 sender message index,
 --       8 recipient thread index ALL, 9 recipient thread index ACTIVE,
---       10 sender thread index ALL, 11 sender thread index ACTIVE
+--       10 sender thread index ALL, 11 sender thread index ACTIVE,
+--       12 recipient's messages in this thread, 13 sender's messages in this thread
 -- ARGV: 1 use request id (0/1), 2 request-id ttl (s), 3 message id, 4 from, 5 to,
 --       6 payload type, 7 payload (JSON), 8 now (ms), 9 thread id, 10 thread index member,
 --       11 sender is an agent (0/1)
@@ -26,6 +27,12 @@ redis.call('XADD', KEYS[5], '*', 'thread_id', ARGV[9], 'entry', entry, 'id', ARG
 local index_member = ARGV[3] .. '|' .. ARGV[9] .. '|' .. entry
 redis.call('ZADD', KEYS[6], 0, index_member)
 if ARGV[4] ~= ARGV[5] then redis.call('ZADD', KEYS[7], 0, index_member) end
+-- Per agent within the thread, so a filtered listing pages exactly: the log entry id,
+-- zero-padded so that text order is log order.
+local ms, seq = string.match(entry, '(%d+)-(%d+)')
+local thread_member = string.rep('0', 15 - #ms) .. ms .. '-' .. string.rep('0', 10 - #seq) .. seq
+redis.call('ZADD', KEYS[12], 0, thread_member)
+if ARGV[4] ~= ARGV[5] and ARGV[11] == '1' then redis.call('ZADD', KEYS[13], 0, thread_member) end
 if redis.call('SADD', KEYS[2], ARGV[5]) == 1 then
   redis.call('ZADD', KEYS[8], 0, ARGV[10])
   redis.call('ZADD', KEYS[9], 0, ARGV[10])
