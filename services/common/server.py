@@ -19,13 +19,13 @@ import grpc
 import uvloop
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import Authenticator, Guard, RateLimiter, parse_rate_limits, whoami_lookup
 from services.common.clients import PeerClients
 from services.common.interceptors import register
 from services.common.limits import GRPC_MAX_MESSAGE_BYTES
 from services.common.logging import configure_logging, get_logger
+from services.common.reflection import enable_reflection
 from services.common.redis import RedisClient, create_redis
 from services.common.settings import Settings, SettingsError
 from services.common.telemetry import configure_telemetry
@@ -158,11 +158,9 @@ async def create_app(settings: Settings, bind: str, register: Register) -> GrpcA
     service_names = list(register(server, chassis))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME],
-        server,
-    )  # fmt: skip
+    enable_reflection(
+        server, [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    )
     if settings.tls_enabled:
         port = server.add_secure_port(bind, server_credentials(settings))
     else:

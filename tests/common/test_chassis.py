@@ -137,6 +137,52 @@ async def test_reflection_lists_the_service(redis_url) -> None:
     assert SERVICE_NAME in listed and "grpc.health.v1.Health" in listed
 
 
+async def test_reflection_v1_is_served_beside_v1alpha(redis_url) -> None:
+    """grpc.reflection.v1 (what grpcurl and buf curl ask first) lists and describes too."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from grpc_reflection.v1alpha import reflection_pb2 as R
+
+    app, port = await create_server(make_settings("agent_svc", redis_url), "127.0.0.1:0")
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for version in ("v1", "v1alpha"):
+                call = channel.stream_stream(
+                    f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                    request_serializer=R.ServerReflectionRequest.SerializeToString,
+                    response_deserializer=R.ServerReflectionResponse.FromString,
+                )
+                requests = [
+                    R.ServerReflectionRequest(list_services=""),
+                    R.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+                    R.ServerReflectionRequest(
+                        file_containing_symbol="grpc.reflection.v1.ServerReflection"
+                    ),
+                ]
+                replies = [reply async for reply in call(iter(requests))]
+                listed = {s.name for s in replies[0].list_services_response.service}
+                assert {SERVICE_NAME, "grpc.reflection.v1.ServerReflection",
+                        "grpc.reflection.v1alpha.ServerReflection"} <= listed  # fmt: skip
+                assert replies[1].file_descriptor_response.file_descriptor_proto
+                assert replies[2].file_descriptor_response.file_descriptor_proto, version
+        buf = Path(sys.executable).with_name("buf")
+        if buf.exists() or shutil.which("buf"):
+            listed_by_buf = await asyncio.to_thread(
+                subprocess.run,
+                [str(buf if buf.exists() else "buf"), "curl", "--protocol", "grpc",
+                 "--http2-prior-knowledge", "--reflect-protocol", "grpc-v1", "--list-services",
+                 f"http://127.0.0.1:{port}"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert SERVICE_NAME in listed_by_buf.stdout, listed_by_buf.stderr
+    finally:
+        await app.stop(grace=0)
+
+
 async def _health(port: int, service: str) -> int:
     async with authed_channel(f"127.0.0.1:{port}") as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
