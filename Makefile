@@ -29,9 +29,8 @@ protos: $(STAMP)
 protos-check: $(STAMP)
 	$(PY) -m scripts.gen_protos --check
 
-## buf lint (STANDARD + COMMENTS) over protos/.
+## buf lint (STANDARD + COMMENTS) over protos/ (googleapis' protos are vendored there).
 protos-lint: $(STAMP)
-	$(PY) -m scripts.gen_protos --buf-deps
 	$(VENV)/bin/buf lint
 
 lint: $(STAMP) protos-lint
@@ -47,4 +46,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .buf-deps .pytest_cache
+	rm -rf $(VENV) .pytest_cache

@@ -2,8 +2,10 @@
 
 The package path equals the folder path (protos/agentplane/usage/v1 → agentplane.usage.v1),
 so generated imports need no rewriting. `--check` regenerates into a temporary folder and
-fails when the committed code differs; `--buf-deps` lays out googleapis' protos (from the
-googleapis-common-protos wheel) where buf.yaml expects them.
+fails when the committed code differs. googleapis' protos that ours import are vendored
+under protos/google/ (so plain `buf lint` works); their Python code comes from the
+googleapis-common-protos wheel, so only protos/agentplane is generated. `--vendor-check`
+fails when the vendored copies differ from the wheel's.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ PROTOS = ROOT / "protos"
 OUT_PACKAGE = "agentplane"
 GOOGLEAPIS = Path(google.api.__path__[0]).parent.parent
 WKT = Path(grpc_tools.__path__[0]) / "_proto"
-BUF_DEPS = ["google/api/annotations.proto", "google/api/http.proto", "google/rpc/status.proto"]
+VENDORED = ["google/api/annotations.proto", "google/api/http.proto", "google/rpc/status.proto"]
 
 
 def generate(out: Path) -> None:
     """Run protoc with the python, grpc and mypy-protobuf plugins into `out`."""
-    files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    files = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / OUT_PACKAGE).rglob("*.proto"))
     plugin_dir = Path(sys.executable).parent
     cmd = [
         sys.executable, "-m", "grpc_tools.protoc",
@@ -76,13 +78,15 @@ def differences(left: Path, right: Path) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail if generated code drifted")
-    parser.add_argument("--buf-deps", action="store_true", help="lay out .buf-deps for buf")
+    parser.add_argument(
+        "--vendor-check", action="store_true", help="fail if protos/google differs from the wheel"
+    )
     args = parser.parse_args()
-    if args.buf_deps:
-        for rel in BUF_DEPS:
-            target = ROOT / ".buf-deps" / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(GOOGLEAPIS / rel, target)
+    if args.vendor_check:
+        stale = [r for r in VENDORED if (PROTOS / r).read_bytes() != (GOOGLEAPIS / r).read_bytes()]
+        if stale:
+            print("vendored googleapis protos differ from the installed wheel:", *stale)
+            return 1
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
