@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -52,6 +53,10 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+class PortTaken(RuntimeError):
+    """redis-server could not listen: something else has its port."""
+
+
 class RedisProcess:
     """A redis-server child process on loopback, with its own data folder."""
 
@@ -61,8 +66,12 @@ class RedisProcess:
         data_dir: str | None = None,
         extra_args: list[str] | None = None,
         log_file: str | None = None,
+        pick_port: Callable[[], int] = free_port,
     ) -> None:
-        self.port = port or free_port()
+        # redis-server cannot listen on port 0 and say which port it got, so a free port is
+        # picked; if something takes it first, start() picks another (auto ports only).
+        self._pick = pick_port if port is None else None
+        self.port = port or pick_port()
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="agentplane-redis-")
         self.extra_args = extra_args or []
         self.log_file = log_file
@@ -73,18 +82,37 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisProcess:
+        for attempt in range(5):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                if self._pick is None or attempt == 4:
+                    raise
+                self.port = self._pick()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> RedisProcess:
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
         args = [
             find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", self.data_dir, "--save", "", "--protected-mode", "no",
             *self.extra_args,
         ]  # fmt: skip
-        output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self.process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
+        log = Path(self.log_file or Path(self.data_dir) / "redis.log")
+        start_of_run = log.stat().st_size if log.exists() else 0
+        with open(log, "ab") as output:
+            self.process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+                with open(log, "rb") as written:
+                    written.seek(start_of_run)
+                    said = written.read().decode(errors="replace")
+                if "Address already in use" in said:
+                    raise PortTaken(self.port)
+                raise RuntimeError(
+                    f"redis-server exited with {self.process.returncode}: {said[-500:]}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                     sock.sendall(b"PING\r\n")
@@ -128,7 +156,7 @@ class RedisClusterProcesses:
         base = tempfile.mkdtemp(prefix="agentplane-cluster-")
         self.nodes = [
             RedisProcess(
-                port=free_cluster_port(),
+                pick_port=free_cluster_port,
                 data_dir=f"{base}/node{i}",
                 extra_args=[
                     "--cluster-enabled",

@@ -2,6 +2,9 @@
 
 Logs of all processes go to this terminal; one Ctrl-C (or SIGTERM) stops them all
 cleanly, services first and Redis last. An already-running Redis at REDIS_URL is reused.
+RUN_PORT_OFFSET moves every port, Redis's included (to run a second cluster beside the
+first); everything listens on loopback unless BIND_HOST says otherwise. If any process
+ends — the Redis it started included — the rest are stopped and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ PROCESSES = [
     ("usage", "services.usage_svc", {"GRPC_PORT": 50053 + OFFSET, "METRICS_PORT": 9103 + OFFSET}),
     ("gateway", "gateway", {"HTTP_PORT": 8080 + OFFSET, "METRICS_PORT": 9104 + OFFSET}),
 ]
+REDIS_URL = os.environ.get("REDIS_URL", f"redis://localhost:{6379 + OFFSET}/0")
+BIND_HOST = os.environ.get("BIND_HOST", "127.0.0.1")
 PEERS = {
     "AGENT_SVC_ADDR": f"localhost:{50051 + OFFSET}",
     "THREAD_SVC_ADDR": f"localhost:{50052 + OFFSET}",
@@ -66,9 +71,28 @@ def admin_token() -> str:
     return token
 
 
+def banner(redis_url: str, started: list[str]) -> str:
+    """Where everything listens, with the ports actually used."""
+    host = "localhost" if BIND_HOST in ("127.0.0.1", "::1", "localhost") else BIND_HOST
+    rows = [f"  redis     {redis_url}"]
+    for name, _module, ports in PROCESSES:
+        if name not in started:
+            continue
+        if "GRPC_PORT" in ports:
+            where = f"grpc {host}:{ports['GRPC_PORT']}"
+        else:
+            where = f"http://{host}:{ports['HTTP_PORT']}"
+        rows.append(f"  {name:<9} {where}   (metrics :{ports['METRICS_PORT']})")
+    agent = PROCESSES[0][2]["GRPC_PORT"]
+    return "\n".join(
+        [f"[run] listening on {BIND_HOST} (RUN_PORT_OFFSET={OFFSET}):", *rows,
+         f"[run] try: grpcurl -plaintext {host}:{agent} list   — Ctrl-C stops everything"]
+    )  # fmt: skip
+
+
 def main() -> int:
     RUN_DIR.mkdir(exist_ok=True)
-    redis_url = os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+    redis_url = REDIS_URL
     parsed = urlparse(redis_url)
     redis: RedisProcess | None = None
     if not _port_open(parsed.hostname or "localhost", parsed.port or 6379):
@@ -87,6 +111,7 @@ def main() -> int:
         "REDIS_URL": redis_url,
         "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"),
         "AGENTPLANE_ADMIN_TOKEN": admin_token(),
+        "BIND_HOST": BIND_HOST,
         **PEERS,
     }
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -103,8 +128,7 @@ def main() -> int:
                 ),
             )
         )
-        print(f"[run] started {name} ({module}) on {overrides}")
-    print("[run] try: grpcurl -plaintext localhost:50051 list   — Ctrl-C stops everything")
+    print(banner(redis_url, [name for name, _ in children]))
 
     stopping = False
 
@@ -115,9 +139,12 @@ def main() -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     exit_code = 0
+    watched = list(children)
+    if redis is not None and redis.process is not None:
+        watched.append(("redis-server", redis.process))
     while not stopping:
-        for name, child in children:
-            if child.poll() is not None:
+        for name, child in watched:
+            if child.poll() is not None:  # (poll also reaps it: no zombie is left)
                 print(f"[run] {name} exited with {child.returncode}; stopping the rest")
                 exit_code, stopping = 1, True
                 break

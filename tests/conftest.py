@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -14,7 +15,7 @@ import redis as redis_sync
 from agentplane.agent.v1 import agent_service_pb2_grpc
 from agentplane.thread.v1 import thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2_grpc
-from scripts.redis_server import RedisClusterProcesses, RedisProcess, free_port
+from scripts.redis_server import RedisClusterProcesses, RedisProcess
 from services.agent_svc.server import create_server as create_agent_server
 from services.common.server import GrpcApp
 from services.common.settings import Settings
@@ -64,8 +65,8 @@ def redis_target(request: pytest.FixtureRequest) -> RedisTarget:
 def make_settings(
     service_name: str, redis_url: str, cluster: bool = False, **overrides: object
 ) -> Settings:
-    """Settings for an in-process server; peers point at a closed port unless given."""
-    closed = f"127.0.0.1:{free_port()}"
+    """Settings for an in-process server; peers point at nothing unless given."""
+    closed = "unix:/nonexistent/agentplane-peer.sock"  # no port that anything could take
     base = Settings.from_env(
         service_name,
         env={
@@ -114,7 +115,9 @@ async def usage_stub(
 
 @dataclasses.dataclass
 class Cluster:
-    """The three services in-process, wired to each other, on one Redis."""
+    """The three services in-process, wired to each other, on one Redis. They listen on
+    unix sockets in a private folder: their addresses are known before any of them starts
+    (each needs the others'), and no port is picked that something else could take."""
 
     apps: dict[str, GrpcApp]
     channels: list[grpc.aio.Channel]
@@ -123,20 +126,18 @@ class Cluster:
     usage: usage_service_pb2_grpc.UsageServiceStub
     redis_url: str
     redis_cluster: bool
+    addresses: dict[str, str]
 
     def address(self, name: str) -> str:
-        return f"127.0.0.1:{self.apps[name].port}"
+        return self.addresses[name]
 
 
 async def start_cluster(
     redis_url: str, redis_cluster: bool = False, **overrides: object
 ) -> Cluster:
-    ports = {name: free_port() for name in ("agent", "thread", "usage")}
-    env = {
-        "agent_svc_addr": f"127.0.0.1:{ports['agent']}",
-        "thread_svc_addr": f"127.0.0.1:{ports['thread']}",
-        "usage_svc_addr": f"127.0.0.1:{ports['usage']}",
-    }
+    folder = tempfile.mkdtemp(prefix="ap-")
+    addresses = {name: f"unix:{folder}/{name}.sock" for name in ("agent", "thread", "usage")}
+    env = {f"{name}_svc_addr": address for name, address in addresses.items()}
     apps: dict[str, GrpcApp] = {}
     for name, create in (
         ("usage", create_usage_server),
@@ -144,10 +145,10 @@ async def start_cluster(
         ("thread", create_thread_server),
     ):
         settings = make_settings(f"{name}_svc", redis_url, redis_cluster, **env, **overrides)
-        app, _ = await create(settings, f"127.0.0.1:{ports[name]}")
+        app, _ = await create(settings, addresses[name])
         await app.start()
         apps[name] = app
-    channels = [authed_channel(f"127.0.0.1:{ports[n]}") for n in ("agent", "thread", "usage")]
+    channels = [authed_channel(addresses[n]) for n in ("agent", "thread", "usage")]
     return Cluster(
         apps=apps,
         channels=channels,
@@ -156,6 +157,7 @@ async def start_cluster(
         usage=usage_service_pb2_grpc.UsageServiceStub(channels[2]),
         redis_url=redis_url,
         redis_cluster=redis_cluster,
+        addresses=addresses,
     )
 
 

@@ -66,12 +66,14 @@ class GrpcApp:
         self,
         server: grpc.aio.Server,
         port: int,
+        address: str,
         chassis: Chassis,
         health_servicer: health.aio.HealthServicer,
         service_names: Sequence[str],
     ) -> None:
         self.server = server
         self.port = port
+        self.address = address
         self.chassis = chassis
         self.health = health_servicer
         self.service_names = list(service_names)
@@ -81,7 +83,7 @@ class GrpcApp:
         await self.server.start()
         await self._set_health(await self._redis_ok())
         self._monitor = asyncio.create_task(self._watch_redis(), name="redis-health")
-        log.info("serving", port=self.port, services=self.service_names)
+        log.info("serving", port=self.port, address=self.address, services=self.service_names)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, end streams, finish in-flight calls within the grace, release all."""
@@ -166,7 +168,8 @@ async def create_app(settings: Settings, bind: str, register: Register) -> GrpcA
     else:
         log.warning("TLS_CERT/TLS_KEY/TLS_CA unset: serving plaintext")
         port = server.add_insecure_port(bind)
-    return GrpcApp(server, port, chassis, health_servicer, service_names)
+    address = bind if bind.startswith("unix:") else f"{bind.rsplit(':', 1)[0]}:{port}"
+    return GrpcApp(server, port, address, chassis, health_servicer, service_names)
 
 
 CreateServer = Callable[[Settings, str], Awaitable[tuple[GrpcApp, int]]]
@@ -199,7 +202,7 @@ async def _wait_for_signal() -> str:
 async def serve(
     settings: Settings, create_server: Callable[[Settings, str], Awaitable[tuple[GrpcApp, int]]]
 ) -> None:
-    app, _port = await create_server(settings, settings.bind_address(settings.grpc_port))
+    app, _port = await create_server(settings, settings.grpc_listen)
     await app.start()
     name = await _wait_for_signal()
     log.info("shutting down", signal=name, grace_s=settings.grace_period_s)

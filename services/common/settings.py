@@ -59,9 +59,11 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: set[str]) 
 
 def _address(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name) or default
+    if value.startswith("unix:/"):  # a unix socket (e.g. a peer in the same pod)
+        return value
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise SettingsError(f"{name}={value!r} must be host:port")
+        raise SettingsError(f"{name}={value!r} must be host:port or unix:/path")
     return value
 
 
@@ -102,6 +104,20 @@ def _bind_host(env: Mapping[str, str]) -> str:
     return host
 
 
+AUTO_PORT = -1  # METRICS_PORT=auto: any free port, written to the log
+
+
+def _listen_address(env: Mapping[str, str]) -> str:
+    """GRPC_ADDRESS: where the gRPC server listens, when BIND_HOST:GRPC_PORT will not do
+    (`unix:/path` for a unix socket)."""
+    value = env.get("GRPC_ADDRESS", "")
+    if value and not value.startswith("unix:/"):
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise SettingsError(f"GRPC_ADDRESS={value!r} must be host:port or unix:/path")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a process reads from its environment (SPEC §1, §4, §6)."""
@@ -109,6 +125,7 @@ class Settings:
     service_name: str
     bind_host: str
     grpc_port: int
+    grpc_address: str
     http_port: int
     http_read_timeout_s: float
     http_max_connections: int
@@ -144,6 +161,11 @@ class Settings:
         """The Redis key prefix this process owns (SPEC §1): ap:agent:, ap:thread:, ap:usage:."""
         return f"ap:{self.service_name.removesuffix('_svc')}:"
 
+    @property
+    def grpc_listen(self) -> str:
+        """Where the gRPC server listens: GRPC_ADDRESS, else BIND_HOST:GRPC_PORT."""
+        return self.grpc_address or self.bind_address(self.grpc_port)
+
     def bind_address(self, port: int) -> str:
         """host:port to listen on (IPv6 addresses in brackets)."""
         host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
@@ -175,10 +197,15 @@ class Settings:
             service_name=service_name,
             bind_host=_bind_host(env),
             grpc_port=_int(env, "GRPC_PORT", default_grpc_port, 0, 65535),
+            grpc_address=_listen_address(env),
             http_port=_int(env, "HTTP_PORT", 8080, 0, 65535),
             http_read_timeout_s=_float(env, "HTTP_READ_TIMEOUT_SECONDS", 30.0, 0.1, 3600.0),
             http_max_connections=_int(env, "HTTP_MAX_CONNECTIONS", 2048, 1, 1_000_000),
-            metrics_port=_int(env, "METRICS_PORT", default_metrics_port, 0, 65535),
+            metrics_port=(
+                AUTO_PORT
+                if env.get("METRICS_PORT") == "auto"
+                else _int(env, "METRICS_PORT", default_metrics_port, 0, 65535)
+            ),
             redis_url=_redis_url(env),
             redis_cluster=_bool(env, "REDIS_CLUSTER", False),
             redis_timeout_s=_float(env, "REDIS_TIMEOUT_SECONDS", 2.0, 0.05, 60.0),

@@ -17,7 +17,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from prometheus_client import Counter, Histogram, start_http_server
 
-from services.common.settings import Settings
+from services.common.logging import get_logger
+from services.common.settings import AUTO_PORT, Settings
 
 RPC_TOTAL = Counter(
     "agentplane_rpc_total", "RPCs served, by method and status code", ["service", "method", "code"]
@@ -60,7 +61,10 @@ def configure_telemetry(settings: Settings, exporter: SpanExporter | None = None
             RedisInstrumentor().instrument(tracer_provider=provider)
             _state["tracing"] = provider
         if settings.metrics_port and "metrics" not in _state:
-            _state["metrics"] = start_http_server(settings.metrics_port)
+            port = 0 if settings.metrics_port == AUTO_PORT else settings.metrics_port
+            server, _thread = start_http_server(port, addr=settings.bind_host)
+            _state["metrics"] = server
+            get_logger("agentplane.metrics").info("metrics", port=server.server_port)
 
 
 def tracer() -> trace.Tracer:

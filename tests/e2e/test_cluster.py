@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
+import tempfile
 
 import httpx
 from google.protobuf import struct_pb2
@@ -16,27 +14,26 @@ from agentplane.thread.v1 import thread_service_pb2 as T
 from agentplane.thread.v1 import thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
-from scripts.redis_server import free_port
-from tests.e2e.test_processes import ROOT, start_service, wait_serving
+from tests.e2e.procs import ServiceProcess
+from tests.e2e.test_processes import start_service, wait_serving
 from tests.helpers import ADMIN_TOKEN, authed_channel, make_project, make_type, spawn
 
 ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 async def test_inject_receive_and_account_across_real_processes(redis_url) -> None:
-    ports = {name: free_port() for name in ("agent", "thread", "usage")}
-    peers = {
-        "AGENT_SVC_ADDR": f"127.0.0.1:{ports['agent']}",
-        "THREAD_SVC_ADDR": f"127.0.0.1:{ports['thread']}",
-        "USAGE_SVC_ADDR": f"127.0.0.1:{ports['usage']}",
-    }
+    # Each service needs the others' addresses before any starts: unix sockets in a
+    # private folder (no port is picked that something else could take).
+    folder = tempfile.mkdtemp(prefix="ap-")
+    addresses = {name: f"unix:{folder}/{name}.sock" for name in ("agent", "thread", "usage")}
+    peers = {f"{name.upper()}_SVC_ADDR": address for name, address in addresses.items()}
     processes = [
-        start_service(f"services.{name}_svc", port, redis_url, **peers)
-        for name, port in ports.items()
+        start_service(f"services.{name}_svc", redis_url, GRPC_ADDRESS=address, **peers)
+        for name, address in addresses.items()
     ]
     try:
-        await asyncio.gather(*(wait_serving(port) for port in ports.values()))
-        channels = {n: authed_channel(f"127.0.0.1:{p}") for n, p in ports.items()}
+        await asyncio.gather(*(wait_serving(address) for address in addresses.values()))
+        channels = {n: authed_channel(a) for n, a in addresses.items()}
         agents = agent_service_pb2_grpc.AgentServiceStub(channels["agent"])
         threads = thread_service_pb2_grpc.ThreadServiceStub(channels["thread"])
         usage = usage_service_pb2_grpc.UsageServiceStub(channels["usage"])
@@ -72,14 +69,9 @@ async def test_inject_receive_and_account_across_real_processes(redis_url) -> No
             await channel.close()
 
         # The real gateway process in front of them.
-        http_port = free_port()
-        gateway = subprocess.Popen(  # noqa: ASYNC220 (a real process, started once)
-            [sys.executable, "-m", "gateway"], cwd=ROOT,
-            env={**os.environ, **peers, "HTTP_PORT": str(http_port), "METRICS_PORT": "0",
-                 "AGENTPLANE_ADMIN_TOKEN": ADMIN_TOKEN},
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        gateway = ServiceProcess("gateway", **peers)
         processes.append(gateway)
+        http_port = gateway.port()
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{http_port}", headers=ADMIN_HEADERS
         ) as client:
@@ -94,6 +86,4 @@ async def test_inject_receive_and_account_across_real_processes(redis_url) -> No
             assert agent["tokens_used"] == 1500 and agent["status"] == "idle"
     finally:
         for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=20)
+            process.stop()

@@ -1,5 +1,6 @@
-"""`make run`'s script: Redis, the three services and the gateway come up and answer,
-and one SIGINT (Ctrl-C) stops them all with exit code 0."""
+"""`make run`'s script: Redis, the three services and the gateway come up on the ports that
+RUN_PORT_OFFSET moves (Redis's too), on loopback; one SIGINT (Ctrl-C) stops them all with
+exit code 0; and when its Redis dies, make run says so and stops instead of carrying on."""
 
 from __future__ import annotations
 
@@ -7,67 +8,111 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import httpx
+import redis as redis_sync
 
-from scripts.redis_server import free_port
-from tests.e2e.test_processes import ROOT
+from tests.e2e.procs import ROOT
 from tests.helpers import ADMIN_TOKEN
 
+BASE_PORTS = [6379, 50051, 50052, 50053, 8080, 9101, 9102, 9103, 9104]
 
-def _free_offset() -> int:
-    import socket
 
-    for offset in range(3000, 9000, 97):
-        ports = [50051 + offset, 50052 + offset, 50053 + offset, 8080 + offset]
-        ports += [9101 + offset, 9102 + offset, 9103 + offset, 9104 + offset]
+def _free_offset(start: int) -> int:
+    """An offset whose every port is free now. (make run listens on fixed, documented
+    ports; if one is taken by the time it starts, the test tries the next offset.)"""
+    for offset in range(start, 9000, 97):
         try:
-            for port in ports:
+            for port in BASE_PORTS:
                 with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
+                    sock.bind(("127.0.0.1", port + offset))
         except OSError:
             continue
         return offset
     raise RuntimeError("no free port range")
 
 
-async def test_make_run_starts_everything_and_one_ctrl_c_stops_it(tmp_path) -> None:
-    offset = _free_offset()
-    redis_port = free_port()
-    process = subprocess.Popen(  # noqa: ASYNC220 (the real `make run` entry point)
-        [sys.executable, "-m", "scripts.run_cluster"],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "RUN_PORT_OFFSET": str(offset),
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "AGENTPLANE_ADMIN_TOKEN": ADMIN_TOKEN,
-            "LOG_FORMAT": "json",
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        url = f"http://127.0.0.1:{8080 + offset}"
-        async with httpx.AsyncClient(
-            base_url=url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
-        ) as http:
-            ready = None
+async def _make_run(offset_start: int):  # type: ignore[no-untyped-def]
+    """The real `make run` script with an offset; (process, offset) once the gateway is
+    ready."""
+    for attempt in range(3):
+        offset = _free_offset(offset_start + attempt * 31)
+        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BIND_HOST")}
+        process = subprocess.Popen(  # noqa: ASYNC220 (the real `make run` entry point)
+            [sys.executable, "-m", "scripts.run_cluster"],
+            cwd=ROOT,
+            env={
+                **env,
+                "RUN_PORT_OFFSET": str(offset),
+                "AGENTPLANE_ADMIN_TOKEN": ADMIN_TOKEN,
+                "LOG_FORMAT": "json",
+            },  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{8080 + offset}") as http:
             for _ in range(150):
+                if process.poll() is not None:
+                    break
                 with contextlib.suppress(httpx.HTTPError):
-                    ready = await http.get("/readyz")
-                    if ready.status_code == 200:
-                        break
+                    if (await http.get("/readyz")).status_code == 200:
+                        return process, offset
                 await asyncio.sleep(0.2)
-            assert ready is not None and ready.status_code == 200, ready and ready.text
+        process.kill()
+        output = process.communicate()[0].decode()
+        if "in use" not in output:
+            raise AssertionError(output[-3000:])
+    raise AssertionError("make run never came up")
+
+
+async def test_make_run_starts_everything_and_one_ctrl_c_stops_it() -> None:
+    process, offset = await _make_run(3000)
+    try:
+        headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{8080 + offset}", headers=headers
+        ) as http:
             organism = await http.get("/api/v1/organism")
             assert organism.status_code == 200 and organism.json()["unavailable_sources"] == []
+        # Redis moved with the offset, and it holds this cluster's data.
+        with redis_sync.Redis(port=6379 + offset) as client:
+            assert client.ping()
+        # Dev processes listen on loopback only.
+        own_ip = socket.gethostbyname(socket.gethostname())
+        if not own_ip.startswith("127."):
+            with socket.socket() as sock:
+                sock.settimeout(1)
+                assert sock.connect_ex((own_ip, 8080 + offset)) != 0
         process.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(process.wait, 40) == 0
         output = process.stdout.read().decode()  # type: ignore[union-attr]
         assert "[run] stopped" in output
+        assert f"redis://localhost:{6379 + offset}/0" in output  # the banner's real ports
+        assert f"http://localhost:{8080 + offset}" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+async def test_make_run_notices_when_its_redis_dies() -> None:
+    process, offset = await _make_run(5000)
+    try:
+        with redis_sync.Redis(port=6379 + offset) as client:
+            pid = int(client.info("server")["process_id"])
+        os.kill(pid, signal.SIGKILL)
+        code = await asyncio.to_thread(process.wait, 40)
+        output = process.stdout.read().decode()  # type: ignore[union-attr]
+        assert code == 1, output[-2000:]
+        assert "[run] redis-server exited" in output and "[run] stopped" in output
+        with (
+            open(f"/proc/{pid}/status")
+            if os.path.exists(f"/proc/{pid}")
+            else (contextlib.nullcontext(None)) as status
+        ):
+            assert status is None or "zombie" not in status.read()
     finally:
         if process.poll() is None:
             process.kill()

@@ -3,46 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplane.agent.v1 import agent_service_pb2, agent_service_pb2_grpc
-from scripts.redis_server import free_port
-from tests.helpers import ADMIN_TOKEN, authed_channel, make_project
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.procs import ServiceProcess
+from tests.helpers import authed_channel, make_project
 
 
-def start_service(module: str, port: int, redis_url: str, **env: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", module],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "GRPC_PORT": str(port),
-            "METRICS_PORT": "0",
-            "REDIS_URL": redis_url,
-            "SHUTDOWN_GRACE_SECONDS": "5",
-            "AGENTPLANE_ADMIN_TOKEN": ADMIN_TOKEN,
-            **env,
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+def start_service(module: str, redis_url: str, **env: str) -> ServiceProcess:
+    """A service process on a port of its own choosing (port 0, read back from its log)."""
+    return ServiceProcess(module, REDIS_URL=redis_url, **env)
 
 
-async def wait_serving(port: int, timeout: float = 20) -> None:
+async def wait_serving(where: int | str, timeout: float = 20) -> None:
+    """Until the service at a port (or an address) says SERVING."""
     deadline = time.monotonic() + timeout
-    async with authed_channel(f"127.0.0.1:{port}") as channel:
+    address = where if isinstance(where, str) else f"127.0.0.1:{where}"
+    async with authed_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -52,14 +34,15 @@ async def wait_serving(port: int, timeout: float = 20) -> None:
             except grpc.aio.AioRpcError:
                 pass
             await asyncio.sleep(0.1)
-    raise AssertionError(f"service on {port} never became SERVING")
+    raise AssertionError(f"service at {address} never became SERVING")
 
 
 @pytest.mark.parametrize("module", ["services.usage_svc", "services.thread_svc"])
 async def test_every_service_drains_on_sigterm(redis_url, module) -> None:
-    port = free_port()
-    process = start_service(module, port, redis_url)
+    service = start_service(module, redis_url)
+    process = service.process
     try:
+        port = service.port()
         await wait_serving(port)
         async with authed_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
@@ -74,9 +57,10 @@ async def test_every_service_drains_on_sigterm(redis_url, module) -> None:
 
 
 async def test_sigterm_turns_not_serving_ends_streams_and_exits_zero(redis_url) -> None:
-    port = free_port()
-    process = start_service("services.agent_svc", port, redis_url)
+    service = start_service("services.agent_svc", redis_url)
+    process = service.process
     try:
+        port = service.port()
         await wait_serving(port)
         async with authed_channel(f"127.0.0.1:{port}") as channel:
             stub = agent_service_pb2_grpc.AgentServiceStub(channel)
@@ -94,7 +78,7 @@ async def test_sigterm_turns_not_serving_ends_streams_and_exits_zero(redis_url) 
             assert await asyncio.wait_for(watch.read(), 5) is grpc.aio.EOF
             assert await watch.code() == grpc.StatusCode.OK
         assert await asyncio.to_thread(process.wait, 15) == 0
-        output = process.stdout.read().decode()  # type: ignore[union-attr]
+        output = service.output()
         assert '"event":"shutting down"' in output and '"signal":"SIGTERM"' in output
     finally:
         if process.poll() is None:
@@ -102,18 +86,23 @@ async def test_sigterm_turns_not_serving_ends_streams_and_exits_zero(redis_url) 
 
 
 async def test_bad_configuration_exits_with_a_clear_message(redis_url) -> None:
-    process = start_service("services.agent_svc", free_port(), redis_url, LOG_FORMAT="xml")
-    assert await asyncio.to_thread(process.wait, 20) == 2
-    output = process.stdout.read().decode()  # type: ignore[union-attr]
+    service = start_service("services.agent_svc", redis_url, LOG_FORMAT="xml")
+    assert await asyncio.to_thread(service.wait, 20) == 2
+    output = service.output()
     assert "LOG_FORMAT" in output and "Traceback" not in output
 
 
 async def test_metrics_endpoint_and_one_log_line_per_rpc(redis_url) -> None:
     import httpx
 
-    port, metrics = free_port(), free_port()
-    process = start_service("services.agent_svc", port, redis_url, METRICS_PORT=str(metrics))
+    service = start_service("services.agent_svc", redis_url, METRICS_PORT="auto")
+    process = service.process
     try:
+        port = service.port()
+        assert service.wait_until(
+            lambda: any(e.get("event") == "metrics" for e in service.events())
+        )
+        (metrics,) = [e["port"] for e in service.events() if e.get("event") == "metrics"]
         await wait_serving(port)
         async with authed_channel(f"127.0.0.1:{port}") as channel:
             await make_project(agent_service_pb2_grpc.AgentServiceStub(channel))
@@ -126,11 +115,8 @@ async def test_metrics_endpoint_and_one_log_line_per_rpc(redis_url) -> None:
         assert "agentplane_rpc_duration_seconds_bucket" in text
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 15) == 0
-        lines = [
-            json.loads(line)
-            for line in process.stdout.read().decode().splitlines()
-            if line.startswith("{")
-        ]  # type: ignore[union-attr]
+        service.output()
+        lines = service.events()
         (rpc,) = [line for line in lines if line.get("event") == "rpc"]
         assert rpc["method"].endswith("/CreateProject") and rpc["code"] == "OK"
         assert rpc["principal"] == "superuser:admin" and rpc["duration_ms"] > 0
