@@ -25,8 +25,8 @@ from services.common.clients import PeerClients
 from services.common.interceptors import register
 from services.common.limits import GRPC_MAX_MESSAGE_BYTES
 from services.common.logging import configure_logging, get_logger
-from services.common.reflection import enable_reflection
 from services.common.redis import RedisClient, create_redis
+from services.common.reflection import enable_reflection
 from services.common.settings import Settings, SettingsError
 from services.common.telemetry import configure_telemetry
 from services.common.tls import server_credentials
