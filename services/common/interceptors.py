@@ -142,10 +142,21 @@ class _RpcScope:
             # and its context must not be touched any more.
             self.code = grpc.StatusCode.CANCELLED
             return
+        if isinstance(exc, TimeoutError) and self._deadline_passed():
+            # grpc itself ends a call whose deadline passed (the caller already has its
+            # DEADLINE_EXCEEDED); sending a status on an ended call fails, so end quietly.
+            self.code = grpc.StatusCode.DEADLINE_EXCEEDED
+            raise asyncio.CancelledError from None
         error = self._as_service_error(exc)
         self.code = error.code
         trace.get_current_span().set_status(trace.Status(trace.StatusCode.ERROR, error.message))
         await self.context.abort_with_status(error.to_status())
+
+    @staticmethod
+    def _deadline_passed() -> bool:
+        call = current_call.get()
+        remaining = None if call is None else call.time_remaining()
+        return remaining is not None and remaining < 0.01
 
     def _as_service_error(self, exc: BaseException) -> errors.ServiceError:
         if isinstance(exc, errors.ServiceError):
