@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: run test protos protos-check protos-lint lint bench certs clean
+.PHONY: run test test-fast typecheck protos protos-check protos-lint lint bench certs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -13,13 +13,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-## Start Redis, every service and (once it exists) the gateway in the foreground; Ctrl-C stops all.
+## Start Redis, the three services and the gateway in the foreground; Ctrl-C stops all.
 run: $(STAMP)
 	$(PY) -m scripts.run_cluster
 
 ## Run the whole suite against real Redis servers and real gRPC servers.
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+## The quick loop: unit and single-service tests (no real processes, no Redis Cluster).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not e2e"
 
 ## Regenerate the Python code and type stubs from protos/ into agentplane/.
 protos: $(STAMP)
@@ -33,10 +37,14 @@ protos-check: $(STAMP)
 protos-lint: $(STAMP)
 	$(VENV)/bin/buf lint
 
-lint: $(STAMP) protos-lint
+## buf lint, ruff (style, imports, complexity ≤ 12), ruff format, mypy (check_untyped_defs).
+lint: $(STAMP) protos-lint typecheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services gateway scripts
+
+## mypy over everything but the generated code (CI runs it too).
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy services gateway scripts bench
 
 ## A development CA and service certificate for mutual TLS, in .run/certs/.
 certs: $(STAMP)

@@ -1,1 +1,1 @@
-"""`make bench`: the performance targets of SPEC §7, measured against ceilings of the same run."""
+"""`make bench`: the performance targets of docs/api.md §7, against ceilings of the same run."""

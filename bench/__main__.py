@@ -1,4 +1,4 @@
-"""`make bench`: SPEC §7's targets, each against a ceiling measured in the same run.
+"""`make bench`: docs/api.md §7's targets, each against a ceiling measured in the same run.
 
 Starts a real redis-server and a real usage-service process, drives them from several
 client processes, prints a table and writes bench/results.json. Figures depend on the

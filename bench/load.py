@@ -22,7 +22,7 @@ METADATA = (("authorization", f"Bearer {BENCH_TOKEN}"),)
 
 
 class _Bearer(grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+    async def intercept_unary_unary(self, continuation, details, request):
         details = grpc.aio.ClientCallDetails(
             details.method, details.timeout, grpc.aio.Metadata(*METADATA),
             details.credentials, details.wait_for_ready,

@@ -1,1 +1,1 @@
-"""REST gateway (SPEC §3): routes from the protos' HTTP annotations, JSON and SSE."""
+"""REST gateway (docs/api.md §3): routes from the protos' HTTP annotations, JSON and SSE."""

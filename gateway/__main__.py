@@ -1,4 +1,4 @@
-"""`python -m gateway`: the REST gateway on HTTP_PORT (default 8080)."""
+"""`python -m gateway`: the REST gateway on HTTP_PORT (default 8080, see the registry)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 
 from gateway.app import create_app
 from gateway.server import listen, make_server
+from services.common import registry
 from services.common.logging import configure_logging, get_logger
 from services.common.settings import Settings, SettingsError
 from services.common.telemetry import configure_telemetry
@@ -13,7 +14,9 @@ from services.common.telemetry import configure_telemetry
 
 def main() -> int:
     try:
-        settings = Settings.from_env("gateway", default_metrics_port=9104)
+        settings = Settings.from_env(
+            registry.GATEWAY.label, default_metrics_port=registry.GATEWAY.metrics_port
+        )
     except SettingsError as exc:
         print(f"gateway: bad configuration: {exc}", file=sys.stderr)
         return 2

@@ -17,13 +17,13 @@ from opentelemetry import propagate, trace
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 
-from agentplane.agent.v1 import agent_service_pb2_grpc
 from gateway import codec
 from gateway.compat import COMPAT, Compat, Paging, legacy_paging
 from gateway.openapi import build_openapi
 from gateway.routes import Route, build_routes, match
-from services.common import errors
-from services.common.auth import Authenticator, whoami_lookup
+from services.agent_svc.client import AgentClient
+from services.common import errors, registry
+from services.common.auth import Authenticator
 from services.common.clients import open_channel
 from services.common.interceptors import STREAM_OPEN_HEADER
 from services.common.limits import HTTP_MAX_BODY_BYTES as MAX_BODY_BYTES
@@ -96,40 +96,26 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.routes = build_routes()
-        addresses = {
-            "agent": settings.agent_svc_addr,
-            "thread": settings.thread_svc_addr,
-            "usage": settings.usage_svc_addr,
-        }
-        self.channels = {
-            name: open_channel(settings, address) for name, address in addresses.items()
-        }
         self.openapi = build_openapi(self.routes)
+        # Channels are bound to the serving event loop: open() makes them, at start-up.
+        self.channels: dict[str, grpc.aio.Channel] = {}
         self._calls: dict[tuple[str, int], Any] = {}
-        self.auth = self._authenticator()
-
-    def _authenticator(self) -> Authenticator:
-        """Callers are authenticated here, before their body is read (the services check
-        again); API keys are looked up with the agent service, cached like everywhere."""
-        agent = agent_service_pb2_grpc.AgentServiceStub(self.channels["agent"])
-        return Authenticator(
-            self.settings.admin_token, whoami_lookup(agent), self.settings.auth_cache_s
-        )
+        self.auth = Authenticator(settings.admin_token, Authenticator.no_keys, 0.0)
 
     async def open(self) -> None:
-        """Channels to the backends, once, on the serving event loop (they are bound to it)."""
-        addresses = {
-            "agent": self.settings.agent_svc_addr,
-            "thread": self.settings.thread_svc_addr,
-            "usage": self.settings.usage_svc_addr,
-        }
-        # The gateway sets token, trace context and deadline on each call itself, so its
-        # channels skip the forwarding interceptor (an interceptor costs a task per call).
+        """Channels to the backends, once, on the serving event loop. The gateway sets
+        token, trace context and deadline on each call itself, so its channels skip the
+        forwarding interceptor (an interceptor costs a task per call)."""
+        settings = self.settings
         self.channels = {
-            name: open_channel(self.settings, a, forwarding=False) for name, a in addresses.items()
+            service.name: open_channel(settings, settings.peer_address(service), forwarding=False)
+            for service in registry.SERVICES
         }
         self._calls.clear()
-        self.auth = self._authenticator()
+        # Callers are authenticated here, before their body is read (the services check
+        # again); API keys are looked up with the agent service, cached like everywhere.
+        agents = AgentClient(self.channels["agent"], settings.auth_cache_s)
+        self.auth = Authenticator(settings.admin_token, agents.principal, settings.auth_cache_s)
 
     async def close(self) -> None:
         for channel in self.channels.values():
@@ -206,43 +192,10 @@ class Gateway:
 
     async def _call(self, route: Route, values: dict[str, str], request: Request) -> Response:
         compat = COMPAT.get((route.verb, route.template), Compat())
-        data: dict[str, Any] = {}
-        query = dict(request.query_params)
-        paging = Paging(0, 0, 0)
-        if compat.paging:
-            paging, fields = legacy_paging(compat.paging, query)
-            data.update(fields)
-            for name in ("limit", "offset", "page"):
-                query.pop(name, None)
-        data.update(compat.fixed)
-        for name, value in values.items():
-            _assign(data, name, value)
-        input_type = route.method.input_type
-        for name in query:
-            field = _field_at(input_type, name)
-            if field is None:
-                raise errors.invalid_argument(name, "is not a parameter of this route")
-            values_of = request.query_params.getlist(name)
-            converted = [codec.query_value(field, v, name) for v in values_of]
-            _assign(data, name, converted if codec.is_repeated(field) else converted[-1])
+        data, paging = self._query_fields(route, compat, values, request)
         if route.body:
-            body = await self._body(request)
-            if route.body == "*":
-                if not isinstance(body, dict):
-                    raise errors.invalid_argument("body", "must be a JSON object")
-                # Path variables win over the same keys in the body.
-                data.update({k: v for k, v in body.items() if k not in values})
-            else:
-                data[route.body] = body
-                if (
-                    route.verb == "PATCH"
-                    and "update_mask" in input_type.fields_by_name
-                    and "update_mask" not in query
-                    and isinstance(body, dict)
-                ):
-                    # A PATCH changes exactly the fields present in its body.
-                    data["update_mask"] = ",".join(body.keys())
-        message = codec.from_json(data, message_factory.GetMessageClass(input_type)())
+            await self._body_fields(route, values, request, data)
+        message = codec.from_json(data, message_factory.GetMessageClass(route.method.input_type)())
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # W3C trace context of this request's span
         metadata = list(carrier.items())
@@ -262,6 +215,52 @@ class Gateway:
         if compat.reshape is not None:
             answer = compat.reshape(answer, paging, values)
         return json_response(answer, compat.status)
+
+    @staticmethod
+    def _query_fields(
+        route: Route, compat: Compat, values: dict[str, str], request: Request
+    ) -> tuple[dict[str, Any], Paging]:
+        """The request's fields from the compatibility table, the path and the query."""
+        data: dict[str, Any] = {}
+        query = dict(request.query_params)
+        paging = Paging(0, 0, 0)
+        if compat.paging:
+            paging, fields = legacy_paging(compat.paging, query)
+            data.update(fields)
+            for name in ("limit", "offset", "page"):
+                query.pop(name, None)
+        data.update(compat.fixed)
+        for name, value in values.items():
+            _assign(data, name, value)
+        for name in query:
+            field = _field_at(route.method.input_type, name)
+            if field is None:
+                raise errors.invalid_argument(name, "is not a parameter of this route")
+            converted = [
+                codec.query_value(field, v, name) for v in request.query_params.getlist(name)
+            ]
+            _assign(data, name, converted if codec.is_repeated(field) else converted[-1])
+        return data, paging
+
+    async def _body_fields(
+        self, route: Route, values: dict[str, str], request: Request, data: dict[str, Any]
+    ) -> None:
+        """The body's fields added to `data` (path variables win over the same keys)."""
+        body = await self._body(request)
+        if route.body == "*":
+            if not isinstance(body, dict):
+                raise errors.invalid_argument("body", "must be a JSON object")
+            data.update({k: v for k, v in body.items() if k not in values})
+            return
+        data[route.body] = body
+        if (
+            route.verb == "PATCH"
+            and "update_mask" in route.method.input_type.fields_by_name
+            and "update_mask" not in request.query_params
+            and isinstance(body, dict)
+        ):
+            # A PATCH changes exactly the fields present in its body.
+            data["update_mask"] = ",".join(body.keys())
 
     async def _body(self, request: Request) -> Any:
         """The JSON body, read only up to the limit: a declared Content-Length past it is

@@ -1,4 +1,4 @@
-"""JSON ⇄ protobuf with the REST rules of SPEC §3.
+"""JSON ⇄ protobuf with the REST rules of docs/api.md §3.
 
 Proto field names; every field present (zeros, empty lists, null for unset messages);
 64-bit integers as JSON numbers; enums as short lowercase names ("paused"), with the
@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from services.common import errors
+from services.common import enums, errors
 
 WELL_KNOWN_AS_JSON = {
     "google.protobuf.Timestamp",
@@ -35,16 +35,11 @@ INTEGER_TYPES = {
 FLOAT_TYPES = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
 
 
-def enum_prefix(enum: EnumDescriptor) -> str:
-    """AgentStatus → "AGENT_STATUS_"."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
-
-
 def enum_short(enum: EnumDescriptor, number: int) -> str | int:
     value = enum.values_by_number.get(number)
     if value is None:
         return number
-    return value.name.removeprefix(enum_prefix(enum)).lower()
+    return value.name.removeprefix(enums.prefix(enum)).lower()
 
 
 def enum_full(enum: EnumDescriptor, given: Any, path: str) -> str | int:
@@ -52,7 +47,7 @@ def enum_full(enum: EnumDescriptor, given: Any, path: str) -> str | int:
     if isinstance(given, int) and not isinstance(given, bool) and given in enum.values_by_number:
         return given
     if isinstance(given, str):
-        for candidate in (given, given.upper(), enum_prefix(enum) + given.upper()):
+        for candidate in (given, given.upper(), enums.prefix(enum) + given.upper()):
             if candidate in enum.values_by_name:
                 return candidate
     allowed = ", ".join(enum_short(enum, v.number) for v in enum.values)  # type: ignore[misc]

@@ -1,4 +1,4 @@
-"""The operators' routes whose JSON differs from their RPC's messages (SPEC §3).
+"""The operators' routes whose JSON differs from their RPC's messages (docs/api.md §3).
 
 One declarative entry per route: the status code, fixed request fields, the legacy
 paging parameters (`limit`/`offset` or `page`/`limit`) and how to reshape the answer.

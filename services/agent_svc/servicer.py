@@ -6,10 +6,13 @@ import asyncio
 import hmac
 import json
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2
+from google.protobuf.message import Message
+from grpc.aio import ServicerContext
 
 from agentplane.agent.v1 import (
     agent_pb2,
@@ -17,6 +20,7 @@ from agentplane.agent.v1 import (
     agent_service_pb2_grpc,
     agent_type_pb2,
     api_key_pb2,
+    project_pb2,
 )
 from agentplane.thread.v1 import thread_pb2, thread_service_pb2
 from agentplane.usage.v1 import usage_pb2, usage_service_pb2
@@ -29,7 +33,7 @@ from services.agent_svc.records import (
     type_message,
 )
 from services.agent_svc.store import ALL, AgentChange, AgentStore
-from services.common import errors
+from services.common import enums, errors, tuning
 from services.common.auth import AGENT, OWNER, SUPERUSER, Principal, token_hash
 from services.common.clients import PeerClients
 from services.common.context import current_principal
@@ -42,14 +46,21 @@ from services.common.convert import (
     timestamp,
 )
 from services.common.interceptors import stream_open
-from services.common.limits import MAX_PEERS
+from services.common.limits import (
+    MAX_DESCRIPTION_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_MODEL_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_PEERS,
+    MAX_REF_LENGTH,
+    MAX_SCHEMA_BYTES,
+    MAX_TITLE_LENGTH,
+)
 from services.common.logging import get_logger
 from services.common.pagination import parse_page
 
 log = get_logger("agentplane.agent")
 
-PEER_LOOKUP_TIMEOUT_S = 1.0
-WATCH_BLOCK_MS = 1000
 
 AGENT_FIELDS = {
     "name", "description", "status", "current_task", "short_term_memory",
@@ -73,17 +84,19 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
     # Projects -----------------------------------------------------------------------
 
-    async def CreateProject(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateProject(
+        self, request: agent_service_pb2.CreateProjectRequest, context: ServicerContext
+    ) -> project_pb2.Project:
         project = request.project
         chosen = request.project_id or project.id
         project_id = require_slug("project_id", chosen) if chosen else new_id().lower()
         fields = {
             "id": project_id,
             "display_name": require_text(
-                "project.display_name", project.display_name, 200, required=True
+                "project.display_name", project.display_name, MAX_TITLE_LENGTH, required=True
             ),
             "owner": access.owner_of_new_project(
-                current_principal(), require_text("project.owner", project.owner, 200)
+                current_principal(), require_text("project.owner", project.owner, MAX_TITLE_LENGTH)
             ),
             "create_ms": str(now_ms()),
         }
@@ -91,10 +104,14 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             raise errors.already_exists("project", project_id)
         return project_message(fields)
 
-    async def GetProject(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetProject(
+        self, request: agent_service_pb2.GetProjectRequest, context: ServicerContext
+    ) -> project_pb2.Project:
         return project_message(await self._project(request.project_id))
 
-    async def ListProjects(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListProjects(
+        self, request: agent_service_pb2.ListProjectsRequest, context: ServicerContext
+    ) -> agent_service_pb2.ListProjectsResponse:
         principal = current_principal()
         page = parse_page(request.page_size, request.page_token, request.skip, ("projects",))
         if principal.role == AGENT:
@@ -110,21 +127,29 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
     # Agent types --------------------------------------------------------------------
 
-    async def CreateAgentType(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateAgentType(
+        self, request: agent_service_pb2.CreateAgentTypeRequest, context: ServicerContext
+    ) -> agent_type_pb2.AgentType:
         access.require_superuser(current_principal(), "creating agent types")
         agent_type = request.agent_type
         type_id = require_slug("agent_type.id", agent_type.id)
-        require_text("agent_type.display_name", agent_type.display_name, 200, required=True)
+        require_text(
+            "agent_type.display_name", agent_type.display_name, MAX_TITLE_LENGTH, required=True
+        )
         _check_type_fields(agent_type, "agent_type")
         fields = {"id": type_id, "create_ms": str(now_ms()), **type_fields(agent_type)}
         if not await self._store.create_type(fields):
             raise errors.already_exists("agent_type", type_id)
         return type_message(fields)
 
-    async def GetAgentType(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetAgentType(
+        self, request: agent_service_pb2.GetAgentTypeRequest, context: ServicerContext
+    ) -> agent_type_pb2.AgentType:
         return type_message(await self._type(request.agent_type_id))
 
-    async def ListAgentTypes(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListAgentTypes(
+        self, request: agent_service_pb2.ListAgentTypesRequest, context: ServicerContext
+    ) -> agent_service_pb2.ListAgentTypesResponse:
         page = parse_page(
             request.page_size, request.page_token, request.skip, ("types", request.active_only)
         )
@@ -133,7 +158,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             agent_types=[type_message(r) for r in records], next_page_token=token, total_size=total
         )
 
-    async def UpdateAgentType(self, request, context):  # type: ignore[no-untyped-def]
+    async def UpdateAgentType(
+        self, request: agent_service_pb2.UpdateAgentTypeRequest, context: ServicerContext
+    ) -> agent_type_pb2.AgentType:
         access.require_superuser(current_principal(), "changing agent types")
         type_id = request.agent_type_id or request.agent_type.id
         require_slug("agent_type_id", type_id)
@@ -143,7 +170,10 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         _check_type_fields(request.agent_type, "agent_type")
         if "display_name" in paths:
             require_text(
-                "agent_type.display_name", request.agent_type.display_name, 200, required=True
+                "agent_type.display_name",
+                request.agent_type.display_name,
+                MAX_TITLE_LENGTH,
+                required=True,
             )
         await self._type(type_id)
         stored = type_fields(request.agent_type)
@@ -152,14 +182,16 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
     # Agents -------------------------------------------------------------------------
 
-    async def SpawnAgent(self, request, context):  # type: ignore[no-untyped-def]
+    async def SpawnAgent(
+        self, request: agent_service_pb2.SpawnAgentRequest, context: ServicerContext
+    ) -> agent_pb2.Agent:
         access.require_manager(current_principal())
         project_id = require_id("project_id", request.project_id)
         await self._project(project_id)
         agent = request.agent
         request_id = require_id("request_id", request.request_id) if request.request_id else ""
         type_id = require_slug("agent.agent_type_id", agent.agent_type_id)
-        name = require_text("agent.name", agent.name, 128, required=True)
+        name = require_text("agent.name", agent.name, MAX_NAME_LENGTH, required=True)
         agent_type = await self._store.get_type(type_id)
         if agent_type is None:
             raise errors.not_found("agent_type", type_id)
@@ -190,13 +222,17 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             )
         return (await self._agents_with_usage([await self._agent_record(detail)]))[0]
 
-    async def GetAgent(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetAgent(
+        self, request: agent_service_pb2.GetAgentRequest, context: ServicerContext
+    ) -> agent_pb2.Agent:
         record = await self._agent_record(request.agent_id, request.project_id)
         if request.view == agent_service_pb2.AGENT_VIEW_BASIC:
             return agent_message(record)
         return (await self._agents_with_usage([record]))[0]
 
-    async def ListAgents(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListAgents(
+        self, request: agent_service_pb2.ListAgentsRequest, context: ServicerContext
+    ) -> agent_service_pb2.ListAgentsResponse:
         project_id = request.project_id or ALL
         if project_id == ALL:
             access.require_superuser(current_principal(), "listing agents of every project")
@@ -211,7 +247,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             agents=await self._agents_with_usage(records), next_page_token=token, total_size=total
         )
 
-    async def UpdateAgent(self, request, context):  # type: ignore[no-untyped-def]
+    async def UpdateAgent(
+        self, request: agent_service_pb2.UpdateAgentRequest, context: ServicerContext
+    ) -> agent_pb2.Agent:
         access.require_manager(current_principal())
         agent_id = request.agent_id or request.agent.id
         if request.agent.id and request.agent.id != agent_id:
@@ -222,7 +260,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         sets = {f: v for f, v in fields.items() if v != ""}
         new_name = ""
         if "name" in paths:
-            new_name = require_text("agent.name", request.agent.name, 128, required=True)
+            new_name = require_text(
+                "agent.name", request.agent.name, MAX_NAME_LENGTH, required=True
+            )
             sets["name"] = new_name
         target = lifecycle.status_name(request.agent.status) if "status" in paths else ""
         if target:
@@ -234,28 +274,40 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             new_name=new_name, delete_fields=deletes, set_fields=sets,
         )  # fmt: skip
 
-    async def PauseAgent(self, request, context):  # type: ignore[no-untyped-def]
+    async def PauseAgent(
+        self, request: agent_service_pb2.PauseAgentRequest, context: ServicerContext
+    ) -> agent_pb2.Agent:
         return await self._move(request, lifecycle.PAUSED)
 
-    async def ResumeAgent(self, request, context):  # type: ignore[no-untyped-def]
+    async def ResumeAgent(
+        self, request: agent_service_pb2.ResumeAgentRequest, context: ServicerContext
+    ) -> agent_pb2.Agent:
         return await self._move(request, lifecycle.IDLE, from_states=(lifecycle.PAUSED,))
 
-    async def TerminateAgent(self, request, context):  # type: ignore[no-untyped-def]
+    async def TerminateAgent(
+        self, request: agent_service_pb2.TerminateAgentRequest, context: ServicerContext
+    ) -> agent_pb2.Agent:
         return await self._move(request, lifecycle.TERMINATED)
 
-    async def StartTask(self, request, context):  # type: ignore[no-untyped-def]
-        task = require_text("task", request.task, 4096, required=True)
+    async def StartTask(
+        self, request: agent_service_pb2.StartTaskRequest, context: ServicerContext
+    ) -> agent_pb2.Agent:
+        task = require_text("task", request.task, MAX_DESCRIPTION_LENGTH, required=True)
         return await self._move(
             request, lifecycle.WORKING, from_states=(lifecycle.IDLE, lifecycle.WAITING),
             set_fields={"current_task": task},
         )  # fmt: skip
 
-    async def CompleteTask(self, request, context):  # type: ignore[no-untyped-def]
+    async def CompleteTask(
+        self, request: agent_service_pb2.CompleteTaskRequest, context: ServicerContext
+    ) -> agent_pb2.Agent:
         return await self._move(
             request, lifecycle.IDLE, from_states=(lifecycle.WORKING,), tasks_completed=1
         )
 
-    async def GetAgentSchema(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetAgentSchema(
+        self, request: agent_service_pb2.GetAgentSchemaRequest, context: ServicerContext
+    ) -> agent_service_pb2.AgentSchema:
         record = await self._agent_record(request.agent_id)
         agent_type = await self._type(record["agent_type_id"])
         return agent_service_pb2.AgentSchema(
@@ -264,7 +316,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
     # Metrics ------------------------------------------------------------------------
 
-    async def GetAgentMetrics(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetAgentMetrics(
+        self, request: agent_service_pb2.GetAgentMetricsRequest, context: ServicerContext
+    ) -> agent_pb2.AgentMetrics:
         agent = (
             await self._agents_with_usage(
                 [await self._agent_record(request.agent_id, request.project_id)]
@@ -284,7 +338,11 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             last_activity_time=agent.last_activity_time,
         )
 
-    async def GetProjectAgentMetrics(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetProjectAgentMetrics(
+        self,
+        request: agent_service_pb2.GetProjectAgentMetricsRequest,
+        context: ServicerContext,
+    ) -> agent_pb2.ProjectAgentMetrics:
         project = await self._project(request.project_id)
         usage = await self._peer(
             "usage", self._peers.usage.GetUsageOverview,
@@ -305,7 +363,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             total_cost_usd=totals.total_cost_usd,
         )
 
-    async def GetOverview(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetOverview(
+        self, request: agent_service_pb2.GetOverviewRequest, context: ServicerContext
+    ) -> agent_service_pb2.Overview:
         access.require_superuser(current_principal(), "the cluster overview")
         counters, threads, usage = await asyncio.gather(
             self._store.counters(),
@@ -331,7 +391,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             overview.usage.CopyFrom(usage.totals)
         return overview
 
-    async def WatchAgents(self, request, context) -> AsyncIterator[agent_pb2.AgentEvent]:  # type: ignore[no-untyped-def]
+    async def WatchAgents(
+        self, request: agent_service_pb2.WatchAgentsRequest, context: ServicerContext
+    ) -> AsyncIterator[agent_pb2.AgentEvent]:
         project_id = request.project_id or ALL
         if project_id == ALL:
             access.require_superuser(current_principal(), "watching every project")
@@ -340,7 +402,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         after = await self._store.last_event_id(project_id)
         await stream_open(context)
         while not self._stopping.is_set():
-            for entry_id, event in await self._store.read_events(project_id, after, WATCH_BLOCK_MS):
+            for entry_id, event in await self._store.read_events(
+                project_id, after, tuning.STREAM_BLOCK_MS
+            ):
                 after = entry_id
                 record = await self._store.get_agent(event["agent_id"])
                 if record is None:
@@ -353,7 +417,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
     # API keys and principals -------------------------------------------------------
 
-    async def CreateApiKey(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateApiKey(
+        self, request: agent_service_pb2.CreateApiKeyRequest, context: ServicerContext
+    ) -> agent_service_pb2.CreateApiKeyResponse:
         principal = current_principal()
         access.require_manager(principal)
         if (
@@ -361,11 +427,11 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             or request.role not in api_key_pb2.ApiKeyRole.values()
         ):
             raise errors.invalid_argument("role", "must be SUPERUSER, OWNER or AGENT")
-        role = api_key_pb2.ApiKeyRole.Name(request.role).removeprefix("API_KEY_ROLE_")
+        role = enums.short_name(api_key_pb2.ApiKeyRole, request.role)
         project_id = require_id("project_id", request.project_id) if request.project_id else ""
         if role == SUPERUSER:
             access.require_superuser(principal, "creating superuser keys")
-            subject = require_text("subject", request.subject, 128) or "superuser"
+            subject = require_text("subject", request.subject, MAX_NAME_LENGTH) or "superuser"
         elif role == OWNER:
             subject = require_slug("subject", request.subject or principal.subject)
             if subject != principal.subject:
@@ -383,7 +449,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         await self._store.create_key(fields, visible_to=[principal.subject, subject])
         return agent_service_pb2.CreateApiKeyResponse(api_key=key_message(fields), token=token)
 
-    async def ListApiKeys(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListApiKeys(
+        self, request: agent_service_pb2.ListApiKeysRequest, context: ServicerContext
+    ) -> agent_service_pb2.ListApiKeysResponse:
         principal = current_principal()
         access.require_manager(principal)
         visible_to = None if principal.is_superuser else principal.subject
@@ -393,7 +461,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             api_keys=[key_message(r) for r in records], next_page_token=token, total_size=total
         )
 
-    async def RevokeApiKey(self, request, context):  # type: ignore[no-untyped-def]
+    async def RevokeApiKey(
+        self, request: agent_service_pb2.RevokeApiKeyRequest, context: ServicerContext
+    ) -> api_key_pb2.ApiKey:
         principal = current_principal()
         access.require_manager(principal)
         key_id = require_id("key_id", request.key_id)
@@ -407,10 +477,12 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         await self._store.revoke_key(key_id)
         return key_message({**record, "revoked": "1"})
 
-    async def WhoAmI(self, request, context):  # type: ignore[no-untyped-def]
+    async def WhoAmI(
+        self, request: agent_service_pb2.WhoAmIRequest, context: ServicerContext
+    ) -> api_key_pb2.Principal:
         principal = current_principal()
         return api_key_pb2.Principal(
-            role=api_key_pb2.ApiKeyRole.Value(f"API_KEY_ROLE_{principal.role}"),
+            role=enums.value_of(api_key_pb2.ApiKeyRole, principal.role),
             subject=principal.subject,
             project_id=principal.project_id,
             key_id=principal.key_id,
@@ -542,7 +614,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         requests = [
             thread_service_pb2.ListThreadsRequest(
                 project_id=ALL,
-                status=thread_pb2.ThreadStatus.Value(f"THREAD_STATUS_{s}"),
+                status=enums.value_of(thread_pb2.ThreadStatus, s),
                 page_size=1,
             )
             for s in statuses
@@ -552,13 +624,16 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         )
         if any(r is None for r in replies):
             return None
-        counts = {s.lower(): r.total_size for s, r in zip(statuses, replies, strict=True)}  # type: ignore[union-attr]
+        counts = {s.lower(): r.total_size for s, r in zip(statuses, replies, strict=True)}
         return agent_service_pb2.ThreadStatusCounts(total=sum(counts.values()), **counts)
 
-    async def _peer(self, name: str, method, request, *, quiet: bool = False):  # type: ignore[no-untyped-def]
+    async def _peer(
+        self, name: str, method: Callable[..., Awaitable[Any]], request: Message, *,
+        quiet: bool = False,
+    ) -> Any:  # fmt: skip
         """Call a peer with a short deadline; None (and a warning) when it cannot answer."""
         try:
-            return await method(request, timeout=PEER_LOOKUP_TIMEOUT_S)
+            return await method(request, timeout=tuning.PEER_LOOKUP_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             if not quiet:
                 log.warning("peer unavailable", peer=name, code=exc.code().name)
@@ -568,7 +643,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 def key_message(record: dict[str, str]) -> api_key_pb2.ApiKey:
     return api_key_pb2.ApiKey(
         key_id=record["key_id"],
-        role=api_key_pb2.ApiKeyRole.Value(f"API_KEY_ROLE_{record['role']}"),
+        role=enums.value_of(api_key_pb2.ApiKeyRole, record["role"]),
         subject=record.get("subject", ""),
         project_id=record.get("project_id", ""),
         create_time=timestamp(record.get("create_ms")),
@@ -591,13 +666,13 @@ def _mask_paths(mask: field_mask_pb2.FieldMask, allowed: set[str], message: obje
 
 
 def _check_type_fields(agent_type: agent_type_pb2.AgentType, prefix: str) -> None:
-    require_text(f"{prefix}.description", agent_type.description, 4096)
-    require_text(f"{prefix}.default_model", agent_type.default_model, 200)
-    require_text(f"{prefix}.example", agent_type.example, 64 * 1024)
+    require_text(f"{prefix}.description", agent_type.description, MAX_DESCRIPTION_LENGTH)
+    require_text(f"{prefix}.default_model", agent_type.default_model, MAX_MODEL_LENGTH)
+    require_text(f"{prefix}.example", agent_type.example, MAX_SCHEMA_BYTES)
     if agent_type.input_schema:
-        if len(agent_type.input_schema) > 64 * 1024:
+        if len(agent_type.input_schema) > MAX_SCHEMA_BYTES:
             raise errors.invalid_argument(
-                f"{prefix}.input_schema", "is larger than 65536 characters"
+                f"{prefix}.input_schema", f"is larger than {MAX_SCHEMA_BYTES} characters"
             )
         try:
             json.loads(agent_type.input_schema)
@@ -609,10 +684,10 @@ def _agent_fields(agent: agent_pb2.Agent, names: set[str]) -> dict[str, str]:
     """Stored values of the named agent fields, checked."""
     fields: dict[str, str] = {}
     limits = {
-        "description": 4096,
-        "current_task": 4096,
-        "long_term_memory_ref": 1024,
-        "session_id": 128,
+        "description": MAX_DESCRIPTION_LENGTH,
+        "current_task": MAX_DESCRIPTION_LENGTH,
+        "long_term_memory_ref": MAX_REF_LENGTH,
+        "session_id": MAX_ID_LENGTH,
     }
     for name, limit in limits.items():
         if name in names:

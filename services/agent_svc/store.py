@@ -17,13 +17,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common import tuning
 from services.common.convert import now_ms
 from services.common.pagination import Page, read_lex_page
 from services.common.redis import RedisClient, load_script
 
 PREFIX = "ap:agent:{a}:"
 STATUSES = ("IDLE", "WORKING", "WAITING", "PAUSED", "TERMINATED")
-EVENTS_MAXLEN = 10_000
 ALL = "-"
 LUA = Path(__file__).with_name("lua")
 
@@ -187,7 +187,7 @@ class AgentStore:
             Keys.counters, Keys.events(project_id), Keys.events(ALL),
         ]  # fmt: skip
         args = [agent_id, fields["name"], "1" if request_id else "0", self._request_ttl_s,
-                EVENTS_MAXLEN, *_flat(fields)]  # fmt: skip
+                tuning.AGENT_EVENTS_MAXLEN, *_flat(fields)]  # fmt: skip
         result = await self._spawn(keys=keys, args=args)
         return result[0], (result[1] if len(result) > 1 else "")
 
@@ -203,7 +203,7 @@ class AgentStore:
         allowed = "," + ",".join(change.allowed_from) + ","
         args = [
             change.project_check, change.target_status, allowed, change.new_name,
-            change.tasks_completed, now_ms(), EVENTS_MAXLEN, len(change.delete_fields),
+            change.tasks_completed, now_ms(), tuning.AGENT_EVENTS_MAXLEN, len(change.delete_fields),
             *change.delete_fields, *_flat(change.set_fields or {}),
         ]  # fmt: skip
         result = await self._update(keys=keys, args=args)

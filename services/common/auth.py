@@ -21,16 +21,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 
-from services.common import errors
+from services.common import errors, methods, tuning
 from services.common.redis import RedisClient, load_script
 
 SUPERUSER, OWNER, AGENT = "SUPERUSER", "OWNER", "AGENT"
 TOKEN_PATTERN = re.compile(r"^apk_([0-9a-z]{26})\.([A-Za-z0-9_-]{43,64})$")
-READ_PREFIXES = ("Get", "List", "Watch", "WhoAmI", "Receive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +90,11 @@ class Authenticator:
     Without an admin token of its own (the gateway may run without it), every well-formed
     bearer token is looked up."""
 
+    @staticmethod
+    async def no_keys(_key_id: str, _token: str) -> Principal | None:
+        """The lookup of a process that knows no API keys (until it is given one)."""
+        return None
+
     def __init__(self, admin_token: str, lookup: KeyLookup, cache_s: float) -> None:
         self._admin = admin_token
         self._lookup = lookup
@@ -114,7 +117,7 @@ class Authenticator:
         if principal is None:
             self._cache.pop(digest, None)
             raise unauthenticated("unknown or revoked token")
-        if len(self._cache) > 10_000:
+        if len(self._cache) > tuning.MAX_CACHED_ENTRIES:
             self._cache.clear()
         self._cache[digest] = (now + self._cache_s, principal)
         return principal
@@ -138,8 +141,7 @@ class RateLimiter:
     def rate_for(self, method_name: str) -> Rate:
         if method_name in self._limits:
             return self._limits[method_name]
-        kind = "read" if method_name.startswith(READ_PREFIXES) else "write"
-        return self._limits[f"default_{kind}"]
+        return self._limits["default_read" if methods.is_read(method_name) else "default_write"]
 
     async def check(self, principal: Principal, method_name: str) -> None:
         if principal.is_superuser:
@@ -152,7 +154,7 @@ class RateLimiter:
                 keys=[key], args=[int(time.time() * 1000), interval, interval * rate.burst]
             )
         except Exception as exc:  # Redis unreachable: reads pass, writes are refused
-            if method_name.startswith(READ_PREFIXES):
+            if methods.is_read(method_name):
                 return
             raise errors.unavailable("rate limiter unavailable; writes are refused") from exc
         if not allowed:
@@ -172,8 +174,7 @@ def parse_rate_limits(text: str) -> dict[str, Rate]:
         "default_read": Rate(60, 60),
         "default_write": Rate(30, 30),
     }
-    for hot in ("RecordUsage", "RecordUsageBatch", "ReserveBudget", "ReleaseReservation",
-                "PostMessage", "AckMessages", "ReceiveMessages", "WhoAmI"):  # fmt: skip
+    for hot in filter(methods.is_hot, methods.KINDS):
         limits[hot] = Rate(600, 600)
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, spec = item.partition("=")
@@ -184,32 +185,6 @@ def parse_rate_limits(text: str) -> dict[str, Rate]:
         per_minute = int(count)
         limits[name] = Rate(per_minute, int(burst) if burst.isdigit() else per_minute)
     return limits
-
-
-def whoami_lookup(agent: Any) -> KeyLookup:
-    """API keys belong to the agent service: other processes ask it (an AgentServiceStub)
-    who a token is."""
-    from agentplane.agent.v1 import agent_service_pb2, api_key_pb2
-
-    async def lookup(_key_id: str, token: str) -> Principal | None:
-        try:
-            # A service's forwarding interceptor adds the internal proof: WhoAmI lookups
-            # made on a caller's behalf do not count against its rate limits.
-            reply = await agent.WhoAmI(
-                agent_service_pb2.WhoAmIRequest(),
-                metadata=[("authorization", f"Bearer {token}")],
-                timeout=2.0,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                return None
-            raise errors.unavailable(
-                "cannot authenticate: the agent service is unreachable"
-            ) from exc
-        role = api_key_pb2.ApiKeyRole.Name(reply.role).removeprefix("API_KEY_ROLE_")
-        return Principal(role, reply.subject, reply.project_id, reply.key_id)
-
-    return lookup
 
 
 class Guard:

@@ -9,6 +9,7 @@ import grpc
 from agentplane.agent.v1 import agent_service_pb2_grpc
 from agentplane.thread.v1 import thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2_grpc
+from services.common import registry
 from services.common.interceptors import ForwardingStreamInterceptor, ForwardingUnaryInterceptor
 from services.common.settings import Settings
 from services.common.tls import client_credentials
@@ -51,12 +52,7 @@ class PeerClients:
     @classmethod
     def connect(cls, settings: Settings) -> PeerClients:
         agent, thread, usage = (
-            open_channel(settings, address)
-            for address in (
-                settings.agent_svc_addr,
-                settings.thread_svc_addr,
-                settings.usage_svc_addr,
-            )
+            open_channel(settings, settings.peer_address(service)) for service in registry.SERVICES
         )
         return cls(
             agent=agent_service_pb2_grpc.AgentServiceStub(agent),
@@ -64,6 +60,10 @@ class PeerClients:
             usage=usage_service_pb2_grpc.UsageServiceStub(usage),
             channels=[agent, thread, usage],
         )
+
+    @property
+    def agent_channel(self) -> grpc.aio.Channel:
+        return self.channels[0]
 
     async def close(self) -> None:
         for channel in self.channels:

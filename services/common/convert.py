@@ -28,7 +28,7 @@ def timestamp(ms: int | str | None) -> timestamp_pb2.Timestamp | None:
     if ms in (None, "", 0, "0"):
         return None
     value = timestamp_pb2.Timestamp()
-    value.FromMilliseconds(int(ms))  # type: ignore[arg-type]
+    value.FromMilliseconds(int(ms))
     return value
 
 

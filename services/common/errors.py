@@ -130,7 +130,7 @@ def resource_exhausted(
 
 def details_of(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[object]:
     """Decode the google.rpc details of a received error (for clients and tests)."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     if status is None:
         return []
     decoded: list[object] = []

@@ -135,7 +135,7 @@ class _RpcScope:
     async def _abort(self, exc: BaseException) -> None:
         """Map the exception to a status and abort; AbortError passes through unchanged."""
         if isinstance(exc, grpc.aio.AbortError):
-            self.code = self.context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+            self.code = self.context.code() or grpc.StatusCode.UNKNOWN
             return
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
             # The RPC is over (cancelled, or its stream closed by grpc): nothing to send,

@@ -10,8 +10,9 @@ HTTP_MAX_BODY_BYTES = 4 * 1024 * 1024
 # Ids and text
 MAX_ID_LENGTH = 128
 MAX_NAME_LENGTH = 128
-MAX_TITLE_LENGTH = 200
-MAX_DESCRIPTION_LENGTH = 4096
+MAX_TITLE_LENGTH = 200  # titles, display names, owners
+MAX_DESCRIPTION_LENGTH = 4096  # descriptions, tasks
+MAX_REF_LENGTH = 1024  # references to outside storage (long_term_memory_ref)
 MAX_REASON_LENGTH = 1000
 MAX_PAYLOAD_TYPE_LENGTH = 64
 MAX_MODEL_LENGTH = 200

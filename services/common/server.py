@@ -20,7 +20,14 @@ import uvloop
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.common.auth import Authenticator, Guard, RateLimiter, parse_rate_limits, whoami_lookup
+from services.common import registry, tuning
+from services.common.auth import (
+    Authenticator,
+    Guard,
+    KeyLookup,
+    RateLimiter,
+    parse_rate_limits,
+)
 from services.common.clients import PeerClients
 from services.common.interceptors import register
 from services.common.limits import GRPC_MAX_MESSAGE_BYTES
@@ -33,7 +40,6 @@ from services.common.tls import server_credentials
 
 log = get_logger("agentplane.server")
 
-HEALTH_INTERVAL_S = 1.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -48,6 +54,13 @@ class Chassis:
     peers: PeerClients
     stopping: asyncio.Event
     guard: Guard
+
+    def use_key_lookup(self, lookup: KeyLookup) -> None:
+        """How this process finds the principal of an API key (the agent service: in its
+        store; the others: by asking the agent service)."""
+        self.guard.authenticator = Authenticator(
+            self.settings.admin_token, lookup, self.settings.auth_cache_s
+        )
 
     def serve(self, server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor) -> str:
         """Add `servicer` to `server`, every RPC wrapped by the chassis (auth, input checks,
@@ -120,13 +133,13 @@ class GrpcApp:
                 await self._set_health(ok)
                 (log.info if ok else log.warning)("redis health", reachable=ok)
                 previous = ok
-            await asyncio.sleep(HEALTH_INTERVAL_S)
+            await asyncio.sleep(tuning.HEALTH_INTERVAL_S)
 
 
 async def _bounded(what: str, step: Awaitable[object], seconds: float) -> None:
     """One shutdown step, given at most `seconds`; a step that overruns is logged and left."""
     try:
-        await asyncio.wait_for(step, seconds)  # type: ignore[arg-type]
+        await asyncio.wait_for(step, seconds)
     except TimeoutError:
         log.warning("shutdown step overran; continuing", step=what, seconds=seconds)
     except Exception as exc:  # a failing release must not stop the rest of the shutdown
@@ -152,7 +165,7 @@ async def create_app(settings: Settings, bind: str, register: Register) -> GrpcA
         peers=peers,
         stopping=asyncio.Event(),
         guard=Guard(
-            Authenticator(settings.admin_token, whoami_lookup(peers.agent), settings.auth_cache_s),
+            Authenticator(settings.admin_token, Authenticator.no_keys, settings.auth_cache_s),
             RateLimiter(redis, settings.key_prefix, parse_rate_limits(settings.rate_limits_text)),
             secret=settings.admin_token,
         ),
@@ -210,17 +223,16 @@ async def serve(
 
 
 def main(
-    service_name: str,
-    default_grpc_port: int,
-    default_metrics_port: int,
+    process: registry.Process,
     create_server: Callable[[Settings, str], Awaitable[tuple[GrpcApp, int]]],
 ) -> int:
     """Entry point of `python -m services.<name>`: exit 0 after a clean stop, 2 on bad settings."""
+    service_name = process.label
     try:
         settings = Settings.from_env(
             service_name,
-            default_grpc_port=default_grpc_port,
-            default_metrics_port=default_metrics_port,
+            default_grpc_port=process.port,
+            default_metrics_port=process.metrics_port,
         )
     except SettingsError as exc:
         print(f"{service_name}: bad configuration: {exc}", file=sys.stderr)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from services.common import registry
+
 
 class SettingsError(ValueError):
     """A bad environment value; the message names the variable and what it must be."""
@@ -67,6 +69,10 @@ def _address(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+def _peer(env: Mapping[str, str], process: registry.Process) -> str:
+    return _address(env, process.address_env, process.default_address)
+
+
 def _file(env: Mapping[str, str], name: str) -> str:
     value = env.get(name, "")
     if value and not os.path.isfile(value):
@@ -120,7 +126,7 @@ def _listen_address(env: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything a process reads from its environment (SPEC §1, §4, §6)."""
+    """Everything a process reads from its environment (docs/api.md §1, §4, §6)."""
 
     service_name: str
     bind_host: str
@@ -158,8 +164,12 @@ class Settings:
 
     @property
     def key_prefix(self) -> str:
-        """The Redis key prefix this process owns (SPEC §1): ap:agent:, ap:thread:, ap:usage:."""
+        """The Redis key prefix this process owns (docs/api.md §1): ap:agent:, ap:thread:..."""
         return f"ap:{self.service_name.removesuffix('_svc')}:"
+
+    def peer_address(self, process: registry.Process) -> str:
+        """Where the settings say a peer service is."""
+        return str(getattr(self, f"{process.name}_svc_addr"))
 
     @property
     def grpc_listen(self) -> str:
@@ -198,7 +208,7 @@ class Settings:
             bind_host=_bind_host(env),
             grpc_port=_int(env, "GRPC_PORT", default_grpc_port, 0, 65535),
             grpc_address=_listen_address(env),
-            http_port=_int(env, "HTTP_PORT", 8080, 0, 65535),
+            http_port=_int(env, "HTTP_PORT", registry.GATEWAY.port, 0, 65535),
             http_read_timeout_s=_float(env, "HTTP_READ_TIMEOUT_SECONDS", 30.0, 0.1, 3600.0),
             http_max_connections=_int(env, "HTTP_MAX_CONNECTIONS", 2048, 1, 1_000_000),
             metrics_port=(
@@ -211,9 +221,9 @@ class Settings:
             redis_timeout_s=_float(env, "REDIS_TIMEOUT_SECONDS", 2.0, 0.05, 60.0),
             redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", 128, 4, 10_000),
             redis_stream_connections=_int(env, "REDIS_STREAM_CONNECTIONS", 1000, 4, 100_000),
-            agent_svc_addr=_address(env, "AGENT_SVC_ADDR", "localhost:50051"),
-            thread_svc_addr=_address(env, "THREAD_SVC_ADDR", "localhost:50052"),
-            usage_svc_addr=_address(env, "USAGE_SVC_ADDR", "localhost:50053"),
+            agent_svc_addr=_peer(env, registry.AGENT),
+            thread_svc_addr=_peer(env, registry.THREAD),
+            usage_svc_addr=_peer(env, registry.USAGE),
             peer_timeout_s=_float(env, "PEER_TIMEOUT_SECONDS", 10.0, 0.05, 300.0),
             log_format=_choice(env, "LOG_FORMAT", "json", {"json", "console"}),
             log_level=_choice(

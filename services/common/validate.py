@@ -95,38 +95,63 @@ def _check(message: Message, prefix: str) -> None:
         _check_one(field, kind, value, path)
 
 
+def _check_enum(field: FieldDescriptor, value: Any, path: str) -> None:
+    if value not in field.enum_type.values_by_number:
+        raise errors.invalid_argument(path, f"{value} is not a {field.enum_type.name} value")
+
+
+def _check_float(_field: FieldDescriptor, value: Any, path: str) -> None:
+    if not math.isfinite(value):
+        raise errors.invalid_argument(path, "must be a finite number")
+
+
+def _check_duration(_field: FieldDescriptor, value: Any, path: str) -> None:
+    seconds, nanos = value.seconds, value.nanos
+    if (
+        abs(seconds) > MAX_DURATION_SECONDS
+        or abs(nanos) > 999_999_999
+        or (seconds > 0 and nanos < 0)
+        or (seconds < 0 and nanos > 0)
+    ):
+        raise errors.invalid_argument(path, "is not a valid Duration")
+
+
+def _check_timestamp(_field: FieldDescriptor, value: Any, path: str) -> None:
+    if (
+        not MIN_TIMESTAMP_SECONDS <= value.seconds <= MAX_TIMESTAMP_SECONDS
+        or not 0 <= value.nanos <= 999_999_999
+    ):
+        raise errors.invalid_argument(path, "is not a valid Timestamp")
+
+
+def _check_struct(_field: FieldDescriptor, value: Any, path: str) -> None:
+    for key, item in value.fields.items():
+        _check_value(item, f"{path}.{key}")
+
+
+def _check_list_value(_field: FieldDescriptor, value: Any, path: str) -> None:
+    for index, item in enumerate(value.values):
+        _check_value(item, f"{path}[{index}]")
+
+
+def _check_message(_field: FieldDescriptor, value: Any, path: str) -> None:
+    _check(value, path + ".")
+
+
+_CHECKS = {
+    "enum": _check_enum,
+    "float": _check_float,
+    DURATION: _check_duration,
+    TIMESTAMP: _check_timestamp,
+    STRUCT: _check_struct,
+    VALUE: lambda _field, value, path: _check_value(value, path),
+    LIST_VALUE: _check_list_value,
+    "message": _check_message,
+}
+
+
 def _check_one(field: FieldDescriptor, kind: str, value: Any, path: str) -> None:
-    if kind == "enum":
-        if value not in field.enum_type.values_by_number:
-            raise errors.invalid_argument(path, f"{value} is not a {field.enum_type.name} value")
-    elif kind == "float":
-        if not math.isfinite(value):
-            raise errors.invalid_argument(path, "must be a finite number")
-    elif kind == DURATION:
-        seconds, nanos = value.seconds, value.nanos
-        if (
-            abs(seconds) > MAX_DURATION_SECONDS
-            or abs(nanos) > 999_999_999
-            or (seconds > 0 and nanos < 0)
-            or (seconds < 0 and nanos > 0)
-        ):
-            raise errors.invalid_argument(path, "is not a valid Duration")
-    elif kind == TIMESTAMP:
-        if (
-            not MIN_TIMESTAMP_SECONDS <= value.seconds <= MAX_TIMESTAMP_SECONDS
-            or not 0 <= value.nanos <= 999_999_999
-        ):
-            raise errors.invalid_argument(path, "is not a valid Timestamp")
-    elif kind == STRUCT:
-        for key, item in value.fields.items():
-            _check_value(item, f"{path}.{key}")
-    elif kind == VALUE:
-        _check_value(value, path)
-    elif kind == LIST_VALUE:
-        for index, item in enumerate(value.values):
-            _check_value(item, f"{path}[{index}]")
-    else:
-        _check(value, path + ".")
+    _CHECKS[kind](field, value, path)
 
 
 def _check_value(value: Any, path: str) -> None:

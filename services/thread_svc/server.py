@@ -7,14 +7,13 @@ from collections.abc import Sequence
 import grpc
 
 from agentplane.thread.v1 import thread_service_pb2
+from services.agent_svc.client import AgentClient
 from services.common.server import Chassis, server_factory
 from services.thread_svc.servicer import ThreadServicer
 from services.thread_svc.store import ThreadStore
 
 SERVICE = thread_service_pb2.DESCRIPTOR.services_by_name["ThreadService"]
 SERVICE_NAME = SERVICE.full_name
-DEFAULT_PORT = 50052
-DEFAULT_METRICS_PORT = 9102
 
 
 def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
@@ -23,7 +22,9 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
         request_ttl_s=chassis.settings.idempotency_ttl_s,
         streams=chassis.stream_redis,
     )
-    servicer = ThreadServicer(store, chassis.peers, chassis.settings, chassis.stopping)
+    agents = AgentClient(chassis.peers.agent_channel, chassis.settings.auth_cache_s)
+    chassis.use_key_lookup(agents.principal)
+    servicer = ThreadServicer(store, chassis.peers, agents, chassis.settings, chassis.stopping)
     return [chassis.serve(server, servicer, SERVICE)]
 
 

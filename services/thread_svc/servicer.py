@@ -11,29 +11,43 @@ from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+from grpc.aio import ServicerContext
 
-from agentplane.agent.v1 import agent_pb2, agent_service_pb2
+from agentplane.agent.v1 import agent_pb2
 from agentplane.thread.v1 import thread_pb2, thread_service_pb2, thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2
-from services.common import errors
-from services.common.access import Visibility, require_manager, require_self, require_superuser
+from services.agent_svc.client import AgentClient
+from services.common import enums, errors, tuning
+from services.common.access import require_manager, require_self, require_superuser
 from services.common.clients import PeerClients
-from services.common.convert import new_id, now_ms, require_id, require_text, timestamp
+from services.common.convert import new_id, require_id, require_text, timestamp
 from services.common.interceptors import stream_open
 from services.common.limits import MAX_BUDGET_TOKENS as MAX_BUDGET
-from services.common.limits import MAX_PARTICIPANTS
+from services.common.limits import (
+    MAX_PARTICIPANTS,
+    MAX_PAYLOAD_TYPE_LENGTH,
+    MAX_REASON_LENGTH,
+    MAX_TITLE_LENGTH,
+)
 from services.common.logging import get_logger
 from services.common.pagination import parse_page
 from services.common.settings import Settings
-from services.thread_svc.store import ALL, Keys, NewMessage, ThreadStore
+from services.thread_svc.store import (
+    ALL,
+    Delivery,
+    NewMessage,
+    NewThread,
+    Outcome,
+    RequestKey,
+    StoredMessage,
+    ThreadRecord,
+    ThreadStorage,
+)
 
 log = get_logger("agentplane.thread")
 
 OPERATOR = "operator"
 
-STREAM_BLOCK_MS = 1000
-LEASE_MS = 5000
-STATUS_CHECK_S = 1.0
 TERMINAL = {"COMPLETED", "FAILED", "KILLED"}
 PAUSED = agent_pb2.AGENT_STATUS_PAUSED
 TERMINATED = agent_pb2.AGENT_STATUS_TERMINATED
@@ -42,63 +56,89 @@ TERMINATED = agent_pb2.AGENT_STATUS_TERMINATED
 def thread_status_name(value: int) -> str:
     if value not in thread_pb2.ThreadStatus.values():
         raise errors.invalid_argument("status", f"{value} is not a thread status")
-    return thread_pb2.ThreadStatus.Name(value).removeprefix("THREAD_STATUS_")  # type: ignore[arg-type]
+    return enums.short_name(thread_pb2.ThreadStatus, value)
 
 
-def thread_message(
-    record: dict[str, str], participants: list[str], max_tokens: int
-) -> thread_pb2.Thread:
+def thread_message(record: ThreadRecord, max_tokens: int) -> thread_pb2.Thread:
     """A thread as the API shows it; `max_tokens` comes from its budget (the usage service
     is the one source of truth for it)."""
     thread = thread_pb2.Thread(
-        id=record["id"],
-        project_id=record.get("project_id", ""),
-        title=record.get("title", ""),
-        status=thread_pb2.ThreadStatus.Value("THREAD_STATUS_" + record["status"]),  # type: ignore[arg-type]
-        participants=participants,
-        message_count=int(record.get("message_count", 0)),
+        id=record.id,
+        project_id=record.project_id,
+        title=record.title,
+        status=enums.value_of(thread_pb2.ThreadStatus, record.status),
+        participants=record.participants,
+        message_count=record.message_count,
         max_tokens=max_tokens,
-        create_time=timestamp(record.get("create_ms")),
-        update_time=timestamp(record.get("update_ms")),
-        end_time=timestamp(record.get("end_ms")),
+        create_time=timestamp(record.create_ms),
+        update_time=timestamp(record.update_ms),
+        end_time=timestamp(record.end_ms),
     )
-    if record.get("metadata"):
-        json_format.Parse(record["metadata"], thread.metadata)
+    if record.metadata_json:
+        json_format.Parse(record.metadata_json, thread.metadata)
     return thread
 
 
-def message_of(fields: dict[str, str], thread_id: str) -> thread_pb2.Message:
+def message_of(stored: StoredMessage) -> thread_pb2.Message:
     message = thread_pb2.Message(
-        id=fields["id"],
-        thread_id=fields.get("thread_id", thread_id),
-        from_agent=fields.get("from", ""),
-        to_agent=fields.get("to", ""),
-        payload_type=fields.get("type", ""),
-        create_time=timestamp(fields.get("ms")),
+        id=stored.id,
+        thread_id=stored.thread_id,
+        from_agent=stored.from_agent,
+        to_agent=stored.to_agent,
+        payload_type=stored.payload_type,
+        create_time=timestamp(stored.ms),
     )
-    if fields.get("payload"):
-        json_format.Parse(fields["payload"], message.payload)
+    if stored.payload_json:
+        json_format.Parse(stored.payload_json, message.payload)
     return message
+
+
+class _Inbox:
+    """What one inbox stream delivers next: first what this consumer was sent before but
+    never acknowledged, then new messages (a blocking read), and — when nothing came for
+    a while — deliveries other consumers left unacknowledged too long (they vanished)."""
+
+    def __init__(
+        self, store: ThreadStorage, agent_id: str, consumer: str, claim_idle_s: float
+    ) -> None:
+        self._store, self._agent_id, self._consumer = store, agent_id, consumer
+        self._claim_idle_ms = int(claim_idle_s * 1000)
+        self._claim_every_s = min(claim_idle_s, 5.0)
+        self._first, self._last_claim = True, time.monotonic()
+
+    async def next(self) -> list[Delivery]:
+        pending, self._first = self._first, False
+        block_ms = 0 if pending else tuning.STREAM_BLOCK_MS
+        found = await self._store.deliveries(self._agent_id, self._consumer, pending, block_ms)
+        if not found and time.monotonic() - self._last_claim > self._claim_every_s:
+            found = await self._store.claim_idle(
+                self._agent_id, self._consumer, self._claim_idle_ms
+            )
+            self._last_claim = time.monotonic()
+        return found
 
 
 class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
     def __init__(
-        self, store: ThreadStore, peers: PeerClients, settings: Settings, stopping: asyncio.Event
-    ) -> None:
+        self, store: ThreadStorage, peers: PeerClients, agents: AgentClient, settings: Settings,
+        stopping: asyncio.Event,
+    ) -> None:  # fmt: skip
         self._store = store
         self._peers = peers
         self._settings = settings
         self._stopping = stopping
-        self._visibility = Visibility(peers, settings.auth_cache_s)
+        self._agents = agents
 
     # Threads ------------------------------------------------------------------------
 
-    async def CreateThread(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateThread(
+        self, request: thread_service_pb2.CreateThreadRequest, context: ServicerContext
+    ) -> thread_pb2.Thread:
         require_manager()
         spec = request.thread
         project_id = require_id("thread.project_id", spec.project_id)
         thread_id = require_id("thread_id", request.thread_id) if request.thread_id else new_id()
-        title = require_text("thread.title", spec.title, 200)
+        title = require_text("thread.title", spec.title, MAX_TITLE_LENGTH)
         if len(spec.participants) > MAX_PARTICIPANTS:
             raise errors.invalid_argument(
                 "thread.participants", f"has more than {MAX_PARTICIPANTS}"
@@ -110,12 +150,10 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                 "thread.max_tokens", f"must be between 0 and {MAX_BUDGET}"
             )
         max_tokens = spec.max_tokens or self._settings.default_max_tokens
-        await self._peers.agent.GetProject(
-            agent_service_pb2.GetProjectRequest(project_id=project_id)
-        )
+        await self._agents.require_project(project_id)
         # Participants are agents of the thread's project (so an agent's threads are all in
         # its own project, which the indexes rely on).
-        members = await asyncio.gather(*(self._visibility.agent(p) for p in participants))
+        members = await asyncio.gather(*(self._agents.find_agent(p) for p in participants))
         for participant, agent in zip(participants, members, strict=True):
             if agent is None or agent.project_id != project_id:
                 raise errors.invalid_argument(
@@ -144,73 +182,74 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                 # failed half-way): the id is taken.
                 raise errors.already_exists("thread", thread_id) from None
             raise
-        now = str(now_ms())
-        fields = {
-            "id": thread_id, "project_id": project_id, "title": title, "status": "ACTIVE",
-            "metadata": metadata, "message_count": "0",
-            "create_ms": now, "update_ms": now, "member": f"{new_id()}|{thread_id}",
-        }  # fmt: skip
-        if not await self._store.create_thread(fields, participants, fields["member"]):
+        new = NewThread(thread_id, project_id, title, metadata, tuple(participants))
+        if not await self._store.create_thread(new):
             raise errors.already_exists("thread", thread_id)
-        return thread_message(fields, participants, budget.max_tokens)
+        return thread_message(await self._thread(thread_id), budget.max_tokens)
 
-    async def GetThread(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetThread(
+        self, request: thread_service_pb2.GetThreadRequest, context: ServicerContext
+    ) -> thread_service_pb2.GetThreadResponse:
         if request.message_limit < 0:
             raise errors.invalid_argument("message_limit", "must not be negative")
-        record, participants = await self._thread(request.thread_id)
-        latest = await self._store.latest_messages(
-            record["id"], min(request.message_limit or 20, 100)
-        )
+        record = await self._thread(request.thread_id)
+        latest = await self._store.latest_messages(record.id, min(request.message_limit or 20, 100))
         return thread_service_pb2.GetThreadResponse(
-            thread=await self._render(record, participants),
-            messages=[message_of(m, record["id"]) for m in latest],
+            thread=await self._render(record), messages=[message_of(m) for m in latest]
         )
 
-    async def ListThreads(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListThreads(
+        self, request: thread_service_pb2.ListThreadsRequest, context: ServicerContext
+    ) -> thread_service_pb2.ListThreadsResponse:
         project_id = request.project_id or ALL
         if project_id != ALL:
             require_id("project_id", project_id)
         agent_id = require_id("agent", request.agent) if request.agent else ""
         status = thread_status_name(request.status) if request.status else ""
         if agent_id:
-            agent = await self._agent(agent_id, "agent")
+            agent = await self._agents.agent(agent_id)
             if project_id not in (ALL, agent.project_id):
                 # An agent's threads are all in its own project: another project has none.
                 return thread_service_pb2.ListThreadsResponse()
         elif project_id == ALL:
             require_superuser("listing threads of every project")
-        elif not await self._visibility.project(project_id):
+        elif not await self._agents.can_see_project(project_id):
             raise errors.not_found("project", project_id)
         page = parse_page(
             request.page_size, request.page_token, request.skip,
             ("threads", project_id, agent_id, status), default_size=50,
         )  # fmt: skip
         found, token, total = await self._store.list_threads(project_id, agent_id, status, page)
-        budgets = await self._budgets([r["id"] for r, _ in found])
+        budgets = await self._budgets([r.id for r in found])
         return thread_service_pb2.ListThreadsResponse(
-            threads=[thread_message(r, p, budgets[r["id"]]) for r, p in found],
+            threads=[thread_message(r, budgets[r.id]) for r in found],
             next_page_token=token,
             total_size=total,
         )
 
-    async def KillThread(self, request, context):  # type: ignore[no-untyped-def]
-        reason = require_text("reason", request.reason, 1000)
+    async def KillThread(
+        self, request: thread_service_pb2.KillThreadRequest, context: ServicerContext
+    ) -> thread_pb2.Thread:
+        reason = require_text("reason", request.reason, MAX_REASON_LENGTH)
         return await self._end(request.thread_id, "KILLED", reason)
 
-    async def CompleteThread(self, request, context):  # type: ignore[no-untyped-def]
+    async def CompleteThread(
+        self, request: thread_service_pb2.CompleteThreadRequest, context: ServicerContext
+    ) -> thread_pb2.Thread:
         return await self._end(request.thread_id, "FAILED" if request.failed else "COMPLETED", "")
 
     async def _end(self, thread_id: str, target: str, reason: str) -> thread_pb2.Thread:
         require_manager()
         await self._thread(thread_id)
-        outcome, current = await self._store.end_thread(thread_id, target, reason)
-        if outcome == "NO_THREAD":
+        ended = await self._store.end_thread(thread_id, target, reason)
+        if ended.outcome == Outcome.NO_THREAD:
             raise errors.not_found("thread", thread_id)
-        if outcome == "NOT_ACTIVE":
+        if ended.outcome == Outcome.NOT_ACTIVE:
             raise errors.failed_precondition(
-                f"thread {thread_id!r} already ended as {current}", "THREAD_ENDED", status=current
-            )
-        if outcome == "RETRY":
+                f"thread {thread_id!r} already ended as {ended.status}", "THREAD_ENDED",
+                status=ended.status,
+            )  # fmt: skip
+        if ended.outcome == Outcome.RETRY:
             raise errors.ServiceError(
                 "thread is changing, retry", reason="CONFLICT", code=grpc.StatusCode.ABORTED
             )
@@ -222,12 +261,13 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-        record, participants = await self._thread(thread_id)
-        return await self._render(record, participants)
+        return await self._render(await self._thread(thread_id))
 
     # Messages -----------------------------------------------------------------------
 
-    async def ListMessages(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListMessages(
+        self, request: thread_service_pb2.ListMessagesRequest, context: ServicerContext
+    ) -> thread_service_pb2.ListMessagesResponse:
         thread_id = request.thread_id or ALL
         agent_id = require_id("agent", request.agent) if request.agent else ""
         page = parse_page(
@@ -239,29 +279,24 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             # Filtered listings read an index of the agent's messages (across threads, or in
             # this thread), so pages are full and total_size counts what the filter keeps.
             if thread_id == ALL:
-                await self._agent(agent_id, "agent")
-                refs, token, total = await self._store.agent_messages(agent_id, page)
+                await self._agents.agent(agent_id)
+                found, token, total = await self._store.agent_messages(agent_id, page)
             else:
                 await self._thread(thread_id)
-                refs, token, total = await self._store.thread_agent_messages(
+                found, token, total = await self._store.thread_agent_messages(
                     thread_id, agent_id, page
                 )
-            entries = await self._store.entries(refs)
-            messages = [message_of(e, t) for (t, _), e in zip(refs, entries, strict=True) if e]
-            return thread_service_pb2.ListMessagesResponse(
-                messages=messages, next_page_token=token, total_size=total
-            )
-        record, _ = await self._thread(thread_id)
-        found, more = await self._store.thread_messages(
-            thread_id, page.cursor, page.skip, page.size
-        )
+        else:
+            record = await self._thread(thread_id)
+            found, token = await self._store.thread_messages(thread_id, page)
+            total = record.message_count
         return thread_service_pb2.ListMessagesResponse(
-            messages=[message_of(fields, thread_id) for _, fields in found],
-            next_page_token=page.token_after(found[-1][0]) if more and found else "",
-            total_size=int(record.get("message_count", 0)),
+            messages=[message_of(m) for m in found], next_page_token=token, total_size=total
         )
 
-    async def PostMessage(self, request, context):  # type: ignore[no-untyped-def]
+    async def PostMessage(
+        self, request: thread_service_pb2.PostMessageRequest, context: ServicerContext
+    ) -> thread_pb2.Message:
         thread_id = require_id("thread_id", request.thread_id)
         sender = require_id("from_agent", request.from_agent)
         require_self(sender, "from_agent")
@@ -270,19 +305,19 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             thread_id, sender, recipient, request.payload_type, request.payload, True
         )
         request_key = (
-            Keys.request(f"post:{thread_id}", require_id("request_id", request.request_id))
+            RequestKey(f"post:{thread_id}", require_id("request_id", request.request_id))
             if request.request_id
             else None
         )
-        if request_key and (ref := await self._store.request_ref(request_key)):
-            return await self._message_by_ref(ref)
-        (record, _), sender_agent, recipient_agent = await asyncio.gather(
+        if request_key and (earlier := await self._store.earlier_message(request_key)):
+            return message_of(earlier)
+        record, sender_agent, recipient_agent = await asyncio.gather(
             self._thread(thread_id),
-            self._agent(sender, "from_agent"),
-            self._agent(recipient, "to_agent"),
+            self._agents.agent(sender),
+            self._agents.agent(recipient),
         )
         if sender_agent.status in (PAUSED, TERMINATED):
-            status = agent_pb2.AgentStatus.Name(sender_agent.status).removeprefix("AGENT_STATUS_")
+            status = enums.short_name(agent_pb2.AgentStatus, sender_agent.status)
             raise errors.failed_precondition(
                 f"sender {sender!r} is {status} and cannot post", "SENDER_NOT_ACTIVE", status=status
             )
@@ -295,64 +330,51 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                 f"{recipient!r} is not one of {sender!r}'s peers", "NOT_A_PEER"
             )
         for agent in (sender_agent, recipient_agent):
-            if agent.project_id != record["project_id"]:
+            if agent.project_id != record.project_id:
                 raise errors.failed_precondition(
                     f"agent {agent.id!r} is not in the thread's project", "AGENT_NOT_IN_PROJECT"
                 )
-        return await self._post(message, record["member"], request_key)
+        return await self._post(message, request_key)
 
-    async def InjectMessage(self, request, context):  # type: ignore[no-untyped-def]
+    async def InjectMessage(
+        self, request: thread_service_pb2.InjectMessageRequest, context: ServicerContext
+    ) -> thread_service_pb2.InjectMessageResponse:
         require_manager()
         target = require_id("to", request.to)
         request_key = (
-            Keys.request("inject", require_id("request_id", request.request_id))
+            RequestKey("inject", require_id("request_id", request.request_id))
             if request.request_id
             else None
         )
-        if request_key and (ref := await self._store.request_ref(request_key)):
-            message = await self._message_by_ref(ref)
+        if request_key and (earlier := await self._store.earlier_message(request_key)):
             return thread_service_pb2.InjectMessageResponse(
-                thread_id=message.thread_id, message_id=message.id
+                thread_id=earlier.thread_id, message_id=earlier.id
             )
         thread_id = require_id("thread_id", request.thread_id) if request.thread_id else ""
         # Checked before any write: the payload, then the target.
         message = self._new_message(
             thread_id or "-", OPERATOR, target, request.payload_type, request.payload, False
         )
-        try:
-            agent = await self._peers.agent.GetAgent(
-                agent_service_pb2.GetAgentRequest(
-                    agent_id=target, view=agent_service_pb2.AGENT_VIEW_BASIC
-                )
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise errors.invalid_argument(
-                    "to", f"no agent {target!r}", "UNKNOWN_AGENT"
-                ) from None
-            raise
+        agent = await self._agents.find_agent(target)
+        if agent is None:
+            raise errors.invalid_argument("to", f"no agent {target!r}", "UNKNOWN_AGENT")
         if agent.status == TERMINATED:
             raise errors.failed_precondition(
                 f"recipient {target!r} is TERMINATED", "RECIPIENT_TERMINATED", agent=target
             )
         if thread_id:
-            record, _ = await self._thread(thread_id)
-            if record["project_id"] != agent.project_id:
+            record = await self._thread(thread_id)
+            if record.project_id != agent.project_id:
                 raise errors.failed_precondition(
                     f"agent {target!r} is not in the thread's project", "AGENT_NOT_IN_PROJECT"
                 )
-            member = record["member"]
         else:
             thread = await self._create(
                 new_id(), agent.project_id, f"operator → {agent.name}", [target], "",
                 self._settings.default_max_tokens,
             )  # fmt: skip
             thread_id = thread.id
-            record, _ = await self._thread(thread_id)
-            member = record["member"]
-        posted = await self._post(
-            dataclasses.replace(message, thread_id=thread_id), member, request_key
-        )
+        posted = await self._post(dataclasses.replace(message, thread_id=thread_id), request_key)
         return thread_service_pb2.InjectMessageResponse(
             thread_id=posted.thread_id, message_id=posted.id
         )
@@ -361,7 +383,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         self, thread_id: str, sender: str, recipient: str, payload_type: str,
         payload: struct_pb2.Struct, sender_is_agent: bool,
     ) -> NewMessage:  # fmt: skip
-        kind = require_text("payload_type", payload_type, 64) or "text"
+        kind = require_text("payload_type", payload_type, MAX_PAYLOAD_TYPE_LENGTH) or "text"
         return NewMessage(
             message_id=new_id(), thread_id=thread_id, from_agent=sender, to_agent=recipient,
             payload_type=kind, payload_json=self._json("payload", payload),
@@ -369,87 +391,65 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         )  # fmt: skip
 
     async def _post(
-        self, message: NewMessage, member: str, request_key: str | None
+        self, message: NewMessage, request_key: RequestKey | None
     ) -> thread_pb2.Message:
-        outcome, detail = await self._store.post(message, member, request_key)
-        if outcome == "NO_THREAD":
+        posted = await self._store.post(message, request_key)
+        if posted.outcome == Outcome.NO_THREAD:
             raise errors.not_found("thread", message.thread_id)
-        if outcome == "NOT_ACTIVE":
+        if posted.outcome == Outcome.NOT_ACTIVE:
             raise errors.failed_precondition(
-                f"thread {message.thread_id!r} is {detail}, not ACTIVE",
+                f"thread {message.thread_id!r} is {posted.status}, not ACTIVE",
                 "THREAD_NOT_ACTIVE",
-                status=detail,
+                status=posted.status,
             )
-        return await self._message_by_ref(detail)
-
-    async def _message_by_ref(self, ref: str) -> thread_pb2.Message:
-        thread_id, entry_id, _message_id = ref.split("|")
-        (fields,) = await self._store.entries([(thread_id, entry_id)])
-        if fields is None:
-            raise errors.not_found("message", ref)
-        return message_of(fields, thread_id)
+        if posted.message is None:
+            raise errors.not_found("message", message.message_id)
+        return message_of(posted.message)
 
     # Streams ------------------------------------------------------------------------
 
     async def ReceiveMessages(
-        self, request, context
-    ) -> AsyncIterator[thread_service_pb2.ReceiveMessagesResponse]:  # type: ignore[no-untyped-def]
+        self, request: thread_service_pb2.ReceiveMessagesRequest, context: ServicerContext
+    ) -> AsyncIterator[thread_service_pb2.ReceiveMessagesResponse]:
         agent_id = require_id("agent_id", request.agent_id)
         require_self(agent_id, "agent_id")
         consumer = require_id("consumer", request.consumer) if request.consumer else "default"
-        agent = await self._agent(agent_id, "agent_id")
+        agent = await self._agents.agent(agent_id)
         await self._store.ensure_group(agent_id)
         token = secrets.token_hex(8)
-        if not await self._store.acquire_lease(agent_id, consumer, token, LEASE_MS):
+        if not await self._store.acquire_lease(agent_id, consumer, token, tuning.INBOX_LEASE_MS):
             raise errors.ServiceError(
                 f"consumer {consumer!r} of agent {agent_id!r} is already receiving elsewhere",
                 reason="INBOX_BUSY", code=grpc.StatusCode.ABORTED,
             )  # fmt: skip
         await stream_open(context)
-        claim_idle_ms = int(self._settings.inbox_claim_idle_s * 1000)
+        inbox = _Inbox(self._store, agent_id, consumer, self._settings.inbox_claim_idle_s)
         status, checked = agent.status, time.monotonic()
-        first, last_claim = True, time.monotonic()
         try:
             while not self._stopping.is_set():
-                await self._store.acquire_lease(agent_id, consumer, token, LEASE_MS)
-                if time.monotonic() - checked > STATUS_CHECK_S:
-                    status, checked = (
-                        (await self._agent(agent_id, "agent_id")).status,
-                        time.monotonic(),
-                    )
+                await self._store.acquire_lease(agent_id, consumer, token, tuning.INBOX_LEASE_MS)
+                if time.monotonic() - checked > tuning.STATUS_CHECK_S:
+                    status, checked = (await self._agents.agent(agent_id)).status, time.monotonic()
                 if status == TERMINATED:
                     return
                 if status == PAUSED:  # nothing is delivered until the agent is resumed
                     await asyncio.sleep(0.25)
                     continue
-                counts: dict[str, int] = {}
-                if first:
-                    # What this consumer was sent before but never acknowledged comes first.
-                    entries = await self._store.read_inbox(agent_id, consumer, True, 0)
-                    first = False
-                else:
-                    entries = await self._store.read_inbox(
-                        agent_id, consumer, False, STREAM_BLOCK_MS
-                    )
-                if not entries and time.monotonic() - last_claim > min(claim_idle_ms / 1000, 5.0):
-                    # Deliveries left unacknowledged too long (a consumer vanished) move here.
-                    entries = await self._store.claim_idle(agent_id, consumer, claim_idle_ms)
-                    last_claim = time.monotonic()
-                if entries:
-                    counts = await self._store.delivery_counts(agent_id, [e for e, _ in entries])
-                for entry_id, fields in entries:
+                for delivery in await inbox.next():
                     yield thread_service_pb2.ReceiveMessagesResponse(
-                        message=message_of(fields, fields.get("thread_id", "")),
-                        ack_id=entry_id,
-                        delivery_count=counts.get(entry_id, 1),
+                        message=message_of(delivery.message),
+                        ack_id=delivery.ack_id,
+                        delivery_count=delivery.count,
                     )
         finally:
             await self._store.release_lease(agent_id, consumer, token)
 
-    async def AckMessages(self, request, context):  # type: ignore[no-untyped-def]
+    async def AckMessages(
+        self, request: thread_service_pb2.AckMessagesRequest, context: ServicerContext
+    ) -> thread_service_pb2.AckMessagesResponse:
         agent_id = require_id("agent_id", request.agent_id)
         require_self(agent_id, "agent_id")
-        await self._agent(agent_id, "agent_id")
+        await self._agents.agent(agent_id)
         if not request.ack_ids:
             raise errors.invalid_argument("ack_ids", "names no delivery")
         for ack_id in request.ack_ids:
@@ -461,32 +461,28 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         )
 
     async def WatchThread(
-        self, request, context
-    ) -> AsyncIterator[thread_service_pb2.WatchThreadResponse]:  # type: ignore[no-untyped-def]
+        self, request: thread_service_pb2.WatchThreadRequest, context: ServicerContext
+    ) -> AsyncIterator[thread_service_pb2.WatchThreadResponse]:
         thread_id = request.thread_id
         await self._thread(thread_id)
         after = await self._store.last_entry(thread_id)
         await stream_open(context)
         while not self._stopping.is_set():
-            for entry_id, fields in await self._store.read_log(thread_id, after, STREAM_BLOCK_MS):
-                after = entry_id
-                if fields.get("kind") == "message":
-                    yield thread_service_pb2.WatchThreadResponse(
-                        message=message_of(fields, thread_id)
-                    )
+            for event in await self._store.read_log(thread_id, after, tuning.STREAM_BLOCK_MS):
+                after = event.entry_id
+                if event.message is not None:
+                    yield thread_service_pb2.WatchThreadResponse(message=message_of(event.message))
                     continue
-                record, participants = await self._thread(thread_id)
-                yield thread_service_pb2.WatchThreadResponse(
-                    thread=await self._render(record, participants)
-                )
-                if fields.get("status") in TERMINAL:
+                record = await self._thread(thread_id)
+                yield thread_service_pb2.WatchThreadResponse(thread=await self._render(record))
+                if event.status in TERMINAL:
                     return  # nothing can follow an end
 
     # Helpers ------------------------------------------------------------------------
 
-    async def _render(self, record: dict[str, str], participants: list[str]) -> thread_pb2.Thread:
-        budgets = await self._budgets([record["id"]])
-        return thread_message(record, participants, budgets[record["id"]])
+    async def _render(self, record: ThreadRecord) -> thread_pb2.Thread:
+        budgets = await self._budgets([record.id])
+        return thread_message(record, budgets[record.id])
 
     async def _budgets(self, thread_ids: list[str]) -> dict[str, int]:
         """Each thread's budget (max_tokens) as the usage service has it now; 0 for none."""
@@ -505,24 +501,12 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         found = await asyncio.gather(*(one(t) for t in thread_ids))
         return dict(zip(thread_ids, found, strict=True))
 
-    async def _thread(self, thread_id: str) -> tuple[dict[str, str], list[str]]:
+    async def _thread(self, thread_id: str) -> ThreadRecord:
         found = await self._store.get_thread(require_id("thread_id", thread_id))
         # A thread of a project the caller cannot see answers as though it did not exist.
-        if found is None or not await self._visibility.project(found[0]["project_id"]):
+        if found is None or not await self._agents.can_see_project(found.project_id):
             raise errors.not_found("thread", thread_id)
         return found
-
-    async def _agent(self, agent_id: str, field: str) -> agent_pb2.Agent:
-        try:
-            return await self._peers.agent.GetAgent(
-                agent_service_pb2.GetAgentRequest(
-                    agent_id=agent_id, view=agent_service_pb2.AGENT_VIEW_BASIC
-                )
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise errors.not_found("agent", agent_id) from None
-            raise
 
     def _json(self, field: str, value: struct_pb2.Struct) -> str:
         text = json_format.MessageToJson(value, indent=None)

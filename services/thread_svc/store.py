@@ -1,5 +1,8 @@
 """Redis storage of threads, their message logs, and every agent's inbox.
 
+The servicer sees the small typed interface `ThreadStorage` (records, outcomes, pages);
+keys, index members, cursors and log entry ids stay in here.
+
 Every key lives under one hash tag, `ap:thread:{t}:`, so that posting a message — the
 request-id check, the thread's log and count, the recipient's inbox, the agents'
 indexes — is one atomic Lua script on a standalone Redis or a Redis Cluster alike. The
@@ -8,26 +11,158 @@ price is that the thread service's data sits in one cluster slot; see the README
 - a thread is a hash, its participants a set, its messages (and status changes) a stream;
 - each agent's inbox is a stream read through a consumer group, so a message is delivered
   to one live consumer at a time and stays pending until acknowledged;
-- listings read sorted sets whose members sort by creation time (ULIDs).
+- listings read sorted sets whose members sort by creation time (ULIDs, or log entry ids
+  zero-padded).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from redis.exceptions import ResponseError
 
-from services.common.convert import now_ms
+from services.common.convert import new_id, now_ms
 from services.common.pagination import Page, read_lex_page
 from services.common.redis import RedisClient, load_script
 
 PREFIX = "ap:thread:{t}:"
 ALL = "-"
-STATUSES = ("ACTIVE", "COMPLETED", "FAILED", "KILLED")
+ACTIVE = "ACTIVE"
 GROUP = "inbox"
 LUA = Path(__file__).with_name("lua")
+
+
+class Outcome(enum.Enum):
+    OK = "OK"
+    DUPLICATE = "DUPLICATE"  # the request id was seen: the first result is returned
+    SAME = "SAME"  # the thread already has the status asked for
+    NO_THREAD = "NO_THREAD"
+    NOT_ACTIVE = "NOT_ACTIVE"
+    RETRY = "RETRY"  # the thread changed while being ended; try again
+
+
+@dataclass(frozen=True, slots=True)
+class NewThread:
+    id: str
+    project_id: str
+    title: str
+    metadata_json: str
+    participants: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadRecord:
+    id: str
+    project_id: str
+    title: str
+    status: str  # ACTIVE, COMPLETED, FAILED, KILLED
+    metadata_json: str
+    message_count: int
+    create_ms: int
+    update_ms: int
+    end_ms: int | None
+    participants: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    message_id: str
+    thread_id: str
+    from_agent: str
+    to_agent: str
+    payload_type: str
+    payload_json: str
+    sender_is_agent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: str
+    thread_id: str
+    from_agent: str
+    to_agent: str
+    payload_type: str
+    payload_json: str
+    ms: int
+    entry_id: str  # its place in the thread's log
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKey:
+    """A client's request id, within a scope (e.g. "inject", or "post:<thread id>")."""
+
+    scope: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    outcome: Outcome  # OK, DUPLICATE, NO_THREAD or NOT_ACTIVE
+    message: StoredMessage | None = None  # OK or DUPLICATE
+    status: str = ""  # NOT_ACTIVE: the thread's status
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    outcome: Outcome  # OK, SAME, NO_THREAD, NOT_ACTIVE or RETRY
+    status: str = ""  # the status before
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """An entry of a thread's log: a message, or a change of the thread's status."""
+
+    entry_id: str
+    message: StoredMessage | None
+    status: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    ack_id: str
+    message: StoredMessage
+    count: int  # how many times it was delivered, this one included
+
+
+class ThreadStorage(Protocol):
+    """What the thread service needs from its storage."""
+
+    async def create_thread(self, thread: NewThread) -> bool: ...
+    async def get_thread(self, thread_id: str) -> ThreadRecord | None: ...
+    async def list_threads(
+        self, project_id: str, agent_id: str, status: str, page: Page
+    ) -> tuple[list[ThreadRecord], str, int]: ...
+    async def end_thread(self, thread_id: str, target: str, reason: str) -> Ended: ...
+    async def post(self, message: NewMessage, request: RequestKey | None) -> Posted: ...
+    async def earlier_message(self, request: RequestKey) -> StoredMessage | None: ...
+    async def thread_messages(
+        self, thread_id: str, page: Page
+    ) -> tuple[list[StoredMessage], str]: ...
+    async def thread_agent_messages(
+        self, thread_id: str, agent_id: str, page: Page
+    ) -> tuple[list[StoredMessage], str, int]: ...
+    async def agent_messages(
+        self, agent_id: str, page: Page
+    ) -> tuple[list[StoredMessage], str, int]: ...
+    async def latest_messages(self, thread_id: str, count: int) -> list[StoredMessage]: ...
+    async def last_entry(self, thread_id: str) -> str: ...
+    async def read_log(self, thread_id: str, after: str, block_ms: int) -> list[LogEvent]: ...
+    async def ensure_group(self, agent_id: str) -> None: ...
+    async def acquire_lease(
+        self, agent_id: str, consumer: str, token: str, ttl_ms: int
+    ) -> bool: ...
+    async def release_lease(self, agent_id: str, consumer: str, token: str) -> None: ...
+    async def deliveries(
+        self, agent_id: str, consumer: str, pending: bool, block_ms: int
+    ) -> list[Delivery]: ...
+    async def claim_idle(
+        self, agent_id: str, consumer: str, min_idle_ms: int
+    ) -> list[Delivery]: ...
+    async def ack(self, agent_id: str, ack_ids: Sequence[str]) -> int: ...
 
 
 class Keys:
@@ -64,23 +199,49 @@ class Keys:
         return f"{PREFIX}inbox:{agent_id}"
 
     @staticmethod
-    def request(scope: str, request_id: str) -> str:
-        return f"{PREFIX}req:{scope}:{request_id}"
+    def request(request: RequestKey | None) -> str:
+        if request is None:
+            return f"{PREFIX}req:none:-"  # a key the post script is given but does not use
+        return f"{PREFIX}req:{request.scope}:{request.request_id}"
 
     @staticmethod
     def lease(agent_id: str, consumer: str) -> str:
         return f"{PREFIX}lease:{agent_id}:{consumer}"
 
 
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    message_id: str
-    thread_id: str
-    from_agent: str
-    to_agent: str
-    payload_type: str
-    payload_json: str
-    sender_is_agent: bool
+def _thread_record(fields: dict[str, str], participants: set[str]) -> ThreadRecord:
+    return ThreadRecord(
+        id=fields["id"],
+        project_id=fields.get("project_id", ""),
+        title=fields.get("title", ""),
+        status=fields["status"],
+        metadata_json=fields.get("metadata", ""),
+        message_count=int(fields.get("message_count", 0)),
+        create_ms=int(fields.get("create_ms", 0)),
+        update_ms=int(fields.get("update_ms", 0)),
+        end_ms=int(fields["end_ms"]) if fields.get("end_ms") else None,
+        participants=tuple(sorted(participants)),
+    )
+
+
+def _message(entry_id: str, fields: dict[str, str], thread_id: str) -> StoredMessage:
+    """A message from a log or inbox entry (inbox entries name their thread and log entry)."""
+    return StoredMessage(
+        id=fields["id"],
+        thread_id=fields.get("thread_id", thread_id),
+        from_agent=fields.get("from", ""),
+        to_agent=fields.get("to", ""),
+        payload_type=fields.get("type", ""),
+        payload_json=fields.get("payload", ""),
+        ms=int(fields.get("ms", 0)),
+        entry_id=fields.get("entry", entry_id),
+    )
+
+
+def _entry_member(member: str) -> str:
+    """A per-thread index member (zero-padded "ms-seq") back to its log entry id."""
+    ms, _, seq = member.partition("-")
+    return f"{int(ms)}-{int(seq)}"
 
 
 class ThreadStore:
@@ -96,156 +257,179 @@ class ThreadStore:
 
     # Threads ------------------------------------------------------------------------
 
-    async def create_thread(
-        self, fields: dict[str, str], participants: Sequence[str], member: str
-    ) -> bool:
-        thread_id, project_id = fields["id"], fields["project_id"]
+    async def create_thread(self, thread: NewThread) -> bool:
+        """False when a thread with that id exists already."""
+        now = str(now_ms())
+        member = f"{new_id()}|{thread.id}"  # index member: sorts by creation time
+        fields = {
+            "id": thread.id, "project_id": thread.project_id, "title": thread.title,
+            "status": ACTIVE, "metadata": thread.metadata_json, "message_count": "0",
+            "create_ms": now, "update_ms": now, "member": member,
+        }  # fmt: skip
         keys = [
-            Keys.thread(thread_id), Keys.participants(thread_id),
-            Keys.project_index(project_id), Keys.project_index(project_id, "ACTIVE"),
-            Keys.project_index(ALL), Keys.project_index(ALL, "ACTIVE"),
+            Keys.thread(thread.id), Keys.participants(thread.id),
+            Keys.project_index(thread.project_id), Keys.project_index(thread.project_id, ACTIVE),
+            Keys.project_index(ALL), Keys.project_index(ALL, ACTIVE),
         ]  # fmt: skip
-        for agent_id in participants:
-            keys += [Keys.agent_index(agent_id), Keys.agent_index(agent_id, "ACTIVE")]
+        for agent_id in thread.participants:
+            keys += [Keys.agent_index(agent_id), Keys.agent_index(agent_id, ACTIVE)]
         flat = [item for pair in fields.items() for item in pair]
-        args = [member, len(participants), *participants, *flat]
+        args = [member, len(thread.participants), *thread.participants, *flat]
         return bool(await self._create(keys=keys, args=args))
 
-    async def get_thread(self, thread_id: str) -> tuple[dict[str, str], list[str]] | None:
-        (found,) = await self.get_threads([thread_id])
+    async def get_thread(self, thread_id: str) -> ThreadRecord | None:
+        (found,) = await self._get_threads([thread_id])
         return found
 
-    async def get_threads(
-        self, thread_ids: Sequence[str]
-    ) -> list[tuple[dict[str, str], list[str]] | None]:
+    async def _get_threads(self, thread_ids: Sequence[str]) -> list[ThreadRecord | None]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for thread_id in thread_ids:
                 pipe.hgetall(Keys.thread(thread_id))
                 pipe.smembers(Keys.participants(thread_id))
             replies = await pipe.execute()
         return [
-            (record, sorted(parts)) if record else None
-            for record, parts in zip(replies[0::2], replies[1::2], strict=True)
+            _thread_record(fields, parts) if fields else None
+            for fields, parts in zip(replies[0::2], replies[1::2], strict=True)
         ]
 
     async def list_threads(
         self, project_id: str, agent_id: str, status: str, page: Page
-    ) -> tuple[list[tuple[dict[str, str], list[str]]], str, int]:
+    ) -> tuple[list[ThreadRecord], str, int]:
+        """Newest first: (threads, next page token, total)."""
         key = (
             Keys.agent_index(agent_id, status)
             if agent_id
             else Keys.project_index(project_id, status)
         )
         members, token, total = await read_lex_page(self._redis, key, page, newest_first=True)
-        found = await self.get_threads([m.split("|", 1)[1] for m in members])
+        found = await self._get_threads([m.split("|", 1)[1] for m in members])
         return [f for f in found if f is not None], token, total
 
-    async def end_thread(self, thread_id: str, target: str, reason: str) -> tuple[str, str]:
-        """Move an ACTIVE thread to a terminal status; (outcome, status before)."""
+    async def end_thread(self, thread_id: str, target: str, reason: str) -> Ended:
+        """Move an ACTIVE thread to a terminal status."""
         for _ in range(5):
-            found = await self.get_thread(thread_id)
-            if found is None:
-                return "NO_THREAD", ""
-            record, participants = found
-            project_id = record["project_id"]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(Keys.thread(thread_id), "project_id", "member")
+                pipe.smembers(Keys.participants(thread_id))
+                (project_id, member), participants = await pipe.execute()
+            if member is None:
+                return Ended(Outcome.NO_THREAD)
             keys = [
                 Keys.thread(thread_id), Keys.participants(thread_id), Keys.log(thread_id),
-                Keys.project_index(project_id, "ACTIVE"), Keys.project_index(project_id, target),
-                Keys.project_index(ALL, "ACTIVE"), Keys.project_index(ALL, target),
+                Keys.project_index(project_id, ACTIVE), Keys.project_index(project_id, target),
+                Keys.project_index(ALL, ACTIVE), Keys.project_index(ALL, target),
             ]  # fmt: skip
-            for agent_id in participants:
-                keys += [Keys.agent_index(agent_id, "ACTIVE"), Keys.agent_index(agent_id, target)]
+            for agent_id in sorted(participants):
+                keys += [Keys.agent_index(agent_id, ACTIVE), Keys.agent_index(agent_id, target)]
             reply = await self._end(
-                keys=keys, args=[target, now_ms(), record["member"], len(participants), reason]
+                keys=keys, args=[target, now_ms(), member, len(participants), reason]
             )
-            if reply[0] != "RETRY":
-                return reply[0], (reply[1] if len(reply) > 1 else "")
-        return "RETRY", ""
+            if reply[0] != Outcome.RETRY.value:
+                return Ended(Outcome(reply[0]), reply[1] if len(reply) > 1 else "")
+        return Ended(Outcome.RETRY)
 
     # Messages -----------------------------------------------------------------------
 
-    async def post(
-        self, message: NewMessage, member: str, request_key: str | None
-    ) -> tuple[str, str]:
-        """(outcome, ref "thread|entry|message id" or the thread's status)."""
+    async def post(self, message: NewMessage, request: RequestKey | None) -> Posted:
+        """Append to the thread's log and the recipient's inbox, atomically."""
         sender = message.from_agent
         keys = [
             Keys.thread(message.thread_id), Keys.participants(message.thread_id),
-            Keys.log(message.thread_id), request_key or Keys.request("none", "-"),
+            Keys.log(message.thread_id), Keys.request(request),
             Keys.inbox(message.to_agent), Keys.messages_of(message.to_agent),
             Keys.messages_of(sender),
-            Keys.agent_index(message.to_agent), Keys.agent_index(message.to_agent, "ACTIVE"),
-            Keys.agent_index(sender), Keys.agent_index(sender, "ACTIVE"),
+            Keys.agent_index(message.to_agent), Keys.agent_index(message.to_agent, ACTIVE),
+            Keys.agent_index(sender), Keys.agent_index(sender, ACTIVE),
             Keys.thread_messages_of(message.thread_id, message.to_agent),
             Keys.thread_messages_of(message.thread_id, sender),
         ]  # fmt: skip
         args = [
-            "1" if request_key else "0", self._request_ttl_s, message.message_id, sender,
+            "1" if request else "0", self._request_ttl_s, message.message_id, sender,
             message.to_agent, message.payload_type, message.payload_json, now_ms(),
-            message.thread_id, member, "1" if message.sender_is_agent else "0",
+            message.thread_id, "1" if message.sender_is_agent else "0",
         ]  # fmt: skip
         reply = await self._post(keys=keys, args=args)
-        return reply[0], (reply[1] if len(reply) > 1 else "")
+        outcome = Outcome(reply[0])
+        if outcome in (Outcome.OK, Outcome.DUPLICATE):
+            return Posted(outcome, await self._message_at(reply[1]))
+        return Posted(outcome, status=reply[1] if len(reply) > 1 else "")
 
-    async def request_ref(self, request_key: str) -> str | None:
-        return await self._redis.get(request_key)
+    async def earlier_message(self, request: RequestKey) -> StoredMessage | None:
+        """The message an earlier call with this request id posted, if any."""
+        ref = await self._redis.get(Keys.request(request))
+        return await self._message_at(ref) if ref else None
 
-    async def entries(self, refs: Sequence[tuple[str, str]]) -> list[dict[str, str] | None]:
-        """Log entries by (thread id, entry id)."""
+    async def _message_at(self, ref: str) -> StoredMessage | None:
+        """A message by its ref, "thread id|log entry id|message id"."""
+        thread_id, entry_id, _message_id = ref.split("|")
+        (found,) = await self._entries([(thread_id, entry_id)])
+        return found
+
+    async def _entries(self, refs: Sequence[tuple[str, str]]) -> list[StoredMessage | None]:
+        """Messages by (thread id, log entry id)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for thread_id, entry_id in refs:
                 pipe.xrange(Keys.log(thread_id), entry_id, entry_id)
             replies = await pipe.execute()
-        return [dict(reply[0][1]) if reply else None for reply in replies]
+        return [
+            _message(reply[0][0], dict(reply[0][1]), thread_id) if reply else None
+            for (thread_id, _), reply in zip(refs, replies, strict=True)
+        ]
 
-    async def thread_messages(
-        self, thread_id: str, after_entry: str | None, skip: int, size: int
-    ) -> tuple[list[tuple[str, dict[str, str]]], bool]:
-        """Messages of a thread, oldest first, after a log entry; (page, more follow)."""
-        start = f"({after_entry}" if after_entry else "-"
-        entries = await self._redis.xrange(Keys.log(thread_id), start, "+", count=skip + size + 1)
-        messages = [(e, dict(f)) for e, f in entries if f.get("kind") == "message"][skip:]
-        more = len(messages) > size or len(entries) == skip + size + 1
-        return messages[:size], more
+    async def thread_messages(self, thread_id: str, page: Page) -> tuple[list[StoredMessage], str]:
+        """A page of a thread's messages, oldest first: (messages, next page token)."""
+        start = f"({page.cursor}" if page.cursor else "-"
+        want = page.skip + page.size + 1
+        entries = await self._redis.xrange(Keys.log(thread_id), start, "+", count=want)
+        found = [_message(e, dict(f), thread_id) for e, f in entries if f.get("kind") == "message"][
+            page.skip :
+        ]
+        more = len(found) > page.size or len(entries) == want
+        found = found[: page.size]
+        return found, page.token_after(found[-1].entry_id) if more and found else ""
 
     async def thread_agent_messages(
         self, thread_id: str, agent_id: str, page: Page
-    ) -> tuple[list[tuple[str, str]], str, int]:
-        """(thread id, entry id) of the messages from or to one agent in one thread, oldest
-        first: an exact page and total from the thread's per-agent index."""
+    ) -> tuple[list[StoredMessage], str, int]:
+        """The messages from or to one agent in one thread, oldest first, exact pages:
+        (messages, next page token, total)."""
         members, token, total = await read_lex_page(
             self._redis, Keys.thread_messages_of(thread_id, agent_id), page, newest_first=False
         )
-        refs = []
-        for member in members:
-            ms, _, seq = member.partition("-")
-            refs.append((thread_id, f"{int(ms)}-{int(seq)}"))
-        return refs, token, total
-
-    async def latest_messages(self, thread_id: str, count: int) -> list[dict[str, str]]:
-        entries = await self._redis.xrevrange(Keys.log(thread_id), "+", "-", count=count + 4)
-        messages = [dict(f) for _, f in entries if f.get("kind") == "message"][:count]
-        return list(reversed(messages))
+        found = await self._entries([(thread_id, _entry_member(m)) for m in members])
+        return [m for m in found if m is not None], token, total
 
     async def agent_messages(
         self, agent_id: str, page: Page
-    ) -> tuple[list[tuple[str, str]], str, int]:
-        """(thread id, entry id) of an agent's messages, newest first."""
+    ) -> tuple[list[StoredMessage], str, int]:
+        """An agent's messages across threads, newest first: (messages, token, total)."""
         members, token, total = await read_lex_page(
             self._redis, Keys.messages_of(agent_id), page, newest_first=True
         )
-        refs = [tuple(m.split("|")[1:3]) for m in members]
-        return refs, token, total  # type: ignore[return-value]
+        refs = [(parts[1], parts[2]) for parts in (m.split("|") for m in members)]
+        found = await self._entries(refs)
+        return [m for m in found if m is not None], token, total
+
+    async def latest_messages(self, thread_id: str, count: int) -> list[StoredMessage]:
+        entries = await self._redis.xrevrange(Keys.log(thread_id), "+", "-", count=count + 4)
+        found = [_message(e, dict(f), thread_id) for e, f in entries if f.get("kind") == "message"]
+        return list(reversed(found[:count]))
 
     async def last_entry(self, thread_id: str) -> str:
+        """Where a watcher starts: after the log's last entry."""
         latest = await self._redis.xrevrange(Keys.log(thread_id), count=1)
         return latest[0][0] if latest else "0-0"
 
-    async def read_log(
-        self, thread_id: str, after: str, block_ms: int
-    ) -> list[tuple[str, dict[str, str]]]:
+    async def read_log(self, thread_id: str, after: str, block_ms: int) -> list[LogEvent]:
         reply = await self._streams.xread({Keys.log(thread_id): after}, count=100, block=block_ms)
-        return [(e, dict(f)) for _s, entries in reply for e, f in entries] if reply else []
+        events = []
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                if fields.get("kind") == "message":
+                    events.append(LogEvent(entry_id, _message(entry_id, dict(fields), thread_id)))
+                else:
+                    events.append(LogEvent(entry_id, None, fields.get("status", "")))
+        return events
 
     # Inbox --------------------------------------------------------------------------
 
@@ -272,36 +456,42 @@ class ThreadStore:
         if await self._redis.get(key) == token:
             await self._redis.delete(key)
 
-    async def read_inbox(
+    async def deliveries(
         self, agent_id: str, consumer: str, pending: bool, block_ms: int
-    ) -> list[tuple[str, dict[str, str]]]:
+    ) -> list[Delivery]:
         """This consumer's unacknowledged deliveries (pending=True) or new messages."""
         reply = await self._streams.xreadgroup(
             GROUP, consumer, {Keys.inbox(agent_id): "0" if pending else ">"},
             count=100, block=None if pending else block_ms,
         )  # fmt: skip
-        return [(e, dict(f)) for _s, entries in reply for e, f in entries if f] if reply else []
+        entries = [(e, dict(f)) for _s, got in reply or () for e, f in got if f]
+        return await self._with_counts(agent_id, entries)
 
-    async def claim_idle(
-        self, agent_id: str, consumer: str, min_idle_ms: int
-    ) -> list[tuple[str, dict[str, str]]]:
+    async def claim_idle(self, agent_id: str, consumer: str, min_idle_ms: int) -> list[Delivery]:
         """Take over deliveries left unacknowledged by consumers idle for min_idle_ms."""
         reply = await self._redis.xautoclaim(
             Keys.inbox(agent_id), GROUP, consumer, min_idle_ms, start_id="0-0", count=100
         )
-        return [(e, dict(f)) for e, f in reply[1] if f]
+        return await self._with_counts(agent_id, [(e, dict(f)) for e, f in reply[1] if f])
 
-    async def delivery_counts(self, agent_id: str, entry_ids: Sequence[str]) -> dict[str, int]:
-        if not entry_ids:
-            return {}
+    async def _with_counts(
+        self, agent_id: str, entries: list[tuple[str, dict[str, str]]]
+    ) -> list[Delivery]:
+        if not entries:
+            return []
+        ids = [e for e, _ in entries]
         rows = await self._redis.xpending_range(
-            Keys.inbox(agent_id),
-            GROUP,
-            min=min(entry_ids),
-            max=max(entry_ids),
-            count=len(entry_ids) + 100,
+            Keys.inbox(agent_id), GROUP, min=min(ids), max=max(ids), count=len(ids) + 100
         )
-        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+        counts = {row["message_id"]: int(row["times_delivered"]) for row in rows}
+        return [
+            Delivery(ack_id=e, message=_message(e, f, f.get("thread_id", "")),
+                     count=counts.get(e, 1))
+            for e, f in entries
+        ]  # fmt: skip
 
     async def ack(self, agent_id: str, ack_ids: Sequence[str]) -> int:
         return int(await self._redis.xack(Keys.inbox(agent_id), GROUP, *ack_ids))
+
+
+_: type[ThreadStorage] = ThreadStore  # the store keeps to its interface (checked by mypy)

@@ -2,7 +2,8 @@
 
 import sys
 
+from services.common import registry
 from services.common.server import main
-from services.usage_svc.server import DEFAULT_METRICS_PORT, DEFAULT_PORT, create_server
+from services.usage_svc.server import create_server
 
-sys.exit(main("usage_svc", DEFAULT_PORT, DEFAULT_METRICS_PORT, create_server))
+sys.exit(main(registry.USAGE, create_server))

@@ -6,10 +6,12 @@ import hashlib
 import math
 
 from google.rpc import code_pb2
+from grpc.aio import ServicerContext
 
 from agentplane.usage.v1 import usage_pb2, usage_service_pb2, usage_service_pb2_grpc
-from services.common import errors
-from services.common.access import Visibility, require_manager, require_self, require_superuser
+from services.agent_svc.client import AgentClient
+from services.common import errors, tuning
+from services.common.access import require_manager, require_self, require_superuser
 from services.common.auth import AGENT
 from services.common.context import current_call_is_internal, current_principal
 from services.common.convert import require_id, require_text, timestamp
@@ -17,6 +19,7 @@ from services.common.limits import (
     DEFAULT_RESERVATION_TTL_MS,
     MAX_COST_USD,
     MAX_LATENCY_MS,
+    MAX_MODEL_LENGTH,
     MAX_RESERVATION_TTL_MS,
     MAX_TOKENS_PER_CALL,
 )
@@ -25,31 +28,41 @@ from services.common.limits import MAX_BUDGET_TOKENS as MAX_BUDGET
 from services.common.pagination import parse_page
 from services.common.telemetry import BUDGET_REJECTIONS, COST_RECORDED, TOKENS_RECORDED
 from services.usage_svc.pricing import PriceTable
-from services.usage_svc.store import BudgetState, Counters, UsageRecord, UsageStore
+from services.usage_svc.store import (
+    BudgetState,
+    Counters,
+    Outcome,
+    RecordOutcome,
+    UsageRecord,
+    UsageStorage,
+)
 
-TOP_N = 100
 PROMPT_TOKENS = TOKENS_RECORDED.labels("prompt")
 COMPLETION_TOKENS = TOKENS_RECORDED.labels("completion")
 
 
 class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
     def __init__(
-        self, store: UsageStore, prices: PriceTable, default_max_tokens: int, visibility: Visibility
+        self, store: UsageStorage, prices: PriceTable, default_max_tokens: int, agents: AgentClient
     ) -> None:
         self._store = store
         self._prices = prices
         self._default_max_tokens = default_max_tokens
-        self._visibility = visibility
+        self._agents = agents
 
     # Recording ----------------------------------------------------------------------
 
-    async def RecordUsage(self, request, context):  # type: ignore[no-untyped-def]
+    async def RecordUsage(
+        self, request: usage_service_pb2.RecordUsageRequest, context: ServicerContext
+    ) -> usage_service_pb2.RecordUsageResponse:
         record = self._check_record(request, "")
         await self._may_record(record, "")
         outcome = await self._store.record_one(record)
         return self._record_answer(record, outcome)
 
-    async def RecordUsageBatch(self, request, context):  # type: ignore[no-untyped-def]
+    async def RecordUsageBatch(
+        self, request: usage_service_pb2.RecordUsageBatchRequest, context: ServicerContext
+    ) -> usage_service_pb2.RecordUsageBatchResponse:
         if len(request.requests) > MAX_BATCH:
             raise errors.invalid_argument("requests", f"holds more than {MAX_BATCH} records")
         results: list[usage_service_pb2.RecordUsageBatchResult] = []
@@ -72,14 +85,18 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
                 results[position].status.CopyFrom(exc.to_proto())
         return usage_service_pb2.RecordUsageBatchResponse(results=results)
 
-    def _check_record(self, request, prefix: str) -> UsageRecord:  # type: ignore[no-untyped-def]
+    def _check_record(
+        self, request: usage_service_pb2.RecordUsageRequest, prefix: str
+    ) -> UsageRecord:
         usage_id = require_id(prefix + "usage_id", request.usage_id)
         thread_id = require_id(prefix + "thread_id", request.thread_id)
         agent_id = require_id(prefix + "agent_id", request.agent_id)
         project_id = (
             require_id(prefix + "project_id", request.project_id) if request.project_id else ""
         )
-        model = require_id(prefix + "model", require_text(prefix + "model", request.model, 200))
+        model = require_id(
+            prefix + "model", require_text(prefix + "model", request.model, MAX_MODEL_LENGTH)
+        )
         reservation_id = (
             require_id(prefix + "reservation_id", request.reservation_id)
             if request.reservation_id
@@ -138,7 +155,7 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             return
         if not record.project_id:
             raise errors.invalid_argument(prefix + "project_id", "is required for owner tokens")
-        if not await self._visibility.project(record.project_id):
+        if not await self._agents.can_see_project(record.project_id):
             raise errors.not_found("project", record.project_id)
 
     async def _thread_access(self, thread_id: str) -> None:
@@ -146,25 +163,27 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
         if current_principal().is_superuser:
             return
         exists, project_id = await self._store.budget_project(thread_id)
-        if not exists or not project_id or not await self._visibility.project(project_id):
+        if not exists or not project_id or not await self._agents.can_see_project(project_id):
             raise _no_budget(thread_id)
 
-    def _record_answer(self, record: UsageRecord, outcome) -> usage_service_pb2.RecordUsageResponse:  # type: ignore[no-untyped-def]
-        if outcome.outcome == "FOREIGN":
+    def _record_answer(
+        self, record: UsageRecord, outcome: RecordOutcome
+    ) -> usage_service_pb2.RecordUsageResponse:
+        if outcome.outcome == Outcome.FOREIGN:
             raise errors.not_found("thread_budget", record.thread_id)
-        if outcome.outcome == "CONFLICT":
+        if outcome.outcome == Outcome.CONFLICT:
             raise errors.already_exists(
                 "usage", record.usage_id,
                 f"usage_id {record.usage_id!r} was already recorded with a different body",
             )  # fmt: skip
-        if outcome.outcome == "NEW":
+        if outcome.outcome == Outcome.NEW:
             PROMPT_TOKENS.inc(record.prompt_tokens)
             COMPLETION_TOKENS.inc(record.completion_tokens)
             COST_RECORDED.inc(outcome.cost_micros)
         answer = usage_service_pb2.RecordUsageResponse(
             cost_usd=outcome.cost_micros / 1_000_000,
             cost_micros=outcome.cost_micros,
-            duplicate=outcome.outcome == "DUPLICATE",
+            duplicate=outcome.outcome == Outcome.DUPLICATE,
         )
         if outcome.budget is not None:
             answer.budget.CopyFrom(budget_message(outcome.budget))
@@ -172,7 +191,9 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
 
     # Budgets and reservations -------------------------------------------------------
 
-    async def ReserveBudget(self, request, context):  # type: ignore[no-untyped-def]
+    async def ReserveBudget(
+        self, request: usage_service_pb2.ReserveBudgetRequest, context: ServicerContext
+    ) -> usage_pb2.Reservation:
         reservation_id = require_id("reservation_id", request.reservation_id)
         thread_id = require_id("thread_id", request.thread_id)
         await self._thread_access(thread_id)
@@ -183,25 +204,23 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             ttl_ms = request.ttl.ToMilliseconds()
             if not 0 < ttl_ms <= MAX_RESERVATION_TTL_MS:
                 raise errors.invalid_argument("ttl", "must be more than 0 and at most 1 hour")
-        outcome, expire_ms, state = await self._store.reserve(
-            thread_id, reservation_id, request.tokens, ttl_ms
-        )
-        if outcome == "NO_BUDGET":
+        held = await self._store.reserve(thread_id, reservation_id, request.tokens, ttl_ms)
+        if held.outcome == Outcome.NO_BUDGET:
             raise _no_budget(thread_id)
-        if outcome == "CLOSED":
+        if held.outcome == Outcome.CLOSED:
             raise errors.failed_precondition(
                 f"thread {thread_id!r} is closed: no new reservations",
                 "THREAD_CLOSED",
                 thread_id=thread_id,
             )
-        if outcome == "CONFLICT":
+        if held.outcome == Outcome.CONFLICT:
             raise errors.already_exists(
                 "reservation", reservation_id,
                 f"reservation {reservation_id!r} already holds a different number of tokens",
             )  # fmt: skip
-        if outcome == "EXHAUSTED":
+        if held.outcome == Outcome.EXHAUSTED:
             BUDGET_REJECTIONS.inc()
-            budget = budget_message(state)
+            budget = budget_message(held.state)
             raise errors.resource_exhausted(
                 f"thread {thread_id!r} budget exhausted: requested {request.tokens} tokens, "
                 f"{budget.remaining} of {budget.max_tokens} remain",
@@ -212,29 +231,35 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             reservation_id=reservation_id,
             thread_id=thread_id,
             tokens=request.tokens,
-            expire_time=timestamp(expire_ms),
-            budget=budget_message(state),
+            expire_time=timestamp(held.expire_ms),
+            budget=budget_message(held.state),
         )
 
-    async def ReleaseReservation(self, request, context):  # type: ignore[no-untyped-def]
+    async def ReleaseReservation(
+        self,
+        request: usage_service_pb2.ReleaseReservationRequest,
+        context: ServicerContext,
+    ) -> usage_service_pb2.ReleaseReservationResponse:
         thread_id = require_id("thread_id", request.thread_id)
         reservation_id = require_id("reservation_id", request.reservation_id)
         await self._thread_access(thread_id)
-        outcome, released, state = await self._store.release(thread_id, reservation_id)
-        if outcome == "NO_BUDGET":
+        change = await self._store.release(thread_id, reservation_id)
+        if change.outcome == Outcome.NO_BUDGET:
             raise _no_budget(thread_id)
         return usage_service_pb2.ReleaseReservationResponse(
-            released=bool(released), budget=budget_message(state)
+            released=change.released, budget=budget_message(change.state)
         )
 
-    async def SetThreadBudget(self, request, context):  # type: ignore[no-untyped-def]
+    async def SetThreadBudget(
+        self, request: usage_service_pb2.SetThreadBudgetRequest, context: ServicerContext
+    ) -> usage_pb2.ThreadBudget:
         principal = require_manager()
         thread_id = require_id("thread_id", request.thread_id)
         project_id = require_id("project_id", request.project_id) if request.project_id else ""
         if not principal.is_superuser:
             if not project_id:
                 raise errors.invalid_argument("project_id", "is required for owner tokens")
-            if not await self._visibility.project(project_id):
+            if not await self._agents.can_see_project(project_id):
                 raise errors.not_found("project", project_id)
         if not 0 <= request.max_tokens <= MAX_BUDGET:
             raise errors.invalid_argument(
@@ -250,16 +275,20 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             raise _no_budget(thread_id)
         return budget_message(state)
 
-    async def CloseThreadBudget(self, request, context):  # type: ignore[no-untyped-def]
+    async def CloseThreadBudget(
+        self, request: usage_service_pb2.CloseThreadBudgetRequest, context: ServicerContext
+    ) -> usage_pb2.ThreadBudget:
         require_manager()
         thread_id = require_id("thread_id", request.thread_id)
         await self._thread_access(thread_id)
-        outcome, _, state = await self._store.close_budget(thread_id)
-        if outcome == "NO_BUDGET":
+        change = await self._store.close_budget(thread_id)
+        if change.outcome == Outcome.NO_BUDGET:
             raise _no_budget(thread_id)
-        return budget_message(state)
+        return budget_message(change.state)
 
-    async def GetThreadBudget(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetThreadBudget(
+        self, request: usage_service_pb2.GetThreadBudgetRequest, context: ServicerContext
+    ) -> usage_pb2.ThreadBudget:
         thread_id = require_id("thread_id", request.thread_id)
         await self._thread_access(thread_id)
         (state,) = await self._store.budgets([thread_id])
@@ -267,30 +296,30 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             raise _no_budget(thread_id)
         return budget_message(state)
 
-    async def ListThreadBudgets(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListThreadBudgets(
+        self, request: usage_service_pb2.ListThreadBudgetsRequest, context: ServicerContext
+    ) -> usage_service_pb2.ListThreadBudgetsResponse:
         require_superuser("listing every thread's budget")
         page = parse_page(request.page_size, request.page_token, request.skip, ("budgets",))
-        # The hottest list changes as usage arrives, so its cursor is a position.
-        offset = (int(page.cursor) if page.cursor and page.cursor.isdigit() else 0) + page.skip
-        thread_ids, total = await self._store.hottest(offset, page.size)
-        states = await self._store.budgets(thread_ids)
-        end = offset + len(thread_ids)
+        states, token, total = await self._store.hottest_budgets(page)
         return usage_service_pb2.ListThreadBudgetsResponse(
-            threads=[budget_message(s) for s in states if s is not None],
-            next_page_token=page.token_after(str(end)) if end < total else "",
+            threads=[budget_message(s) for s in states],
+            next_page_token=token,
             total_size=total,
             default_max_tokens=self._default_max_tokens,
         )
 
     # Reads --------------------------------------------------------------------------
 
-    async def GetUsageOverview(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetUsageOverview(
+        self, request: usage_service_pb2.GetUsageOverviewRequest, context: ServicerContext
+    ) -> usage_pb2.UsageOverview:
         project_id = require_id("project_id", request.project_id) if request.project_id else ""
         if not project_id:
             require_superuser("the cluster-wide usage overview")
-        elif not await self._visibility.project(project_id):
+        elif not await self._agents.can_see_project(project_id):
             raise errors.not_found("project", project_id)
-        overview = await self._store.overview(project_id, TOP_N)
+        overview = await self._store.overview(project_id, tuning.TOP_N)
         return usage_pb2.UsageOverview(
             totals=totals_message(overview.totals),
             by_agent=[
@@ -304,21 +333,27 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             active_threads=overview.active_threads,
         )
 
-    async def GetAgentUsage(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetAgentUsage(
+        self, request: usage_service_pb2.GetAgentUsageRequest, context: ServicerContext
+    ) -> usage_pb2.AgentUsage:
         agent_id = require_id("agent_id", request.agent_id)
-        if not current_principal().is_superuser and await self._visibility.agent(agent_id) is None:
+        if not current_principal().is_superuser and await self._agents.find_agent(agent_id) is None:
             # Another project's agent reads as an unknown one: zeros.
             return usage_pb2.AgentUsage(agent_id=agent_id, totals=totals_message(Counters()))
         counters = await self._store.agent_counters(agent_id)
         return usage_pb2.AgentUsage(agent_id=agent_id, totals=totals_message(counters))
 
-    async def GetModelUsage(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetModelUsage(
+        self, request: usage_service_pb2.GetModelUsageRequest, context: ServicerContext
+    ) -> usage_pb2.ModelUsage:
         require_superuser("cluster-wide model usage")
         model = require_id("model", request.model)
         counters = await self._store.model_counters(model)
         return usage_pb2.ModelUsage(model=model, totals=totals_message(counters))
 
-    async def ResetUsage(self, request, context):  # type: ignore[no-untyped-def]
+    async def ResetUsage(
+        self, request: usage_service_pb2.ResetUsageRequest, context: ServicerContext
+    ) -> usage_service_pb2.ResetUsageResponse:
         require_superuser("resetting usage")
         return usage_service_pb2.ResetUsageResponse(deleted_keys=await self._store.reset())
 

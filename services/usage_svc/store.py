@@ -11,19 +11,21 @@ the number of threads.
 from __future__ import annotations
 
 import asyncio
+import enum
 import heapq
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+from services.common import tuning
 from services.common.convert import now_ms
+from services.common.pagination import Page
 from services.common.redis import RedisClient, load_script
 
 PREFIX = "ap:usage:"
 LUA = Path(__file__).with_name("lua")
-COUNTER_FIELDS = ("p", "c", "n", "cost", "lat", "unp")
-MAX_GROUP = 256  # records per group-commit script call
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +65,34 @@ class BudgetState:
         )
 
 
+class Outcome(enum.StrEnum):
+    """What a write script answered (the same words as the Lua scripts return)."""
+
+    NEW = "NEW"  # a record counted for the first time
+    DUPLICATE = "DUPLICATE"  # a record seen before: counted once, first answer again
+    CONFLICT = "CONFLICT"  # a usage or reservation id seen before with another body
+    FOREIGN = "FOREIGN"  # the thread's budget belongs to another project
+    OK = "OK"
+    NO_BUDGET = "NO_BUDGET"
+    CLOSED = "CLOSED"  # the thread's budget is closed: no new reservations
+    EXHAUSTED = "EXHAUSTED"  # the reservation does not fit in the budget
+
+
 @dataclass(frozen=True, slots=True)
 class RecordOutcome:
-    outcome: str  # NEW | DUPLICATE | CONFLICT
+    outcome: Outcome  # NEW | DUPLICATE | CONFLICT | FOREIGN
     cost_micros: int = 0
     budget: BudgetState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetChange:
+    """The answer of a budget write (reserve, release, close)."""
+
+    outcome: Outcome
+    state: BudgetState
+    expire_ms: int = 0  # reserve: when the hold lapses
+    released: bool = False  # release: whether a live reservation was given back
 
 
 @dataclass(slots=True)
@@ -163,7 +188,10 @@ class UsageStore:
 
     async def _write_pending(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+            batch, self._pending = (
+                self._pending[: tuning.MAX_GROUP_COMMIT],
+                self._pending[tuning.MAX_GROUP_COMMIT :],
+            )
             # A caller that gave up while waiting (its deadline passed) is not written for:
             # no write happens after a handler's deadline.
             batch = [(record, waiter) for record, waiter in batch if not waiter.done()]
@@ -224,19 +252,23 @@ class UsageStore:
 
     async def reserve(
         self, thread_id: str, reservation_id: str, tokens: int, ttl_ms: int
-    ) -> tuple[str, int, BudgetState]:
+    ) -> BudgetChange:
+        """OK | NO_BUDGET | CLOSED | EXHAUSTED | CONFLICT."""
         now = now_ms()
         reply = await self._reserve(
             keys=list(self.shard(thread_id).thread(thread_id)),
             args=[reservation_id, tokens, now, now + ttl_ms],
         )
-        return _budget_reply(thread_id, reply)
+        outcome, value, state = _budget_reply(thread_id, reply)
+        return BudgetChange(outcome, state, expire_ms=value)
 
-    async def release(self, thread_id: str, reservation_id: str) -> tuple[str, int, BudgetState]:
+    async def release(self, thread_id: str, reservation_id: str) -> BudgetChange:
+        """OK | NO_BUDGET."""
         reply = await self._release(
             keys=list(self.shard(thread_id).thread(thread_id)), args=[reservation_id, now_ms()]
         )
-        return _budget_reply(thread_id, reply)
+        outcome, value, state = _budget_reply(thread_id, reply)
+        return BudgetChange(outcome, state, released=bool(value))
 
     async def set_budget(
         self, thread_id: str, max_tokens: int, project_id: str, create: bool
@@ -249,7 +281,7 @@ class UsageStore:
             keys=[thread, shard.budgets, shard.stats, reservations, expiries],
             args=[max_tokens, now_ms(), thread_id, project_id, "1" if create else "0"],
         )
-        if reply[0] in ("FOREIGN", "NO_BUDGET"):
+        if reply[0] in (Outcome.FOREIGN, Outcome.NO_BUDGET):
             return None
         return _budget_reply(thread_id, reply)[2]
 
@@ -259,13 +291,15 @@ class UsageStore:
         max_tokens, project_id = await self._redis.hmget(thread, "max_tokens", "project_id")
         return max_tokens is not None, project_id or ""
 
-    async def close_budget(self, thread_id: str) -> tuple[str, int, BudgetState]:
+    async def close_budget(self, thread_id: str) -> BudgetChange:
+        """OK | NO_BUDGET."""
         shard = self.shard(thread_id)
         thread, reservations, expiries = shard.thread(thread_id)
         reply = await self._close_budget(
             keys=[thread, shard.stats, reservations, expiries], args=[now_ms()]
         )
-        return _budget_reply(thread_id, reply)
+        outcome, _, state = _budget_reply(thread_id, reply)
+        return BudgetChange(outcome, state)
 
     async def reset(self) -> int:
         """Delete every usage key (admin only). Scans: a rare, deliberate operation."""
@@ -315,6 +349,17 @@ class UsageStore:
                             reserved - lapsed, bool(closed), update_ms)
             )  # fmt: skip
         return states
+
+    async def hottest_budgets(self, page: Page) -> tuple[list[BudgetState], str, int]:
+        """One page of budgets, hottest first: (budgets, next page token, total).
+
+        The ranking changes as usage arrives, so the cursor is a position."""
+        offset = (int(page.cursor) if page.cursor and page.cursor.isdigit() else 0) + page.skip
+        thread_ids, total = await self.hottest(offset, page.size)
+        states = await self.budgets(thread_ids)
+        end = offset + len(thread_ids)
+        token = page.token_after(str(end)) if end < total else ""
+        return [s for s in states if s is not None], token, total
 
     async def hottest(self, offset: int, size: int) -> tuple[list[str], int]:
         """Thread ids of one page of budgets, hottest first, and the number of budgets.
@@ -397,13 +442,39 @@ def _top(ranked_per_shard: Sequence[Sequence[tuple[str, float]]], top: int) -> l
 
 
 def _outcome(thread_id: str, item: Sequence[object]) -> RecordOutcome:
-    if item[0] in ("CONFLICT", "FOREIGN"):
-        return RecordOutcome(str(item[0]))
+    outcome = Outcome(str(item[0]))
+    if outcome in (Outcome.CONFLICT, Outcome.FOREIGN):
+        return RecordOutcome(outcome)
     budget = BudgetState.from_reply(thread_id, item[2:9])  # type: ignore[arg-type]
-    return RecordOutcome(str(item[0]), int(item[1]), budget if budget.has_budget else None)  # type: ignore[call-overload]
+    return RecordOutcome(outcome, int(item[1]), budget if budget.has_budget else None)  # type: ignore[call-overload]
 
 
-def _budget_reply(thread_id: str, reply: Sequence[object]) -> tuple[str, int, BudgetState]:
-    outcome, value = str(reply[0]), int(reply[1])  # type: ignore[call-overload]
+def _budget_reply(thread_id: str, reply: Sequence[object]) -> tuple[Outcome, int, BudgetState]:
+    outcome, value = Outcome(str(reply[0])), int(reply[1])  # type: ignore[call-overload]
     values = reply[2:9] if len(reply) >= 9 else [0] * 7
     return outcome, value, BudgetState.from_reply(thread_id, values)  # type: ignore[arg-type]
+
+
+class UsageStorage(Protocol):
+    """What the usage service needs from its storage."""
+
+    async def record_one(self, record: UsageRecord) -> RecordOutcome: ...
+    async def record(self, records: Sequence[UsageRecord]) -> list[RecordOutcome]: ...
+    async def reserve(
+        self, thread_id: str, reservation_id: str, tokens: int, ttl_ms: int
+    ) -> BudgetChange: ...
+    async def release(self, thread_id: str, reservation_id: str) -> BudgetChange: ...
+    async def set_budget(
+        self, thread_id: str, max_tokens: int, project_id: str, create: bool
+    ) -> BudgetState | None: ...
+    async def budget_project(self, thread_id: str) -> tuple[bool, str]: ...
+    async def close_budget(self, thread_id: str) -> BudgetChange: ...
+    async def reset(self) -> int: ...
+    async def budgets(self, thread_ids: Sequence[str]) -> list[BudgetState | None]: ...
+    async def hottest_budgets(self, page: Page) -> tuple[list[BudgetState], str, int]: ...
+    async def agent_counters(self, agent_id: str) -> Counters: ...
+    async def model_counters(self, model: str) -> Counters: ...
+    async def overview(self, project_id: str, top: int) -> Overview: ...
+
+
+_: type[UsageStorage] = UsageStore  # the store keeps to its interface (checked by mypy)

@@ -1,4 +1,4 @@
-"""Every status move of SPEC §2.1's table, allowed and refused, and the lifecycle RPCs."""
+"""Every status move of docs/api.md §2.1's table, allowed and refused, and the lifecycle RPCs."""
 
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ from services.common import errors
 from services.common.clients import open_channel
 from services.common.interceptors import wrap_unary
 from services.common.server import Chassis, create_app
-from tests.conftest import make_settings
 from tests.helpers import ADMIN_TOKEN, authed_channel, expect_error, make_project, make_type, spawn
+from tests.helpers.servers import make_settings
 
 PROBE = "test.Probe"
 

@@ -32,3 +32,26 @@ def test_a_burst_can_still_be_set_explicitly() -> None:
     limits = parse_rate_limits("SpawnAgent=10/min:2,RecordUsage=6000/min")
     assert (limits["SpawnAgent"].per_minute, limits["SpawnAgent"].burst) == (10, 2)
     assert limits["RecordUsage"].burst == 6000
+
+
+def test_every_rpc_is_declared_read_or_write() -> None:
+    """The rate class and the behaviour while Redis is down come from one table; a new
+    RPC must be added to it (no rule is derived from a method's name)."""
+    from agentplane.agent.v1 import agent_service_pb2
+    from agentplane.thread.v1 import thread_service_pb2
+    from agentplane.usage.v1 import usage_service_pb2
+    from services.common import methods
+
+    declared = set(methods.KINDS)
+    for module, name in (
+        (agent_service_pb2, "AgentService"),
+        (thread_service_pb2, "ThreadService"),
+        (usage_service_pb2, "UsageService"),
+    ):
+        for method in module.DESCRIPTOR.services_by_name[name].methods:
+            assert method.name in declared, f"{name}.{method.name} is not in methods.KINDS"
+            declared.discard(method.name)
+    assert not declared, f"methods.KINDS names RPCs that do not exist: {declared}"
+    limits = parse_rate_limits("")
+    assert limits["RecordUsage"].per_minute == 600 and limits["WhoAmI"].per_minute == 600
+    assert "GetThread" not in limits  # a plain read: default_read

@@ -14,9 +14,10 @@ from agentplane.thread.v1 import thread_service_pb2 as T
 from agentplane.thread.v1 import thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
-from tests.e2e.procs import ServiceProcess
+from services.common import registry
 from tests.e2e.test_processes import start_service, wait_serving
 from tests.helpers import ADMIN_TOKEN, authed_channel, make_project, make_type, spawn
+from tests.helpers.processes import ServiceProcess
 
 ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -25,11 +26,11 @@ async def test_inject_receive_and_account_across_real_processes(redis_url) -> No
     # Each service needs the others' addresses before any starts: unix sockets in a
     # private folder (no port is picked that something else could take).
     folder = tempfile.mkdtemp(prefix="ap-")
-    addresses = {name: f"unix:{folder}/{name}.sock" for name in ("agent", "thread", "usage")}
-    peers = {f"{name.upper()}_SVC_ADDR": address for name, address in addresses.items()}
+    addresses = {s.name: f"unix:{folder}/{s.name}.sock" for s in registry.SERVICES}
+    peers = {s.address_env: addresses[s.name] for s in registry.SERVICES}
     processes = [
-        start_service(f"services.{name}_svc", redis_url, GRPC_ADDRESS=address, **peers)
-        for name, address in addresses.items()
+        start_service(s.module, redis_url, GRPC_ADDRESS=addresses[s.name], **peers)
+        for s in registry.SERVICES
     ]
     try:
         await asyncio.gather(*(wait_serving(address) for address in addresses.values()))

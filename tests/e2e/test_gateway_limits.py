@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.procs import ServiceProcess
 from tests.helpers import ADMIN_TOKEN
+from tests.helpers.processes import ServiceProcess
 
 MB = 1024 * 1024
 

@@ -16,10 +16,15 @@ from pathlib import Path
 import httpx
 import redis as redis_sync
 
-from tests.e2e.procs import ROOT
+from services.common import registry
 from tests.helpers import ADMIN_TOKEN
+from tests.helpers.processes import ROOT
 
-BASE_PORTS = [6379, 50051, 50052, 50053, 8080, 9101, 9102, 9103, 9104]
+BASE_PORTS = [
+    registry.REDIS_PORT,
+    *(p.port for p in registry.PROCESSES),
+    *(p.metrics_port for p in registry.PROCESSES),
+]
 
 
 def _free_offset(start: int) -> int:
@@ -54,7 +59,9 @@ async def _make_run(offset_start: int):  # type: ignore[no-untyped-def]
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{8080 + offset}") as http:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{registry.GATEWAY.port + offset}"
+        ) as http:
             for _ in range(150):
                 if process.poll() is not None:
                     break
@@ -74,25 +81,27 @@ async def test_make_run_starts_everything_and_one_ctrl_c_stops_it() -> None:
     try:
         headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
         async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{8080 + offset}", headers=headers
+            base_url=f"http://127.0.0.1:{registry.GATEWAY.port + offset}", headers=headers
         ) as http:
             organism = await http.get("/api/v1/organism")
             assert organism.status_code == 200 and organism.json()["unavailable_sources"] == []
         # Redis moved with the offset, and it holds this cluster's data.
-        with redis_sync.Redis(port=6379 + offset) as client:
+        with redis_sync.Redis(port=registry.REDIS_PORT + offset) as client:
             assert client.ping()
         # Dev processes listen on loopback only.
         own_ip = socket.gethostbyname(socket.gethostname())
         if not own_ip.startswith("127."):
             with socket.socket() as sock:
                 sock.settimeout(1)
-                assert sock.connect_ex((own_ip, 8080 + offset)) != 0
+                assert sock.connect_ex((own_ip, registry.GATEWAY.port + offset)) != 0
         process.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(process.wait, 40) == 0
         output = process.stdout.read().decode()  # type: ignore[union-attr]
         assert "[run] stopped" in output
-        assert f"redis://localhost:{6379 + offset}/0" in output  # the banner's real ports
-        assert f"http://localhost:{8080 + offset}" in output
+        assert (
+            f"redis://localhost:{registry.REDIS_PORT + offset}/0" in output
+        )  # the banner's real ports
+        assert f"http://localhost:{registry.GATEWAY.port + offset}" in output
     finally:
         if process.poll() is None:
             process.kill()
@@ -108,7 +117,7 @@ def _is_zombie(pid: int) -> bool:
 async def test_make_run_notices_when_its_redis_dies() -> None:
     process, offset = await _make_run(5000)
     try:
-        with redis_sync.Redis(port=6379 + offset) as client:
+        with redis_sync.Redis(port=registry.REDIS_PORT + offset) as client:
             pid = int(client.info("server")["process_id"])
         os.kill(pid, signal.SIGKILL)
         code = await asyncio.to_thread(process.wait, 40)

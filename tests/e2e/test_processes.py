@@ -11,8 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplane.agent.v1 import agent_service_pb2, agent_service_pb2_grpc
-from tests.e2e.procs import ServiceProcess
 from tests.helpers import authed_channel, make_project
+from tests.helpers.processes import ServiceProcess
 
 
 def start_service(module: str, redis_url: str, **env: str) -> ServiceProcess:

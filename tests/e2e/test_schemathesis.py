@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import serve_gateway
 from tests.helpers import ADMIN_TOKEN
+from tests.helpers.servers import serve_gateway
 
 ST = Path(sys.executable).parent / "st"
 

@@ -16,9 +16,9 @@ from agentplane.thread.v1 import thread_service_pb2 as T
 from agentplane.thread.v1 import thread_service_pb2_grpc
 from services.agent_svc.server import create_server as create_agent_server
 from services.usage_svc.server import create_server as create_usage_server
-from tests.conftest import make_settings
-from tests.e2e.procs import ServiceProcess
 from tests.helpers import authed_channel, make_project, make_type, spawn
+from tests.helpers.processes import ServiceProcess
+from tests.helpers.servers import make_settings
 
 STREAMS = 400
 MESSAGES = 200

@@ -1,4 +1,4 @@
-"""One trace across gateway → agent service → usage service → Redis (SPEC §6).
+"""One trace across gateway → agent service → usage service → Redis (docs/api.md §6).
 
 The test process installs a tracer provider with an in-memory exporter (every span
 recorded), then follows one REST request through the in-process services."""
@@ -12,8 +12,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from services.common.settings import Settings
 from services.common.telemetry import configure_telemetry
-from tests.conftest import serve_gateway
 from tests.helpers import ADMIN_TOKEN, make_project, make_type, spawn
+from tests.helpers.servers import serve_gateway
 
 
 class SwitchableExporter(InMemorySpanExporter):

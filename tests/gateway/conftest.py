@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import serve_gateway
 from tests.helpers import ADMIN_TOKEN
+from tests.helpers.servers import serve_gateway
 
 API = "/api/v1"
 ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN_TOKEN}"}

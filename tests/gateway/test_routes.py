@@ -1,4 +1,4 @@
-"""Every operators' route of SPEC §3 end to end: gateway → real services → real Redis."""
+"""Every operators' route of docs/api.md §3 end to end: gateway → real services → real Redis."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import asyncio
 import httpx
 import orjson
 
-from tests.conftest import serve_gateway
 from tests.gateway.conftest import ADMIN_HEADERS, API
+from tests.helpers.servers import serve_gateway
 
 
 async def test_organism_and_capabilities(http, seeded) -> None:

@@ -21,6 +21,46 @@ INT64S = st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, -1, 10*
 BROKEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
 
 
+WELL_KNOWN_FILLED = ("Struct", "Duration", "FieldMask", "Timestamp")
+
+
+def _scalar_strategy(field):
+    return {
+        FieldDescriptor.TYPE_STRING: TEXT,
+        FieldDescriptor.TYPE_BOOL: st.booleans(),
+        FieldDescriptor.TYPE_DOUBLE: st.floats(allow_nan=True, allow_infinity=True),
+        FieldDescriptor.TYPE_FLOAT: st.floats(allow_nan=True, allow_infinity=True),
+        FieldDescriptor.TYPE_ENUM: st.integers(-2, 12),
+        FieldDescriptor.TYPE_INT64: INT64S,
+    }.get(field.type, INTS)
+
+
+def _fill_well_known(target, draw) -> None:
+    name = target.DESCRIPTOR.name
+    if name == "Struct":
+        value = draw(st.one_of(TEXT, st.floats(allow_nan=False), st.booleans()))
+        target.update({draw(TEXT)[:20] or "k": value})
+    elif name == "Duration":
+        target.seconds = draw(st.integers(-(10**6), 10**6))
+    elif name == "FieldMask":
+        target.paths.extend(draw(st.lists(TEXT, max_size=3)))
+    elif name == "Timestamp":
+        target.seconds = draw(st.integers(0, 2**33))
+
+
+def _fill_message_field(message, field, repeated: bool, draw, depth: int) -> None:
+    kind = field.message_type
+    if depth > 2 or kind.GetOptions().map_entry:
+        return
+    if kind.full_name.startswith("google.protobuf.") and kind.name not in WELL_KNOWN_FILLED:
+        return
+    target = getattr(message, field.name).add() if repeated else getattr(message, field.name)
+    if kind.name in WELL_KNOWN_FILLED:
+        _fill_well_known(target, draw)
+    else:
+        _fill(target, draw, depth + 1)
+
+
 def _fill(message, draw, depth: int = 0) -> None:
     for field in message.DESCRIPTOR.fields:
         if not draw(st.booleans()):
@@ -28,50 +68,12 @@ def _fill(message, draw, depth: int = 0) -> None:
         repeated = getattr(field, "is_repeated", None)
         repeated = field.label == FieldDescriptor.LABEL_REPEATED if repeated is None else repeated
         if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if depth > 2 or (
-                field.message_type.full_name.startswith("google.protobuf.")
-                and field.message_type.name not in ("Struct", "Duration", "FieldMask", "Timestamp")
-            ):
-                continue
-            if field.message_type.GetOptions().map_entry:
-                continue
-            target = (
-                getattr(message, field.name).add() if repeated else getattr(message, field.name)
-            )
-            name = field.message_type.name
-            if name == "Struct":
-                target.update(
-                    {
-                        draw(TEXT)[:20] or "k": draw(
-                            st.one_of(TEXT, st.floats(allow_nan=False), st.booleans())
-                        )
-                    }
-                )
-            elif name == "Duration":
-                target.seconds = draw(st.integers(-(10**6), 10**6))
-            elif name == "FieldMask":
-                target.paths.extend(draw(st.lists(TEXT, max_size=3)))
-            elif name == "Timestamp":
-                target.seconds = draw(st.integers(0, 2**33))
-            else:
-                _fill(target, draw, depth + 1)
-            continue
-        if field.type == FieldDescriptor.TYPE_STRING:
-            strategy = TEXT
-        elif field.type == FieldDescriptor.TYPE_BOOL:
-            strategy = st.booleans()
-        elif field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
-            strategy = st.floats(allow_nan=True, allow_infinity=True)
-        elif field.type == FieldDescriptor.TYPE_ENUM:
-            strategy = st.integers(-2, 12)
-        elif field.type == FieldDescriptor.TYPE_INT64:
-            strategy = INT64S
-        else:
-            strategy = INTS
-        if repeated:
+            _fill_message_field(message, field, repeated, draw, depth)
+        elif repeated:
+            strategy = _scalar_strategy(field)
             getattr(message, field.name).extend(draw(st.lists(strategy, max_size=3)))
         else:
-            setattr(message, field.name, draw(strategy))
+            setattr(message, field.name, draw(_scalar_strategy(field)))
 
 
 @settings(

@@ -1,4 +1,4 @@
-"""SPEC §4 end to end: authentication on every RPC, API keys, isolation between owners,
+"""docs/api.md §4 end to end: authentication on every RPC, API keys, isolation between owners,
 agent tokens, rate limits shared by replicas, and mutual TLS."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from agentplane.usage.v1 import usage_service_pb2, usage_service_pb2_grpc
 from scripts.make_certs import write_bundle
 from services.agent_svc.server import create_server as create_agent_server
 from services.common.errors import details_of
-from tests.conftest import make_settings, serve_gateway, start_cluster, stop_cluster
 from tests.helpers import ADMIN_TOKEN, authed_channel, expect_error, make_type
+from tests.helpers.servers import make_settings, serve_gateway, start_cluster, stop_cluster
 
 SERVICES = [
     ("agent", agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]),
@@ -365,6 +365,10 @@ async def test_mutual_tls_accepts_its_ca_and_refuses_others(redis_url, tmp_path)
         await app.stop(grace=0)
 
 
+# String request fields that name no resource another owner could own.
+NOT_IDS = {"ack_ids", "agent_type_id", "consumer", "page_token", "payload_type", "reason", "task"}
+
+
 def _aimed_at(method, ids: dict[str, str]):
     """A request for `method` whose every id field names one of alice's resources."""
     request = message_factory.GetMessageClass(method.input_type)()
@@ -384,8 +388,13 @@ def _aimed_at(method, ids: dict[str, str]):
             value = "probe-1"
         elif name == "model":
             value = "gpt-4o"
-        else:
+        elif name in NOT_IDS:
             continue
+        else:
+            raise AssertionError(
+                f"{method.full_name}.{name}: say in _aimed_at whether this field names a "
+                "resource (then aim it at alice's) or not (add it to NOT_IDS)"
+            )
         if field.label == field.LABEL_REPEATED if hasattr(field, "label") else field.is_repeated:
             getattr(request, name).append(value)
         else:

@@ -13,8 +13,8 @@ from agentplane.agent.v1 import agent_pb2, agent_service_pb2
 from agentplane.thread.v1 import thread_pb2, thread_service_pb2_grpc
 from agentplane.thread.v1 import thread_service_pb2 as T
 from services.thread_svc.server import create_server as create_thread_server
-from tests.conftest import make_settings, start_cluster, stop_cluster
 from tests.helpers import authed_channel, make_project, make_type, spawn
+from tests.helpers.servers import make_settings, start_cluster, stop_cluster
 
 
 def text(value: str) -> struct_pb2.Struct:

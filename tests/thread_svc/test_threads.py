@@ -294,7 +294,7 @@ async def test_watch_thread_streams_messages_and_the_end(world) -> None:
 async def test_a_peer_that_is_down_gives_unavailable_not_a_hang(redis_url) -> None:
     import time
 
-    from tests.conftest import start_cluster, stop_cluster
+    from tests.helpers.servers import start_cluster, stop_cluster
 
     cluster = await start_cluster(redis_url)
     try:

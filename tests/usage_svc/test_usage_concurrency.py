@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
 from services.usage_svc.server import create_server
-from tests.conftest import make_settings
 from tests.helpers import authed_channel
+from tests.helpers.servers import make_settings
 
 
 @pytest.fixture

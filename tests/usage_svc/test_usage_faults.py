@@ -13,9 +13,9 @@ from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
 from scripts.redis_server import RedisProcess
 from services.usage_svc.server import create_server
-from tests.conftest import make_settings
-from tests.faults import LosingProxy
 from tests.helpers import authed_channel
+from tests.helpers.faults import LosingProxy
+from tests.helpers.servers import make_settings
 from tests.usage_svc.test_usage import record
 
 
