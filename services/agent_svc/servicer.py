@@ -32,7 +32,7 @@ from services.agent_svc.records import (
     type_fields,
     type_message,
 )
-from services.agent_svc.store import ALL, AgentChange, AgentStore
+from services.agent_svc.store import ALL, AgentChange, AgentStorage, Outcome
 from services.common import enums, errors, tuning
 from services.common.auth import AGENT, OWNER, SUPERUSER, Principal, token_hash
 from services.common.clients import PeerClients
@@ -77,7 +77,7 @@ TYPE_FIELDS = {
 
 
 class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
-    def __init__(self, store: AgentStore, peers: PeerClients, stopping: asyncio.Event) -> None:
+    def __init__(self, store: AgentStorage, peers: PeerClients, stopping: asyncio.Event) -> None:
         self._store = store
         self._peers = peers
         self._stopping = stopping
@@ -100,7 +100,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             ),
             "create_ms": str(now_ms()),
         }
-        if not await self._store.create_project(fields, index_member=f"{new_id()}|{project_id}"):
+        if not await self._store.create_project(fields):
             raise errors.already_exists("project", project_id)
         return project_message(fields)
 
@@ -213,14 +213,14 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             **_agent_fields(agent, {"description", "current_task", "short_term_memory",
                                     "long_term_memory_ref", "session_id", "peers"}),
         }  # fmt: skip
-        outcome, detail = await self._store.spawn(fields, request_id)
-        if outcome == "NO_PROJECT":
+        spawned = await self._store.spawn(fields, request_id)
+        if spawned.outcome == Outcome.NO_PROJECT:
             raise errors.not_found("project", project_id)
-        if outcome == "NAME_TAKEN":
+        if spawned.outcome == Outcome.NAME_TAKEN:
             raise errors.already_exists(
                 "agent", name, f"an agent named {name!r} already exists in project {project_id!r}"
             )
-        return (await self._agents_with_usage([await self._agent_record(detail)]))[0]
+        return (await self._agents_with_usage([await self._agent_record(spawned.detail)]))[0]
 
     async def GetAgent(
         self, request: agent_service_pb2.GetAgentRequest, context: ServicerContext
@@ -565,12 +565,12 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             delete_fields=tuple(delete_fields),
             set_fields=set_fields,
         )
-        outcome, detail = await self._store.update(change, record["project_id"])
-        if outcome == "NOT_FOUND":
+        changed = await self._store.update(change, record["project_id"])
+        if changed.outcome == Outcome.NOT_FOUND:
             raise errors.not_found("agent", agent_id)
-        if outcome == "BAD_STATE":
-            raise lifecycle.refused(detail, target)
-        if outcome == "NAME_TAKEN":
+        if changed.outcome == Outcome.BAD_STATE:
+            raise lifecycle.refused(changed.detail, target)
+        if changed.outcome == Outcome.NAME_TAKEN:
             raise errors.already_exists(
                 "agent", new_name, f"an agent named {new_name!r} already exists"
             )

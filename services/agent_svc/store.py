@@ -13,12 +13,14 @@ scans.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from services.common import tuning
-from services.common.convert import now_ms
+from services.common.convert import new_id, now_ms
 from services.common.pagination import Page, read_lex_page
 from services.common.redis import RedisClient, load_script
 
@@ -93,6 +95,63 @@ class AgentChange:
     set_fields: dict[str, str] | None = None
 
 
+Record = dict[str, str]  # a stored record's fields; records.py turns them into messages
+
+
+class Outcome(enum.StrEnum):
+    """What a write script answered (the same words as the Lua scripts return)."""
+
+    OK = "OK"
+    DUPLICATE = "DUPLICATE"  # a spawn retried with its request id: the first agent
+    NO_PROJECT = "NO_PROJECT"
+    NAME_TAKEN = "NAME_TAKEN"
+    NOT_FOUND = "NOT_FOUND"
+    BAD_STATE = "BAD_STATE"  # the status move is not allowed from the current state
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    outcome: Outcome
+    detail: str = ""
+
+
+class AgentStorage(Protocol):
+    """What the agent service needs from its storage."""
+
+    async def create_project(self, fields: Record) -> bool: ...
+    async def get_project(self, project_id: str) -> Record | None: ...
+    async def list_projects(
+        self, page: Page, owner: str | None = None
+    ) -> tuple[list[Record], str, int]: ...
+    async def create_type(self, fields: Record) -> bool: ...
+    async def get_type(self, type_id: str) -> Record | None: ...
+    async def update_type(self, type_id: str, fields: Record) -> None: ...
+    async def list_types(
+        self, page: Page, active_only: bool = False
+    ) -> tuple[list[Record], str, int]: ...
+    async def display_names(
+        self, type_ids: Iterable[str], project_ids: Iterable[str]
+    ) -> tuple[dict[str, str], dict[str, str]]: ...
+    async def spawn(self, fields: Record, request_id: str) -> Change: ...
+    async def update(self, change: AgentChange, project_id: str) -> Change: ...
+    async def get_agent(self, agent_id: str) -> Record | None: ...
+    async def get_agents(self, agent_ids: Sequence[str]) -> list[Record]: ...
+    async def list_agents(
+        self, project_id: str, status: str, page: Page
+    ) -> tuple[list[Record], str, int]: ...
+    async def counters(self) -> dict[str, int]: ...
+    async def create_key(self, fields: Record, visible_to: Sequence[str]) -> None: ...
+    async def get_key(self, key_id: str) -> Record | None: ...
+    async def list_keys(
+        self, page: Page, visible_to: str | None
+    ) -> tuple[list[Record], str, int]: ...
+    async def revoke_key(self, key_id: str) -> None: ...
+    async def last_event_id(self, project_id: str) -> str: ...
+    async def read_events(
+        self, project_id: str, after: str, block_ms: int
+    ) -> list[tuple[str, Record]]: ...
+
+
 class AgentStore:
     def __init__(
         self, redis: RedisClient, request_ttl_s: int, streams: RedisClient | None = None
@@ -106,7 +165,9 @@ class AgentStore:
 
     # Projects and agent types -------------------------------------------------------
 
-    async def create_project(self, fields: dict[str, str], index_member: str) -> bool:
+    async def create_project(self, fields: Record) -> bool:
+        """False when a project with that id exists."""
+        index_member = f"{new_id()}|{fields['id']}"  # sorts by creation time
         keys = [
             Keys.project(fields["id"]), Keys.projects, Keys.counters,
             Keys.owner_projects(fields["owner"]),
@@ -176,8 +237,9 @@ class AgentStore:
 
     # Agents -------------------------------------------------------------------------
 
-    async def spawn(self, fields: dict[str, str], request_id: str) -> tuple[str, str]:
-        """Returns (outcome, agent id or holder): OK, DUPLICATE, NO_PROJECT or NAME_TAKEN."""
+    async def spawn(self, fields: Record, request_id: str) -> Change:
+        """OK or DUPLICATE (detail: the agent's id), NO_PROJECT, or NAME_TAKEN (detail: the
+        name's holder)."""
         project_id, agent_id = fields["project_id"], fields["id"]
         keys = [
             Keys.agent(agent_id), Keys.project(project_id), Keys.names(project_id),
@@ -189,11 +251,11 @@ class AgentStore:
         args = [agent_id, fields["name"], "1" if request_id else "0", self._request_ttl_s,
                 tuning.AGENT_EVENTS_MAXLEN, *_flat(fields)]  # fmt: skip
         result = await self._spawn(keys=keys, args=args)
-        return result[0], (result[1] if len(result) > 1 else "")
+        return Change(Outcome(result[0]), result[1] if len(result) > 1 else "")
 
-    async def update(self, change: AgentChange, project_id: str) -> tuple[str, str]:
-        """Apply a change; returns (outcome, detail): OK/BAD_STATE with the from-state,
-        NOT_FOUND, or NAME_TAKEN with the holder. `project_id` is the agent's own."""
+    async def update(self, change: AgentChange, project_id: str) -> Change:
+        """Apply a change: OK or BAD_STATE (detail: the state it was in), NOT_FOUND, or
+        NAME_TAKEN (detail: the holder). `project_id` is the agent's own."""
         keys = [
             Keys.agent(change.agent_id), Keys.project(project_id), Keys.names(project_id),
             Keys.counters, Keys.events(project_id), Keys.events(ALL),
@@ -207,7 +269,7 @@ class AgentStore:
             *change.delete_fields, *_flat(change.set_fields or {}),
         ]  # fmt: skip
         result = await self._update(keys=keys, args=args)
-        return result[0], (result[1] if len(result) > 1 else "")
+        return Change(Outcome(result[0]), result[1] if len(result) > 1 else "")
 
     async def get_agent(self, agent_id: str) -> dict[str, str] | None:
         return await self._hash(Keys.agent(agent_id))
@@ -275,3 +337,6 @@ class AgentStore:
 
 def _flat(fields: dict[str, str]) -> list[str]:
     return [item for pair in fields.items() for item in pair]
+
+
+_: type[AgentStorage] = AgentStore  # the store keeps to its interface (checked by mypy)
