@@ -117,39 +117,49 @@ def _enum(enum: EnumDescriptor) -> dict[str, Any]:
     return {"type": "string", "enum": [codec.enum_short(enum, v.number) for v in enum.values]}
 
 
+LEGACY_PAGING_PARAMETERS = {
+    "limit": {"minimum": 1, "maximum": 100},
+    "offset": {"minimum": 0},
+    "page": {"minimum": 1},
+}
+
+
+def _legacy_paging_parameters(style: str) -> list[dict[str, Any]]:
+    names = ["limit", "offset"] if style == OFFSET else ["page", "limit"]
+    return [
+        {"name": n, "in": "query", "schema": {"type": "integer", **LEGACY_PAGING_PARAMETERS[n]}}
+        for n in names
+    ]
+
+
 def _query_parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
     if route.body == "*":
         return []
     compat = COMPAT.get((route.verb, route.template))
     taken = set(route.variables) | ({route.body} if route.body else set())
-    taken |= set(compat.fixed) if compat else set()
     params = []
-    if compat and compat.paging:
-        taken |= {"page_size", "skip", "page_token"}
-        legacy = ["limit", "offset"] if compat.paging == OFFSET else ["page", "limit"]
-        for name in legacy:
-            bounds = (
-                {"minimum": 1, "maximum": 100}
-                if name == "limit"
-                else {"minimum": 0 if name == "offset" else 1}
-            )
-            params.append({"name": name, "in": "query", "schema": {"type": "integer", **bounds}})
+    if compat:
+        taken |= set(compat.fixed)
+        if compat.paging:
+            taken |= {"page_size", "skip", "page_token"}
+            params += _legacy_paging_parameters(compat.paging)
     for field in route.method.input_type.fields:
-        if field.name in taken or (
-            field.type == FieldDescriptor.TYPE_MESSAGE
-            and field.message_type.full_name != "google.protobuf.FieldMask"
-        ):
+        if field.name in taken or not _is_query_field(field):
             continue
         schema = schemas.field(field)
+        description = schema.pop("description", "")
         params.append(
-            {
-                "name": field.name,
-                "in": "query",
-                "schema": schema,
-                "description": schema.pop("description", ""),
-            }
+            {"name": field.name, "in": "query", "schema": schema, "description": description}
         )
     return params
+
+
+def _is_query_field(field: FieldDescriptor) -> bool:
+    """Scalars, enums and FieldMasks travel in the query string; other messages do not."""
+    return (
+        field.type != FieldDescriptor.TYPE_MESSAGE
+        or field.message_type.full_name == "google.protobuf.FieldMask"
+    )
 
 
 def _response_schema(route: Route, schemas: _Schemas) -> dict[str, Any]:

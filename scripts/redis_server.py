@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def find_redis_server() -> str:
@@ -182,25 +183,28 @@ class RedisClusterProcesses:
         for node in self.nodes:
             node.start()
         clients = [redis_sync.Redis(port=n.port, host="127.0.0.1") for n in self.nodes]
-        share = self.SLOTS // len(self.nodes)
-        for i, client in enumerate(clients):
-            end = self.SLOTS if i == len(clients) - 1 else (i + 1) * share
-            client.execute_command("CLUSTER", "ADDSLOTS", *range(i * share, end))
-        for node in self.nodes[1:]:
-            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            infos = [c.execute_command("CLUSTER", "INFO") for c in clients]
-            texts = [i.decode() if isinstance(i, bytes) else str(i) for i in infos]
-            if all(
-                "cluster_state:ok" in t and f"cluster_known_nodes:{len(clients)}" in t
-                for t in texts
-            ):
-                for client in clients:
-                    client.close()
-                return self
-            time.sleep(0.1)
+        try:
+            share = self.SLOTS // len(self.nodes)
+            for i, client in enumerate(clients):
+                end = self.SLOTS if i == len(clients) - 1 else (i + 1) * share
+                client.execute_command("CLUSTER", "ADDSLOTS", *range(i * share, end))
+            for node in self.nodes[1:]:
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if all(self._ready(client, len(clients)) for client in clients):
+                    return self
+                time.sleep(0.1)
+        finally:
+            for client in clients:
+                client.close()
         raise RuntimeError("the Redis Cluster did not become ready")
+
+    @staticmethod
+    def _ready(client: Any, nodes: int) -> bool:
+        info = client.execute_command("CLUSTER", "INFO")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        return "cluster_state:ok" in text and f"cluster_known_nodes:{nodes}" in text
 
     def flush(self) -> None:
         import redis as redis_sync

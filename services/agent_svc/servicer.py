@@ -255,20 +255,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         if request.agent.id and request.agent.id != agent_id:
             raise errors.invalid_argument("agent.id", "does not match agent_id")
         paths = _mask_paths(request.update_mask, AGENT_FIELDS, None)
-        fields = _agent_fields(request.agent, paths - {"status", "name"})
-        deletes = [f for f, v in fields.items() if v == ""]
-        sets = {f: v for f, v in fields.items() if v != ""}
-        new_name = ""
-        if "name" in paths:
-            new_name = require_text(
-                "agent.name", request.agent.name, MAX_NAME_LENGTH, required=True
-            )
-            sets["name"] = new_name
-        target = lifecycle.status_name(request.agent.status) if "status" in paths else ""
-        if target:
-            cleared, extra = lifecycle.effects(target, now_ms())
-            deletes += [f for f in cleared if f not in sets]
-            sets.update(extra)
+        new_name, target, sets, deletes = _agent_update(request.agent, paths)
         return await self._change(
             request.agent_id or agent_id, request.project_id, target,
             new_name=new_name, delete_fields=deletes, set_fields=sets,
@@ -678,6 +665,25 @@ def _check_type_fields(agent_type: agent_type_pb2.AgentType, prefix: str) -> Non
             json.loads(agent_type.input_schema)
         except ValueError:
             raise errors.invalid_argument(f"{prefix}.input_schema", "is not valid JSON") from None
+
+
+def _agent_update(
+    agent: agent_pb2.Agent, paths: set[str]
+) -> tuple[str, str, dict[str, str], list[str]]:
+    """What an UpdateAgent changes: (new name, target status, fields to set, to delete)."""
+    fields = _agent_fields(agent, paths - {"status", "name"})
+    deletes = [f for f, v in fields.items() if v == ""]
+    sets = {f: v for f, v in fields.items() if v != ""}
+    new_name = ""
+    if "name" in paths:
+        new_name = require_text("agent.name", agent.name, MAX_NAME_LENGTH, required=True)
+        sets["name"] = new_name
+    target = lifecycle.status_name(agent.status) if "status" in paths else ""
+    if target:
+        cleared, extra = lifecycle.effects(target, now_ms())
+        deletes += [f for f in cleared if f not in sets]
+        sets.update(extra)
+    return new_name, target, sets, deletes
 
 
 def _agent_fields(agent: agent_pb2.Agent, names: set[str]) -> dict[str, str]:

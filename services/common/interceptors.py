@@ -50,6 +50,7 @@ class _RpcScope:
     """Everything that surrounds one RPC; used by both the unary and the stream wrappers."""
 
     __slots__ = (
+        "_span",
         "_span_cm",
         "_start",
         "_token",
@@ -86,7 +87,7 @@ class _RpcScope:
         self._span_cm = tracer().start_as_current_span(
             self.method, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER
         )
-        self._span_cm.__enter__()
+        self._span = self._span_cm.__enter__()
         self._token = current_call.set(
             CallContext(
                 method=self.method,
@@ -129,8 +130,14 @@ class _RpcScope:
                 peer=self.peer,
                 principal=self.principal,
             )
-            current_call.reset(self._token)
-            self._span_cm.__exit__(None, None, None)
+            if isinstance(exc, GeneratorExit):
+                # A stream closed from outside its task (grpc dropped it): the context
+                # variables were set in that task's context and die with it; only the
+                # span is ended here.
+                self._span.end()
+            else:
+                current_call.reset(self._token)
+                self._span_cm.__exit__(None, None, None)
 
     async def _abort(self, exc: BaseException) -> None:
         """Map the exception to a status and abort; AbortError passes through unchanged."""
@@ -292,20 +299,8 @@ def register(
 def _forwarded(details: grpc.aio.ClientCallDetails, secret: str) -> grpc.aio.ClientCallDetails:
     """The call details with the current caller's token, trace context and deadline added,
     and the proof that a service forwards them (see auth.internal_proof)."""
-    metadata = list(details.metadata or ())
     call = current_call.get()
-    if (
-        call is not None
-        and call.authorization
-        and not any(key == "authorization" for key, _ in metadata)
-    ):
-        metadata.append(("authorization", call.authorization))
-    authorization = next((v for k, v in metadata if k == "authorization"), None)
-    if secret and isinstance(authorization, str):
-        metadata.append((INTERNAL_HEADER, internal_proof(secret, authorization)))
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    metadata.extend(carrier.items())
+    metadata = _forwarded_metadata(list(details.metadata or ()), call, secret)
     timeout = details.timeout
     remaining = call.time_remaining() if call is not None else None
     if remaining is not None:
@@ -314,6 +309,23 @@ def _forwarded(details: grpc.aio.ClientCallDetails, secret: str) -> grpc.aio.Cli
         details.method, timeout, grpc.aio.Metadata(*metadata), details.credentials,
         details.wait_for_ready,
     )  # fmt: skip
+
+
+def _forwarded_metadata(
+    metadata: list[tuple[str, Any]], call: CallContext | None, secret: str
+) -> list[tuple[str, Any]]:
+    """The caller's token (unless the call sets its own), the internal proof, and the W3C
+    trace context of the current span."""
+    given = next((v for k, v in metadata if k == "authorization"), None)
+    if given is None and call is not None and call.authorization:
+        given = call.authorization
+        metadata.append(("authorization", given))
+    if secret and isinstance(given, str):
+        metadata.append((INTERNAL_HEADER, internal_proof(secret, given)))
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    metadata.extend(carrier.items())
+    return metadata
 
 
 class ForwardingUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):

@@ -387,12 +387,29 @@ class UsageStore:
     async def overview(self, project_id: str, top: int) -> Overview:
         """Totals, top agents and models by tokens, and active budgets; all from shard
         aggregates. With a project: its totals and agents (models are cluster-wide)."""
+        agents, models, active = await self._ranked(project_id, top)
         if project_id:
+            models, active = [], 0
             totals_keys = [s.project_totals(project_id) for s in self._shards]
-            agent_ranks = [s.project_agents_rank(project_id) for s in self._shards]
         else:
             totals_keys = [s.totals for s in self._shards]
-            agent_ranks = [s.agents_rank for s in self._shards]
+        groups = [totals_keys]
+        groups += [[s.agent(a) for s in self._shards] for a in agents]
+        groups += [[s.model(m) for s in self._shards] for m in models]
+        sums = await self._sum_each(groups)
+        return Overview(
+            totals=sums[0],
+            by_agent=list(zip(agents, sums[1 : 1 + len(agents)], strict=True)),
+            by_model=list(zip(models, sums[1 + len(agents) :], strict=True)),
+            active_threads=active,
+        )
+
+    async def _ranked(self, project_id: str, top: int) -> tuple[list[str], list[str], int]:
+        """The top agents (of the project, if one is given) and models by tokens, and the
+        number of active budgets, merged over the shards in one round trip."""
+        agent_ranks = [
+            s.project_agents_rank(project_id) if project_id else s.agents_rank for s in self._shards
+        ]
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in agent_ranks:
                 pipe.zrevrange(key, 0, top - 1, withscores=True)
@@ -401,20 +418,8 @@ class UsageStore:
                 pipe.hget(shard.stats, "active")
             replies = await pipe.execute()
         n = len(self._shards)
-        agents = _top(replies[:n], top)
-        models = _top(replies[n::2], top) if not project_id else []
         active = sum(int(v or 0) for v in replies[n + 1 :: 2])
-        sums = await self._sum_each(
-            [totals_keys]
-            + [[s.agent(a) for s in self._shards] for a in agents]
-            + [[s.model(m) for s in self._shards] for m in models]
-        )
-        return Overview(
-            totals=sums[0],
-            by_agent=list(zip(agents, sums[1 : 1 + len(agents)], strict=True)),
-            by_model=list(zip(models, sums[1 + len(agents) :], strict=True)),
-            active_threads=active if not project_id else 0,
-        )
+        return _top(replies[:n], top), _top(replies[n::2], top), active
 
     async def _sum_each(self, key_groups: Iterable[Sequence[str]]) -> list[Counters]:
         groups = list(key_groups)

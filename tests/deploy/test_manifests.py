@@ -111,8 +111,13 @@ def test_commands_are_real_entry_points(rendered) -> None:
 
 
 def settings_names() -> set[str]:
+    """Every variable a process reads: named in the settings, or a peer's address from the
+    registry of processes."""
+    from services.common import registry
+
     source = (ROOT / "services/common/settings.py").read_text()
-    return set(re.findall(r'"([A-Z][A-Z0-9_]+)"', source)) - {"TLS_"}
+    names = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', source)) - {"TLS_"}
+    return names | {s.address_env for s in registry.SERVICES}
 
 
 def test_every_variable_set_is_read_and_every_required_one_is_set(rendered) -> None:
