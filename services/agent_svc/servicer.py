@@ -387,8 +387,8 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         else:
             await self._project(project_id)
         after = await self._store.last_event_id(project_id)
-        await stream_open(context)
-        while not self._stopping.is_set():
+        stream = await stream_open(context, self._stopping)
+        while stream.active:
             for entry_id, event in await self._store.read_events(
                 project_id, after, tuning.STREAM_BLOCK_MS
             ):

@@ -202,11 +202,35 @@ class _RpcScope:
 STREAM_OPEN_HEADER = "x-agentplane-stream"
 
 
-async def stream_open(context: grpc.aio.ServicerContext) -> None:
+class OpenStream:
+    """A server stream that has passed its checks: `active` while the RPC goes on and the
+    process is not stopping. A handler's loop checks it between reads, so a stream whose
+    caller went away stops even when grpc could not interrupt it (seen: a cancelled
+    inbox stream's loop kept reading and took deliveries meant for live consumers)."""
+
+    __slots__ = ("_ended", "_stopping")
+
+    def __init__(self, stopping: asyncio.Event) -> None:
+        self._stopping = stopping
+        self._ended = False
+
+    def _end(self, _context: object) -> None:
+        self._ended = True
+
+    @property
+    def active(self) -> bool:
+        return not (self._ended or self._stopping.is_set())
+
+
+async def stream_open(context: grpc.aio.ServicerContext, stopping: asyncio.Event) -> OpenStream:
     """Called by a server-streaming handler once its checks have passed: the initial
     metadata goes out at once, marked, so a caller (the gateway) can tell a refused stream
-    (status, no mark) from an open one still waiting for its first event."""
+    (status, no mark) from an open one still waiting for its first event; and the stream
+    learns (a done callback, registered while the RPC is surely alive) when it ends."""
+    stream = OpenStream(stopping)
+    context.add_done_callback(stream._end)
     await context.send_initial_metadata(((STREAM_OPEN_HEADER, "open"),))
+    return stream
 
 
 def wrap_unary(

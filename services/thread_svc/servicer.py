@@ -422,11 +422,11 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                 f"consumer {consumer!r} of agent {agent_id!r} is already receiving elsewhere",
                 reason="INBOX_BUSY", code=grpc.StatusCode.ABORTED,
             )  # fmt: skip
-        await stream_open(context)
+        stream = await stream_open(context, self._stopping)
         inbox = _Inbox(self._store, agent_id, consumer, self._settings.inbox_claim_idle_s)
         status, checked = agent.status, time.monotonic()
         try:
-            while not self._stopping.is_set():
+            while stream.active:
                 await self._store.acquire_lease(agent_id, consumer, token, tuning.INBOX_LEASE_MS)
                 if time.monotonic() - checked > tuning.STATUS_CHECK_S:
                     status, checked = (await self._agents.agent(agent_id)).status, time.monotonic()
@@ -466,8 +466,8 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         thread_id = request.thread_id
         await self._thread(thread_id)
         after = await self._store.last_entry(thread_id)
-        await stream_open(context)
-        while not self._stopping.is_set():
+        stream = await stream_open(context, self._stopping)
+        while stream.active:
             for event in await self._store.read_log(thread_id, after, tuning.STREAM_BLOCK_MS):
                 after = event.entry_id
                 if event.message is not None:
