@@ -7,18 +7,13 @@ import pytest
 
 from services.agent_svc.store import ALL, AgentChange, AgentStorage, AgentStore, Outcome
 from services.common.pagination import parse_page
-from services.common.redis import create_redis
-from tests.helpers.servers import make_settings
+from tests.helpers.servers import store_clients
 
 
 @pytest.fixture
 async def store(redis_target):
-    settings = make_settings("agent_svc", redis_target.url, redis_target.cluster)
-    redis = create_redis(settings)
-    streams = create_redis(settings, blocking_reads=True)
-    yield AgentStore(redis, request_ttl_s=600, streams=streams)
-    await redis.aclose()
-    await streams.aclose()
+    async with store_clients("agent_svc", redis_target) as (redis, streams):
+        yield AgentStore(redis, request_ttl_s=600, streams=streams)
 
 
 def page(size: int = 20, token: str = ""):

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import tempfile
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -137,3 +138,18 @@ async def serve_gateway(cluster: Cluster, **overrides: object) -> AsyncIterator[
     finally:
         server.should_exit = True
         await task
+
+
+@contextlib.asynccontextmanager
+async def store_clients(service_name: str, target: RedisTarget) -> AsyncIterator[tuple[Any, Any]]:
+    """The Redis clients a service's store uses (ordinary, and blocking reads), for testing
+    a store on its own."""
+    from services.common.redis import create_redis
+
+    settings = make_settings(service_name, target.url, target.cluster)
+    redis, streams = create_redis(settings), create_redis(settings, blocking_reads=True)
+    try:
+        yield redis, streams
+    finally:
+        await redis.aclose()
+        await streams.aclose()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from services.common.pagination import parse_page
-from services.common.redis import create_redis
 from services.thread_svc.store import (
     ALL,
     NewMessage,
@@ -16,17 +15,13 @@ from services.thread_svc.store import (
     ThreadStorage,
     ThreadStore,
 )
-from tests.helpers.servers import make_settings
+from tests.helpers.servers import store_clients
 
 
 @pytest.fixture
 async def store(redis_target):
-    settings = make_settings("thread_svc", redis_target.url, redis_target.cluster)
-    redis = create_redis(settings)
-    streams = create_redis(settings, blocking_reads=True)
-    yield ThreadStore(redis, request_ttl_s=600, streams=streams)
-    await redis.aclose()
-    await streams.aclose()
+    async with store_clients("thread_svc", redis_target) as (redis, streams):
+        yield ThreadStore(redis, request_ttl_s=600, streams=streams)
 
 
 def page(size: int = 20, token: str = "", *filters: object):

@@ -6,17 +6,14 @@ from __future__ import annotations
 import pytest
 
 from services.common.pagination import parse_page
-from services.common.redis import create_redis
 from services.usage_svc.store import Outcome, UsageRecord, UsageStorage, UsageStore
-from tests.helpers.servers import make_settings
+from tests.helpers.servers import store_clients
 
 
 @pytest.fixture
 async def store(redis_target):
-    settings = make_settings("usage_svc", redis_target.url, redis_target.cluster)
-    redis = create_redis(settings)
-    yield UsageStore(redis, shards=4, usage_id_ttl_s=600)
-    await redis.aclose()
+    async with store_clients("usage_svc", redis_target) as (redis, _streams):
+        yield UsageStore(redis, shards=4, usage_id_ttl_s=600)
 
 
 def usage(usage_id: str, thread: str = "t1", agent: str = "a1", model: str = "m", **kw):
