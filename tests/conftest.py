@@ -22,13 +22,15 @@ from tests.helpers.servers import (
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Markers from where a test is: tests/e2e are `e2e`; the Redis Cluster variants are
-    `slow` (`make test-fast` leaves both out)."""
+    """Markers from where a test is: tests/e2e are `e2e`; the Redis Cluster variants and
+    tests of all three services together (`cluster`, `stack`) are `slow`. `make test-fast`
+    leaves both out: what remains are unit and single-service tests."""
     for item in items:
         if "/e2e/" in item.nodeid.replace("::", "/") or item.nodeid.startswith("tests/e2e"):
             item.add_marker(pytest.mark.e2e)
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("redis_target") == "cluster":
+        whole = {"cluster", "stack"} & set(getattr(item, "fixturenames", ()))
+        if whole or (callspec is not None and callspec.params.get("redis_target") == "cluster"):
             item.add_marker(pytest.mark.slow)
 
 

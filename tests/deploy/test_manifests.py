@@ -13,6 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # fault injection, fuzzing, manifests: left out of test-fast
+
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ["dev", "prod"]
 PROCESSES = {"agent", "thread", "usage", "gateway"}

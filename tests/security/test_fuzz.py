@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from tests.security.test_security import EVERY_RPC
 
+pytestmark = pytest.mark.slow  # fault injection, fuzzing, manifests: left out of test-fast
+
 TEXT = st.one_of(
     st.text(max_size=40),
     st.sampled_from(["-", "|", "..", "a|b", "\x00", "ø" * 300, "x" * 5000, "{", "apk_", "%s"]),

@@ -18,6 +18,8 @@ from tests.helpers.faults import LosingProxy
 from tests.helpers.servers import make_settings
 from tests.usage_svc.test_usage import record
 
+pytestmark = pytest.mark.slow  # fault injection, fuzzing, manifests: left out of test-fast
+
 
 @contextlib.asynccontextmanager
 async def usage_service(redis_url: str):
