@@ -9,16 +9,17 @@ Cross-project listing (`-`), the overview, and agent types' changes are superuse
 
 from __future__ import annotations
 
+from services.agent_svc.store import ProjectRecord
 from services.common import errors
 from services.common.auth import AGENT, OWNER, Principal
 
 
-def can_see_project(principal: Principal, project: dict[str, str]) -> bool:
+def can_see_project(principal: Principal, project: ProjectRecord) -> bool:
     if principal.is_superuser:
         return True
     if principal.role == OWNER:
-        return project.get("owner") == principal.subject
-    return principal.role == AGENT and project.get("id") == principal.project_id
+        return project.owner == principal.subject
+    return principal.role == AGENT and project.id == principal.project_id
 
 
 def require_manager(principal: Principal) -> None:

@@ -28,7 +28,7 @@ def status_name(value: int) -> str:
     return enums.short_name(agent_pb2.AgentStatus, value)
 
 
-def status_value(name: str) -> int:
+def status_value(name: str) -> agent_pb2.AgentStatus.ValueType:
     return enums.value_of(agent_pb2.AgentStatus, name)
 
 

@@ -1,24 +1,23 @@
-"""Conversions between stored records (flat Redis hashes) and the API's messages."""
+"""Conversions between the store's records and the API's messages."""
 
 from __future__ import annotations
 
-import json
-
 from google.protobuf import json_format, struct_pb2
 
-from agentplane.agent.v1 import agent_pb2, agent_type_pb2, project_pb2
+from agentplane.agent.v1 import agent_pb2, agent_type_pb2, api_key_pb2, project_pb2
 from services.agent_svc.lifecycle import status_value
-from services.common import errors
+from services.agent_svc.store import AgentRecord, KeyRecord, ProjectRecord, TypeRecord
+from services.common import enums, errors
 from services.common.convert import timestamp
 from services.common.limits import MAX_MEMORY_BYTES
 
 
-def project_message(record: dict[str, str]) -> project_pb2.Project:
+def project_message(record: ProjectRecord) -> project_pb2.Project:
     return project_pb2.Project(
-        id=record["id"],
-        display_name=record.get("display_name", ""),
-        owner=record.get("owner", ""),
-        create_time=timestamp(record.get("create_ms")),
+        id=record.id,
+        display_name=record.display_name,
+        owner=record.owner,
+        create_time=timestamp(record.create_ms),
     )
 
 
@@ -34,16 +33,16 @@ def type_fields(agent_type: agent_type_pb2.AgentType) -> dict[str, str]:
     }
 
 
-def type_message(record: dict[str, str]) -> agent_type_pb2.AgentType:
+def type_message(record: TypeRecord) -> agent_type_pb2.AgentType:
     return agent_type_pb2.AgentType(
-        id=record["id"],
-        display_name=record.get("display_name", ""),
-        description=record.get("description", ""),
-        default_model=record.get("default_model", ""),
-        is_active=record.get("is_active") == "1",
-        input_schema=record.get("input_schema", ""),
-        example=record.get("example", ""),
-        create_time=timestamp(record.get("create_ms")),
+        id=record.id,
+        display_name=record.display_name,
+        description=record.description,
+        default_model=record.default_model,
+        is_active=record.is_active,
+        input_schema=record.input_schema,
+        example=record.example,
+        create_time=timestamp(record.create_ms),
     )
 
 
@@ -55,27 +54,39 @@ def memory_text(memory: struct_pb2.Struct, field: str) -> str:
 
 
 def agent_message(
-    record: dict[str, str], type_name: str = "", project_name: str = ""
+    record: AgentRecord, type_name: str = "", project_name: str = ""
 ) -> agent_pb2.Agent:
     agent = agent_pb2.Agent(
-        id=record["id"],
-        project_id=record.get("project_id", ""),
-        agent_type_id=record.get("agent_type_id", ""),
-        name=record.get("name", ""),
-        description=record.get("description", ""),
-        status=status_value(record["status"]),  # type: ignore[arg-type]
-        current_task=record.get("current_task", ""),
-        long_term_memory_ref=record.get("long_term_memory_ref", ""),
-        session_id=record.get("session_id", ""),
-        peers=json.loads(record.get("peers") or "[]"),
-        last_activity_time=timestamp(record.get("last_activity_ms")),
-        terminate_time=timestamp(record.get("terminate_ms")),
-        create_time=timestamp(record.get("create_ms")),
-        update_time=timestamp(record.get("update_ms")),
-        tasks_completed=int(record.get("tasks_completed", 0)),
+        id=record.id,
+        project_id=record.project_id,
+        agent_type_id=record.agent_type_id,
+        name=record.name,
+        description=record.description,
+        status=status_value(record.status),
+        current_task=record.current_task,
+        long_term_memory_ref=record.long_term_memory_ref,
+        session_id=record.session_id,
+        peers=record.peers,
+        last_activity_time=timestamp(record.last_activity_ms),
+        terminate_time=timestamp(record.terminate_ms),
+        create_time=timestamp(record.create_ms),
+        update_time=timestamp(record.update_ms),
+        tasks_completed=record.tasks_completed,
         agent_type_name=type_name,
         project_name=project_name,
     )
-    if record.get("short_term_memory"):
-        json_format.Parse(record["short_term_memory"], agent.short_term_memory)
+    if record.short_term_memory_json:
+        json_format.Parse(record.short_term_memory_json, agent.short_term_memory)
     return agent
+
+
+def key_message(record: KeyRecord) -> api_key_pb2.ApiKey:
+    return api_key_pb2.ApiKey(
+        key_id=record.key_id,
+        role=enums.value_of(api_key_pb2.ApiKeyRole, record.role),
+        subject=record.subject,
+        project_id=record.project_id,
+        create_time=timestamp(record.create_ms),
+        revoked=record.revoked,
+        created_by=record.created_by,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import secrets
@@ -27,12 +28,22 @@ from agentplane.usage.v1 import usage_pb2, usage_service_pb2
 from services.agent_svc import access, lifecycle
 from services.agent_svc.records import (
     agent_message,
+    key_message,
     memory_text,
     project_message,
     type_fields,
     type_message,
 )
-from services.agent_svc.store import ALL, AgentChange, AgentStorage, Outcome
+from services.agent_svc.store import (
+    ALL,
+    AgentChange,
+    AgentRecord,
+    AgentStorage,
+    KeyRecord,
+    Outcome,
+    ProjectRecord,
+    TypeRecord,
+)
 from services.common import enums, errors, tuning
 from services.common.auth import AGENT, OWNER, SUPERUSER, Principal, token_hash
 from services.common.clients import PeerClients
@@ -102,7 +113,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         }
         if not await self._store.create_project(fields):
             raise errors.already_exists("project", project_id)
-        return project_message(fields)
+        return project_message(ProjectRecord.of(fields))
 
     async def GetProject(
         self, request: agent_service_pb2.GetProjectRequest, context: ServicerContext
@@ -140,7 +151,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         fields = {"id": type_id, "create_ms": str(now_ms()), **type_fields(agent_type)}
         if not await self._store.create_type(fields):
             raise errors.already_exists("agent_type", type_id)
-        return type_message(fields)
+        return type_message(TypeRecord.of(fields))
 
     async def GetAgentType(
         self, request: agent_service_pb2.GetAgentTypeRequest, context: ServicerContext
@@ -195,7 +206,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         agent_type = await self._store.get_type(type_id)
         if agent_type is None:
             raise errors.not_found("agent_type", type_id)
-        if agent_type.get("is_active") != "1":
+        if not agent_type.is_active:
             raise errors.failed_precondition(
                 f"agent type {type_id!r} is inactive", "AGENT_TYPE_INACTIVE", agent_type=type_id
             )
@@ -296,9 +307,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         self, request: agent_service_pb2.GetAgentSchemaRequest, context: ServicerContext
     ) -> agent_service_pb2.AgentSchema:
         record = await self._agent_record(request.agent_id)
-        agent_type = await self._type(record["agent_type_id"])
+        agent_type = await self._type(record.agent_type_id)
         return agent_service_pb2.AgentSchema(
-            schema=agent_type.get("input_schema", ""), content_type="application/schema+json"
+            schema=agent_type.input_schema, content_type="application/schema+json"
         )
 
     # Metrics ------------------------------------------------------------------------
@@ -333,19 +344,19 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         project = await self._project(request.project_id)
         usage = await self._peer(
             "usage", self._peers.usage.GetUsageOverview,
-            usage_service_pb2.GetUsageOverviewRequest(project_id=project["id"]),
+            usage_service_pb2.GetUsageOverviewRequest(project_id=project.id),
         )  # fmt: skip
         totals = usage.totals if usage is not None else usage_pb2.UsageTotals()
-        count = lambda status: int(project.get(f"n_{status}", 0))  # noqa: E731
+        count = project.agents_by_status.get
         return agent_pb2.ProjectAgentMetrics(
-            project_id=project["id"],
-            total_instances=int(project.get("n_total", 0)),
-            active_instances=count(lifecycle.WORKING),
-            idle_instances=count(lifecycle.IDLE),
-            waiting_instances=count(lifecycle.WAITING),
-            paused_instances=count(lifecycle.PAUSED),
-            terminated_instances=count(lifecycle.TERMINATED),
-            total_tasks_completed=int(project.get("tasks_completed", 0)),
+            project_id=project.id,
+            total_instances=project.agents_total,
+            active_instances=count(lifecycle.WORKING, 0),
+            idle_instances=count(lifecycle.IDLE, 0),
+            waiting_instances=count(lifecycle.WAITING, 0),
+            paused_instances=count(lifecycle.PAUSED, 0),
+            terminated_instances=count(lifecycle.TERMINATED, 0),
+            total_tasks_completed=project.tasks_completed,
             total_tokens_used=totals.total_tokens,
             total_cost_usd=totals.total_cost_usd,
         )
@@ -389,17 +400,20 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         after = await self._store.last_event_id(project_id)
         stream = await stream_open(context, self._stopping)
         while stream.active:
-            for entry_id, event in await self._store.read_events(
-                project_id, after, tuning.STREAM_BLOCK_MS
-            ):
-                after = entry_id
-                record = await self._store.get_agent(event["agent_id"])
+            for event in await self._store.read_events(project_id, after, tuning.STREAM_BLOCK_MS):
+                after = event.entry_id
+                record = await self._store.get_agent(event.agent_id)
                 if record is None:
                     continue
+                previous = event.previous_status
                 yield agent_pb2.AgentEvent(
                     agent=agent_message(record),
-                    previous_status=lifecycle.status_value(event["from"]) if event["from"] else 0,  # type: ignore[arg-type]
-                    event_time=timestamp(int(entry_id.split("-")[0])),
+                    previous_status=(
+                        lifecycle.status_value(previous)
+                        if previous
+                        else agent_pb2.AGENT_STATUS_UNSPECIFIED
+                    ),
+                    event_time=timestamp(event.ms),
                 )
 
     # API keys and principals -------------------------------------------------------
@@ -425,7 +439,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 access.require_superuser(principal, "creating keys for other principals")
         else:
             agent = await self._agent_record(require_id("subject", request.subject))
-            subject, project_id = agent["id"], agent["project_id"]
+            subject, project_id = agent.id, agent.project_id
         key_id = new_id().lower()
         token = f"apk_{key_id}.{secrets.token_urlsafe(32)}"
         fields = {
@@ -434,7 +448,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             "created_by": principal.subject,
         }  # fmt: skip
         await self._store.create_key(fields, visible_to=[principal.subject, subject])
-        return agent_service_pb2.CreateApiKeyResponse(api_key=key_message(fields), token=token)
+        return agent_service_pb2.CreateApiKeyResponse(
+            api_key=key_message(KeyRecord.of(fields)), token=token
+        )
 
     async def ListApiKeys(
         self, request: agent_service_pb2.ListApiKeysRequest, context: ServicerContext
@@ -455,14 +471,11 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         access.require_manager(principal)
         key_id = require_id("key_id", request.key_id)
         record = await self._store.get_key(key_id)
-        mine = record is not None and principal.subject in (
-            record.get("created_by"),
-            record.get("subject"),
-        )
+        mine = record is not None and principal.subject in (record.created_by, record.subject)
         if record is None or not (principal.is_superuser or mine):
             raise errors.not_found("api_key", key_id)
         await self._store.revoke_key(key_id)
-        return key_message({**record, "revoked": "1"})
+        return key_message(dataclasses.replace(record, revoked=True))
 
     async def WhoAmI(
         self, request: agent_service_pb2.WhoAmIRequest, context: ServicerContext
@@ -478,34 +491,34 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def principal_for_key(self, key_id: str, token: str) -> Principal | None:
         """The authenticator's lookup: a live key whose stored hash matches the token."""
         record = await self._store.get_key(key_id)
-        if record is None or record.get("revoked") == "1":
+        if record is None or record.revoked:
             return None
-        if not hmac.compare_digest(record.get("hash", ""), token_hash(token)):
+        if not hmac.compare_digest(record.token_hash, token_hash(token)):
             return None
-        return Principal(record["role"], record["subject"], record.get("project_id", ""), key_id)
+        return Principal(record.role, record.subject, record.project_id, key_id)
 
     # Helpers ------------------------------------------------------------------------
 
-    async def _project(self, project_id: str) -> dict[str, str]:
+    async def _project(self, project_id: str) -> ProjectRecord:
         record = await self._store.get_project(require_id("project_id", project_id))
         if record is None or not access.can_see_project(current_principal(), record):
             raise errors.not_found("project", project_id)
         return record
 
-    async def _type(self, type_id: str) -> dict[str, str]:
+    async def _type(self, type_id: str) -> TypeRecord:
         record = await self._store.get_type(require_id("agent_type_id", type_id))
         if record is None:
             raise errors.not_found("agent_type", type_id)
         return record
 
-    async def _agent_record(self, agent_id: str, project_id: str = "") -> dict[str, str]:
+    async def _agent_record(self, agent_id: str, project_id: str = "") -> AgentRecord:
         record = await self._store.get_agent(require_id("agent_id", agent_id))
         # An agent of another project answers exactly like one that does not exist.
-        if record is None or (project_id and record.get("project_id") != project_id):
+        if record is None or (project_id and record.project_id != project_id):
             raise errors.not_found("agent", agent_id)
         principal = current_principal()
         if not principal.is_superuser:
-            project = await self._store.get_project(record["project_id"])
+            project = await self._store.get_project(record.project_id)
             if project is None or not access.can_see_project(principal, project):
                 raise errors.not_found("agent", agent_id)
         return record
@@ -552,7 +565,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             delete_fields=tuple(delete_fields),
             set_fields=set_fields,
         )
-        changed = await self._store.update(change, record["project_id"])
+        changed = await self._store.update(change, record.project_id)
         if changed.outcome == Outcome.NOT_FOUND:
             raise errors.not_found("agent", agent_id)
         if changed.outcome == Outcome.BAD_STATE:
@@ -563,7 +576,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             )
         return (await self._agents_with_usage([await self._agent_record(agent_id)]))[0]
 
-    async def _agents_with_usage(self, records: Sequence[dict[str, str]]) -> list[agent_pb2.Agent]:
+    async def _agents_with_usage(self, records: Sequence[AgentRecord]) -> list[agent_pb2.Agent]:
         """Agents with display names and, from the usage service, tokens and cost.
 
         A usage service that is down leaves the usage fields at zero (and logs a warning):
@@ -573,11 +586,11 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             return []
         (type_names, project_names), usages = await asyncio.gather(
             self._store.display_names(
-                (r["agent_type_id"] for r in records), (r["project_id"] for r in records)
+                (r.agent_type_id for r in records), (r.project_id for r in records)
             ),
             asyncio.gather(*(
                 self._peer("usage", self._peers.usage.GetAgentUsage,
-                           usage_service_pb2.GetAgentUsageRequest(agent_id=r["id"]), quiet=True)
+                           usage_service_pb2.GetAgentUsageRequest(agent_id=r.id), quiet=True)
                 for r in records
             )),
         )  # fmt: skip
@@ -585,8 +598,8 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         for record, usage in zip(records, usages, strict=True):
             agent = agent_message(
                 record,
-                type_names.get(record["agent_type_id"], ""),
-                project_names.get(record["project_id"], ""),
+                type_names.get(record.agent_type_id, ""),
+                project_names.get(record.project_id, ""),
             )
             if usage is not None:
                 agent.tokens_used = usage.totals.total_tokens
@@ -625,18 +638,6 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             if not quiet:
                 log.warning("peer unavailable", peer=name, code=exc.code().name)
             return None
-
-
-def key_message(record: dict[str, str]) -> api_key_pb2.ApiKey:
-    return api_key_pb2.ApiKey(
-        key_id=record["key_id"],
-        role=enums.value_of(api_key_pb2.ApiKeyRole, record["role"]),
-        subject=record.get("subject", ""),
-        project_id=record.get("project_id", ""),
-        create_time=timestamp(record.get("create_ms")),
-        revoked=record.get("revoked") == "1",
-        created_by=record.get("created_by", ""),
-    )
 
 
 def _mask_paths(mask: field_mask_pb2.FieldMask, allowed: set[str], message: object) -> set[str]:

@@ -14,6 +14,7 @@ scans.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,117 @@ class AgentChange:
 Record = dict[str, str]  # a stored record's fields; records.py turns them into messages
 
 
+def _ms(value: str | None) -> int | None:
+    return int(value) if value else None
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectRecord:
+    id: str
+    display_name: str
+    owner: str
+    create_ms: int | None
+    agents_total: int  # agents ever spawned in it
+    agents_by_status: dict[str, int]  # live counts per status
+    tasks_completed: int
+
+    @classmethod
+    def of(cls, f: Record) -> ProjectRecord:
+        return cls(
+            id=f["id"], display_name=f.get("display_name", ""), owner=f.get("owner", ""),
+            create_ms=_ms(f.get("create_ms")), agents_total=int(f.get("n_total", 0)),
+            agents_by_status={s: int(f.get(f"n_{s}", 0)) for s in STATUSES},
+            tasks_completed=int(f.get("tasks_completed", 0)),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class TypeRecord:
+    id: str
+    display_name: str
+    description: str
+    default_model: str
+    is_active: bool
+    input_schema: str
+    example: str
+    create_ms: int | None
+
+    @classmethod
+    def of(cls, f: Record) -> TypeRecord:
+        return cls(
+            id=f["id"], display_name=f.get("display_name", ""),
+            description=f.get("description", ""), default_model=f.get("default_model", ""),
+            is_active=f.get("is_active") == "1", input_schema=f.get("input_schema", ""),
+            example=f.get("example", ""), create_ms=_ms(f.get("create_ms")),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRecord:
+    id: str
+    project_id: str
+    agent_type_id: str
+    name: str
+    description: str
+    status: str  # IDLE, WORKING, WAITING, PAUSED, TERMINATED
+    current_task: str
+    long_term_memory_ref: str
+    session_id: str
+    peers: tuple[str, ...]
+    short_term_memory_json: str
+    last_activity_ms: int | None
+    terminate_ms: int | None
+    create_ms: int | None
+    update_ms: int | None
+    tasks_completed: int
+
+    @classmethod
+    def of(cls, f: Record) -> AgentRecord:
+        return cls(
+            id=f["id"], project_id=f.get("project_id", ""),
+            agent_type_id=f.get("agent_type_id", ""), name=f.get("name", ""),
+            description=f.get("description", ""), status=f["status"],
+            current_task=f.get("current_task", ""),
+            long_term_memory_ref=f.get("long_term_memory_ref", ""),
+            session_id=f.get("session_id", ""), peers=tuple(json.loads(f.get("peers") or "[]")),
+            short_term_memory_json=f.get("short_term_memory", ""),
+            last_activity_ms=_ms(f.get("last_activity_ms")),
+            terminate_ms=_ms(f.get("terminate_ms")), create_ms=_ms(f.get("create_ms")),
+            update_ms=_ms(f.get("update_ms")), tasks_completed=int(f.get("tasks_completed", 0)),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    key_id: str
+    role: str  # SUPERUSER, OWNER, AGENT
+    subject: str
+    project_id: str
+    created_by: str
+    create_ms: int | None
+    revoked: bool
+    token_hash: str
+
+    @classmethod
+    def of(cls, f: Record) -> KeyRecord:
+        return cls(
+            key_id=f["key_id"], role=f["role"], subject=f.get("subject", ""),
+            project_id=f.get("project_id", ""), created_by=f.get("created_by", ""),
+            create_ms=_ms(f.get("create_ms")), revoked=f.get("revoked") == "1",
+            token_hash=f.get("hash", ""),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEvent:
+    """A change of an agent's status, from a project's event stream."""
+
+    entry_id: str
+    agent_id: str
+    previous_status: str  # "" when the agent was just spawned
+    ms: int
+
+
 class Outcome(enum.StrEnum):
     """What a write script answered (the same words as the Lua scripts return)."""
 
@@ -119,37 +231,35 @@ class AgentStorage(Protocol):
     """What the agent service needs from its storage."""
 
     async def create_project(self, fields: Record) -> bool: ...
-    async def get_project(self, project_id: str) -> Record | None: ...
+    async def get_project(self, project_id: str) -> ProjectRecord | None: ...
     async def list_projects(
         self, page: Page, owner: str | None = None
-    ) -> tuple[list[Record], str, int]: ...
+    ) -> tuple[list[ProjectRecord], str, int]: ...
     async def create_type(self, fields: Record) -> bool: ...
-    async def get_type(self, type_id: str) -> Record | None: ...
+    async def get_type(self, type_id: str) -> TypeRecord | None: ...
     async def update_type(self, type_id: str, fields: Record) -> None: ...
     async def list_types(
         self, page: Page, active_only: bool = False
-    ) -> tuple[list[Record], str, int]: ...
+    ) -> tuple[list[TypeRecord], str, int]: ...
     async def display_names(
         self, type_ids: Iterable[str], project_ids: Iterable[str]
     ) -> tuple[dict[str, str], dict[str, str]]: ...
     async def spawn(self, fields: Record, request_id: str) -> Change: ...
     async def update(self, change: AgentChange, project_id: str) -> Change: ...
-    async def get_agent(self, agent_id: str) -> Record | None: ...
-    async def get_agents(self, agent_ids: Sequence[str]) -> list[Record]: ...
+    async def get_agent(self, agent_id: str) -> AgentRecord | None: ...
+    async def get_agents(self, agent_ids: Sequence[str]) -> list[AgentRecord]: ...
     async def list_agents(
         self, project_id: str, status: str, page: Page
-    ) -> tuple[list[Record], str, int]: ...
+    ) -> tuple[list[AgentRecord], str, int]: ...
     async def counters(self) -> dict[str, int]: ...
     async def create_key(self, fields: Record, visible_to: Sequence[str]) -> None: ...
-    async def get_key(self, key_id: str) -> Record | None: ...
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
     async def list_keys(
         self, page: Page, visible_to: str | None
-    ) -> tuple[list[Record], str, int]: ...
+    ) -> tuple[list[KeyRecord], str, int]: ...
     async def revoke_key(self, key_id: str) -> None: ...
     async def last_event_id(self, project_id: str) -> str: ...
-    async def read_events(
-        self, project_id: str, after: str, block_ms: int
-    ) -> list[tuple[str, Record]]: ...
+    async def read_events(self, project_id: str, after: str, block_ms: int) -> list[AgentEvent]: ...
 
 
 class AgentStore:
@@ -176,16 +286,17 @@ class AgentStore:
             await self._create_record(keys=keys, args=[index_member, "projects", *_flat(fields)])
         )
 
-    async def get_project(self, project_id: str) -> dict[str, str] | None:
-        return await self._hash(Keys.project(project_id))
+    async def get_project(self, project_id: str) -> ProjectRecord | None:
+        found = await self._hash(Keys.project(project_id))
+        return ProjectRecord.of(found) if found else None
 
     async def list_projects(
         self, page: Page, owner: str | None = None
-    ) -> tuple[list[dict[str, str]], str, int]:
+    ) -> tuple[list[ProjectRecord], str, int]:
         index = Keys.projects if owner is None else Keys.owner_projects(owner)
         members, token, total = await read_lex_page(self._redis, index, page, newest_first=True)
         projects = await self._hashes(Keys.project(m.split("|", 1)[1]) for m in members)
-        return [p for p in projects if p], token, total
+        return [ProjectRecord.of(p) for p in projects if p], token, total
 
     async def create_type(self, fields: dict[str, str]) -> bool:
         keys = [Keys.agent_type(fields["id"]), Keys.types, Keys.counters]
@@ -195,8 +306,9 @@ class AgentStore:
             await self._create_record(keys=keys, args=[fields["id"], "agent_types", *_flat(fields)])
         )
 
-    async def get_type(self, type_id: str) -> dict[str, str] | None:
-        return await self._hash(Keys.agent_type(type_id))
+    async def get_type(self, type_id: str) -> TypeRecord | None:
+        found = await self._hash(Keys.agent_type(type_id))
+        return TypeRecord.of(found) if found else None
 
     async def update_type(self, type_id: str, fields: dict[str, str]) -> None:
         """Types are never deleted, so an existence check then HSET cannot resurrect one.
@@ -213,11 +325,11 @@ class AgentStore:
 
     async def list_types(
         self, page: Page, active_only: bool = False
-    ) -> tuple[list[dict[str, str]], str, int]:
+    ) -> tuple[list[TypeRecord], str, int]:
         index = Keys.active_types if active_only else Keys.types
         members, token, total = await read_lex_page(self._redis, index, page, newest_first=False)
         types = await self._hashes(Keys.agent_type(m) for m in members)
-        return [t for t in types if t], token, total
+        return [TypeRecord.of(t) for t in types if t], token, total
 
     async def display_names(
         self, type_ids: Iterable[str], project_ids: Iterable[str]
@@ -271,15 +383,17 @@ class AgentStore:
         result = await self._update(keys=keys, args=args)
         return Change(Outcome(result[0]), result[1] if len(result) > 1 else "")
 
-    async def get_agent(self, agent_id: str) -> dict[str, str] | None:
-        return await self._hash(Keys.agent(agent_id))
+    async def get_agent(self, agent_id: str) -> AgentRecord | None:
+        found = await self._hash(Keys.agent(agent_id))
+        return AgentRecord.of(found) if found else None
 
-    async def get_agents(self, agent_ids: Sequence[str]) -> list[dict[str, str]]:
-        return [a for a in await self._hashes(Keys.agent(i) for i in agent_ids) if a]
+    async def get_agents(self, agent_ids: Sequence[str]) -> list[AgentRecord]:
+        found = await self._hashes(Keys.agent(i) for i in agent_ids)
+        return [AgentRecord.of(a) for a in found if a]
 
     async def list_agents(
         self, project_id: str, status: str, page: Page
-    ) -> tuple[list[dict[str, str]], str, int]:
+    ) -> tuple[list[AgentRecord], str, int]:
         members, token, total = await read_lex_page(
             self._redis, Keys.index(project_id, status), page, newest_first=True
         )
@@ -295,16 +409,17 @@ class AgentStore:
         keys += [Keys.keys_of(p) for p in sorted(set(visible_to))]
         await self._create_record(keys=keys, args=[fields["key_id"], "api_keys", *_flat(fields)])
 
-    async def get_key(self, key_id: str) -> dict[str, str] | None:
-        return await self._hash(Keys.api_key(key_id))
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        found = await self._hash(Keys.api_key(key_id))
+        return KeyRecord.of(found) if found else None
 
     async def list_keys(
         self, page: Page, visible_to: str | None
-    ) -> tuple[list[dict[str, str]], str, int]:
+    ) -> tuple[list[KeyRecord], str, int]:
         index = Keys.api_keys if visible_to is None else Keys.keys_of(visible_to)
         members, token, total = await read_lex_page(self._redis, index, page, newest_first=True)
         found = await self._hashes(Keys.api_key(m) for m in members)
-        return [k for k in found if k], token, total
+        return [KeyRecord.of(k) for k in found if k], token, total
 
     async def revoke_key(self, key_id: str) -> None:
         await self._redis.hset(Keys.api_key(key_id), "revoked", "1")
@@ -315,13 +430,16 @@ class AgentStore:
         latest = await self._redis.xrevrange(Keys.events(project_id), count=1)
         return latest[0][0] if latest else "0-0"
 
-    async def read_events(
-        self, project_id: str, after: str, block_ms: int
-    ) -> list[tuple[str, dict[str, str]]]:
+    async def read_events(self, project_id: str, after: str, block_ms: int) -> list[AgentEvent]:
         reply = await self._streams.xread(
             {Keys.events(project_id): after}, count=100, block=block_ms
         )
-        return [entry for _stream, entries in reply for entry in entries] if reply else []
+        return [
+            AgentEvent(entry_id, fields["agent_id"], fields.get("from", ""),
+                       int(entry_id.split("-")[0]))
+            for _stream, entries in reply or ()
+            for entry_id, fields in entries
+        ]  # fmt: skip
 
     # Helpers ------------------------------------------------------------------------
 
