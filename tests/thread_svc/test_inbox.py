@@ -179,7 +179,9 @@ async def test_two_replicas_never_deliver_one_message_twice(redis_target) -> Non
             T.ReceiveMessagesRequest(agent_id=beta.id, consumer="w1")
         )
         right = other.ReceiveMessages(T.ReceiveMessagesRequest(agent_id=beta.id, consumer="w2"))
-        # The same consumer name on another replica is refused while the first is live.
+        # The same consumer name on another replica is refused while the first is live
+        # (open: its initial metadata comes once it holds the consumer's lease).
+        await asyncio.wait_for(left.initial_metadata(), 5)
         clash = other.ReceiveMessages(T.ReceiveMessagesRequest(agent_id=beta.id, consumer="w1"))
         await asyncio.sleep(0.5)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
