@@ -82,7 +82,9 @@ async def prepare_threads(stub: Any, count: int, prefix: str) -> None:
         chunk = ids[start : start + 500]
         await asyncio.gather(
             *(
-                stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id=t, max_tokens=100_000))
+                stub.SetThreadBudget(
+                    U.SetThreadBudgetRequest(project_id="bench", thread_id=t, max_tokens=100_000)
+                )
                 for t in chunk
             )
         )
@@ -177,7 +179,9 @@ def main() -> int:
                 await asyncio.gather(
                     *(
                         stub.SetThreadBudget(
-                            U.SetThreadBudgetRequest(thread_id=f"bench-t{i}", max_tokens=10**12)
+                            U.SetThreadBudgetRequest(
+                                project_id="bench", thread_id=f"bench-t{i}", max_tokens=10**12
+                            )
                         )
                         for i in range(THREADS)
                     )

@@ -17,12 +17,11 @@ from opentelemetry import propagate, trace
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 
-from gateway import codec
 from gateway.compat import COMPAT, Compat, Paging, legacy_paging
 from gateway.openapi import build_openapi
 from gateway.routes import Route, build_routes, match
 from services.agent_svc.client import AgentClient
-from services.common import errors, registry
+from services.common import codec, errors, registry
 from services.common.auth import Authenticator
 from services.common.clients import open_channel
 from services.common.interceptors import STREAM_OPEN_HEADER
@@ -193,6 +192,9 @@ class Gateway:
     async def _call(self, route: Route, values: dict[str, str], request: Request) -> Response:
         compat = COMPAT.get((route.verb, route.template), Compat())
         data, paging = self._query_fields(route, compat, values, request)
+        resume = route.resume_field
+        if resume and (last := request.headers.get("last-event-id")):
+            data.setdefault(f"after_{resume}", last)  # an explicit query parameter wins
         if route.body:
             await self._body_fields(route, values, request, data)
         message = codec.from_json(data, message_factory.GetMessageClass(route.method.input_type)())
@@ -206,7 +208,7 @@ class Gateway:
             stream = call(message, metadata=metadata)
             await self._opened(stream)
             return StreamingResponse(
-                self._events(stream, request),
+                self._events(stream, request, resume),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -302,11 +304,14 @@ class Gateway:
             stream.cancel()
             raise
 
-    async def _events(self, call: Any, request: Request) -> AsyncIterator[bytes]:
-        """Server-sent events: one `data:` line per streamed message; errors as `event: error`."""
+    async def _events(self, call: Any, request: Request, resume: str) -> AsyncIterator[bytes]:
+        """Server-sent events: one `data:` line per streamed message (with an `id:` line
+        when the stream can resume from it); errors as `event: error`."""
         try:
             async for item in call:
-                yield b"data: " + orjson.dumps(codec.to_json(item)) + b"\n\n"
+                event_id = getattr(item, resume) if resume else ""
+                head = b"id: " + event_id.encode() + b"\n" if event_id else b""
+                yield head + b"data: " + orjson.dumps(codec.to_json(item)) + b"\n\n"
                 if await request.is_disconnected():
                     break
         except grpc.aio.AioRpcError as exc:

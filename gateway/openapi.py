@@ -9,9 +9,9 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
-from gateway import codec
 from gateway.compat import COMPAT, OFFSET
 from gateway.routes import Route
+from services.common import codec
 
 SCALARS: dict[int, dict[str, Any]] = {
     FieldDescriptor.TYPE_STRING: {"type": "string"},

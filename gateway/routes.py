@@ -47,6 +47,17 @@ class Route:
         return self.method.server_streaming
 
     @property
+    def resume_field(self) -> str:
+        """For a stream that can resume: the id field of its events (`alert_id`) whose
+        request has `after_<it>`; SSE sends it as `id:` and takes back `Last-Event-ID`."""
+        if not self.streaming:
+            return ""
+        for name in self.method.output_type.fields_by_name:
+            if f"after_{name}" in self.method.input_type.fields_by_name:
+                return str(name)
+        return ""
+
+    @property
     def operation_id(self) -> str:
         suffix = f"_{self.binding}" if self.binding else ""
         return f"{self.method.containing_service.name}_{self.method.name}{suffix}"

@@ -31,6 +31,10 @@ KINDS: dict[str, str] = {
     "ReleaseReservation": HOT_WRITE, "SetThreadBudget": WRITE, "CloseThreadBudget": WRITE,
     "GetThreadBudget": READ, "ListThreadBudgets": READ, "GetUsageOverview": READ,
     "GetAgentUsage": READ, "GetModelUsage": READ, "ResetUsage": WRITE,
+    "CreateBudget": WRITE, "GetBudget": READ, "ListBudgets": READ, "UpdateBudget": WRITE,
+    "DeleteBudget": WRITE, "ResetBudget": WRITE, "ListBudgetPeriods": READ,
+    "WatchBudgetAlerts": READ, "CreateWebhook": WRITE, "ListWebhooks": READ,
+    "DeleteWebhook": WRITE, "ListWebhookDeliveries": READ,
 }  # fmt: skip
 
 

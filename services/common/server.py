@@ -12,7 +12,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -54,6 +54,12 @@ class Chassis:
     peers: PeerClients
     stopping: asyncio.Event
     guard: Guard
+    background: list[Callable[[asyncio.Event], Awaitable[None]]] = field(default_factory=list)
+
+    def run_in_background(self, work: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        """Run `work(stopping)` while the server serves; it must return once `stopping` is
+        set (the shutdown waits for it, bounded by the grace period)."""
+        self.background.append(work)
 
     def use_key_lookup(self, lookup: KeyLookup) -> None:
         """How this process finds the principal of an API key (the agent service: in its
@@ -91,11 +97,15 @@ class GrpcApp:
         self.health = health_servicer
         self.service_names = list(service_names)
         self._monitor: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self.server.start()
         await self._set_health(await self._redis_ok())
         self._monitor = asyncio.create_task(self._watch_redis(), name="redis-health")
+        self._background = [
+            asyncio.ensure_future(work(self.chassis.stopping)) for work in self.chassis.background
+        ]
         log.info("serving", port=self.port, address=self.address, services=self.service_names)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -106,6 +116,8 @@ class GrpcApp:
         if self._monitor is not None:
             self._monitor.cancel()
             await _bounded("health monitor", asyncio.wait({self._monitor}), 2.0)
+        if self._background:
+            await _bounded("background work", asyncio.wait(self._background), grace + 1.0)
         await _bounded("server", self.server.stop(grace), grace + 5.0)
         # Releasing clients must never keep a stopping process alive.
         await _bounded("peer channels", self.chassis.peers.close(), 5.0)

@@ -161,6 +161,13 @@ class Settings:
     rate_limits_text: str
     inbox_claim_idle_s: float
     price_table_path: str
+    webhook_allow_http: bool = False
+    webhook_allow_private_networks: bool = False
+    webhook_timeout_s: float = 10.0
+    webhook_retry_for_s: float = 86_400.0
+    webhook_backoff_base_s: float = 1.0
+    webhook_backoff_max_s: float = 3600.0
+    webhook_poll_s: float = 0.5
 
     @property
     def key_prefix(self) -> str:
@@ -243,4 +250,15 @@ class Settings:
             max_payload_bytes=_int(env, "MAX_PAYLOAD_BYTES", 64 * 1024, 256, 4 * 1024 * 1024),
             inbox_claim_idle_s=_float(env, "INBOX_CLAIM_IDLE_SECONDS", 30.0, 0.05, 86_400.0),
             price_table_path=_file(env, "PRICE_TABLE_PATH"),
+            webhook_allow_http=_bool(env, "WEBHOOK_ALLOW_HTTP", False),
+            webhook_allow_private_networks=_bool(env, "WEBHOOK_ALLOW_PRIVATE_NETWORKS", False),
+            webhook_timeout_s=_float(env, "WEBHOOK_TIMEOUT_SECONDS", 10.0, 0.1, 60.0),
+            webhook_retry_for_s=_float(
+                env, "WEBHOOK_RETRY_FOR_SECONDS", 86_400.0, 86_400.0, 30 * 86_400.0
+            ),
+            webhook_backoff_base_s=_float(env, "WEBHOOK_BACKOFF_BASE_SECONDS", 1.0, 0.01, 3600.0),
+            webhook_backoff_max_s=_float(
+                env, "WEBHOOK_BACKOFF_MAX_SECONDS", 3600.0, 0.01, 86_400.0
+            ),
+            webhook_poll_s=_float(env, "WEBHOOK_POLL_SECONDS", 0.5, 0.01, 60.0),
         )

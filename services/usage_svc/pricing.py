@@ -8,6 +8,7 @@ micro-USD: USD per million tokens is exactly micro-USD per token.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,3 +61,11 @@ class PriceTable:
             prompt_tokens * price.prompt_per_million
             + completion_tokens * price.completion_per_million
         )
+
+    def estimate_micros(self, model: str, tokens: int) -> int:
+        """What a cost-limited budget holds for a reservation: the tokens priced at the
+        model's higher per-token price, rounded up; 0 for an unknown (or no) model."""
+        price = self._prices.get(model)
+        if price is None:
+            return 0
+        return math.ceil(tokens * max(price.prompt_per_million, price.completion_per_million))

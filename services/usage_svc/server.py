@@ -8,10 +8,16 @@ import grpc
 
 from agentplane.usage.v1 import usage_service_pb2
 from services.agent_svc.client import AgentClient
+from services.common import codec
+from services.common.convert import now_ms
 from services.common.server import Chassis, server_factory
+from services.usage_svc.budget_rpcs import alert_message
+from services.usage_svc.budget_store import BudgetStore, Claim
+from services.usage_svc.keys import Layout
 from services.usage_svc.pricing import PriceTable
 from services.usage_svc.servicer import UsageServicer
 from services.usage_svc.store import UsageStore
+from services.usage_svc.webhooks import Dispatcher
 
 SERVICE = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"]
 SERVICE_NAME = SERVICE.full_name
@@ -19,16 +25,30 @@ SERVICE_NAME = SERVICE.full_name
 
 def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     settings = chassis.settings
-    store = UsageStore(chassis.redis, settings.usage_shards, settings.idempotency_ttl_s)
+    layout = Layout(settings.usage_shards)
+    budgets = BudgetStore(chassis.redis, layout)
+    store = UsageStore(
+        chassis.redis, settings.usage_shards, settings.idempotency_ttl_s, periods=budgets
+    )
     agents = AgentClient(chassis.peers.agent_channel, settings.auth_cache_s)
     chassis.use_key_lookup(agents.principal)
     servicer = UsageServicer(
         store,
+        budgets,
         PriceTable.load(settings.price_table_path),
-        settings.default_max_tokens,
         agents,
+        settings,
+        chassis.stream_redis,
+        chassis.stopping,
     )
+    dispatcher = Dispatcher(budgets, layout, settings, claim_json, now_ms)
+    chassis.run_in_background(dispatcher.run)
     return [chassis.serve(server, servicer, SERVICE)]
+
+
+def claim_json(claim: Claim) -> dict[str, object]:
+    """A webhook delivery's body: the alert as the REST API shows it."""
+    return codec.to_json(alert_message(claim.alert))
 
 
 create_server = server_factory(_register)

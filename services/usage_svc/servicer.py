@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 
+import grpc
 from google.rpc import code_pb2
 from grpc.aio import ServicerContext
 
@@ -26,11 +28,16 @@ from services.common.limits import (
 from services.common.limits import MAX_BATCH_RECORDS as MAX_BATCH
 from services.common.limits import MAX_BUDGET_TOKENS as MAX_BUDGET
 from services.common.pagination import parse_page
+from services.common.redis import RedisClient
+from services.common.settings import Settings
 from services.common.telemetry import BUDGET_REJECTIONS, COST_RECORDED, TOKENS_RECORDED
+from services.usage_svc.budget_rpcs import BudgetRpcs
+from services.usage_svc.budget_store import BudgetStorage
 from services.usage_svc.pricing import PriceTable
 from services.usage_svc.store import (
     BudgetState,
     Counters,
+    Hold,
     Outcome,
     RecordOutcome,
     UsageRecord,
@@ -41,14 +48,25 @@ PROMPT_TOKENS = TOKENS_RECORDED.labels("prompt")
 COMPLETION_TOKENS = TOKENS_RECORDED.labels("completion")
 
 
-class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
+class UsageServicer(BudgetRpcs, usage_service_pb2_grpc.UsageServiceServicer):
     def __init__(
-        self, store: UsageStorage, prices: PriceTable, default_max_tokens: int, agents: AgentClient
+        self,
+        store: UsageStorage,
+        budgets: BudgetStorage,
+        prices: PriceTable,
+        agents: AgentClient,
+        settings: Settings,
+        streams: RedisClient,
+        stopping: asyncio.Event,
     ) -> None:
         self._store = store
+        self._budgets = budgets
         self._prices = prices
-        self._default_max_tokens = default_max_tokens
+        self._default_max_tokens = settings.default_max_tokens
         self._agents = agents
+        self._settings = settings
+        self._streams = streams
+        self._stopping = stopping
 
     # Recording ----------------------------------------------------------------------
 
@@ -125,6 +143,7 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             cost, unpriced = (0, True) if priced is None else (priced, False)
         body = request.SerializeToString(deterministic=True)
         return UsageRecord(
+            key_id=current_principal().key_id,
             usage_id=usage_id,
             thread_id=thread_id,
             agent_id=agent_id,
@@ -194,8 +213,40 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
     async def ReserveBudget(
         self, request: usage_service_pb2.ReserveBudgetRequest, context: ServicerContext
     ) -> usage_pb2.Reservation:
+        hold = await self._check_hold(request)
+        held = await self._store.reserve(hold)
+        if held.outcome == Outcome.NO_BUDGET:
+            raise _no_budget(hold.thread_id)
+        if held.outcome == Outcome.CLOSED:
+            raise errors.failed_precondition(
+                f"thread {hold.thread_id!r} is closed: no new reservations",
+                "THREAD_CLOSED",
+                thread_id=hold.thread_id,
+            )
+        if held.outcome == Outcome.CONFLICT:
+            raise errors.already_exists(
+                "reservation", hold.reservation_id,
+                f"reservation {hold.reservation_id!r} already holds a different number of tokens",
+            )  # fmt: skip
+        if held.outcome == Outcome.EXHAUSTED:
+            raise _refused(hold, held.refused, budget_message(held.state))
+        return usage_pb2.Reservation(
+            reservation_id=hold.reservation_id,
+            thread_id=hold.thread_id,
+            tokens=hold.tokens,
+            expire_time=timestamp(held.expire_ms),
+            budget=budget_message(held.state),
+        )
+
+    async def _check_hold(self, request: usage_service_pb2.ReserveBudgetRequest) -> Hold:
         reservation_id = require_id("reservation_id", request.reservation_id)
         thread_id = require_id("thread_id", request.thread_id)
+        agent_id = require_id("agent_id", request.agent_id) if request.agent_id else ""
+        model = (
+            require_id("model", require_text("model", request.model, MAX_MODEL_LENGTH))
+            if request.model
+            else ""
+        )
         await self._thread_access(thread_id)
         if not 0 < request.tokens <= MAX_TOKENS_PER_CALL:
             raise errors.invalid_argument("tokens", f"must be between 1 and {MAX_TOKENS_PER_CALL}")
@@ -204,35 +255,18 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             ttl_ms = request.ttl.ToMilliseconds()
             if not 0 < ttl_ms <= MAX_RESERVATION_TTL_MS:
                 raise errors.invalid_argument("ttl", "must be more than 0 and at most 1 hour")
-        held = await self._store.reserve(thread_id, reservation_id, request.tokens, ttl_ms)
-        if held.outcome == Outcome.NO_BUDGET:
-            raise _no_budget(thread_id)
-        if held.outcome == Outcome.CLOSED:
-            raise errors.failed_precondition(
-                f"thread {thread_id!r} is closed: no new reservations",
-                "THREAD_CLOSED",
-                thread_id=thread_id,
-            )
-        if held.outcome == Outcome.CONFLICT:
-            raise errors.already_exists(
-                "reservation", reservation_id,
-                f"reservation {reservation_id!r} already holds a different number of tokens",
-            )  # fmt: skip
-        if held.outcome == Outcome.EXHAUSTED:
-            BUDGET_REJECTIONS.inc()
-            budget = budget_message(held.state)
-            raise errors.resource_exhausted(
-                f"thread {thread_id!r} budget exhausted: requested {request.tokens} tokens, "
-                f"{budget.remaining} of {budget.max_tokens} remain",
-                "THREAD_BUDGET_EXHAUSTED",
-                subject=f"thread:{thread_id}",
-            )
-        return usage_pb2.Reservation(
+        principal = current_principal()
+        if principal.role == AGENT:
+            require_self(agent_id or principal.subject, "agent_id")
+        return Hold(
             reservation_id=reservation_id,
             thread_id=thread_id,
             tokens=request.tokens,
-            expire_time=timestamp(held.expire_ms),
-            budget=budget_message(held.state),
+            cost_micros=self._prices.estimate_micros(model, request.tokens),
+            ttl_ms=ttl_ms,
+            agent_id=agent_id,
+            model=model,
+            key_id=principal.key_id,
         )
 
     async def ReleaseReservation(
@@ -270,6 +304,10 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
         # or by the superuser; anyone else changes an existing one, so nobody can take a
         # thread id by budgeting a thread that does not exist.
         create = principal.is_superuser or current_call_is_internal()
+        if create and not project_id and (await self._store.thread_project(thread_id)) is None:
+            raise errors.invalid_argument(
+                "project_id", "is required to create a budget: a thread budget belongs to a project"
+            )
         state = await self._store.set_budget(thread_id, max_tokens, project_id, create)
         if state is None:  # none to change, or the thread belongs to another project
             raise _no_budget(thread_id)
@@ -394,3 +432,26 @@ def totals_message(counters: Counters) -> usage_pb2.UsageTotals:
 
 def _no_budget(thread_id: str) -> errors.ServiceError:
     return errors.not_found("thread_budget", thread_id)
+
+
+def _refused(hold: Hold, refused: list[str], thread: usage_pb2.ThreadBudget) -> errors.ServiceError:
+    """RESOURCE_EXHAUSTED naming, in its QuotaFailure, every budget that refused."""
+    BUDGET_REJECTIONS.inc()
+    violations = []
+    for subject in refused:
+        if subject.startswith("thread:"):
+            text = (
+                f"thread {hold.thread_id!r} budget exhausted: requested {hold.tokens} tokens, "
+                f"{thread.remaining} of {thread.max_tokens} remain"
+            )
+        else:
+            budget_id = subject.removeprefix("budget:")
+            text = f"budget {budget_id!r} has no room for {hold.tokens} tokens"
+        violations.append((subject, text))
+    only_thread = refused == [f"thread:{hold.thread_id}"]
+    return errors.ServiceError(
+        violations[0][1] if only_thread else "; ".join(text for _, text in violations),
+        reason="THREAD_BUDGET_EXHAUSTED" if only_thread else "BUDGET_EXHAUSTED",
+        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+        quota_violations=violations,
+    )

@@ -1,11 +1,8 @@
-"""Redis storage of usage counters, thread budgets and reservations.
+"""Redis storage of usage counters, thread budgets and reservations (key layout: keys.py).
 
-Keys are spread over `shards` hash tags, `ap:usage:{uN}:`, chosen by the thread id
-(crc32). Everything one record touches — its idempotency key, the thread's budget and
-reservations, and the shard's cluster/agent/model/project aggregates — shares that tag, so
-each write is one atomic Lua script in one slot, and a Redis Cluster spreads the shards
-over its masters. Reads sum the shards: their cost depends on the shard count, never on
-the number of threads.
+Every write is one Lua script in one project's partition and its shard, so each is atomic,
+also on Redis Cluster. Reads sum the shards: their cost depends on the shard count, never
+on the number of threads.
 """
 
 from __future__ import annotations
@@ -13,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import enum
 import heapq
-import zlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.common import tuning
 from services.common.convert import now_ms
 from services.common.pagination import Page
 from services.common.redis import RedisClient, load_script
+from services.usage_svc.keys import PREFIX, Layout
 
-PREFIX = "ap:usage:"
 LUA = Path(__file__).with_name("lua")
 
 
@@ -44,6 +41,21 @@ class UsageRecord:
     unpriced: bool
     reservation_id: str
     fingerprint: str
+    key_id: str = ""  # the API key that recorded it ("" for the admin token)
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A checked reservation request."""
+
+    reservation_id: str
+    thread_id: str
+    tokens: int
+    cost_micros: int  # the estimate cost-limited budgets hold
+    ttl_ms: int
+    agent_id: str = ""
+    model: str = ""
+    key_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +105,7 @@ class BudgetChange:
     state: BudgetState
     expire_ms: int = 0  # reserve: when the hold lapses
     released: bool = False  # release: whether a live reservation was given back
+    refused: list[str] = field(default_factory=list)  # reserve: "thread:<id>", "budget:<id>"
 
 
 @dataclass(slots=True)
@@ -122,54 +135,83 @@ class Overview:
     active_threads: int = 0
 
 
-class Shard:
-    """Key names within one shard."""
+Clock = Callable[[], int]  # Unix ms; tests move it instead of sleeping
 
-    def __init__(self, index: int) -> None:
-        self.prefix = f"{PREFIX}{{u{index}}}:"
-        self.totals = self.prefix + "totals"
-        self.stats = self.prefix + "stats"
-        self.budgets = self.prefix + "budgets"
-        self.agents_rank = self.prefix + "rank:agents"
-        self.models_rank = self.prefix + "rank:models"
 
-    def thread(self, thread_id: str) -> tuple[str, str, str]:
-        """The thread's hash, reservations hash and reservation expiries."""
-        base = f"{self.prefix}thread:{thread_id}"
-        return base, base + ":res", base + ":exp"
+class PeriodOpener(Protocol):
+    """Opens the current period of budgets whose period has ended (the budget store)."""
 
-    def usage_id(self, thread_id: str, usage_id: str) -> str:
-        return f"{self.prefix}usage:{thread_id}:{usage_id}"
+    async def open_periods(self, budget_keys: Sequence[str]) -> None: ...
 
-    def agent(self, agent_id: str) -> str:
-        return f"{self.prefix}agent:{agent_id}"
 
-    def model(self, model: str) -> str:
-        return f"{self.prefix}model:{model}"
+LUA_PRELUDE = LUA / "_prelude.lua"
+ROLL_ATTEMPTS = 4  # a period can end between opening it and retrying only so often
+NEGATIVE_CACHE_S = 1.0  # how long the record path trusts "this thread has no budget"
 
-    def project_totals(self, project_id: str) -> str:
-        return f"{self.prefix}project:{project_id}:totals"
 
-    def project_agents_rank(self, project_id: str) -> str:
-        return f"{self.prefix}project:{project_id}:rank:agents"
+def script(redis: RedisClient, name: str) -> Any:
+    return load_script(redis, LUA / f"{name}.lua", LUA_PRELUDE)
 
 
 class UsageStore:
-    def __init__(self, redis: RedisClient, shards: int, usage_id_ttl_s: int) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        shards: int,
+        usage_id_ttl_s: int,
+        periods: PeriodOpener | None = None,
+        clock: Clock = now_ms,
+    ) -> None:
         self._redis = redis
-        self._shards = [Shard(i) for i in range(shards)]
+        self.layout = Layout(shards)
+        self._shards = self.layout.shards
         self._ttl = usage_id_ttl_s
+        self._clock = clock
+        self._periods = periods
+        self._directory: dict[str, str] = {}  # thread id -> project id; fixed once written
+        self._no_budget: dict[str, float] = {}  # thread id -> until when "none" is trusted
         self._pending: list[tuple[UsageRecord, asyncio.Future[RecordOutcome]]] = []
         self._writer: asyncio.Future[None] | None = None
-        prelude = LUA / "_budget.lua"
-        self._record = load_script(redis, LUA / "record_usage.lua", prelude)
-        self._reserve = load_script(redis, LUA / "reserve.lua", prelude)
-        self._release = load_script(redis, LUA / "release.lua", prelude)
-        self._set_budget = load_script(redis, LUA / "set_budget.lua", prelude)
-        self._close_budget = load_script(redis, LUA / "close_budget.lua", prelude)
+        self._record = script(redis, "record_usage")
+        self._reserve = script(redis, "reserve")
+        self._release = script(redis, "release")
+        self._set_budget = script(redis, "set_budget")
+        self._close_budget = script(redis, "close_budget")
 
-    def shard(self, thread_id: str) -> Shard:
-        return self._shards[zlib.crc32(thread_id.encode()) % len(self._shards)]
+    # The thread directory -------------------------------------------------------------
+
+    async def thread_project(self, thread_id: str, fresh: bool = True) -> str | None:
+        """The project of a thread with a budget, or None without a budget. A thread's
+        project never changes once written, so it is cached; with `fresh` false, "no
+        budget" may also come from a cache of the last NEGATIVE_CACHE_S."""
+        known = self._directory.get(thread_id)
+        if known is not None:
+            return known
+        if not fresh and self._no_budget.get(thread_id, 0.0) > time.monotonic():
+            return None
+        found = await self._redis.get(Layout.thread_directory(thread_id))
+        if found is not None:
+            self._remember(thread_id, found)
+        elif not fresh:
+            if len(self._no_budget) >= tuning.MAX_CACHED_ENTRIES:
+                self._no_budget.clear()
+            self._no_budget[thread_id] = time.monotonic() + NEGATIVE_CACHE_S
+        return found
+
+    async def _claim_thread(self, thread_id: str, project_id: str) -> str:
+        """The thread's project: `project_id` if the thread had none yet, else its own."""
+        key = Layout.thread_directory(thread_id)
+        if await self._redis.set(key, project_id, nx=True):
+            owner = project_id
+        else:
+            owner = await self._redis.get(key) or ""
+        self._remember(thread_id, owner)
+        return owner
+
+    def _remember(self, thread_id: str, project_id: str) -> None:
+        if len(self._directory) >= tuning.MAX_CACHED_ENTRIES:
+            self._directory.clear()
+        self._directory[thread_id] = project_id
 
     # Writes -------------------------------------------------------------------------
 
@@ -214,58 +256,91 @@ class UsageStore:
 
     async def record(self, records: Sequence[UsageRecord]) -> list[RecordOutcome]:
         """Apply records: one script call per shard touched."""
-        groups: dict[int, list[int]] = {}
-        for position, record in enumerate(records):
-            groups.setdefault(id(self.shard(record.thread_id)), []).append(position)
-        calls = [
-            self._record_call([records[p] for p in positions]) for positions in groups.values()
-        ]
-        if len(calls) == 1:
-            replies = [await self._record(keys=calls[0][0], args=calls[0][1])]
-        else:  # shards are independent slots: their scripts run concurrently
-            replies = await asyncio.gather(*(self._record(keys=k, args=v) for k, v in calls))
         outcomes: list[RecordOutcome | None] = [None] * len(records)
+        routed = await self._route(records, outcomes)
+        groups: dict[int, list[int]] = {}
+        for position, record in enumerate(routed):
+            if outcomes[position] is None:
+                groups.setdefault(id(self.layout.shard(record.project_id)), []).append(position)
+        calls = [[routed[p] for p in positions] for positions in groups.values()]
+        if len(calls) == 1:
+            replies = [await self._record_shard(calls[0])]
+        else:  # shards are independent slots: their scripts run concurrently
+            replies = list(await asyncio.gather(*(self._record_shard(c) for c in calls)))
         for positions, reply in zip(groups.values(), replies, strict=True):
             for position, item in zip(positions, reply, strict=True):
-                outcomes[position] = _outcome(records[position].thread_id, item)
+                outcomes[position] = _outcome(routed[position].thread_id, item)
         return outcomes  # type: ignore[return-value]
 
-    def _record_call(self, records: Sequence[UsageRecord]) -> tuple[list[str], list[object]]:
-        keys: list[str] = []
-        args: list[object] = [now_ms(), self._ttl]
-        for r in records:
-            shard = self.shard(r.thread_id)
-            thread, reservations, expiries = shard.thread(r.thread_id)
-            project = r.project_id or "-"
-            keys += [
-                shard.usage_id(r.thread_id, r.usage_id), thread, reservations, expiries,
-                shard.budgets, shard.totals, shard.agent(r.agent_id), shard.model(r.model),
-                shard.agents_rank, shard.models_rank, shard.project_totals(project),
-                shard.project_agents_rank(project),
-            ]  # fmt: skip
-            args.append(
-                f"{r.fingerprint}|{r.prompt_tokens}|{r.completion_tokens}|{r.cost_micros}|"
-                f"{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|{r.agent_id}|{r.model}|"
-                f"{r.thread_id}|{int(bool(r.project_id))}|{r.project_id}"
-            )
-        return keys, args
+    async def _route(
+        self, records: Sequence[UsageRecord], outcomes: list[RecordOutcome | None]
+    ) -> list[UsageRecord]:
+        """Each record in its thread's project: one made without a project (superuser
+        only) counts in its thread's; one that names another project than its thread
+        budget's is FOREIGN (nothing written)."""
+        routed = list(records)
+        for position, r in enumerate(records):
+            owner = await self.thread_project(r.thread_id, fresh=False)
+            if owner is None or owner == r.project_id:
+                continue
+            if r.project_id:
+                outcomes[position] = RecordOutcome(Outcome.FOREIGN)
+            else:
+                routed[position] = replace(r, project_id=owner)
+        return routed
 
-    async def reserve(
-        self, thread_id: str, reservation_id: str, tokens: int, ttl_ms: int
-    ) -> BudgetChange:
+    async def _record_shard(self, records: Sequence[UsageRecord]) -> list[Any]:
+        """One script call for records of one shard; opens ended budget periods first."""
+        keys: list[str] = []
+        fields: list[object] = []
+        for r in records:
+            partition = self.layout.partition(r.project_id)
+            keys += [partition.prefix, partition.shard.prefix]
+            fields.append(
+                f"{r.fingerprint}|{r.usage_id}|{r.prompt_tokens}|{r.completion_tokens}|"
+                f"{r.cost_micros}|{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|"
+                f"{r.agent_id}|{r.model}|{r.thread_id}|{r.project_id}|{r.key_id}"
+            )
+        for _ in range(ROLL_ATTEMPTS):
+            reply = await self._record(keys=keys, args=[self._clock(), self._ttl, *fields])
+            if not _rolls(reply[0]):
+                return list(reply)
+            await self._open_periods(reply[0][1:])
+        raise RuntimeError("budget periods kept ending while recording")
+
+    async def _open_periods(self, budget_keys: Sequence[str]) -> None:
+        if self._periods is None:
+            raise RuntimeError("a budget's period ended but no period opener is configured")
+        await self._periods.open_periods(budget_keys)
+
+    async def reserve(self, hold: Hold) -> BudgetChange:
         """OK | NO_BUDGET | CLOSED | EXHAUSTED | CONFLICT."""
-        now = now_ms()
-        reply = await self._reserve(
-            keys=list(self.shard(thread_id).thread(thread_id)),
-            args=[reservation_id, tokens, now, now + ttl_ms],
-        )
-        outcome, value, state = _budget_reply(thread_id, reply)
-        return BudgetChange(outcome, state, expire_ms=value)
+        project = await self.thread_project(hold.thread_id)
+        if project is None:
+            return BudgetChange(Outcome.NO_BUDGET, _empty_state(hold.thread_id))
+        partition = self.layout.partition(project)
+        for _ in range(ROLL_ATTEMPTS):
+            now = self._clock()
+            reply = await self._reserve(
+                keys=[partition.prefix],
+                args=[hold.reservation_id, hold.thread_id, hold.tokens, hold.cost_micros, now,
+                      now + hold.ttl_ms, hold.agent_id, hold.model, hold.key_id],
+            )  # fmt: skip
+            if not _rolls(reply):
+                outcome, value, state = _budget_reply(hold.thread_id, reply)
+                refused = [str(s) for s in reply[9:]] if outcome == Outcome.EXHAUSTED else []
+                return BudgetChange(outcome, state, expire_ms=value, refused=refused)
+            await self._open_periods(reply[1:])
+        raise RuntimeError("budget periods kept ending while reserving")
 
     async def release(self, thread_id: str, reservation_id: str) -> BudgetChange:
         """OK | NO_BUDGET."""
+        project = await self.thread_project(thread_id)
+        if project is None:
+            return BudgetChange(Outcome.NO_BUDGET, _empty_state(thread_id))
         reply = await self._release(
-            keys=list(self.shard(thread_id).thread(thread_id)), args=[reservation_id, now_ms()]
+            keys=[self.layout.partition(project).prefix],
+            args=[reservation_id, thread_id, self._clock()],
         )
         outcome, value, state = _budget_reply(thread_id, reply)
         return BudgetChange(outcome, state, released=bool(value))
@@ -275,34 +350,43 @@ class UsageStore:
     ) -> BudgetState | None:
         """The budget after setting it; None when it belongs to another project, or when
         there is none and `create` is false."""
-        shard = self.shard(thread_id)
-        thread, reservations, expiries = shard.thread(thread_id)
+        owner = await self.thread_project(thread_id)
+        if owner is None:
+            if not create or not project_id:
+                return None
+            owner = await self._claim_thread(thread_id, project_id)
+        self._no_budget.pop(thread_id, None)
+        if project_id and owner != project_id:
+            return None
+        partition = self.layout.partition(owner)
         reply = await self._set_budget(
-            keys=[thread, shard.budgets, shard.stats, reservations, expiries],
-            args=[max_tokens, now_ms(), thread_id, project_id, "1" if create else "0"],
+            keys=[partition.prefix, partition.shard.prefix],
+            args=[max_tokens, self._clock(), thread_id, owner, "1" if create else "0"],
         )
-        if reply[0] in (Outcome.FOREIGN, Outcome.NO_BUDGET):
+        if reply[0] == Outcome.NO_BUDGET:
             return None
         return _budget_reply(thread_id, reply)[2]
 
     async def budget_project(self, thread_id: str) -> tuple[bool, str]:
         """(whether the thread has a budget, the project it belongs to or "")."""
-        thread, _, _ = self.shard(thread_id).thread(thread_id)
-        max_tokens, project_id = await self._redis.hmget(thread, "max_tokens", "project_id")
-        return max_tokens is not None, project_id or ""
+        project = await self.thread_project(thread_id)
+        return project is not None, project or ""
 
     async def close_budget(self, thread_id: str) -> BudgetChange:
         """OK | NO_BUDGET."""
-        shard = self.shard(thread_id)
-        thread, reservations, expiries = shard.thread(thread_id)
+        project = await self.thread_project(thread_id)
+        if project is None:
+            return BudgetChange(Outcome.NO_BUDGET, _empty_state(thread_id))
+        partition = self.layout.partition(project)
         reply = await self._close_budget(
-            keys=[thread, shard.stats, reservations, expiries], args=[now_ms()]
+            keys=[partition.prefix, partition.shard.prefix], args=[thread_id, self._clock()]
         )
         outcome, _, state = _budget_reply(thread_id, reply)
         return BudgetChange(outcome, state)
 
     async def reset(self) -> int:
         """Delete every usage key (admin only). Scans: a rare, deliberate operation."""
+        self._directory.clear()
         deleted = 0
         batch: list[str] = []
         async for key in self._redis.scan_iter(match=PREFIX + "*", count=1000):
@@ -321,48 +405,76 @@ class UsageStore:
     # Reads --------------------------------------------------------------------------
 
     async def budgets(self, thread_ids: Sequence[str]) -> list[BudgetState | None]:
-        """Budgets of the threads (None where there is none), in one round trip.
+        """Budgets of the threads (None where there is none)."""
+        projects = [await self.thread_project(t) for t in thread_ids]
+        return await self._budgets(list(zip(thread_ids, projects, strict=True)))
 
-        A pure read: reservations whose ttl has passed are left out of `reserved` here and
-        given back by the next write to that thread.
-        """
-        now = now_ms()
+    async def _budgets(self, threads: Sequence[tuple[str, str | None]]) -> list[BudgetState | None]:
+        """Budgets of (thread, project) pairs, in one round trip (two when reservations
+        have lapsed). A pure read: reservations whose ttl has passed are left out of
+        `reserved` here and given back by the next write in the project."""
+        now = self._clock()
         async with self._redis.pipeline(transaction=False) as pipe:
-            for thread_id in thread_ids:
-                thread, reservations, expiries = self.shard(thread_id).thread(thread_id)
-                pipe.hmget(thread, "max_tokens", "p", "c", "reserved", "closed", "update_ms")
-                pipe.hgetall(reservations)
-                pipe.zrangebyscore(expiries, "-inf", now)
+            for thread_id, project in threads:
+                partition = self.layout.partition(project or "")
+                pipe.hmget(
+                    partition.thread(thread_id),
+                    "max_tokens", "p", "c", "reserved", "closed", "update_ms",
+                )  # fmt: skip
+                pipe.zrangebyscore(partition.resexp, "-inf", now, start=0, num=200)
             replies = await pipe.execute()
+        lapsed = await self._lapsed(threads, replies[1::2])
         states: list[BudgetState | None] = []
-        for position, thread_id in enumerate(thread_ids):
-            fields, held, expired = replies[3 * position : 3 * position + 3]
-            if fields[0] is None:
+        for position, ((thread_id, project), fields) in enumerate(
+            zip(threads, replies[0::2], strict=True)
+        ):
+            if project is None or fields[0] is None:
                 states.append(None)
                 continue
-            lapsed = sum(int(held.get(rid, 0)) for rid in expired)
             max_tokens, prompt, completion, reserved, closed, update_ms = (
                 int(v or 0) for v in fields
             )
             states.append(
                 BudgetState(thread_id, True, max_tokens, prompt, completion,
-                            reserved - lapsed, bool(closed), update_ms)
+                            reserved - lapsed[position], bool(closed), update_ms)
             )  # fmt: skip
         return states
+
+    async def _lapsed(
+        self, threads: Sequence[tuple[str, str | None]], expired: Sequence[list[str]]
+    ) -> list[int]:
+        """Tokens of each thread's reservations whose ttl has passed."""
+        wanted = [
+            [f for f in fields if f.split("|", 1)[0] == thread_id]
+            for (thread_id, _), fields in zip(threads, expired, strict=True)
+        ]
+        if not any(wanted):
+            return [0] * len(threads)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for (_, project), fields in zip(threads, wanted, strict=True):
+                if fields:
+                    pipe.hmget(self.layout.partition(project or "").res, fields)
+            held = iter(await pipe.execute())
+        return [
+            sum(int((e or "0").split("|", 1)[0]) for e in next(held)) if fields else 0
+            for fields in wanted
+        ]
 
     async def hottest_budgets(self, page: Page) -> tuple[list[BudgetState], str, int]:
         """One page of budgets, hottest first: (budgets, next page token, total).
 
         The ranking changes as usage arrives, so the cursor is a position."""
         offset = (int(page.cursor) if page.cursor and page.cursor.isdigit() else 0) + page.skip
-        thread_ids, total = await self.hottest(offset, page.size)
-        states = await self.budgets(thread_ids)
-        end = offset + len(thread_ids)
+        members, total = await self.hottest(offset, page.size)
+        threads = [_thread_and_project(m) for m in members]
+        states = await self._budgets(threads)
+        end = offset + len(members)
         token = page.token_after(str(end)) if end < total else ""
         return [s for s in states if s is not None], token, total
 
     async def hottest(self, offset: int, size: int) -> tuple[list[str], int]:
-        """Thread ids of one page of budgets, hottest first, and the number of budgets.
+        """Members ("<thread>|<project>") of one page of budgets, hottest first, and the
+        number of budgets.
 
         Each shard's sorted set is read from the top for offset + size entries and merged,
         so the first page costs the same at any number of threads.
@@ -390,7 +502,7 @@ class UsageStore:
         agents, models, active = await self._ranked(project_id, top)
         if project_id:
             models, active = [], 0
-            totals_keys = [s.project_totals(project_id) for s in self._shards]
+            totals_keys = [self.layout.partition(project_id).totals]
         else:
             totals_keys = [s.totals for s in self._shards]
         groups = [totals_keys]
@@ -407,9 +519,11 @@ class UsageStore:
     async def _ranked(self, project_id: str, top: int) -> tuple[list[str], list[str], int]:
         """The top agents (of the project, if one is given) and models by tokens, and the
         number of active budgets, merged over the shards in one round trip."""
-        agent_ranks = [
-            s.project_agents_rank(project_id) if project_id else s.agents_rank for s in self._shards
-        ]
+        agent_ranks = (
+            [self.layout.partition(project_id).agents_rank]
+            if project_id
+            else [s.agents_rank for s in self._shards]
+        )
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in agent_ranks:
                 pipe.zrevrange(key, 0, top - 1, withscores=True)
@@ -417,7 +531,7 @@ class UsageStore:
                 pipe.zrevrange(shard.models_rank, 0, top - 1, withscores=True)
                 pipe.hget(shard.stats, "active")
             replies = await pipe.execute()
-        n = len(self._shards)
+        n = len(agent_ranks)
         active = sum(int(v or 0) for v in replies[n + 1 :: 2])
         return _top(replies[:n], top), _top(replies[n::2], top), active
 
@@ -446,9 +560,23 @@ def _top(ranked_per_shard: Sequence[Sequence[tuple[str, float]]], top: int) -> l
     return [m for m, _ in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
 
 
+def _rolls(reply: Any) -> bool:
+    """Whether a script answered that budget periods must be opened first."""
+    return isinstance(reply, list) and bool(reply) and reply[0] == "ROLL"
+
+
+def _thread_and_project(member: str) -> tuple[str, str | None]:
+    thread_id, _, project = member.partition("|")
+    return thread_id, project
+
+
+def _empty_state(thread_id: str) -> BudgetState:
+    return BudgetState.from_reply(thread_id, [0] * 7)
+
+
 def _outcome(thread_id: str, item: Sequence[object]) -> RecordOutcome:
     outcome = Outcome(str(item[0]))
-    if outcome in (Outcome.CONFLICT, Outcome.FOREIGN):
+    if outcome == Outcome.CONFLICT:
         return RecordOutcome(outcome)
     budget = BudgetState.from_reply(thread_id, item[2:9])  # type: ignore[arg-type]
     return RecordOutcome(outcome, int(item[1]), budget if budget.has_budget else None)  # type: ignore[call-overload]
@@ -465,14 +593,13 @@ class UsageStorage(Protocol):
 
     async def record_one(self, record: UsageRecord) -> RecordOutcome: ...
     async def record(self, records: Sequence[UsageRecord]) -> list[RecordOutcome]: ...
-    async def reserve(
-        self, thread_id: str, reservation_id: str, tokens: int, ttl_ms: int
-    ) -> BudgetChange: ...
+    async def reserve(self, hold: Hold) -> BudgetChange: ...
     async def release(self, thread_id: str, reservation_id: str) -> BudgetChange: ...
     async def set_budget(
         self, thread_id: str, max_tokens: int, project_id: str, create: bool
     ) -> BudgetState | None: ...
     async def budget_project(self, thread_id: str) -> tuple[bool, str]: ...
+    async def thread_project(self, thread_id: str) -> str | None: ...
     async def close_budget(self, thread_id: str) -> BudgetChange: ...
     async def reset(self) -> int: ...
     async def budgets(self, thread_ids: Sequence[str]) -> list[BudgetState | None]: ...

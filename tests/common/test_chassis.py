@@ -275,7 +275,9 @@ async def test_redis_out_of_memory_is_a_clear_unavailable_not_internal() -> None
                     assert "maxmemory" in error.details()
                     await expect_error(
                         usage_stub.SetThreadBudget(
-                            U.SetThreadBudgetRequest(thread_id="t", max_tokens=10)
+                            U.SetThreadBudgetRequest(
+                                project_id="demo", thread_id="t", max_tokens=10
+                            )
                         ),
                         grpc.StatusCode.UNAVAILABLE,
                         reason="STORAGE_FULL",

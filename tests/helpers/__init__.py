@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -111,3 +112,13 @@ def authed_channel(address: str, token: str | None = ADMIN_TOKEN) -> grpc.aio.Ch
     own `authorization` metadata wins. token=None: no credentials at all."""
     interceptors = [] if token is None else [_BearerUnary(token), _BearerStream(token)]
     return grpc.aio.insecure_channel(address, interceptors=interceptors)
+
+
+async def until(probe: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
+    """Call `probe` until it answers something truthy, and return that answer."""
+    async with asyncio.timeout(timeout):
+        while True:
+            answer = await probe()
+            if answer:
+                return answer
+            await asyncio.sleep(0.05)

@@ -44,6 +44,12 @@ def make_settings(
             "METRICS_PORT": "0",
             "AGENTPLANE_ADMIN_TOKEN": ADMIN_TOKEN,
             "AUTH_CACHE_SECONDS": "0.2",
+            # Webhook receivers in tests are plain-HTTP servers on loopback.
+            "WEBHOOK_ALLOW_HTTP": "true",
+            "WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+            "WEBHOOK_BACKOFF_BASE_SECONDS": "0.05",
+            "WEBHOOK_BACKOFF_MAX_SECONDS": "0.3",
+            "WEBHOOK_POLL_SECONDS": "0.05",
         },
     )
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]

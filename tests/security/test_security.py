@@ -13,7 +13,7 @@ from google.protobuf import field_mask_pb2, message_factory, struct_pb2
 
 from agentplane.agent.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc, api_key_pb2
 from agentplane.thread.v1 import thread_pb2, thread_service_pb2, thread_service_pb2_grpc
-from agentplane.usage.v1 import usage_service_pb2, usage_service_pb2_grpc
+from agentplane.usage.v1 import usage_pb2, usage_service_pb2, usage_service_pb2_grpc
 from scripts.make_certs import write_bundle
 from services.agent_svc.server import create_server as create_agent_server
 from services.common.errors import details_of
@@ -366,7 +366,8 @@ async def test_mutual_tls_accepts_its_ca_and_refuses_others(redis_url, tmp_path)
 
 
 # String request fields that name no resource another owner could own.
-NOT_IDS = {"ack_ids", "agent_type_id", "consumer", "page_token", "payload_type", "reason", "task"}
+NOT_IDS = {"ack_ids", "agent_type_id", "consumer", "page_token", "payload_type", "reason", "task",
+           "scope_id", "url", "event_types"}  # fmt: skip
 
 
 def _aimed_at(method, ids: dict[str, str]):
@@ -378,16 +379,17 @@ def _aimed_at(method, ids: dict[str, str]):
             if name in ("tokens", "max_tokens"):
                 setattr(request, name, 5)
             continue
-        if name in ("project_id",):
-            value = ids["project"]
+        aimed = {
+            "project_id": ids["project"], "thread_id": ids["thread"], "model": "gpt-4o",
+            "budget_id": ids["budget"], "webhook_id": ids["webhook"],
+            "after_alert_id": f"{ids['budget']}.0.50",
+        }  # fmt: skip
+        if name in aimed:
+            value = aimed[name]
         elif name in ("agent_id", "from_agent", "to_agent", "to", "agent", "subject"):
             value = ids["agent"]
-        elif name == "thread_id":
-            value = ids["thread"]
         elif name in ("usage_id", "reservation_id", "request_id", "key_id"):
             value = "probe-1"
-        elif name == "model":
-            value = "gpt-4o"
         elif name in NOT_IDS:
             continue
         else:
@@ -411,10 +413,17 @@ async def test_no_rpc_lets_one_owner_reach_anothers_resources(stack, backend, me
     bob = tenant(stack, "bob", await owner_key(stack, "bob"))
     a1, _, a_thread = await world_of(alice)
     await world_of(bob)
+    budget = await alice.usage.CreateBudget(usage_service_pb2.CreateBudgetRequest(
+        project_id="alice-project", budget=usage_pb2.Budget(
+            scope=usage_pb2.BUDGET_SCOPE_PROJECT, limit_tokens=1000,
+            period=usage_pb2.BUDGET_PERIOD_MONTH)))  # fmt: skip
+    hook = await alice.usage.CreateWebhook(usage_service_pb2.CreateWebhookRequest(
+        project_id="alice-project", url="http://127.0.0.1:9/hook"))  # fmt: skip
     await alice.usage.RecordUsage(usage_service_pb2.RecordUsageRequest(
         usage_id="real", thread_id=a_thread.id, agent_id=a1.id, project_id="alice-project",
         model="gpt-4o", prompt_tokens=10, completion_tokens=5))  # fmt: skip
-    ids = {"project": "alice-project", "agent": a1.id, "thread": a_thread.id}
+    ids = {"project": "alice-project", "agent": a1.id, "thread": a_thread.id,
+           "budget": budget.budget_id, "webhook": hook.webhook.webhook_id}  # fmt: skip
     request = _aimed_at(method, ids)
     channel = bob.channels[("agent", "thread", "usage").index(backend)]
     response_cls = message_factory.GetMessageClass(method.output_type)
@@ -455,6 +464,13 @@ async def test_no_rpc_lets_one_owner_reach_anothers_resources(stack, backend, me
         usage_service_pb2.GetThreadBudgetRequest(thread_id=a_thread.id)
     )
     assert budget.total_tokens == 15 and budget.reserved_tokens == 0 and not budget.is_closed
+    hers = await alice.usage.GetBudget(usage_service_pb2.GetBudgetRequest(
+        project_id="alice-project", budget_id=ids["budget"]))  # fmt: skip
+    assert hers.used_tokens == 15 and hers.limit_tokens == 1000 and not hers.reset_by
+    hooks = await alice.usage.ListWebhooks(
+        usage_service_pb2.ListWebhooksRequest(project_id="alice-project")
+    )
+    assert [w.webhook_id for w in hooks.webhooks] == [ids["webhook"]]
     for t in (alice, bob):
         for c in t.channels:
             await c.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.pagination import parse_page
-from services.usage_svc.store import Outcome, UsageRecord, UsageStorage, UsageStore
+from services.usage_svc.store import Hold, Outcome, UsageRecord, UsageStorage, UsageStore
 from tests.helpers.servers import store_clients
 
 
@@ -24,6 +24,10 @@ def usage(usage_id: str, thread: str = "t1", agent: str = "a1", model: str = "m"
     )  # fmt: skip
     fields.update(kw)
     return UsageRecord(**fields)  # type: ignore[arg-type]
+
+
+def hold(thread: str, reservation: str, tokens: int) -> Hold:
+    return Hold(reservation, thread, tokens, cost_micros=0, ttl_ms=60_000)
 
 
 async def test_records_count_once_and_sum_everywhere(store: UsageStorage) -> None:
@@ -50,24 +54,24 @@ async def test_budgets_reservations_and_their_outcomes(store: UsageStorage) -> N
     assert created is not None and created.max_tokens == 1000
     assert await store.set_budget("t", 1000, "q", create=True) is None  # another project's
     assert await store.budget_project("t") == (True, "p")
-    held = await store.reserve("t", "r1", 600, 60_000)
+    held = await store.reserve(hold("t", "r1", 600))
     assert held.outcome == Outcome.OK and held.state.reserved_tokens == 600 and held.expire_ms
-    assert (await store.reserve("t", "r1", 600, 60_000)).outcome == Outcome.OK  # a retry
-    assert (await store.reserve("t", "r1", 700, 60_000)).outcome == Outcome.CONFLICT
-    refused = await store.reserve("t", "r2", 500, 60_000)
+    assert (await store.reserve(hold("t", "r1", 600))).outcome == Outcome.OK  # a retry
+    assert (await store.reserve(hold("t", "r1", 700))).outcome == Outcome.CONFLICT
+    refused = await store.reserve(hold("t", "r2", 500))
     assert refused.outcome == Outcome.EXHAUSTED and refused.state.reserved_tokens == 600
     settled = await store.record_one(usage("u", thread="t", reservation_id="r1"))
     assert settled.budget is not None and settled.budget.reserved_tokens == 0
     assert settled.budget.prompt_tokens + settled.budget.completion_tokens == 150
-    held = await store.reserve("t", "r3", 100, 60_000)
+    held = await store.reserve(hold("t", "r3", 100))
     released = await store.release("t", "r3")
     assert released.outcome == Outcome.OK and released.released
     assert not (await store.release("t", "r3")).released
     assert (await store.release("none", "r")).outcome == Outcome.NO_BUDGET
     closed = await store.close_budget("t")
     assert closed.outcome == Outcome.OK and closed.state.closed
-    assert (await store.reserve("t", "r4", 1, 60_000)).outcome == Outcome.CLOSED
-    assert (await store.reserve("none", "r", 1, 60_000)).outcome == Outcome.NO_BUDGET
+    assert (await store.reserve(hold("t", "r4", 1))).outcome == Outcome.CLOSED
+    assert (await store.reserve(hold("none", "r", 1))).outcome == Outcome.NO_BUDGET
     assert (await store.close_budget("none")).outcome == Outcome.NO_BUDGET
     (state,) = await store.budgets(["t"])
     assert state is not None and state.closed and state.max_tokens == 1000

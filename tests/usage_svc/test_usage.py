@@ -55,7 +55,9 @@ async def test_record_prices_from_the_table_or_the_given_cost(usage_stub) -> Non
 
 
 async def test_same_usage_id_counts_once_with_the_same_answer(usage_stub) -> None:
-    await usage_stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="t1", max_tokens=10_000))
+    await usage_stub.SetThreadBudget(
+        U.SetThreadBudgetRequest(project_id="demo", thread_id="t1", max_tokens=10_000)
+    )
     first = await usage_stub.RecordUsage(record("dup"))
     await usage_stub.RecordUsage(record("other"))
     again = await usage_stub.RecordUsage(record("dup"))
@@ -94,7 +96,7 @@ async def test_budget_reads_never_create_one(usage_stub) -> None:
 
 async def test_reservations_hold_settle_release_and_close(usage_stub) -> None:
     made = await usage_stub.SetThreadBudget(
-        U.SetThreadBudgetRequest(thread_id="t1", max_tokens=1000)
+        U.SetThreadBudgetRequest(project_id="demo", thread_id="t1", max_tokens=1000)
     )
     assert made.max_tokens == 1000 and made.remaining == 1000 and not made.is_closed
     held = await usage_stub.ReserveBudget(
@@ -154,7 +156,9 @@ async def test_reservations_hold_settle_release_and_close(usage_stub) -> None:
 
 
 async def test_reservations_expire_after_their_ttl(usage_stub) -> None:
-    await usage_stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="t1", max_tokens=100))
+    await usage_stub.SetThreadBudget(
+        U.SetThreadBudgetRequest(project_id="demo", thread_id="t1", max_tokens=100)
+    )
     await usage_stub.ReserveBudget(
         U.ReserveBudgetRequest(
             reservation_id="short",
@@ -180,7 +184,7 @@ async def test_reservations_expire_after_their_ttl(usage_stub) -> None:
 async def test_list_thread_budgets_hottest_first_with_pages(usage_stub) -> None:
     for i in range(12):
         await usage_stub.SetThreadBudget(
-            U.SetThreadBudgetRequest(thread_id=f"t{i:02d}", max_tokens=1000)
+            U.SetThreadBudgetRequest(project_id="demo", thread_id=f"t{i:02d}", max_tokens=1000)
         )
         await usage_stub.RecordUsage(
             record(f"u{i}", thread=f"t{i:02d}", prompt_tokens=i * 10, completion_tokens=0)
@@ -208,9 +212,13 @@ async def test_list_thread_budgets_hottest_first_with_pages(usage_stub) -> None:
 
 
 async def test_default_budget_and_active_threads(usage_stub) -> None:
-    made = await usage_stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="d"))
+    made = await usage_stub.SetThreadBudget(
+        U.SetThreadBudgetRequest(project_id="demo", thread_id="d")
+    )
     assert made.max_tokens == 100_000
-    await usage_stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="e", max_tokens=5))
+    await usage_stub.SetThreadBudget(
+        U.SetThreadBudgetRequest(project_id="demo", thread_id="e", max_tokens=5)
+    )
     assert (await overview(usage_stub)).active_threads == 2
     await usage_stub.CloseThreadBudget(U.CloseThreadBudgetRequest(thread_id="e"))
     await usage_stub.CloseThreadBudget(U.CloseThreadBudgetRequest(thread_id="e"))  # idempotent
@@ -277,7 +285,9 @@ async def test_batch_answers_each_record_on_its_own(usage_stub) -> None:
 
 
 async def test_reset_usage_erases_everything(usage_stub) -> None:
-    await usage_stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="t1", max_tokens=10))
+    await usage_stub.SetThreadBudget(
+        U.SetThreadBudgetRequest(project_id="demo", thread_id="t1", max_tokens=10)
+    )
     await usage_stub.RecordUsage(record("u1"))
     reply = await usage_stub.ResetUsage(U.ResetUsageRequest())
     assert reply.deleted_keys > 0

@@ -36,7 +36,9 @@ async def two_replicas(redis_target):
 
 async def test_concurrent_reservations_never_exceed_the_budget(two_replicas) -> None:
     a, b = two_replicas
-    await a.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="hot", max_tokens=1000))
+    await a.SetThreadBudget(
+        U.SetThreadBudgetRequest(project_id="demo", thread_id="hot", max_tokens=1000)
+    )
 
     async def attempt(i: int) -> bool:
         stub = two_replicas[i % 2]
@@ -77,12 +79,16 @@ async def test_concurrent_records_on_two_replicas_sum_exactly(two_replicas) -> N
     assert totals.total_cost_micros == sum(r.cost_micros for r in replies if not r.duplicate)
 
 
+def thread_project(thread: int) -> str:
+    return "p1" if thread < 5 else "p2"
+
+
 record_strategy = st.fixed_dictionaries(
     {
-        "thread": st.integers(0, 9),
+        "thread": st.integers(0, 12),  # t0-t9 have budgets (t0-t4 in p1, t5-t9 in p2)
         "agent": st.integers(0, 6),
         "model": st.sampled_from(["gpt-4o", "gpt-4o-mini", "o1", "mystery"]),
-        "project": st.sampled_from(["", "p1", "p2"]),
+        "project": st.sampled_from(["", "p1", "p2", "own"]),
         "prompt": st.integers(0, 10**6),
         "completion": st.integers(0, 10**6),
         "cost": st.one_of(st.none(), st.floats(0, 50, allow_nan=False)),
@@ -101,7 +107,19 @@ async def test_invariants_after_a_random_workload(two_replicas, workload) -> Non
     stub = two_replicas[0]
     await stub.ResetUsage(U.ResetUsageRequest())
     for t in range(10):
-        await stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id=f"t{t}", max_tokens=10**9))
+        await stub.SetThreadBudget(
+            U.SetThreadBudgetRequest(
+                project_id=thread_project(t), thread_id=f"t{t}", max_tokens=10**9
+            )
+        )
+    # A thread budget's records are made in its project (or with none: then in its).
+    for item in workload:
+        if item["thread"] < 10 and item["project"] not in ("", thread_project(item["thread"])):
+            item["project"] = "own"
+        if item["project"] == "own":
+            item["project"] = thread_project(item["thread"]) if item["thread"] < 10 else ""
+        if item["thread"] < 10:
+            item["project"] = thread_project(item["thread"]) if item["project"] else ""
     sends = []
     for i, item in enumerate(workload):
         request = U.RecordUsageRequest(
@@ -124,10 +142,13 @@ async def test_invariants_after_a_random_workload(two_replicas, workload) -> Non
         assert sum(x.totals.total_cost_micros for x in part) == totals.total_cost_micros
         assert sum(x.totals.request_count for x in part) == totals.request_count
     threads = await stub.ListThreadBudgets(U.ListThreadBudgetsRequest(page_size=100))
-    assert sum(t.total_tokens for t in threads.threads) == totals.total_tokens
+    unbudgeted = sum(w["prompt"] + w["completion"] for w in workload if w["thread"] >= 10)
+    assert sum(t.total_tokens for t in threads.threads) + unbudgeted == totals.total_tokens
     projects = [
         (await stub.GetUsageOverview(U.GetUsageOverviewRequest(project_id=p))).totals.total_tokens
         for p in ("p1", "p2")
     ]
-    unscoped = sum(w["prompt"] + w["completion"] for w in workload if not w["project"])
+    unscoped = sum(
+        w["prompt"] + w["completion"] for w in workload if not w["project"] and w["thread"] >= 10
+    )
     assert sum(projects) + unscoped == totals.total_tokens

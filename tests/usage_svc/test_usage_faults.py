@@ -41,7 +41,9 @@ async def test_a_retry_after_a_lost_reply_counts_once(redis_server, redis_url) -
     proxy = await LosingProxy(redis_server.port).start()
     try:
         async with usage_service(f"redis://127.0.0.1:{proxy.port}/0") as stub:
-            await stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="t1", max_tokens=10_000))
+            await stub.SetThreadBudget(
+                U.SetThreadBudgetRequest(project_id="demo", thread_id="t1", max_tokens=10_000)
+            )
             await stub.RecordUsage(record("warm-up"))
             proxy.armed = True
             # Redis applies the script, the reply is lost, redis-py reconnects and sends the
@@ -57,7 +59,9 @@ async def test_a_retry_after_a_lost_reply_counts_once(redis_server, redis_url) -
 
 async def test_script_flush_is_invisible(redis_url) -> None:
     async with usage_service(redis_url) as stub:
-        await stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="t1", max_tokens=1000))
+        await stub.SetThreadBudget(
+            U.SetThreadBudgetRequest(project_id="demo", thread_id="t1", max_tokens=1000)
+        )
         await stub.RecordUsage(record("u1"))
         with redis_sync.Redis.from_url(redis_url) as client:
             client.script_flush()
@@ -81,7 +85,9 @@ async def test_redis_restart_is_invisible_and_keeps_data(tmp_path) -> None:
     redis.start()
     try:
         async with usage_service(redis.url) as stub:
-            await stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="t1", max_tokens=1000))
+            await stub.SetThreadBudget(
+                U.SetThreadBudgetRequest(project_id="demo", thread_id="t1", max_tokens=1000)
+            )
             await stub.RecordUsage(record("before"))
             redis.stop()
             redis.start()
@@ -136,17 +142,19 @@ async def test_a_record_whose_caller_gave_up_is_not_written(redis_url) -> None:
     """Group commit and deadlines: a record still queued when its caller's deadline passes
     is dropped, not written after the deadline."""
     from services.common.redis import create_redis
-    from services.usage_svc.servicer import UsageServicer
-    from services.usage_svc.store import UsageStore
+    from services.usage_svc.store import UsageRecord, UsageStore
 
     settings = make_settings("usage_svc", redis_url)
     redis = create_redis(settings)
     store = UsageStore(redis, shards=4, usage_id_ttl_s=3600)
-    servicer = UsageServicer.__new__(UsageServicer)
-    servicer._prices = __import__(
-        "services.usage_svc.pricing", fromlist=["PriceTable"]
-    ).PriceTable.load()
-    first, late = (servicer._check_record(record(f"q{i}"), "") for i in range(2))
+    first, late = (
+        UsageRecord(
+            usage_id=f"q{i}", thread_id="t1", agent_id="a1", project_id="demo", model="m",
+            prompt_tokens=10, completion_tokens=5, cost_micros=1, latency_ms=1, unpriced=False,
+            reservation_id="", fingerprint=f"q{i}",
+        )
+        for i in range(2)
+    )  # fmt: skip
     release = asyncio.Event()
     real_record = store.record
 
@@ -177,7 +185,9 @@ async def test_an_error_after_a_stall_means_outcome_unknown_and_the_retry_counts
 
     with RedisProcess() as redis:
         async with usage_service(redis.url) as stub:
-            await stub.SetThreadBudget(U.SetThreadBudgetRequest(thread_id="t1", max_tokens=10**9))
+            await stub.SetThreadBudget(
+                U.SetThreadBudgetRequest(project_id="demo", thread_id="t1", max_tokens=10**9)
+            )
             await stub.RecordUsage(record("warm-up"))
             os.kill(redis.process.pid, signal.SIGSTOP)
             try:

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,126 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _BudgetScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BudgetScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUDGET_SCOPE_UNSPECIFIED: _BudgetScope.ValueType  # 0
+    """Not set (refused)."""
+    BUDGET_SCOPE_PROJECT: _BudgetScope.ValueType  # 1
+    """Every record of the project."""
+    BUDGET_SCOPE_AGENT: _BudgetScope.ValueType  # 2
+    """The records of one agent (`scope_id` = agent id)."""
+    BUDGET_SCOPE_API_KEY: _BudgetScope.ValueType  # 3
+    """The records made with one API key (`scope_id` = key id); for agent tokens, the
+    agent's key.
+    """
+    BUDGET_SCOPE_MODEL: _BudgetScope.ValueType  # 4
+    """The records of one model in the project (`scope_id` = model name)."""
+
+class BudgetScope(_BudgetScope, metaclass=_BudgetScopeEnumTypeWrapper):
+    """What a budget caps."""
+
+BUDGET_SCOPE_UNSPECIFIED: BudgetScope.ValueType  # 0
+"""Not set (refused)."""
+BUDGET_SCOPE_PROJECT: BudgetScope.ValueType  # 1
+"""Every record of the project."""
+BUDGET_SCOPE_AGENT: BudgetScope.ValueType  # 2
+"""The records of one agent (`scope_id` = agent id)."""
+BUDGET_SCOPE_API_KEY: BudgetScope.ValueType  # 3
+"""The records made with one API key (`scope_id` = key id); for agent tokens, the
+agent's key.
+"""
+BUDGET_SCOPE_MODEL: BudgetScope.ValueType  # 4
+"""The records of one model in the project (`scope_id` = model name)."""
+Global___BudgetScope: _TypeAlias = BudgetScope  # noqa: Y015
+
+class _BudgetPeriod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BudgetPeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetPeriod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUDGET_PERIOD_UNSPECIFIED: _BudgetPeriod.ValueType  # 0
+    """Not set (refused)."""
+    BUDGET_PERIOD_LIFETIME: _BudgetPeriod.ValueType  # 1
+    """One period from the budget's creation on; only a reset sets it back to zero."""
+    BUDGET_PERIOD_DAY: _BudgetPeriod.ValueType  # 2
+    """From 00:00 to 00:00 in the budget's time zone (23 or 25 hours on DST days)."""
+    BUDGET_PERIOD_WEEK: _BudgetPeriod.ValueType  # 3
+    """From Monday 00:00 to Monday 00:00."""
+    BUDGET_PERIOD_MONTH: _BudgetPeriod.ValueType  # 4
+    """From the 1st 00:00 to the next 1st 00:00."""
+
+class BudgetPeriod(_BudgetPeriod, metaclass=_BudgetPeriodEnumTypeWrapper):
+    """The calendar period a budget's usage is counted over."""
+
+BUDGET_PERIOD_UNSPECIFIED: BudgetPeriod.ValueType  # 0
+"""Not set (refused)."""
+BUDGET_PERIOD_LIFETIME: BudgetPeriod.ValueType  # 1
+"""One period from the budget's creation on; only a reset sets it back to zero."""
+BUDGET_PERIOD_DAY: BudgetPeriod.ValueType  # 2
+"""From 00:00 to 00:00 in the budget's time zone (23 or 25 hours on DST days)."""
+BUDGET_PERIOD_WEEK: BudgetPeriod.ValueType  # 3
+"""From Monday 00:00 to Monday 00:00."""
+BUDGET_PERIOD_MONTH: BudgetPeriod.ValueType  # 4
+"""From the 1st 00:00 to the next 1st 00:00."""
+Global___BudgetPeriod: _TypeAlias = BudgetPeriod  # noqa: Y015
+
+class _BudgetEnforcement:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BudgetEnforcementEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetEnforcement.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUDGET_ENFORCEMENT_UNSPECIFIED: _BudgetEnforcement.ValueType  # 0
+    """Not set: HARD."""
+    BUDGET_ENFORCEMENT_HARD: _BudgetEnforcement.ValueType  # 1
+    """Reservations past the limit are refused."""
+    BUDGET_ENFORCEMENT_SOFT: _BudgetEnforcement.ValueType  # 2
+    """Alerts only."""
+
+class BudgetEnforcement(_BudgetEnforcement, metaclass=_BudgetEnforcementEnumTypeWrapper):
+    """What happens when a budget is used up."""
+
+BUDGET_ENFORCEMENT_UNSPECIFIED: BudgetEnforcement.ValueType  # 0
+"""Not set: HARD."""
+BUDGET_ENFORCEMENT_HARD: BudgetEnforcement.ValueType  # 1
+"""Reservations past the limit are refused."""
+BUDGET_ENFORCEMENT_SOFT: BudgetEnforcement.ValueType  # 2
+"""Alerts only."""
+Global___BudgetEnforcement: _TypeAlias = BudgetEnforcement  # noqa: Y015
+
+class _DeliveryStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeliveryStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeliveryStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DELIVERY_STATUS_UNSPECIFIED: _DeliveryStatus.ValueType  # 0
+    """Not set."""
+    DELIVERY_STATUS_PENDING: _DeliveryStatus.ValueType  # 1
+    """Waiting for its next attempt."""
+    DELIVERY_STATUS_DELIVERED: _DeliveryStatus.ValueType  # 2
+    """The receiver answered 2xx."""
+    DELIVERY_STATUS_FAILED: _DeliveryStatus.ValueType  # 3
+    """Retries ran out (after at least 24 hours)."""
+
+class DeliveryStatus(_DeliveryStatus, metaclass=_DeliveryStatusEnumTypeWrapper):
+    """Where one delivery of an event to a webhook stands."""
+
+DELIVERY_STATUS_UNSPECIFIED: DeliveryStatus.ValueType  # 0
+"""Not set."""
+DELIVERY_STATUS_PENDING: DeliveryStatus.ValueType  # 1
+"""Waiting for its next attempt."""
+DELIVERY_STATUS_DELIVERED: DeliveryStatus.ValueType  # 2
+"""The receiver answered 2xx."""
+DELIVERY_STATUS_FAILED: DeliveryStatus.ValueType  # 3
+"""Retries ran out (after at least 24 hours)."""
+Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
 
 @_typing.final
 class UsageTotals(_message.Message):
@@ -270,3 +391,353 @@ class Reservation(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Reservation: _TypeAlias = Reservation  # noqa: Y015
+
+@_typing.final
+class Budget(_message.Message):
+    """A cap on the spending of a project, agent, API key or model over a calendar period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SCOPE_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_TOKENS_FIELD_NUMBER: _builtins.int
+    LIMIT_COST_MICROS_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    ENFORCEMENT_FIELD_NUMBER: _builtins.int
+    ALERT_THRESHOLDS_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
+    USED_TOKENS_FIELD_NUMBER: _builtins.int
+    USED_COST_MICROS_FIELD_NUMBER: _builtins.int
+    RESERVED_TOKENS_FIELD_NUMBER: _builtins.int
+    RESERVED_COST_MICROS_FIELD_NUMBER: _builtins.int
+    PERCENT_USED_FIELD_NUMBER: _builtins.int
+    IS_EXHAUSTED_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    RESET_TIME_FIELD_NUMBER: _builtins.int
+    RESET_BY_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    budget_id: _builtins.str
+    """Server-made id."""
+    project_id: _builtins.str
+    """The project the budget belongs to."""
+    scope: Global___BudgetScope.ValueType
+    """What it caps."""
+    scope_id: _builtins.str
+    """The agent id, API key id or model name; empty for a project budget."""
+    limit_tokens: _builtins.int
+    """Token limit per period; 0 = no token limit."""
+    limit_cost_micros: _builtins.int
+    """Cost limit per period in micro-USD; 0 = no cost limit. At least one limit is set."""
+    period: Global___BudgetPeriod.ValueType
+    """The period usage is counted over."""
+    time_zone: _builtins.str
+    """IANA time zone the periods follow; default "UTC"."""
+    enforcement: Global___BudgetEnforcement.ValueType
+    """HARD (refuse reservations past the limit) or SOFT (alerts only)."""
+    used_tokens: _builtins.int
+    """Tokens recorded in the current period."""
+    used_cost_micros: _builtins.int
+    """Cost recorded in the current period, micro-USD."""
+    reserved_tokens: _builtins.int
+    """Tokens held by live reservations."""
+    reserved_cost_micros: _builtins.int
+    """Cost held by live reservations, micro-USD."""
+    percent_used: _builtins.float
+    """Usage as a percentage of the tighter limit, one decimal."""
+    is_exhausted: _builtins.bool
+    """Whether the used amount has reached a limit."""
+    reset_by: _builtins.str
+    """Who reset it (principal label)."""
+    display_name: _builtins.str
+    """A name for people; optional."""
+    @_builtins.property
+    def alert_thresholds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Percentages of the limit at which alerts are raised; default [50, 80, 100]."""
+
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """Start of the current period."""
+
+    @_builtins.property
+    def period_end(self) -> _timestamp_pb2.Timestamp:
+        """End of the current period; unset for LIFETIME."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the budget was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When its settings last changed."""
+
+    @_builtins.property
+    def reset_time(self) -> _timestamp_pb2.Timestamp:
+        """When the current period was last reset; unset if never."""
+
+    def __init__(
+        self,
+        *,
+        budget_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        scope: Global___BudgetScope.ValueType = ...,
+        scope_id: _builtins.str = ...,
+        limit_tokens: _builtins.int = ...,
+        limit_cost_micros: _builtins.int = ...,
+        period: Global___BudgetPeriod.ValueType = ...,
+        time_zone: _builtins.str = ...,
+        enforcement: Global___BudgetEnforcement.ValueType = ...,
+        alert_thresholds: _abc.Iterable[_builtins.int] | None = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_end: _timestamp_pb2.Timestamp | None = ...,
+        used_tokens: _builtins.int = ...,
+        used_cost_micros: _builtins.int = ...,
+        reserved_tokens: _builtins.int = ...,
+        reserved_cost_micros: _builtins.int = ...,
+        percent_used: _builtins.float = ...,
+        is_exhausted: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        reset_time: _timestamp_pb2.Timestamp | None = ...,
+        reset_by: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "period_end", b"period_end", "period_start", b"period_start", "reset_time", b"reset_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_thresholds", b"alert_thresholds", "budget_id", b"budget_id", "create_time", b"create_time", "display_name", b"display_name", "enforcement", b"enforcement", "is_exhausted", b"is_exhausted", "limit_cost_micros", b"limit_cost_micros", "limit_tokens", b"limit_tokens", "percent_used", b"percent_used", "period", b"period", "period_end", b"period_end", "period_start", b"period_start", "project_id", b"project_id", "reserved_cost_micros", b"reserved_cost_micros", "reserved_tokens", b"reserved_tokens", "reset_by", b"reset_by", "reset_time", b"reset_time", "scope", b"scope", "scope_id", b"scope_id", "time_zone", b"time_zone", "update_time", b"update_time", "used_cost_micros", b"used_cost_micros", "used_tokens", b"used_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Budget: _TypeAlias = Budget  # noqa: Y015
+
+@_typing.final
+class BudgetPeriodUsage(_message.Message):
+    """The final usage of one past period of a budget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
+    USED_TOKENS_FIELD_NUMBER: _builtins.int
+    USED_COST_MICROS_FIELD_NUMBER: _builtins.int
+    LIMIT_TOKENS_FIELD_NUMBER: _builtins.int
+    LIMIT_COST_MICROS_FIELD_NUMBER: _builtins.int
+    PERCENT_USED_FIELD_NUMBER: _builtins.int
+    used_tokens: _builtins.int
+    """Tokens recorded in it (since its last reset)."""
+    used_cost_micros: _builtins.int
+    """Cost recorded in it, micro-USD."""
+    limit_tokens: _builtins.int
+    """The limits in force when it ended."""
+    limit_cost_micros: _builtins.int
+    """The limits in force when it ended."""
+    percent_used: _builtins.float
+    """Usage as a percentage of the tighter limit, one decimal."""
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """Start of the period."""
+
+    @_builtins.property
+    def period_end(self) -> _timestamp_pb2.Timestamp:
+        """End of the period."""
+
+    def __init__(
+        self,
+        *,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_end: _timestamp_pb2.Timestamp | None = ...,
+        used_tokens: _builtins.int = ...,
+        used_cost_micros: _builtins.int = ...,
+        limit_tokens: _builtins.int = ...,
+        limit_cost_micros: _builtins.int = ...,
+        percent_used: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit_cost_micros", b"limit_cost_micros", "limit_tokens", b"limit_tokens", "percent_used", b"percent_used", "period_end", b"period_end", "period_start", b"period_start", "used_cost_micros", b"used_cost_micros", "used_tokens", b"used_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetPeriodUsage: _TypeAlias = BudgetPeriodUsage  # noqa: Y015
+
+@_typing.final
+class BudgetAlert(_message.Message):
+    """Raised once when a budget's usage in a period first reaches a threshold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SCOPE_ID_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    PERCENT_USED_FIELD_NUMBER: _builtins.int
+    USED_TOKENS_FIELD_NUMBER: _builtins.int
+    USED_COST_MICROS_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    alert_id: _builtins.str
+    """"<budget_id>.<period start ms>.<threshold>", with ".r<n>" after the n-th reset of
+    the period: a duplicate is recognisable by its id.
+    """
+    budget_id: _builtins.str
+    """The budget."""
+    project_id: _builtins.str
+    """Its project."""
+    scope: Global___BudgetScope.ValueType
+    """Its scope."""
+    scope_id: _builtins.str
+    """Its scope id."""
+    threshold: _builtins.int
+    """The threshold reached, percent."""
+    percent_used: _builtins.float
+    """Usage when it was reached, percent of the tighter limit."""
+    used_tokens: _builtins.int
+    """Tokens used in the period then."""
+    used_cost_micros: _builtins.int
+    """Cost used in the period then, micro-USD."""
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """Start of the period."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the alert was raised."""
+
+    def __init__(
+        self,
+        *,
+        alert_id: _builtins.str = ...,
+        budget_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        scope: Global___BudgetScope.ValueType = ...,
+        scope_id: _builtins.str = ...,
+        threshold: _builtins.int = ...,
+        percent_used: _builtins.float = ...,
+        used_tokens: _builtins.int = ...,
+        used_cost_micros: _builtins.int = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "budget_id", b"budget_id", "create_time", b"create_time", "percent_used", b"percent_used", "period_start", b"period_start", "project_id", b"project_id", "scope", b"scope", "scope_id", b"scope_id", "threshold", b"threshold", "used_cost_micros", b"used_cost_micros", "used_tokens", b"used_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetAlert: _TypeAlias = BudgetAlert  # noqa: Y015
+
+@_typing.final
+class Webhook(_message.Message):
+    """An HTTP endpoint that receives a project's alerts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """Server-made id."""
+    project_id: _builtins.str
+    """The project whose events it receives."""
+    url: _builtins.str
+    """Where deliveries are POSTed."""
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Event types delivered; "budget.alert" is the one there is."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "event_types", b"event_types", "project_id", b"project_id", "url", b"url", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Webhook: _TypeAlias = Webhook  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """One event's delivery to one webhook, with its attempts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_RESPONSE_CODE_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """Server-made id."""
+    webhook_id: _builtins.str
+    """The webhook."""
+    event_id: _builtins.str
+    """The event delivered (for budget alerts, the alert id); sent as Agentplane-Event-Id."""
+    event_type: _builtins.str
+    """The event type."""
+    status: Global___DeliveryStatus.ValueType
+    """Where it stands."""
+    attempts: _builtins.int
+    """Attempts made so far."""
+    last_response_code: _builtins.int
+    """HTTP status of the last answer; 0 when there was none."""
+    last_error: _builtins.str
+    """Why the last attempt failed, if it did."""
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next attempt is due; unset once delivered or failed."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the delivery was queued."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        webhook_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        status: Global___DeliveryStatus.ValueType = ...,
+        attempts: _builtins.int = ...,
+        last_response_code: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "next_attempt_time", b"next_attempt_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "delivery_id", b"delivery_id", "event_id", b"event_id", "event_type", b"event_type", "last_error", b"last_error", "last_response_code", b"last_response_code", "next_attempt_time", b"next_attempt_time", "status", b"status", "update_time", b"update_time", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015

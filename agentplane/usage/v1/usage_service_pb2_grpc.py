@@ -96,6 +96,66 @@ class UsageServiceStub:
                 request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ResetUsageRequest.SerializeToString,
                 response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ResetUsageResponse.FromString,
                 _registered_method=True)
+        self.CreateBudget = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/CreateBudget',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.CreateBudgetRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.FromString,
+                _registered_method=True)
+        self.GetBudget = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/GetBudget',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetBudgetRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.FromString,
+                _registered_method=True)
+        self.ListBudgets = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/ListBudgets',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetsRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetsResponse.FromString,
+                _registered_method=True)
+        self.UpdateBudget = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/UpdateBudget',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.UpdateBudgetRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.FromString,
+                _registered_method=True)
+        self.DeleteBudget = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/DeleteBudget',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteBudgetRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteBudgetResponse.FromString,
+                _registered_method=True)
+        self.ResetBudget = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/ResetBudget',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ResetBudgetRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.FromString,
+                _registered_method=True)
+        self.ListBudgetPeriods = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/ListBudgetPeriods',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetPeriodsRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetPeriodsResponse.FromString,
+                _registered_method=True)
+        self.WatchBudgetAlerts = channel.unary_stream(
+                '/agentplane.usage.v1.UsageService/WatchBudgetAlerts',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.WatchBudgetAlertsRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.BudgetAlert.FromString,
+                _registered_method=True)
+        self.CreateWebhook = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/CreateWebhook',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.CreateWebhookRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.CreateWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhooks = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/ListWebhooks',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhooksRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhooksResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhook = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/DeleteWebhook',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteWebhookRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/ListWebhookDeliveries',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
 
 
 class UsageServiceServicer:
@@ -187,6 +247,91 @@ class UsageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateBudget(self, request, context):
+        """Creates a budget in a project.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBudget(self, request, context):
+        """Gets a budget with the state of its current period.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBudgets(self, request, context):
+        """Lists a project's budgets, oldest first; filter by scope and scope id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateBudget(self, request, context):
+        """Changes the fields of a budget named in `update_mask`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBudget(self, request, context):
+        """Deletes a budget and its history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetBudget(self, request, context):
+        """Sets the current period's usage to zero and re-arms its alerts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBudgetPeriods(self, request, context):
+        """Lists a budget's past periods with their final usage, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchBudgetAlerts(self, request, context):
+        """Streams a project's budget alerts as they are raised; resumes after an alert id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateWebhook(self, request, context):
+        """Registers a webhook for a project's events; the answer holds its signing secret,
+        shown only this once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhooks(self, request, context):
+        """Lists a project's webhooks (without secrets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhook(self, request, context):
+        """Deletes a webhook; its pending deliveries are dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """Lists a webhook's deliveries, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +394,66 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.ResetUsage,
                     request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ResetUsageRequest.FromString,
                     response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ResetUsageResponse.SerializeToString,
+            ),
+            'CreateBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBudget,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.CreateBudgetRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.SerializeToString,
+            ),
+            'GetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBudget,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetBudgetRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.SerializeToString,
+            ),
+            'ListBudgets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBudgets,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetsRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetsResponse.SerializeToString,
+            ),
+            'UpdateBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateBudget,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.UpdateBudgetRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.SerializeToString,
+            ),
+            'DeleteBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBudget,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteBudgetRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteBudgetResponse.SerializeToString,
+            ),
+            'ResetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetBudget,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ResetBudgetRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.SerializeToString,
+            ),
+            'ListBudgetPeriods': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBudgetPeriods,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetPeriodsRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetPeriodsResponse.SerializeToString,
+            ),
+            'WatchBudgetAlerts': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBudgetAlerts,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.WatchBudgetAlertsRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.BudgetAlert.SerializeToString,
+            ),
+            'CreateWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhook,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.CreateWebhookRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.CreateWebhookResponse.SerializeToString,
+            ),
+            'ListWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhooks,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhooksRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhooksResponse.SerializeToString,
+            ),
+            'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhook,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteWebhookRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -576,6 +781,330 @@ class UsageService:
             '/agentplane.usage.v1.UsageService/ResetUsage',
             agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ResetUsageRequest.SerializeToString,
             agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ResetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/CreateBudget',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.CreateBudgetRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/GetBudget',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetBudgetRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/ListBudgets',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetsRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/UpdateBudget',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.UpdateBudgetRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/DeleteBudget',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteBudgetRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/ResetBudget',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ResetBudgetRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBudgetPeriods(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/ListBudgetPeriods',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetPeriodsRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetPeriodsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBudgetAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/WatchBudgetAlerts',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.WatchBudgetAlertsRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__pb2.BudgetAlert.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/CreateWebhook',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.CreateWebhookRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.CreateWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/ListWebhooks',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhooksRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/DeleteWebhook',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteWebhookRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/ListWebhookDeliveries',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

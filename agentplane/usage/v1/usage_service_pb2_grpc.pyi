@@ -60,6 +60,32 @@ class UsageServiceStub:
     """Gets one model's usage (zeros for an unknown model)."""
     ResetUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ResetUsageRequest, _usage_service_pb2.ResetUsageResponse]
     """Erases every counter and budget. Superuser only."""
+    CreateBudget: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.CreateBudgetRequest, _usage_pb2.Budget]
+    """Creates a budget in a project."""
+    GetBudget: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetBudgetRequest, _usage_pb2.Budget]
+    """Gets a budget with the state of its current period."""
+    ListBudgets: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListBudgetsRequest, _usage_service_pb2.ListBudgetsResponse]
+    """Lists a project's budgets, oldest first; filter by scope and scope id."""
+    UpdateBudget: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.UpdateBudgetRequest, _usage_pb2.Budget]
+    """Changes the fields of a budget named in `update_mask`."""
+    DeleteBudget: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.DeleteBudgetRequest, _usage_service_pb2.DeleteBudgetResponse]
+    """Deletes a budget and its history."""
+    ResetBudget: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ResetBudgetRequest, _usage_pb2.Budget]
+    """Sets the current period's usage to zero and re-arms its alerts."""
+    ListBudgetPeriods: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListBudgetPeriodsRequest, _usage_service_pb2.ListBudgetPeriodsResponse]
+    """Lists a budget's past periods with their final usage, newest first."""
+    WatchBudgetAlerts: _grpc.UnaryStreamMultiCallable[_usage_service_pb2.WatchBudgetAlertsRequest, _usage_pb2.BudgetAlert]
+    """Streams a project's budget alerts as they are raised; resumes after an alert id."""
+    CreateWebhook: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.CreateWebhookRequest, _usage_service_pb2.CreateWebhookResponse]
+    """Registers a webhook for a project's events; the answer holds its signing secret,
+    shown only this once.
+    """
+    ListWebhooks: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListWebhooksRequest, _usage_service_pb2.ListWebhooksResponse]
+    """Lists a project's webhooks (without secrets)."""
+    DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.DeleteWebhookRequest, _usage_service_pb2.DeleteWebhookResponse]
+    """Deletes a webhook; its pending deliveries are dropped."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListWebhookDeliveriesRequest, _usage_service_pb2.ListWebhookDeliveriesResponse]
+    """Lists a webhook's deliveries, newest first."""
 
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
@@ -92,6 +118,32 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """Gets one model's usage (zeros for an unknown model)."""
     ResetUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ResetUsageRequest, _usage_service_pb2.ResetUsageResponse]  # type: ignore[assignment]
     """Erases every counter and budget. Superuser only."""
+    CreateBudget: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.CreateBudgetRequest, _usage_pb2.Budget]  # type: ignore[assignment]
+    """Creates a budget in a project."""
+    GetBudget: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetBudgetRequest, _usage_pb2.Budget]  # type: ignore[assignment]
+    """Gets a budget with the state of its current period."""
+    ListBudgets: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListBudgetsRequest, _usage_service_pb2.ListBudgetsResponse]  # type: ignore[assignment]
+    """Lists a project's budgets, oldest first; filter by scope and scope id."""
+    UpdateBudget: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.UpdateBudgetRequest, _usage_pb2.Budget]  # type: ignore[assignment]
+    """Changes the fields of a budget named in `update_mask`."""
+    DeleteBudget: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.DeleteBudgetRequest, _usage_service_pb2.DeleteBudgetResponse]  # type: ignore[assignment]
+    """Deletes a budget and its history."""
+    ResetBudget: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ResetBudgetRequest, _usage_pb2.Budget]  # type: ignore[assignment]
+    """Sets the current period's usage to zero and re-arms its alerts."""
+    ListBudgetPeriods: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListBudgetPeriodsRequest, _usage_service_pb2.ListBudgetPeriodsResponse]  # type: ignore[assignment]
+    """Lists a budget's past periods with their final usage, newest first."""
+    WatchBudgetAlerts: _aio.UnaryStreamMultiCallable[_usage_service_pb2.WatchBudgetAlertsRequest, _usage_pb2.BudgetAlert]  # type: ignore[assignment]
+    """Streams a project's budget alerts as they are raised; resumes after an alert id."""
+    CreateWebhook: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.CreateWebhookRequest, _usage_service_pb2.CreateWebhookResponse]  # type: ignore[assignment]
+    """Registers a webhook for a project's events; the answer holds its signing secret,
+    shown only this once.
+    """
+    ListWebhooks: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListWebhooksRequest, _usage_service_pb2.ListWebhooksResponse]  # type: ignore[assignment]
+    """Lists a project's webhooks (without secrets)."""
+    DeleteWebhook: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.DeleteWebhookRequest, _usage_service_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
+    """Deletes a webhook; its pending deliveries are dropped."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListWebhookDeliveriesRequest, _usage_service_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """Lists a webhook's deliveries, newest first."""
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     """The gas gauge: exact, idempotent token and cost accounting and per-thread budgets."""
@@ -193,5 +245,103 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_service_pb2.ResetUsageResponse, _abc.Awaitable[_usage_service_pb2.ResetUsageResponse]]:
         """Erases every counter and budget. Superuser only."""
+
+    @_abc_1.abstractmethod
+    def CreateBudget(
+        self,
+        request: _usage_service_pb2.CreateBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.Budget, _abc.Awaitable[_usage_pb2.Budget]]:
+        """Creates a budget in a project."""
+
+    @_abc_1.abstractmethod
+    def GetBudget(
+        self,
+        request: _usage_service_pb2.GetBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.Budget, _abc.Awaitable[_usage_pb2.Budget]]:
+        """Gets a budget with the state of its current period."""
+
+    @_abc_1.abstractmethod
+    def ListBudgets(
+        self,
+        request: _usage_service_pb2.ListBudgetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ListBudgetsResponse, _abc.Awaitable[_usage_service_pb2.ListBudgetsResponse]]:
+        """Lists a project's budgets, oldest first; filter by scope and scope id."""
+
+    @_abc_1.abstractmethod
+    def UpdateBudget(
+        self,
+        request: _usage_service_pb2.UpdateBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.Budget, _abc.Awaitable[_usage_pb2.Budget]]:
+        """Changes the fields of a budget named in `update_mask`."""
+
+    @_abc_1.abstractmethod
+    def DeleteBudget(
+        self,
+        request: _usage_service_pb2.DeleteBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.DeleteBudgetResponse, _abc.Awaitable[_usage_service_pb2.DeleteBudgetResponse]]:
+        """Deletes a budget and its history."""
+
+    @_abc_1.abstractmethod
+    def ResetBudget(
+        self,
+        request: _usage_service_pb2.ResetBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.Budget, _abc.Awaitable[_usage_pb2.Budget]]:
+        """Sets the current period's usage to zero and re-arms its alerts."""
+
+    @_abc_1.abstractmethod
+    def ListBudgetPeriods(
+        self,
+        request: _usage_service_pb2.ListBudgetPeriodsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ListBudgetPeriodsResponse, _abc.Awaitable[_usage_service_pb2.ListBudgetPeriodsResponse]]:
+        """Lists a budget's past periods with their final usage, newest first."""
+
+    @_abc_1.abstractmethod
+    def WatchBudgetAlerts(
+        self,
+        request: _usage_service_pb2.WatchBudgetAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_usage_pb2.BudgetAlert], _abc.AsyncIterator[_usage_pb2.BudgetAlert]]:
+        """Streams a project's budget alerts as they are raised; resumes after an alert id."""
+
+    @_abc_1.abstractmethod
+    def CreateWebhook(
+        self,
+        request: _usage_service_pb2.CreateWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.CreateWebhookResponse, _abc.Awaitable[_usage_service_pb2.CreateWebhookResponse]]:
+        """Registers a webhook for a project's events; the answer holds its signing secret,
+        shown only this once.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhooks(
+        self,
+        request: _usage_service_pb2.ListWebhooksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ListWebhooksResponse, _abc.Awaitable[_usage_service_pb2.ListWebhooksResponse]]:
+        """Lists a project's webhooks (without secrets)."""
+
+    @_abc_1.abstractmethod
+    def DeleteWebhook(
+        self,
+        request: _usage_service_pb2.DeleteWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.DeleteWebhookResponse, _abc.Awaitable[_usage_service_pb2.DeleteWebhookResponse]]:
+        """Deletes a webhook; its pending deliveries are dropped."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _usage_service_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_usage_service_pb2.ListWebhookDeliveriesResponse]]:
+        """Lists a webhook's deliveries, newest first."""
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,32 +1,31 @@
 -- Record LLM calls: for each record, atomically, the idempotency check, settling its
--- reservation, the thread's counters and hotness, and the cluster, agent, model and
--- project aggregates. All keys of one call share the shard's hash tag (one slot).
+-- reservation, the thread's counters and hotness, the shard's cluster/agent/model
+-- aggregates, the project's aggregates, and every budget covering it (with its alerts).
 --
--- KEYS, 12 per record: 1 usage-id key, 2 thread hash, 3 reservations hash,
---   4 reservation expiries, 5 budgets-by-hotness zset, 6 totals hash, 7 agent hash,
---   8 model hash, 9 agents-by-tokens zset, 10 models-by-tokens zset,
---   11 project totals hash, 12 project agents-by-tokens zset
+-- KEYS, 2 per record: 1 the project's partition prefix P, 2 the shard prefix S
 -- ARGV: 1 now (ms), 2 usage-id ttl (s); then one per record, its fields joined by '|'
---   (ids cannot contain '|'): fingerprint, prompt, completion, cost micros, latency ms,
---   unpriced (0/1), reservation id, agent id, model, thread id, has project (0/1),
---   project id
--- Returns per record: {outcome, cost, <budget state>}, outcome NEW | DUPLICATE | CONFLICT,
--- or {'FOREIGN'} when the thread's budget belongs to another project (nothing written).
-local K = 12
+--   (ids cannot contain '|'): fingerprint, usage id, prompt, completion, cost micros,
+--   latency ms,
+--   unpriced (0/1), reservation id, agent id, model, thread id, project id ('' for none),
+--   API key id
+-- Returns per record: {outcome, cost, <thread budget state>}, outcome NEW | DUPLICATE |
+-- CONFLICT; or, before writing anything, {{'ROLL', budget keys...}} when a covering
+-- budget's period has ended (the caller opens the new period and calls again).
 local now, ttl = ARGV[1], ARGV[2]
-local replies = {}
-
-local function split(text)
-  local parts, start = {}, 1
-  while true do
-    local bar = string.find(text, '|', start, true)
-    if not bar then
-      parts[#parts + 1] = string.sub(text, start)
-      return parts
-    end
-    parts[#parts + 1] = string.sub(text, start, bar - 1)
-    start = bar + 1
-  end
+local records = {}
+local stale = {}
+for i = 0, #KEYS / 2 - 1 do
+  local r = split(ARGV[3 + i], '|')
+  local P, S = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local ids = {}
+  if r[12] ~= '' then ids = covering(P, r[9], r[10], r[13]) end
+  ended(P, ids, now, stale)
+  records[#records + 1] = {r = r, P = P, S = S, ids = ids}
+end
+if #stale > 0 then
+  local reply = {'ROLL'}
+  for _, key in ipairs(stale) do reply[#reply + 1] = key end
+  return {reply}
 end
 
 local function add(key, prompt, completion, cost, latency, unpriced)
@@ -38,12 +37,16 @@ local function add(key, prompt, completion, cost, latency, unpriced)
   if unpriced ~= '0' then redis.call('HINCRBY', key, 'unp', 1) end
 end
 
-for i = 0, #KEYS / K - 1 do
-  local k, r = i * K, split(ARGV[3 + i])
-  local fp, prompt, completion, cost = r[1], r[2], r[3], r[4]
-  local prior = redis.call('GET', KEYS[k + 1])
+local replies = {}
+local purged = {}
+for _, item in ipairs(records) do
+  local r, P, S = item.r, item.P, item.S
+  local fp, prompt, completion, cost, latency, unpriced = r[1], r[3], r[4], r[5], r[6], r[7]
+  local rid, agent, model, thread_id, project = r[8], r[9], r[10], r[11], r[12]
+  local usage_key = P .. 'usage:' .. thread_id .. ':' .. r[2]
+  local prior = redis.call('GET', usage_key)
   if prior then
-    local fields = split(prior)
+    local fields = split(prior, '|')
     if fields[1] ~= fp then
       replies[#replies + 1] = {'CONFLICT'}
     else
@@ -51,41 +54,41 @@ for i = 0, #KEYS / K - 1 do
       for j = 2, #fields do reply[#reply + 1] = tonumber(fields[j]) end
       replies[#replies + 1] = reply
     end
-  elseif r[11] == '1' and (redis.call('HGET', KEYS[k + 2], 'project_id') or r[12]) ~= r[12] then
-    replies[#replies + 1] = {'FOREIGN'}
   else
-    local thread = KEYS[k + 2]
-    purge_expired(thread, KEYS[k + 3], KEYS[k + 4], now)
-    local rid = r[7]
-    if rid ~= '' then
-      local held = redis.call('HGET', KEYS[k + 3], rid)
-      if held then
-        redis.call('HDEL', KEYS[k + 3], rid)
-        redis.call('ZREM', KEYS[k + 4], rid)
-        redis.call('HINCRBY', thread, 'reserved', -tonumber(held))
-      end
+    if not purged[P] then
+      purge_expired(P, now)
+      purged[P] = true
     end
-    local latency, unpriced = r[5], r[6]
+    local thread = P .. 'thread:' .. thread_id
+    if rid ~= '' then
+      local field = thread_id .. '|' .. rid
+      local held = redis.call('HGET', P .. 'res', field)
+      if held then give_back(P, field, held) end
+    end
     local tokens = tonumber(prompt) + tonumber(completion)
     add(thread, prompt, completion, cost, latency, unpriced)
-    add(KEYS[k + 6], prompt, completion, cost, latency, unpriced)
-    add(KEYS[k + 7], prompt, completion, cost, latency, unpriced)
-    add(KEYS[k + 8], prompt, completion, cost, latency, unpriced)
-    redis.call('ZINCRBY', KEYS[k + 9], tokens, r[8])
-    redis.call('ZINCRBY', KEYS[k + 10], tokens, r[9])
-    if r[11] == '1' then
-      add(KEYS[k + 11], prompt, completion, cost, latency, unpriced)
-      redis.call('ZINCRBY', KEYS[k + 12], tokens, r[8])
+    add(S .. 'totals', prompt, completion, cost, latency, unpriced)
+    add(S .. 'agent:' .. agent, prompt, completion, cost, latency, unpriced)
+    add(S .. 'model:' .. model, prompt, completion, cost, latency, unpriced)
+    redis.call('ZINCRBY', S .. 'rank:agents', tokens, agent)
+    redis.call('ZINCRBY', S .. 'rank:models', tokens, model)
+    if project ~= '' then
+      add(P .. 'totals', prompt, completion, cost, latency, unpriced)
+      redis.call('ZINCRBY', P .. 'rank:agents', tokens, agent)
+      for _, bid in ipairs(item.ids) do
+        charge(P, S, project, bid, tokens, tonumber(cost), now)
+      end
     end
     local state = budget_state(thread)
     if state[1] == 1 then
       redis.call('HSET', thread, 'update_ms', now)
       state[7] = tonumber(now)
-      redis.call('ZADD', KEYS[k + 5], (state[3] + state[4]) / state[2], r[10])
+      local hot = state[2] > 0 and (state[3] + state[4]) / state[2] or 0
+      redis.call('ZADD', S .. 'budgets', hot, thread_id .. '|' .. project)
     end
     local reply = {'NEW', tonumber(cost)}
     for _, v in ipairs(state) do reply[#reply + 1] = v end
-    redis.call('SET', KEYS[k + 1], fp .. '|' .. table.concat(reply, '|', 2), 'EX', ttl)
+    redis.call('SET', usage_key, fp .. '|' .. table.concat(reply, '|', 2), 'EX', ttl)
     replies[#replies + 1] = reply
   end
 end

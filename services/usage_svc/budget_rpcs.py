@@ -1,0 +1,511 @@
+"""The budget, alert and webhook RPCs of the UsageService (docs/api.md §8).
+
+Owners manage their projects' budgets and webhooks; an agent token may read its own
+agent budgets; the superuser everything. Anything the caller may not see is NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+from grpc.aio import ServicerContext
+
+from agentplane.usage.v1 import usage_pb2, usage_service_pb2
+from services.agent_svc.client import AgentClient
+from services.common import enums, errors, tuning
+from services.common.access import require_manager
+from services.common.auth import AGENT
+from services.common.context import current_principal
+from services.common.convert import new_id, now_ms, require_id, require_text, timestamp
+from services.common.interceptors import stream_open
+from services.common.limits import (
+    MAX_BUDGET_COST_MICROS,
+    MAX_BUDGET_TOKENS,
+    MAX_MODEL_LENGTH,
+    MAX_THRESHOLDS,
+    MAX_TITLE_LENGTH,
+    MAX_URL_LENGTH,
+)
+from services.common.pagination import parse_page
+from services.common.redis import RedisClient
+from services.common.settings import Settings
+from services.usage_svc.budget_store import (
+    EVENT_TYPES,
+    Alert,
+    BudgetRecord,
+    BudgetSpec,
+    BudgetStorage,
+    DeliveryRecord,
+    Page,
+    PeriodUsage,
+    WebhookRecord,
+)
+from services.usage_svc.periods import Period, zone
+from services.usage_svc.webhooks import UnsafeUrl, check_url
+
+DEFAULT_THRESHOLDS = (50, 80, 100)
+MUTABLE = {"limit_tokens", "limit_cost_micros", "enforcement", "alert_thresholds", "display_name"}
+FIXED = {"scope", "scope_id", "period", "time_zone", "budget_id", "project_id"}
+
+
+class BudgetRpcs:
+    """Budget, alert and webhook handlers; mixed into the UsageServicer."""
+
+    _budgets: BudgetStorage
+    _agents: AgentClient
+    _streams: RedisClient
+    _stopping: asyncio.Event
+    _settings: Settings
+
+    # Access -------------------------------------------------------------------------
+
+    async def _managed_project(self, project_id: str) -> str:
+        """A project the caller manages (owner or superuser); NOT_FOUND otherwise."""
+        require_manager()
+        project_id = require_id("project_id", project_id)
+        await self._agents.require_project(project_id)
+        return project_id
+
+    async def _visible_project(self, project_id: str) -> str:
+        project_id = require_id("project_id", project_id)
+        if not await self._agents.can_see_project(project_id):
+            raise errors.not_found("project", project_id)
+        return project_id
+
+    async def _readable_budget(self, project_id: str, budget_id: str) -> BudgetRecord:
+        project_id = await self._visible_project(project_id)
+        budget_id = require_id("budget_id", budget_id)
+        found = await self._budgets.get(project_id, budget_id)
+        principal = current_principal()
+        if found is None or (principal.role == AGENT and not _own_agent_budget(found)):
+            raise errors.not_found("budget", budget_id)
+        return found
+
+    async def _managed_budget(self, project_id: str, budget_id: str) -> BudgetRecord:
+        project_id = await self._managed_project(project_id)
+        budget_id = require_id("budget_id", budget_id)
+        found = await self._budgets.get(project_id, budget_id)
+        if found is None:
+            raise errors.not_found("budget", budget_id)
+        return found
+
+    # Budgets ------------------------------------------------------------------------
+
+    async def CreateBudget(
+        self, request: usage_service_pb2.CreateBudgetRequest, context: ServicerContext
+    ) -> usage_pb2.Budget:
+        project_id = await self._managed_project(request.project_id)
+        spec = await self._check_spec(project_id, request.budget)
+        budget_id = new_id()
+        answer = await self._budgets.create(project_id, budget_id, spec)
+        if answer == "FULL":
+            raise errors.failed_precondition(
+                f"project {project_id!r} has the most budgets a project may have",
+                "TOO_MANY_BUDGETS",
+            )
+        if answer == "CROWDED":
+            raise errors.failed_precondition(
+                f"{spec.scope.lower()} {spec.scope_id!r} has the most budgets one scope may have",
+                "TOO_MANY_BUDGETS",
+            )
+        return budget_message(await self._managed_budget(project_id, budget_id))
+
+    async def GetBudget(
+        self, request: usage_service_pb2.GetBudgetRequest, context: ServicerContext
+    ) -> usage_pb2.Budget:
+        return budget_message(await self._readable_budget(request.project_id, request.budget_id))
+
+    async def ListBudgets(
+        self, request: usage_service_pb2.ListBudgetsRequest, context: ServicerContext
+    ) -> usage_service_pb2.ListBudgetsResponse:
+        project_id = await self._visible_project(request.project_id)
+        scope = _scope(request.scope, "scope", allow_unset=True)
+        scope_id = request.scope_id
+        if scope_id and not scope:
+            raise errors.invalid_argument("scope", "is required with scope_id")
+        principal = current_principal()
+        if principal.role == AGENT:  # an agent sees its own agent budgets only
+            if (scope and scope != "AGENT") or (scope_id and scope_id != principal.subject):
+                return usage_service_pb2.ListBudgetsResponse()
+            scope, scope_id = "AGENT", principal.subject
+        page = parse_page(
+            request.page_size, request.page_token, 0, ("budgets", project_id, scope, scope_id)
+        )
+        found = await self._budgets.list_budgets(
+            project_id, scope, scope_id, _offset(page.cursor), page.size
+        )
+        return usage_service_pb2.ListBudgetsResponse(
+            budgets=[budget_message(b) for b in found.items],
+            next_page_token=_next_token(page, found),
+            total_size=found.total,
+        )
+
+    async def UpdateBudget(
+        self, request: usage_service_pb2.UpdateBudgetRequest, context: ServicerContext
+    ) -> usage_pb2.Budget:
+        current = await self._managed_budget(request.project_id, request.budget_id)
+        paths = list(request.update_mask.paths)
+        for path in paths:
+            if path in FIXED:
+                raise errors.invalid_argument("update_mask", f"{path} is fixed once created")
+            if path not in MUTABLE:
+                raise errors.invalid_argument("update_mask", f"unknown field {path!r}")
+        new = request.budget
+        changes: dict[str, str] = {}
+        limit_tokens, limit_cost = current.spec.limit_tokens, current.spec.limit_cost_micros
+        if "limit_tokens" in paths:
+            limit_tokens = _limit("budget.limit_tokens", new.limit_tokens, MAX_BUDGET_TOKENS)
+            changes["lt"] = str(limit_tokens)
+        if "limit_cost_micros" in paths:
+            limit_cost = _limit(
+                "budget.limit_cost_micros", new.limit_cost_micros, MAX_BUDGET_COST_MICROS
+            )
+            changes["lc"] = str(limit_cost)
+        if not (limit_tokens or limit_cost):
+            raise errors.invalid_argument("budget.limit_tokens", "at least one limit must be set")
+        if "enforcement" in paths:
+            changes["enf"] = _enforcement(new.enforcement)
+        if "alert_thresholds" in paths:
+            changes["th"] = ",".join(map(str, _thresholds(new.alert_thresholds)))
+        if "display_name" in paths:
+            changes["name"] = require_text(
+                "budget.display_name", new.display_name, MAX_TITLE_LENGTH
+            )
+        if changes and not await self._budgets.update(
+            current.project_id, current.budget_id, changes
+        ):
+            raise errors.not_found("budget", current.budget_id)
+        return budget_message(await self._managed_budget(current.project_id, current.budget_id))
+
+    async def DeleteBudget(
+        self, request: usage_service_pb2.DeleteBudgetRequest, context: ServicerContext
+    ) -> usage_service_pb2.DeleteBudgetResponse:
+        project_id = await self._managed_project(request.project_id)
+        budget_id = require_id("budget_id", request.budget_id)
+        if not await self._budgets.delete(project_id, budget_id):
+            raise errors.not_found("budget", budget_id)
+        return usage_service_pb2.DeleteBudgetResponse()
+
+    async def ResetBudget(
+        self, request: usage_service_pb2.ResetBudgetRequest, context: ServicerContext
+    ) -> usage_pb2.Budget:
+        project_id = await self._managed_project(request.project_id)
+        budget_id = require_id("budget_id", request.budget_id)
+        if not await self._budgets.reset(project_id, budget_id, current_principal().label):
+            raise errors.not_found("budget", budget_id)
+        return budget_message(await self._managed_budget(project_id, budget_id))
+
+    async def ListBudgetPeriods(
+        self, request: usage_service_pb2.ListBudgetPeriodsRequest, context: ServicerContext
+    ) -> usage_service_pb2.ListBudgetPeriodsResponse:
+        budget = await self._readable_budget(request.project_id, request.budget_id)
+        page = parse_page(
+            request.page_size,
+            request.page_token,
+            0,
+            ("periods", budget.project_id, budget.budget_id),
+        )
+        found = await self._budgets.periods(
+            budget.project_id, budget.budget_id, _offset(page.cursor), page.size
+        )
+        return usage_service_pb2.ListBudgetPeriodsResponse(
+            periods=[period_message(p) for p in found.items],
+            next_page_token=_next_token(page, found),
+        )
+
+    async def _check_spec(self, project_id: str, budget: usage_pb2.Budget) -> BudgetSpec:
+        scope = _scope(budget.scope, "budget.scope", allow_unset=False)
+        scope_id = budget.scope_id
+        if scope == "PROJECT":
+            if scope_id:
+                raise errors.invalid_argument(
+                    "budget.scope_id", "must be empty for a project budget"
+                )
+        elif scope == "MODEL":
+            scope_id = require_id(
+                "budget.scope_id", require_text("budget.scope_id", scope_id, MAX_MODEL_LENGTH)
+            )
+        else:
+            scope_id = require_id("budget.scope_id", scope_id)
+        if scope == "AGENT":
+            agent = await self._agents.find_agent(scope_id)
+            if agent is None or agent.project_id != project_id:
+                raise errors.not_found("agent", scope_id)
+        limit_tokens = _limit("budget.limit_tokens", budget.limit_tokens, MAX_BUDGET_TOKENS)
+        limit_cost = _limit(
+            "budget.limit_cost_micros", budget.limit_cost_micros, MAX_BUDGET_COST_MICROS
+        )
+        if not (limit_tokens or limit_cost):
+            raise errors.invalid_argument(
+                "budget.limit_tokens",
+                "at least one of limit_tokens and limit_cost_micros is required",
+            )
+        if budget.period == usage_pb2.BUDGET_PERIOD_UNSPECIFIED:
+            raise errors.invalid_argument(
+                "budget.period", "is required (LIFETIME, DAY, WEEK or MONTH)"
+            )
+        time_zone = budget.time_zone or "UTC"
+        if zone(time_zone) is None:
+            raise errors.invalid_argument(
+                "budget.time_zone", f"unknown IANA time zone {time_zone!r}"
+            )
+        return BudgetSpec(
+            scope=scope,
+            scope_id=scope_id,
+            limit_tokens=limit_tokens,
+            limit_cost_micros=limit_cost,
+            period=Period(enums.short_name(usage_pb2.BudgetPeriod, budget.period)),
+            time_zone=time_zone,
+            enforcement=_enforcement(budget.enforcement),
+            thresholds=_thresholds(budget.alert_thresholds)
+            if budget.alert_thresholds
+            else DEFAULT_THRESHOLDS,
+            display_name=require_text("budget.display_name", budget.display_name, MAX_TITLE_LENGTH),
+        )
+
+    # Alerts -------------------------------------------------------------------------
+
+    async def WatchBudgetAlerts(
+        self, request: usage_service_pb2.WatchBudgetAlertsRequest, context: ServicerContext
+    ) -> AsyncIterator[usage_pb2.BudgetAlert]:
+        project_id = await self._managed_project(request.project_id)
+        if request.after_alert_id:
+            after_id = require_id("after_alert_id", request.after_alert_id)
+            # An alert older than the 7 days kept (or unknown): everything kept is sent.
+            after = await self._budgets.alert_entry(project_id, after_id) or "0-0"
+        else:
+            after = await self._budgets.last_alert_entry(project_id)
+        stream = await stream_open(context, self._stopping)
+        while stream.active:
+            for alert in await self._budgets.read_alerts(
+                self._streams, project_id, after, tuning.STREAM_BLOCK_MS
+            ):
+                after = alert.entry_id
+                yield alert_message(alert)
+
+    # Webhooks -----------------------------------------------------------------------
+
+    async def CreateWebhook(
+        self, request: usage_service_pb2.CreateWebhookRequest, context: ServicerContext
+    ) -> usage_service_pb2.CreateWebhookResponse:
+        project_id = await self._managed_project(request.project_id)
+        url = require_text("url", request.url, MAX_URL_LENGTH)
+        if not url:
+            raise errors.invalid_argument("url", "is required")
+        try:
+            await check_url(
+                url,
+                self._settings.webhook_allow_http,
+                self._settings.webhook_allow_private_networks,
+            )
+        except UnsafeUrl as exc:
+            raise errors.invalid_argument("url", str(exc)) from None
+        types = sorted(set(request.event_types)) or list(EVENT_TYPES)
+        for kind in types:
+            if kind not in EVENT_TYPES:
+                raise errors.invalid_argument(
+                    "event_types", f"unknown event type {kind!r} (known: {', '.join(EVENT_TYPES)})"
+                )
+        webhook = WebhookRecord(new_id(), project_id, url, types, now_ms())
+        secret = "whsec_" + secrets.token_urlsafe(32)
+        if not await self._budgets.add_webhook(webhook, secret):
+            raise errors.failed_precondition(
+                f"project {project_id!r} has the most webhooks a project may have",
+                "TOO_MANY_WEBHOOKS",
+            )
+        return usage_service_pb2.CreateWebhookResponse(
+            webhook=webhook_message(webhook), secret=secret
+        )
+
+    async def ListWebhooks(
+        self, request: usage_service_pb2.ListWebhooksRequest, context: ServicerContext
+    ) -> usage_service_pb2.ListWebhooksResponse:
+        project_id = await self._managed_project(request.project_id)
+        return usage_service_pb2.ListWebhooksResponse(
+            webhooks=[webhook_message(w) for w in await self._budgets.webhooks(project_id)]
+        )
+
+    async def DeleteWebhook(
+        self, request: usage_service_pb2.DeleteWebhookRequest, context: ServicerContext
+    ) -> usage_service_pb2.DeleteWebhookResponse:
+        project_id = await self._managed_project(request.project_id)
+        webhook_id = require_id("webhook_id", request.webhook_id)
+        if not await self._budgets.delete_webhook(project_id, webhook_id):
+            raise errors.not_found("webhook", webhook_id)
+        return usage_service_pb2.DeleteWebhookResponse()
+
+    async def ListWebhookDeliveries(
+        self, request: usage_service_pb2.ListWebhookDeliveriesRequest, context: ServicerContext
+    ) -> usage_service_pb2.ListWebhookDeliveriesResponse:
+        project_id = await self._managed_project(request.project_id)
+        webhook_id = require_id("webhook_id", request.webhook_id)
+        if not await self._budgets.has_webhook(project_id, webhook_id):
+            raise errors.not_found("webhook", webhook_id)
+        page = parse_page(
+            request.page_size, request.page_token, 0, ("deliveries", project_id, webhook_id)
+        )
+        found = await self._budgets.deliveries(
+            project_id, webhook_id, _offset(page.cursor), page.size
+        )
+        return usage_service_pb2.ListWebhookDeliveriesResponse(
+            deliveries=[delivery_message(d) for d in found.items],
+            next_page_token=_next_token(page, found),
+        )
+
+
+# Checks ---------------------------------------------------------------------------
+
+
+def _own_agent_budget(budget: BudgetRecord) -> bool:
+    principal = current_principal()
+    return budget.spec.scope == "AGENT" and budget.spec.scope_id == principal.subject
+
+
+def _scope(value: int, field: str, allow_unset: bool) -> str:
+    if value == usage_pb2.BUDGET_SCOPE_UNSPECIFIED:
+        if allow_unset:
+            return ""
+        raise errors.invalid_argument(field, "is required (PROJECT, AGENT, API_KEY or MODEL)")
+    if value not in usage_pb2.BudgetScope.values():
+        raise errors.invalid_argument(field, "is not a known scope")
+    return enums.short_name(usage_pb2.BudgetScope, value)
+
+
+def _enforcement(value: int) -> str:
+    if value == usage_pb2.BUDGET_ENFORCEMENT_UNSPECIFIED:
+        return "HARD"
+    return enums.short_name(usage_pb2.BudgetEnforcement, value)
+
+
+def _limit(field: str, value: int, most: int) -> int:
+    if not 0 <= value <= most:
+        raise errors.invalid_argument(field, f"must be between 0 (no limit) and {most}")
+    return value
+
+
+def _thresholds(values: object) -> tuple[int, ...]:
+    chosen = sorted(set(values))  # type: ignore[call-overload]
+    if len(chosen) > MAX_THRESHOLDS:
+        raise errors.invalid_argument(
+            "budget.alert_thresholds", f"holds more than {MAX_THRESHOLDS} thresholds"
+        )
+    for value in chosen:
+        if not 1 <= value <= 1000:
+            raise errors.invalid_argument(
+                "budget.alert_thresholds", "each must be a percentage between 1 and 1000"
+            )
+    return tuple(chosen)
+
+
+def _offset(cursor: str | None) -> int:
+    return int(cursor) if cursor and cursor.isdigit() else 0
+
+
+def _next_token(page: object, found: Page) -> str:
+    return page.token_after(str(found.next_offset)) if found.next_offset else ""  # type: ignore[attr-defined]
+
+
+# Messages -------------------------------------------------------------------------
+
+
+def percent_used(tokens: int, cost: int, limit_tokens: int, limit_cost: int) -> float:
+    shares = []
+    if limit_tokens:
+        shares.append(tokens / limit_tokens)
+    if limit_cost:
+        shares.append(cost / limit_cost)
+    return round(100 * max(shares, default=0.0), 1)
+
+
+def budget_message(b: BudgetRecord) -> usage_pb2.Budget:
+    spec = b.spec
+    exhausted = (spec.limit_tokens > 0 and b.used_tokens >= spec.limit_tokens) or (
+        spec.limit_cost_micros > 0 and b.used_cost_micros >= spec.limit_cost_micros
+    )
+    message = usage_pb2.Budget(
+        budget_id=b.budget_id,
+        project_id=b.project_id,
+        scope=enums.value_of(usage_pb2.BudgetScope, spec.scope),
+        scope_id=spec.scope_id,
+        limit_tokens=spec.limit_tokens,
+        limit_cost_micros=spec.limit_cost_micros,
+        period=enums.value_of(usage_pb2.BudgetPeriod, spec.period.value),
+        time_zone=spec.time_zone,
+        enforcement=enums.value_of(usage_pb2.BudgetEnforcement, spec.enforcement),
+        alert_thresholds=list(spec.thresholds),
+        period_start=timestamp(b.period_start_ms),
+        period_end=timestamp(b.period_end_ms),
+        used_tokens=b.used_tokens,
+        used_cost_micros=b.used_cost_micros,
+        reserved_tokens=b.reserved_tokens,
+        reserved_cost_micros=b.reserved_cost_micros,
+        percent_used=percent_used(
+            b.used_tokens, b.used_cost_micros, spec.limit_tokens, spec.limit_cost_micros
+        ),
+        is_exhausted=exhausted,
+        create_time=timestamp(b.create_ms),
+        update_time=timestamp(b.update_ms),
+        reset_time=timestamp(b.reset_ms),
+        reset_by=b.reset_by,
+        display_name=spec.display_name,
+    )
+    return message
+
+
+def period_message(p: PeriodUsage) -> usage_pb2.BudgetPeriodUsage:
+    return usage_pb2.BudgetPeriodUsage(
+        period_start=timestamp(p.start_ms),
+        period_end=timestamp(p.end_ms),
+        used_tokens=p.used_tokens,
+        used_cost_micros=p.used_cost_micros,
+        limit_tokens=p.limit_tokens,
+        limit_cost_micros=p.limit_cost_micros,
+        percent_used=percent_used(
+            p.used_tokens, p.used_cost_micros, p.limit_tokens, p.limit_cost_micros
+        ),
+    )
+
+
+def alert_message(a: Alert) -> usage_pb2.BudgetAlert:
+    return usage_pb2.BudgetAlert(
+        alert_id=a.alert_id,
+        budget_id=a.budget_id,
+        project_id=a.project_id,
+        scope=enums.value_of(usage_pb2.BudgetScope, a.scope),
+        scope_id=a.scope_id,
+        threshold=a.threshold,
+        percent_used=a.percent_used,
+        used_tokens=a.used_tokens,
+        used_cost_micros=a.used_cost_micros,
+        period_start=timestamp(a.period_start_ms),
+        create_time=timestamp(a.create_ms),
+    )
+
+
+def webhook_message(w: WebhookRecord) -> usage_pb2.Webhook:
+    return usage_pb2.Webhook(
+        webhook_id=w.webhook_id,
+        project_id=w.project_id,
+        url=w.url,
+        event_types=w.event_types,
+        create_time=timestamp(w.create_ms),
+    )
+
+
+def delivery_message(d: DeliveryRecord) -> usage_pb2.WebhookDelivery:
+    message = usage_pb2.WebhookDelivery(
+        delivery_id=d.delivery_id,
+        webhook_id=d.webhook_id,
+        event_id=d.event_id,
+        event_type=d.event_type,
+        status=enums.value_of(usage_pb2.DeliveryStatus, d.status),
+        attempts=d.attempts,
+        last_response_code=d.last_code,
+        last_error=d.last_error,
+        next_attempt_time=timestamp(d.next_ms if d.status == "PENDING" else 0),
+        create_time=timestamp(d.create_ms),
+        update_time=timestamp(d.update_ms),
+    )
+    return message

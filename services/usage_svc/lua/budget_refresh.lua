@@ -1,0 +1,23 @@
+-- Bring budgets to the present: give back lapsed reservations, and open the current
+-- period of each budget whose period has ended (its final usage goes to its history).
+-- Idempotent: replicas that compute the same period at once open it once.
+-- KEYS: 1 the project's partition prefix P
+-- ARGV: 1 now (ms), then per budget: id, current period start, its end, history kept
+-- Returns each budget's hash after (flat field/value lists; empty when it does not exist).
+local P = KEYS[1]
+purge_expired(P, ARGV[1])
+local hashes = {}
+for i = 2, #ARGV, 4 do
+  local key = P .. 'budget:' .. ARGV[i]
+  local f = redis.call('HMGET', key, 'ps', 'pe', 't', 'c', 'lt', 'lc')
+  if f[1] and tonumber(f[1]) < tonumber(ARGV[i + 1]) then
+    local keep = tonumber(ARGV[i + 3])
+    if keep > 0 then
+      redis.call('LPUSH', key .. ':periods', table.concat({f[1], f[2], num(f[3]), num(f[4]), num(f[5]), num(f[6])}, '|'))
+      redis.call('LTRIM', key .. ':periods', 0, keep - 1)
+    end
+    redis.call('HSET', key, 'ps', ARGV[i + 1], 'pe', ARGV[i + 2], 't', 0, 'c', 0, 'fired', ',', 'gen', 0)
+  end
+  hashes[#hashes + 1] = redis.call('HGETALL', key)
+end
+return hashes
