@@ -256,8 +256,9 @@ class UsageServicer(BudgetRpcs, usage_service_pb2_grpc.UsageServiceServicer):
             if not 0 < ttl_ms <= MAX_RESERVATION_TTL_MS:
                 raise errors.invalid_argument("ttl", "must be more than 0 and at most 1 hour")
         principal = current_principal()
-        if principal.role == AGENT:
-            require_self(agent_id or principal.subject, "agent_id")
+        if principal.role == AGENT:  # an agent reserves as itself: its budgets cover the call
+            agent_id = agent_id or principal.subject
+            require_self(agent_id, "agent_id")
         return Hold(
             reservation_id=reservation_id,
             thread_id=thread_id,

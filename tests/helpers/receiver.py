@@ -25,8 +25,10 @@ class Delivery:
 
 
 class Receiver:
-    def __init__(self, statuses: list[int] | None = None) -> None:
+    def __init__(self, statuses: list[int] | None = None, stall: int = 0) -> None:
         self.statuses = list(statuses or [])
+        self.stall = stall  # the first `stall` requests are never answered
+        self.release = asyncio.Event()
         self.deliveries: list[Delivery] = []
         self.arrived = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -64,9 +66,13 @@ class Receiver:
                 for k, _, v in (line.partition(":") for line in lines[1:] if line)
             }
             body = await reader.readexactly(int(headers.get("content-length", "0")))
-            status = self.statuses.pop(0) if self.statuses else 200
+            stalled = len(self.deliveries) < self.stall
+            status = 0 if stalled else self.statuses.pop(0) if self.statuses else 200
             self.deliveries.append(Delivery(path, headers, body, status))
             self.arrived.set()
+            if stalled:
+                await self.release.wait()
+                return
             writer.write(
                 f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
             )
