@@ -23,8 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
+from bench.budgets import five_budgets
 from bench.gateway import measure_gateway
-from bench.load import BENCH_TOKEN, THREADS, WorkerResult, run_worker, thread_of
+from bench.load import BENCH_TOKEN, THREADS, Caller, WorkerResult, run_worker, thread_of
 from bench.load import channel as channel_to
 from scripts.redis_server import RedisProcess, free_port
 
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "32"))
 CALLS = int(os.environ.get("BENCH_CALLS", "8000"))  # per worker and phase
+ADMIN = Caller()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -41,14 +43,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def drive(target: str, kind: str, rate: float = 0.0, tag: str = "") -> dict[str, float]:
+def drive(
+    target: str, kind: str, rate: float = 0.0, tag: str = "", caller: Caller = ADMIN
+) -> dict[str, float]:
     """Run WORKERS load processes; total throughput and latency percentiles."""
     per_worker_rate = rate / WORKERS if rate else 0.0
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(WORKERS) as pool:
         results: list[WorkerResult] = pool.starmap(
             run_worker,
-            [(target, kind, w, CALLS, CONCURRENCY, per_worker_rate, tag) for w in range(WORKERS)],
+            [
+                (target, kind, w, CALLS, CONCURRENCY, per_worker_rate, tag, caller)
+                for w in range(WORKERS)
+            ],
         )
     latencies = [x for r in results for x in r.latencies_ms]
     completed = sum(r.completed for r in results)
@@ -155,16 +162,24 @@ async def batch_throughput(stub: Any, batches: int = 40, in_flight: int = 4) -> 
 
 def main() -> int:
     redis = RedisProcess(log_file=None).start()
-    port = free_port()
-    target = f"127.0.0.1:{port}"
+    port, agent_port = free_port(), free_port()
+    target, agent_target = f"127.0.0.1:{port}", f"127.0.0.1:{agent_port}"
     env = {
-        **os.environ, "GRPC_PORT": str(port), "REDIS_URL": redis.url, "METRICS_PORT": "0",
-        "AGENTPLANE_ADMIN_TOKEN": BENCH_TOKEN,
+        **os.environ, "REDIS_URL": redis.url, "METRICS_PORT": "0",
+        "AGENTPLANE_ADMIN_TOKEN": BENCH_TOKEN, "AGENT_SVC_ADDR": agent_target,
+        # The owner key of the budget phase must not be rate limited: the bench measures
+        # the charging (an owner's calls still pass through the shared limiter's script).
+        "RATE_LIMITS": "RecordUsage=100000000/min,ReserveBudget=100000000/min",
         "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
     }  # fmt: skip
     service = subprocess.Popen(
-        [sys.executable, "-m", "services.usage_svc"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
-    )
+        [sys.executable, "-m", "services.usage_svc"], cwd=ROOT,
+        env={**env, "GRPC_PORT": str(port)}, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    agent_service = subprocess.Popen(
+        [sys.executable, "-m", "services.agent_svc"], cwd=ROOT,
+        env={**env, "GRPC_PORT": str(agent_port)}, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
     results: dict[str, Any] = {
         "workers": WORKERS,
         "concurrency": CONCURRENCY,
@@ -172,6 +187,7 @@ def main() -> int:
     }
     try:
         asyncio.run(wait_serving(target))
+        asyncio.run(wait_serving(agent_target))
 
         async def setup() -> None:
             async with channel_to(target) as channel:
@@ -202,6 +218,21 @@ def main() -> int:
             **drive(target, "record", rate=own_half, tag="own-half"),
             "offered_calls_per_s": own_half,
         }
+        # The same records, each charging five covering budgets (thread, agent, model, API
+        # key, project) and settling a reservation that held all five.
+        owner = asyncio.run(five_budgets(agent_target, target))
+        # The admin token has no API key: its records are covered by four budgets.
+        four = drive(target, "record", tag="budgets4", caller=Caller(agents=owner.agents))
+        results["record_usage_four_budgets_admin"] = four
+        results["four_budgets_vs_plain_record"] = four["calls_per_s"] / record["calls_per_s"]
+        budgeted = drive(target, "record", tag="budgets", caller=owner)
+        results["record_usage_five_budgets"] = budgeted
+        results["record_five_budgets_vs_check"] = budgeted["calls_per_s"] / check["calls_per_s"]
+        results["five_budgets_vs_plain_record"] = budgeted["calls_per_s"] / record["calls_per_s"]
+        results["record_usage_five_budgets_half_load"] = {
+            **drive(target, "record", rate=half_rate, tag="budgets-half", caller=owner),
+            "offered_calls_per_s": half_rate,
+        }
 
         async def reads_and_batches() -> None:
             async with channel_to(target) as channel:
@@ -221,13 +252,18 @@ def main() -> int:
         asyncio.run(reads_and_batches())
         results["gateway"] = measure_gateway(redis.url)
     finally:
-        service.terminate()
-        service.wait(timeout=20)
+        for process in (service, agent_service):
+            process.terminate()
+            process.wait(timeout=20)
         redis.stop()
 
     targets = {
         "RecordUsage ≥ 70% of Check": results["record_vs_check"] >= 0.70,
         "p99 < 20 ms at half load": results["record_usage_half_load"]["p99_ms"] < 20,
+        "RecordUsage with five budgets ≥ 70% of Check": results["record_five_budgets_vs_check"]
+        >= 0.70,
+        "  and p99 < 20 ms at half load": results["record_usage_five_budgets_half_load"]["p99_ms"]
+        < 20,
         "batch ≥ 20,000 records/s": results["record_usage_batch_records_per_s"] >= 20_000,
         "reads within 2x from 1k to 100k threads": all(
             v <= 2 for v in results["read_growth_1k_to_100k"].values()
@@ -258,6 +294,18 @@ def main() -> int:
             f"  at half its own saturation ({o['offered_calls_per_s']:.0f}/s) p50 / p99",
             f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f}",
         ),
+        ("RecordUsage, five covering budgets (calls/s)",
+         f"{results['record_usage_five_budgets']['calls_per_s']:.0f}"),
+        ("  ratio to Check", f"{results['record_five_budgets_vs_check']:.2f}"),
+        ("  ratio to RecordUsage without budgets",
+         f"{results['five_budgets_vs_plain_record']:.2f}"),
+        ("RecordUsage, admin token, four budgets (calls/s)",
+         f"{results['record_usage_four_budgets_admin']['calls_per_s']:.0f}"),
+        ("  ratio to RecordUsage without budgets",
+         f"{results['four_budgets_vs_plain_record']:.2f}"),
+        ("  p50 / p99 at half load (ms)",
+         f"{results['record_usage_five_budgets_half_load']['p50_ms']:.2f} / "
+         f"{results['record_usage_five_budgets_half_load']['p99_ms']:.2f}"),
         ("RecordUsageBatch (records/s)", f"{results['record_usage_batch_records_per_s']:.0f}"),
     ]  # fmt: skip
     for scale, key in (("1k", "reads_at_1k_threads"), ("100k", "reads_at_100k_threads")):

@@ -53,9 +53,17 @@ def thread_of(worker: int, n: int) -> str:
     return f"bench-t{(worker * 7919 + n) % THREADS}"
 
 
-def record_body(worker: int, n: int, tag: str) -> bytes:
+@dataclass(frozen=True)
+class Caller:
+    """Who the load calls as, and the agents its records name."""
+
+    token: str = BENCH_TOKEN
+    agents: tuple[str, ...] = tuple(f"agent-{i}" for i in range(8))
+
+
+def record_body(worker: int, n: int, tag: str, agent: str) -> bytes:
     fixed = U.RecordUsageRequest(
-        agent_id=f"agent-{worker % 8}", project_id="bench", model="gpt-4o",
+        agent_id=agent, project_id="bench", model="gpt-4o",
         prompt_tokens=120, completion_tokens=80, latency_ms=350,
     ).SerializeToString()  # fmt: skip
     key = f"{tag}-{worker}-{n}"
@@ -63,24 +71,32 @@ def record_body(worker: int, n: int, tag: str) -> bytes:
 
 
 async def _run(
-    target: str, kind: str, worker: int, count: int, concurrency: int, rate: float, tag: str
-) -> WorkerResult:
+    target: str, kind: str, worker: int, count: int, concurrency: int, rate: float, tag: str,
+    caller: Caller,
+) -> WorkerResult:  # fmt: skip
+    metadata = (("authorization", f"Bearer {caller.token}"),)
+    agent = caller.agents[worker % len(caller.agents)]
     async with grpc.aio.insecure_channel(target) as raw:
         method = raw.unary_unary(CHECK if kind == "check" else RECORD)
         if kind == "check":
             body = health_pb2.HealthCheckRequest().SerializeToString()
             bodies = [body] * count
         else:
-            bodies = [record_body(worker, n, tag) for n in range(count)]
+            bodies = [record_body(worker, n, tag, agent) for n in range(count)]
             reserve = raw.unary_unary(RESERVE)
             ttl = duration_pb2.Duration(seconds=600)
 
             async def hold(n: int) -> None:
                 key = f"{tag}-{worker}-{n}"
                 request = U.ReserveBudgetRequest(
-                    reservation_id=key, thread_id=thread_of(worker, n), tokens=200, ttl=ttl
+                    reservation_id=key,
+                    thread_id=thread_of(worker, n),
+                    tokens=200,
+                    ttl=ttl,
+                    agent_id=agent,
+                    model="gpt-4o",
                 )
-                await reserve(request.SerializeToString(), metadata=METADATA)
+                await reserve(request.SerializeToString(), metadata=metadata)
 
             for start in range(0, count, 256):  # the reservations the records settle (untimed)
                 await asyncio.gather(*(hold(n) for n in range(start, min(count, start + 256))))
@@ -100,7 +116,7 @@ async def _run(
                         await asyncio.sleep(delay)
                 sent = time.perf_counter()
                 try:
-                    await method(bodies[n], metadata=METADATA)
+                    await method(bodies[n], metadata=metadata)
                     latencies.append((time.perf_counter() - sent) * 1000)
                 except grpc.aio.AioRpcError:
                     errors += 1
@@ -110,6 +126,7 @@ async def _run(
 
 
 def run_worker(
-    target: str, kind: str, worker: int, count: int, concurrency: int, rate: float, tag: str
-) -> WorkerResult:
-    return asyncio.run(_run(target, kind, worker, count, concurrency, rate, tag))
+    target: str, kind: str, worker: int, count: int, concurrency: int, rate: float, tag: str,
+    caller: Caller,
+) -> WorkerResult:  # fmt: skip
+    return asyncio.run(_run(target, kind, worker, count, concurrency, rate, tag, caller))

@@ -112,6 +112,9 @@ def start_processes(redis_url: str) -> list[Child]:
         "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"),
         "AGENTPLANE_ADMIN_TOKEN": admin_token(),
         "BIND_HOST": BIND_HOST,
+        # A developer's webhook receiver is usually plain HTTP on this machine.
+        "WEBHOOK_ALLOW_HTTP": os.environ.get("WEBHOOK_ALLOW_HTTP", "true"),
+        "WEBHOOK_ALLOW_PRIVATE_NETWORKS": os.environ.get("WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true"),
         **PEERS,
     }
     children: list[Child] = []

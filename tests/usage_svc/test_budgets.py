@@ -34,8 +34,8 @@ B = usage_pb2
 
 
 @pytest.fixture
-async def stack(redis_url):
-    cluster = await start_cluster(redis_url)
+async def stack(redis_target):
+    cluster = await start_cluster(redis_target.url, redis_target.cluster)
     await make_type(cluster.agent)
     await make_project(cluster.agent, "demo")
     yield cluster
@@ -264,8 +264,9 @@ async def test_webhook_urls_are_guarded(stack) -> None:
     assert await check_url("https://93.184.216.34/x", False, False) == "https://93.184.216.34/x"
     # The service applies the guard with its own flags (tests allow loopback: these are off).
     strict = await start_cluster(
-        stack.redis_url, webhook_allow_private_networks=False, webhook_allow_http=False
-    )
+        stack.redis_url, stack.redis_cluster,
+        webhook_allow_private_networks=False, webhook_allow_http=False,
+    )  # fmt: skip
     try:
         await make_project(strict.agent, "strict")
         for url in ("http://93.184.216.34/x", "https://127.0.0.1:8443/x", "not a url"):
