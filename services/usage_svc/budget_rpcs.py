@@ -68,6 +68,10 @@ class BudgetRpcs:
         await self._agents.require_project(project_id)
         return project_id
 
+    async def _managed_ref(self, project_id: str, kind: str, resource_id: str) -> tuple[str, str]:
+        """(project, id) of a budget or webhook named in a manager's request."""
+        return await self._managed_project(project_id), require_id(f"{kind}_id", resource_id)
+
     async def _visible_project(self, project_id: str) -> str:
         project_id = require_id("project_id", project_id)
         if not await self._agents.can_see_project(project_id):
@@ -182,8 +186,9 @@ class BudgetRpcs:
     async def DeleteBudget(
         self, request: usage_service_pb2.DeleteBudgetRequest, context: ServicerContext
     ) -> usage_service_pb2.DeleteBudgetResponse:
-        project_id = await self._managed_project(request.project_id)
-        budget_id = require_id("budget_id", request.budget_id)
+        project_id, budget_id = await self._managed_ref(
+            request.project_id, "budget", request.budget_id
+        )
         if not await self._budgets.delete(project_id, budget_id):
             raise errors.not_found("budget", budget_id)
         return usage_service_pb2.DeleteBudgetResponse()
@@ -191,8 +196,9 @@ class BudgetRpcs:
     async def ResetBudget(
         self, request: usage_service_pb2.ResetBudgetRequest, context: ServicerContext
     ) -> usage_pb2.Budget:
-        project_id = await self._managed_project(request.project_id)
-        budget_id = require_id("budget_id", request.budget_id)
+        project_id, budget_id = await self._managed_ref(
+            request.project_id, "budget", request.budget_id
+        )
         if not await self._budgets.reset(project_id, budget_id, current_principal().label):
             raise errors.not_found("budget", budget_id)
         return budget_message(await self._managed_budget(project_id, budget_id))
@@ -330,8 +336,9 @@ class BudgetRpcs:
     async def DeleteWebhook(
         self, request: usage_service_pb2.DeleteWebhookRequest, context: ServicerContext
     ) -> usage_service_pb2.DeleteWebhookResponse:
-        project_id = await self._managed_project(request.project_id)
-        webhook_id = require_id("webhook_id", request.webhook_id)
+        project_id, webhook_id = await self._managed_ref(
+            request.project_id, "webhook", request.webhook_id
+        )
         if not await self._budgets.delete_webhook(project_id, webhook_id):
             raise errors.not_found("webhook", webhook_id)
         return usage_service_pb2.DeleteWebhookResponse()
@@ -339,8 +346,9 @@ class BudgetRpcs:
     async def ListWebhookDeliveries(
         self, request: usage_service_pb2.ListWebhookDeliveriesRequest, context: ServicerContext
     ) -> usage_service_pb2.ListWebhookDeliveriesResponse:
-        project_id = await self._managed_project(request.project_id)
-        webhook_id = require_id("webhook_id", request.webhook_id)
+        project_id, webhook_id = await self._managed_ref(
+            request.project_id, "webhook", request.webhook_id
+        )
         if not await self._budgets.has_webhook(project_id, webhook_id):
             raise errors.not_found("webhook", webhook_id)
         page = parse_page(

@@ -11,6 +11,7 @@ least 24 hours), then FAILED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -135,8 +136,14 @@ class Dispatcher:
                     await asyncio.wait_for(stopping.wait(), self._settings.webhook_poll_s)
                 except TimeoutError:
                     pass
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=self._settings.webhook_timeout_s + 1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._settings.webhook_timeout_s + 1):
+                    await self.settle()
+
+    async def settle(self) -> None:
+        """Wait for the attempts in flight to end."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
 
     async def poll(self, client: httpx.AsyncClient) -> int:
         """Claim what is due on every shard and start its attempts; returns how many."""

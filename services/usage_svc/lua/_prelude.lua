@@ -153,8 +153,9 @@ local function check_alerts(P, S, project, bid, now)
       local alert_id = bid .. '.' .. (f[5] or '0') .. '.' .. th
       if num(f[6]) > 0 then alert_id = alert_id .. '.r' .. f[6] end
       local shown = string.format('%.1f', math.floor(pct * 10 + 0.5) / 10)
+      -- (the counters as Redis keeps them: Lua would print a large number as 1e+15)
       local encoded = table.concat({alert_id, bid, project, f[7], f[8] or '', th, shown,
-        t, c, f[5] or '0', now}, '|')
+        f[9] or '0', f[10] or '0', f[5] or '0', now}, '|')
       local entry = redis.call('XADD', P .. 'alerts', 'MINID', '~', tonumber(now) - ALERT_KEEP_MS,
         '*', 'a', encoded)
       redis.call('SET', P .. 'alert:' .. alert_id, entry, 'EX', ALERT_ID_TTL_S)

@@ -13,7 +13,8 @@ for i = 2, #ARGV, 4 do
   if f[1] and tonumber(f[1]) < tonumber(ARGV[i + 1]) then
     local keep = tonumber(ARGV[i + 3])
     if keep > 0 then
-      redis.call('LPUSH', key .. ':periods', table.concat({f[1], f[2], num(f[3]), num(f[4]), num(f[5]), num(f[6])}, '|'))
+      local entry = {f[1], f[2] or '0', f[3] or '0', f[4] or '0', f[5] or '0', f[6] or '0'}
+      redis.call('LPUSH', key .. ':periods', table.concat(entry, '|'))
       redis.call('LTRIM', key .. ':periods', 0, keep - 1)
     end
     redis.call('HSET', key, 'ps', ARGV[i + 1], 'pe', ARGV[i + 2], 't', 0, 'c', 0, 'fired', ',', 'gen', 0)
