@@ -147,6 +147,7 @@ class PeriodOpener(Protocol):
 LUA_PRELUDE = LUA / "_prelude.lua"
 ROLL_ATTEMPTS = 4  # a period can end between opening it and retrying only so often
 NEGATIVE_CACHE_S = 1.0  # how long the record path trusts "this thread has no budget"
+DIRECTORY_CACHE_S = 60.0  # a thread's project only changes when ResetUsage erases all
 
 
 def script(redis: RedisClient, name: str) -> Any:
@@ -168,7 +169,7 @@ class UsageStore:
         self._ttl = usage_id_ttl_s
         self._clock = clock
         self._periods = periods
-        self._directory: dict[str, str] = {}  # thread id -> project id; fixed once written
+        self._directory: dict[str, tuple[str, float]] = {}  # thread id -> (project, until)
         self._no_budget: dict[str, float] = {}  # thread id -> until when "none" is trusted
         self._pending: list[tuple[UsageRecord, asyncio.Future[RecordOutcome]]] = []
         self._writer: asyncio.Future[None] | None = None
@@ -182,11 +183,12 @@ class UsageStore:
 
     async def thread_project(self, thread_id: str, fresh: bool = True) -> str | None:
         """The project of a thread with a budget, or None without a budget. A thread's
-        project never changes once written, so it is cached; with `fresh` false, "no
+        project is written once, so it is cached (for DIRECTORY_CACHE_S, in case a
+        ResetUsage on another replica erased it); with `fresh` false, "no
         budget" may also come from a cache of the last NEGATIVE_CACHE_S."""
         known = self._directory.get(thread_id)
-        if known is not None:
-            return known
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
         if not fresh and self._no_budget.get(thread_id, 0.0) > time.monotonic():
             return None
         found = await self._redis.get(Layout.thread_directory(thread_id))
@@ -211,7 +213,7 @@ class UsageStore:
     def _remember(self, thread_id: str, project_id: str) -> None:
         if len(self._directory) >= tuning.MAX_CACHED_ENTRIES:
             self._directory.clear()
-        self._directory[thread_id] = project_id
+        self._directory[thread_id] = (project_id, time.monotonic() + DIRECTORY_CACHE_S)
 
     # Writes -------------------------------------------------------------------------
 
