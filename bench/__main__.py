@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
 from bench.budgets import five_budgets
+from bench.budgets import owner as make_owner
 from bench.gateway import measure_gateway
 from bench.load import BENCH_TOKEN, THREADS, Caller, WorkerResult, run_worker, thread_of
 from bench.load import channel as channel_to
@@ -220,7 +221,10 @@ def main() -> int:
         }
         # The same records, each charging five covering budgets (thread, agent, model, API
         # key, project) and settling a reservation that held all five.
-        owner = asyncio.run(five_budgets(agent_target, target))
+        owner, key_id = asyncio.run(make_owner(agent_target))
+        plain_owner = drive(target, "record", tag="owner", caller=owner)
+        results["record_usage_owner_key"] = plain_owner
+        asyncio.run(five_budgets(target, owner, key_id))
         # The admin token has no API key: its records are covered by four budgets.
         four = drive(target, "record", tag="budgets4", caller=Caller(agents=owner.agents))
         results["record_usage_four_budgets_admin"] = four
@@ -229,6 +233,9 @@ def main() -> int:
         results["record_usage_five_budgets"] = budgeted
         results["record_five_budgets_vs_check"] = budgeted["calls_per_s"] / check["calls_per_s"]
         results["five_budgets_vs_plain_record"] = budgeted["calls_per_s"] / record["calls_per_s"]
+        results["five_budgets_vs_owner_without"] = (
+            budgeted["calls_per_s"] / plain_owner["calls_per_s"]
+        )
         results["record_usage_five_budgets_half_load"] = {
             **drive(target, "record", rate=half_rate, tag="budgets-half", caller=owner),
             "offered_calls_per_s": half_rate,
@@ -302,6 +309,10 @@ def main() -> int:
         ("  p50 / p99 at half the Check ceiling (ms)",
          f"{results['record_usage_five_budgets_half_load']['p50_ms']:.2f} / "
          f"{results['record_usage_five_budgets_half_load']['p99_ms']:.2f}"),
+        ("  ratio to the same owner key without budgets",
+         f"{results['five_budgets_vs_owner_without']:.2f}"),
+        ("RecordUsage, owner key, no budgets (calls/s)",
+         f"{results['record_usage_owner_key']['calls_per_s']:.0f}"),
         ("RecordUsage, admin token, four budgets (calls/s)",
          f"{results['record_usage_four_budgets_admin']['calls_per_s']:.0f}"),
         ("  ratio to RecordUsage without budgets",

@@ -21,7 +21,8 @@ from bench.load import Caller, channel
 HUGE = 10**12  # never reached: the bench measures the charging, not refusals
 
 
-async def five_budgets(agent_target: str, usage_target: str) -> Caller:
+async def owner(agent_target: str) -> tuple[Caller, str]:
+    """An owner key (and its key id), and project "bench" with eight agents of its own."""
     async with channel(agent_target) as admin_channel:
         admin = agent_service_pb2_grpc.AgentServiceStub(admin_channel)
         made = await admin.CreateApiKey(agent_service_pb2.CreateApiKeyRequest(
@@ -46,13 +47,19 @@ async def five_budgets(agent_target: str, usage_target: str) -> Caller:
                 project_id="bench", agent=agent_pb2.Agent(agent_type_id="bench", name=f"a{i}")),
                 metadata=bearer)  # fmt: skip
             ids.append(spawned.id)
+    return Caller(token=token, agents=tuple(ids)), key_id
+
+
+async def five_budgets(usage_target: str, caller: Caller, key_id: str) -> None:
+    """Budgets of every scope covering the load's records: the project's, the model's, the
+    key's and each agent's (the thread budgets make five)."""
+    bearer = [("authorization", f"Bearer {caller.token}")]
     scopes = [(B.BUDGET_SCOPE_PROJECT, ""), (B.BUDGET_SCOPE_MODEL, "gpt-4o"),
               (B.BUDGET_SCOPE_API_KEY, key_id)]  # fmt: skip
-    scopes += [(B.BUDGET_SCOPE_AGENT, a) for a in ids]
+    scopes += [(B.BUDGET_SCOPE_AGENT, a) for a in caller.agents]
     async with grpc.aio.insecure_channel(usage_target) as usage_channel:
         usage = usage_service_pb2_grpc.UsageServiceStub(usage_channel)
         for scope, scope_id in scopes:
             await usage.CreateBudget(U.CreateBudgetRequest(project_id="bench", budget=B.Budget(
                 scope=scope, scope_id=scope_id, limit_tokens=HUGE, limit_cost_micros=HUGE,
                 period=B.BUDGET_PERIOD_DAY)), metadata=bearer)  # fmt: skip
-    return Caller(token=token, agents=tuple(ids))
