@@ -203,9 +203,16 @@ class Dispatcher:
             "Agentplane-Signature": signature(claim.secret, timestamp, body),
         }
         try:
-            answer = await client.post(claim.url, content=body, headers=headers)
-        except httpx.TimeoutException:
+            # One deadline for the whole attempt (httpx's own timeouts are per read, which a
+            # receiver trickling bytes never trips), and the answer's body is never read: a
+            # receiver cannot hold an attempt past its lease or fill this process's memory.
+            async with asyncio.timeout(settings.webhook_timeout_s):
+                async with client.stream(
+                    "POST", claim.url, content=body, headers=headers
+                ) as answer:
+                    code = answer.status_code
+        except (TimeoutError, httpx.TimeoutException):
             return 0, "timed out"
         except httpx.HTTPError as exc:
             return 0, f"{type(exc).__name__}: {exc}"[:500]
-        return answer.status_code, "" if answer.is_success else f"HTTP {answer.status_code}"
+        return code, "" if 200 <= code < 300 else f"HTTP {code}"

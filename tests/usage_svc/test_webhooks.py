@@ -3,7 +3,9 @@ keep going for 24 hours and then stop; backoff is exponential, capped and jitter
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 
 import httpx
 import pytest
@@ -38,7 +40,7 @@ async def parts(redis_target):
         usage = UsageStore(redis, 4, 600, periods=budgets, clock=clock)
         settings = dataclasses.replace(
             make_settings("usage_svc", redis_target.url, redis_target.cluster),
-            webhook_backoff_base_s=60.0, webhook_backoff_max_s=3600.0,
+            webhook_backoff_base_s=60.0, webhook_backoff_max_s=3600.0, webhook_timeout_s=1.0,
         )  # fmt: skip
         yield usage, budgets, Dispatcher(budgets, layout, settings, claim_json, clock), clock
 
@@ -69,3 +71,51 @@ async def test_retries_last_24_hours_then_the_delivery_fails(parts) -> None:
     assert int(last_retry) * 1000 - created >= 24 * HOUR_MS  # retried for at least 24 h
     assert await dispatcher.poll(client) == 0  # a failed delivery is not tried again
     await receiver.stop()
+
+
+async def hostile_receiver(mode: str) -> asyncio.Server:
+    """A receiver that answers 200 with an endless body ("flood"), or trickles its status
+    line a byte at a time ("trickle")."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if mode == "flood":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n")
+                chunk = b"x" * (1 << 20)
+                while True:
+                    writer.write(chunk)
+                    await writer.drain()
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("mode", ["flood", "trickle"])
+async def test_a_hostile_receiver_cannot_hold_an_attempt_or_fill_memory(parts, mode) -> None:
+    usage, budgets, dispatcher, _ = parts
+    server = await hostile_receiver(mode)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    await budgets.add_webhook(WebhookRecord("w1", "p", url, ["budget.alert"], 0), "s")
+    await budgets.create("p", "b", spec(limit_tokens=10, thresholds=(100,)))
+    await usage.set_budget("t1", 10_000, "p", create=True)
+    await usage.record([record("u1", 10)])
+    async with httpx.AsyncClient() as client:
+        began = time.monotonic()
+        assert await dispatcher.poll(client) == 1
+        async with asyncio.timeout(5):  # well within the lease (timeout + 5 s)
+            await dispatcher.settle()
+    assert time.monotonic() - began < 3
+    (entry,) = (await budgets.deliveries("p", "w1", 0, 10)).items
+    if mode == "flood":  # the status is all that is read: delivered, the body ignored
+        assert entry.status == "DELIVERED" and entry.last_code == 200
+    else:
+        assert entry.status == "PENDING" and entry.last_error == "timed out"
+    server.close()
