@@ -117,13 +117,19 @@ def unavailable(message: str, reason: str = "BACKEND_UNAVAILABLE") -> ServiceErr
 
 
 def resource_exhausted(
-    message: str, reason: str, subject: str, retry_after_s: float | None = None
+    message: str,
+    reason: str,
+    subject: str = "",
+    retry_after_s: float | None = None,
+    violations: list[tuple[str, str]] | None = None,
 ) -> ServiceError:
+    """RESOURCE_EXHAUSTED with a QuotaFailure: one violation (`subject`, the message), or
+    the (subject, description) pairs given."""
     return ServiceError(
         message,
         reason=reason,
         code=grpc.StatusCode.RESOURCE_EXHAUSTED,
-        quota_violations=[(subject, message)],
+        quota_violations=violations or [(subject, message)],
         retry_after_s=retry_after_s,
     )
 

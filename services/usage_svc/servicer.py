@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import math
 
-import grpc
 from google.rpc import code_pb2
 from grpc.aio import ServicerContext
 
@@ -450,9 +449,8 @@ def _refused(hold: Hold, refused: list[str], thread: usage_pb2.ThreadBudget) -> 
             text = f"budget {budget_id!r} has no room for {hold.tokens} tokens"
         violations.append((subject, text))
     only_thread = refused == [f"thread:{hold.thread_id}"]
-    return errors.ServiceError(
-        violations[0][1] if only_thread else "; ".join(text for _, text in violations),
-        reason="THREAD_BUDGET_EXHAUSTED" if only_thread else "BUDGET_EXHAUSTED",
-        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
-        quota_violations=violations,
+    return errors.resource_exhausted(
+        "; ".join(text for _, text in violations),
+        "THREAD_BUDGET_EXHAUSTED" if only_thread else "BUDGET_EXHAUSTED",
+        violations=violations,
     )
