@@ -31,6 +31,7 @@ from services.common.settings import Settings
 from services.common.telemetry import tracer
 
 log = get_logger("agentplane.gateway")
+HTTP_BODY = "google.api.HttpBody"
 
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNKNOWN: 500,
@@ -207,6 +208,8 @@ class Gateway:
         if route.streaming:
             stream = call(message, metadata=metadata)
             await self._opened(stream)
+            if route.method.output_type.full_name == HTTP_BODY:
+                return await self._download(stream)
             return StreamingResponse(
                 self._events(stream, request, resume),
                 media_type="text/event-stream",
@@ -303,6 +306,29 @@ class Gateway:
         except BaseException:
             stream.cancel()
             raise
+
+    async def _download(self, stream: Any) -> Response:
+        """A stream of google.api.HttpBody: its chunks' bytes as the response body, the
+        first chunk's content type, and the service's "x-http-*" metadata as headers."""
+        headers = {
+            key.removeprefix("x-http-"): value
+            for key, value in await stream.initial_metadata() or ()
+            if key.startswith("x-http-")
+        }
+        first = await stream.read()
+        if first is grpc.aio.EOF:
+            return Response(b"", headers=headers)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                chunk = first
+                while chunk is not grpc.aio.EOF:  # (read() only: grpc forbids mixing it
+                    yield chunk.data  # with iteration on one call)
+                    chunk = await stream.read()
+            finally:
+                stream.cancel()
+
+        return StreamingResponse(chunks(), media_type=first.content_type, headers=headers)
 
     async def _events(self, call: Any, request: Request, resume: str) -> AsyncIterator[bytes]:
         """Server-sent events: one `data:` line per streamed message (with an `id:` line

@@ -155,10 +155,11 @@ def _query_parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
 
 
 def _is_query_field(field: FieldDescriptor) -> bool:
-    """Scalars, enums and FieldMasks travel in the query string; other messages do not."""
+    """Scalars, enums, FieldMasks, Timestamps and Durations travel in the query string;
+    other messages do not."""
     return (
         field.type != FieldDescriptor.TYPE_MESSAGE
-        or field.message_type.full_name == "google.protobuf.FieldMask"
+        or field.message_type.full_name in codec.QUERY_MESSAGES
     )
 
 
@@ -196,7 +197,13 @@ def build_openapi(routes: Sequence[Route]) -> dict[str, Any]:
                 }
             },
         }
-        if route.streaming:
+        if route.streaming and method.output_type.full_name == "google.api.HttpBody":
+            operation["responses"][status] = {
+                "description": "a download (CSV or JSON, as asked), streamed",
+                "content": {"text/csv": {"schema": {"type": "string"}},
+                            "application/json": {"schema": {"type": "object"}}},
+            }  # fmt: skip
+        elif route.streaming:
             operation["responses"][status] = {
                 "description": "server-sent events, one JSON message per `data:` line",
                 # Each event's data is one message of the stream.

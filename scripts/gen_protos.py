@@ -26,7 +26,10 @@ PROTOS = ROOT / "protos"
 OUT_PACKAGE = "agentplane"
 GOOGLEAPIS = Path(google.api.__path__[0]).parent.parent
 WKT = Path(grpc_tools.__path__[0]) / "_proto"
-VENDORED = ["google/api/annotations.proto", "google/api/http.proto", "google/rpc/status.proto"]
+VENDORED = [
+    "google/api/annotations.proto", "google/api/http.proto", "google/api/httpbody.proto",
+    "google/rpc/status.proto",
+]
 
 
 def generate(out: Path) -> None:

@@ -26,6 +26,10 @@ WELL_KNOWN_AS_JSON = {
     "google.protobuf.FieldMask",
     "google.rpc.Status",
 }
+# Message types a query parameter may carry, written as their JSON string.
+QUERY_MESSAGES = {
+    "google.protobuf.FieldMask", "google.protobuf.Timestamp", "google.protobuf.Duration",
+}  # fmt: skip
 INTEGER_TYPES = {
     FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
     FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
@@ -198,7 +202,7 @@ def query_value(field: FieldDescriptor, raw: str, path: str) -> Any:
     if field.type == FieldDescriptor.TYPE_ENUM:
         return enum_full(field.enum_type, raw, path)
     if field.type == FieldDescriptor.TYPE_MESSAGE:
-        if field.message_type.full_name == "google.protobuf.FieldMask":
-            return raw
+        if field.message_type.full_name in QUERY_MESSAGES:
+            return raw  # their JSON form is a string: "a,b", "2026-11-27T00:00:00Z", "1.5s"
         raise errors.invalid_argument(path, "cannot be given in the query string")
     return raw

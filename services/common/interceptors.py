@@ -222,14 +222,19 @@ class OpenStream:
         return not (self._ended or self._stopping.is_set())
 
 
-async def stream_open(context: grpc.aio.ServicerContext, stopping: asyncio.Event) -> OpenStream:
+async def stream_open(
+    context: grpc.aio.ServicerContext,
+    stopping: asyncio.Event,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> OpenStream:
     """Called by a server-streaming handler once its checks have passed: the initial
-    metadata goes out at once, marked, so a caller (the gateway) can tell a refused stream
-    (status, no mark) from an open one still waiting for its first event; and the stream
-    learns (a done callback, registered while the RPC is surely alive) when it ends."""
+    metadata (with any `headers`) goes out at once, marked, so a caller (the gateway) can
+    tell a refused stream (status, no mark) from an open one still waiting for its first
+    event; and the stream learns (a done callback, registered while the RPC is surely
+    alive) when it ends."""
     stream = OpenStream(stopping)
     context.add_done_callback(stream._end)
-    await context.send_initial_metadata(((STREAM_OPEN_HEADER, "open"),))
+    await context.send_initial_metadata(((STREAM_OPEN_HEADER, "open"), *headers))
     return stream
 
 

@@ -35,6 +35,8 @@ KINDS: dict[str, str] = {
     "DeleteBudget": WRITE, "ResetBudget": WRITE, "ListBudgetPeriods": READ,
     "WatchBudgetAlerts": READ, "CreateWebhook": WRITE, "ListWebhooks": READ,
     "DeleteWebhook": WRITE, "ListWebhookDeliveries": READ,
+    "GetUsageTimeSeries": READ, "ExportUsage": READ, "SetModelPrice": WRITE,
+    "ListModelPrices": READ, "DeleteModelPrice": WRITE,
 }  # fmt: skip
 
 

@@ -168,6 +168,8 @@ class Settings:
     webhook_backoff_base_s: float = 1.0
     webhook_backoff_max_s: float = 3600.0
     webhook_poll_s: float = 0.5
+    hourly_retention_days: int = 35
+    daily_retention_days: int = 400
 
     @property
     def key_prefix(self) -> str:
@@ -261,4 +263,6 @@ class Settings:
                 env, "WEBHOOK_BACKOFF_MAX_SECONDS", 3600.0, 0.01, 86_400.0
             ),
             webhook_poll_s=_float(env, "WEBHOOK_POLL_SECONDS", 0.5, 0.01, 60.0),
+            hourly_retention_days=_int(env, "USAGE_HOURLY_RETENTION_DAYS", 35, 1, 3660),
+            daily_retention_days=_int(env, "USAGE_DAILY_RETENTION_DAYS", 400, 1, 36600),
         )

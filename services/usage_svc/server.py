@@ -14,7 +14,7 @@ from services.common.server import Chassis, server_factory
 from services.usage_svc.budget_rpcs import alert_message
 from services.usage_svc.budget_store import BudgetStore, Claim
 from services.usage_svc.keys import Layout
-from services.usage_svc.pricing import PriceTable
+from services.usage_svc.pricing import PriceStore, file_prices
 from services.usage_svc.servicer import UsageServicer
 from services.usage_svc.store import UsageStore
 from services.usage_svc.webhooks import Dispatcher
@@ -28,14 +28,16 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     layout = Layout(settings.usage_shards)
     budgets = BudgetStore(chassis.redis, layout)
     store = UsageStore(
-        chassis.redis, settings.usage_shards, settings.idempotency_ttl_s, periods=budgets
-    )
+        chassis.redis, settings.usage_shards, settings.idempotency_ttl_s, periods=budgets,
+        retention_s=(settings.hourly_retention_days * 86_400,
+                     settings.daily_retention_days * 86_400),
+    )  # fmt: skip
     agents = AgentClient(chassis.peers.agent_channel, settings.auth_cache_s)
     chassis.use_key_lookup(agents.principal)
     servicer = UsageServicer(
         store,
         budgets,
-        PriceTable.load(settings.price_table_path),
+        PriceStore(chassis.redis, file_prices(settings.price_table_path)),
         agents,
         settings,
         chassis.stream_redis,

@@ -15,7 +15,7 @@ from services.common import errors, tuning
 from services.common.access import require_manager, require_self, require_superuser
 from services.common.auth import AGENT
 from services.common.context import current_call_is_internal, current_principal
-from services.common.convert import require_id, require_text, timestamp
+from services.common.convert import now_ms, require_id, require_text, timestamp
 from services.common.limits import (
     DEFAULT_RESERVATION_TTL_MS,
     MAX_COST_USD,
@@ -32,7 +32,9 @@ from services.common.settings import Settings
 from services.common.telemetry import BUDGET_REJECTIONS, COST_RECORDED, TOKENS_RECORDED
 from services.usage_svc.budget_rpcs import BudgetRpcs
 from services.usage_svc.budget_store import BudgetStorage
-from services.usage_svc.pricing import PriceTable
+from services.usage_svc.messages import totals_message
+from services.usage_svc.pricing import PriceBook, PriceStore
+from services.usage_svc.series_rpcs import SeriesRpcs
 from services.usage_svc.store import (
     BudgetState,
     Counters,
@@ -47,12 +49,12 @@ PROMPT_TOKENS = TOKENS_RECORDED.labels("prompt")
 COMPLETION_TOKENS = TOKENS_RECORDED.labels("completion")
 
 
-class UsageServicer(BudgetRpcs, usage_service_pb2_grpc.UsageServiceServicer):
+class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceServicer):
     def __init__(
         self,
         store: UsageStorage,
         budgets: BudgetStorage,
-        prices: PriceTable,
+        prices: PriceStore,
         agents: AgentClient,
         settings: Settings,
         streams: RedisClient,
@@ -72,7 +74,7 @@ class UsageServicer(BudgetRpcs, usage_service_pb2_grpc.UsageServiceServicer):
     async def RecordUsage(
         self, request: usage_service_pb2.RecordUsageRequest, context: ServicerContext
     ) -> usage_service_pb2.RecordUsageResponse:
-        record = self._check_record(request, "")
+        record = self._check_record(request, "", await self._prices.book())
         await self._may_record(record, "")
         outcome = await self._store.record_one(record)
         return self._record_answer(record, outcome)
@@ -84,10 +86,11 @@ class UsageServicer(BudgetRpcs, usage_service_pb2_grpc.UsageServiceServicer):
             raise errors.invalid_argument("requests", f"holds more than {MAX_BATCH} records")
         results: list[usage_service_pb2.RecordUsageBatchResult] = []
         valid: list[tuple[int, UsageRecord]] = []
+        book = await self._prices.book()
         for position, item in enumerate(request.requests):
             result = usage_service_pb2.RecordUsageBatchResult(usage_id=item.usage_id)
             try:
-                record = self._check_record(item, f"requests[{position}].")
+                record = self._check_record(item, f"requests[{position}].", book)
                 await self._may_record(record, f"requests[{position}].")
                 valid.append((position, record))
             except errors.ServiceError as exc:
@@ -103,7 +106,7 @@ class UsageServicer(BudgetRpcs, usage_service_pb2_grpc.UsageServiceServicer):
         return usage_service_pb2.RecordUsageBatchResponse(results=results)
 
     def _check_record(
-        self, request: usage_service_pb2.RecordUsageRequest, prefix: str
+        self, request: usage_service_pb2.RecordUsageRequest, prefix: str, book: PriceBook
     ) -> UsageRecord:
         usage_id = require_id(prefix + "usage_id", request.usage_id)
         thread_id = require_id(prefix + "thread_id", request.thread_id)
@@ -119,27 +122,8 @@ class UsageServicer(BudgetRpcs, usage_service_pb2_grpc.UsageServiceServicer):
             if request.reservation_id
             else ""
         )
-        for name in ("prompt_tokens", "completion_tokens"):
-            value = getattr(request, name)
-            if not 0 <= value <= MAX_TOKENS_PER_CALL:
-                raise errors.invalid_argument(
-                    prefix + name, f"must be between 0 and {MAX_TOKENS_PER_CALL}"
-                )
-        if not 0 <= request.latency_ms <= MAX_LATENCY_MS:
-            raise errors.invalid_argument(
-                prefix + "latency_ms", f"must be between 0 and {MAX_LATENCY_MS}"
-            )
-        if request.HasField("cost_usd"):
-            if not (math.isfinite(request.cost_usd) and 0 <= request.cost_usd <= MAX_COST_USD):
-                raise errors.invalid_argument(
-                    prefix + "cost_usd", f"must be between 0 and {MAX_COST_USD:g}"
-                )
-            cost, unpriced = round(request.cost_usd * 1_000_000), False
-        else:
-            priced = self._prices.cost_micros(
-                model, request.prompt_tokens, request.completion_tokens
-            )
-            cost, unpriced = (0, True) if priced is None else (priced, False)
+        _check_counts(request, prefix)
+        cost, unpriced = _cost(request, prefix, model, book)
         body = request.SerializeToString(deterministic=True)
         return UsageRecord(
             key_id=current_principal().key_id,
@@ -150,6 +134,8 @@ class UsageServicer(BudgetRpcs, usage_service_pb2_grpc.UsageServiceServicer):
             model=model,
             prompt_tokens=request.prompt_tokens,
             completion_tokens=request.completion_tokens,
+            cached_prompt_tokens=request.cached_prompt_tokens,
+            reasoning_tokens=request.reasoning_tokens,
             cost_micros=cost,
             latency_ms=request.latency_ms,
             unpriced=unpriced,
@@ -262,7 +248,9 @@ class UsageServicer(BudgetRpcs, usage_service_pb2_grpc.UsageServiceServicer):
             reservation_id=reservation_id,
             thread_id=thread_id,
             tokens=request.tokens,
-            cost_micros=self._prices.estimate_micros(model, request.tokens),
+            cost_micros=(await self._prices.book()).estimate_micros(
+                model, request.tokens, now_ms()
+            ),
             ttl_ms=ttl_ms,
             agent_id=agent_id,
             model=model,
@@ -415,19 +403,39 @@ def budget_message(state: BudgetState) -> usage_pb2.ThreadBudget:
     )
 
 
-def totals_message(counters: Counters) -> usage_pb2.UsageTotals:
-    return usage_pb2.UsageTotals(
-        total_tokens=counters.prompt + counters.completion,
-        prompt_tokens=counters.prompt,
-        completion_tokens=counters.completion,
-        request_count=counters.requests,
-        total_cost_usd=counters.cost_micros / 1_000_000,
-        total_cost_micros=counters.cost_micros,
-        avg_latency_ms=round(counters.latency_sum_ms / counters.requests, 3)
-        if counters.requests
-        else 0.0,
-        unpriced_request_count=counters.unpriced,
-    )
+def _check_counts(request: usage_service_pb2.RecordUsageRequest, prefix: str) -> None:
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = getattr(request, name)
+        if not 0 <= value <= MAX_TOKENS_PER_CALL:
+            raise errors.invalid_argument(
+                prefix + name, f"must be between 0 and {MAX_TOKENS_PER_CALL}"
+            )
+    for part, whole in (("cached_prompt_tokens", "prompt_tokens"),
+                        ("reasoning_tokens", "completion_tokens")):  # fmt: skip
+        if not 0 <= getattr(request, part) <= getattr(request, whole):
+            raise errors.invalid_argument(prefix + part, f"must be between 0 and {whole}")
+    if not 0 <= request.latency_ms <= MAX_LATENCY_MS:
+        raise errors.invalid_argument(
+            prefix + "latency_ms", f"must be between 0 and {MAX_LATENCY_MS}"
+        )
+
+
+def _cost(
+    request: usage_service_pb2.RecordUsageRequest, prefix: str, model: str, book: PriceBook
+) -> tuple[int, bool]:
+    """(cost in micro-USD, whether the model had no price): the given cost, else the price
+    in force now."""
+    if request.HasField("cost_usd"):
+        if not (math.isfinite(request.cost_usd) and 0 <= request.cost_usd <= MAX_COST_USD):
+            raise errors.invalid_argument(
+                prefix + "cost_usd", f"must be between 0 and {MAX_COST_USD:g}"
+            )
+        return round(request.cost_usd * 1_000_000), False
+    priced = book.cost_micros(
+        model, request.prompt_tokens, request.completion_tokens, request.cached_prompt_tokens,
+        now_ms(),
+    )  # fmt: skip
+    return (0, True) if priced is None else (priced, False)
 
 
 def _no_budget(thread_id: str) -> errors.ServiceError:

@@ -42,6 +42,8 @@ class UsageRecord:
     reservation_id: str
     fingerprint: str
     key_id: str = ""  # the API key that recorded it ("" for the admin token)
+    cached_prompt_tokens: int = 0  # part of prompt_tokens
+    reasoning_tokens: int = 0  # part of completion_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,8 @@ class Counters:
     cost_micros: int = 0
     latency_sum_ms: int = 0
     unpriced: int = 0
+    cached_prompt: int = 0
+    reasoning: int = 0
 
     def add(self, raw: dict[str, str]) -> Counters:
         self.prompt += int(raw.get("p", 0))
@@ -124,6 +128,21 @@ class Counters:
         self.cost_micros += int(raw.get("cost", 0))
         self.latency_sum_ms += int(raw.get("lat", 0))
         self.unpriced += int(raw.get("unp", 0))
+        self.cached_prompt += int(raw.get("cp", 0))
+        self.reasoning += int(raw.get("rs", 0))
+        return self
+
+    def add_bucket(self, packed: str) -> Counters:
+        """Add a time-series bucket's counters ("p,c,n,cost,lat,unp,cached,reasoning")."""
+        p, c, n, cost, lat, unp, cached, reasoning = (int(v) for v in packed.split(","))
+        self.prompt += p
+        self.completion += c
+        self.requests += n
+        self.cost_micros += cost
+        self.latency_sum_ms += lat
+        self.unpriced += unp
+        self.cached_prompt += cached
+        self.reasoning += reasoning
         return self
 
 
@@ -136,6 +155,43 @@ class Overview:
 
 
 Clock = Callable[[], int]  # Unix ms; tests move it instead of sleeping
+
+
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+ALL = "-"  # the whole installation
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesQuery:
+    """A checked time-series request: buckets [start, end) of `step_ms`, grouped by
+    "" (none), "agent" or "model", optionally limited to one agent or one model."""
+
+    project_id: str  # or ALL
+    start_ms: int
+    end_ms: int
+    step_ms: int
+    group_by: str = ""
+    agent_id: str = ""
+    model: str = ""
+
+    def field(self) -> str:
+        """The one bucket field to read, when one is enough."""
+        if self.group_by == "agent":
+            return f"a:{self.agent_id}" if self.agent_id else ""
+        if self.group_by == "model":
+            return f"m:{self.model}" if self.model else ""
+        if self.agent_id:
+            return f"a:{self.agent_id}"
+        return f"m:{self.model}" if self.model else "t"
+
+    def group_of(self, field: str) -> str | None:
+        """The group a bucket field counts in, or None when it is not wanted."""
+        if self.group_by == "agent":
+            return field[2:] if field.startswith("a:") else None
+        if self.group_by == "model":
+            return field[2:] if field.startswith("m:") else None
+        return "" if field == self.field() else None
 
 
 class PeriodOpener(Protocol):
@@ -162,7 +218,9 @@ class UsageStore:
         usage_id_ttl_s: int,
         periods: PeriodOpener | None = None,
         clock: Clock = now_ms,
+        retention_s: tuple[int, int] = (35 * 86_400, 400 * 86_400),
     ) -> None:
+        self._retention = retention_s  # hourly, daily buckets
         self._redis = redis
         self.layout = Layout(shards)
         self._shards = self.layout.shards
@@ -301,10 +359,12 @@ class UsageStore:
             fields.append(
                 f"{r.fingerprint}|{r.usage_id}|{r.prompt_tokens}|{r.completion_tokens}|"
                 f"{r.cost_micros}|{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|"
-                f"{r.agent_id}|{r.model}|{r.thread_id}|{r.project_id}|{r.key_id}"
+                f"{r.agent_id}|{r.model}|{r.thread_id}|{r.project_id}|{r.key_id}|"
+                f"{r.cached_prompt_tokens}|{r.reasoning_tokens}"
             )
         for _ in range(ROLL_ATTEMPTS):
-            reply = await self._record(keys=keys, args=[self._clock(), self._ttl, *fields])
+            head = [self._clock(), self._ttl, *self._retention]
+            reply = await self._record(keys=keys, args=[*head, *fields])
             if not _rolls(reply[0]):
                 return list(reply)
             await self._open_periods(reply[0][1:])
@@ -518,6 +578,39 @@ class UsageStore:
             active_threads=active,
         )
 
+    async def time_series(self, query: SeriesQuery) -> list[tuple[int, str, Counters]]:
+        """(bucket start ms, group, counters) of the buckets with usage, oldest first then
+        by group: one read per bucket (per shard for the whole installation), never a scan
+        of records."""
+        starts = list(range(query.start_ms, query.end_ms, query.step_ms))
+        if query.project_id == ALL:
+            prefixes = [shard.prefix for shard in self._shards]
+        else:
+            prefixes = [self.layout.partition(query.project_id).prefix]
+        letter = "h" if query.step_ms == HOUR_MS else "d"
+        wanted = query.field()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for start in starts:
+                for prefix in prefixes:
+                    key = f"{prefix}ts:{letter}:{start}"
+                    if wanted:
+                        pipe.hget(key, wanted)
+                    else:
+                        pipe.hgetall(key)
+            replies = iter(await pipe.execute())
+        series: list[tuple[int, str, Counters]] = []
+        for start in starts:
+            groups: dict[str, Counters] = {}
+            for _ in prefixes:
+                reply = next(replies)
+                items = {wanted: reply} if wanted else reply
+                for name, packed in items.items():
+                    group = query.group_of(name)
+                    if packed is not None and group is not None:
+                        groups.setdefault(group, Counters()).add_bucket(packed)
+            series += [(start, group, groups[group]) for group in sorted(groups)]
+        return series
+
     async def _ranked(self, project_id: str, top: int) -> tuple[list[str], list[str], int]:
         """The top agents (of the project, if one is given) and models by tokens, and the
         number of active budgets, merged over the shards in one round trip."""
@@ -609,6 +702,7 @@ class UsageStorage(Protocol):
     async def agent_counters(self, agent_id: str) -> Counters: ...
     async def model_counters(self, model: str) -> Counters: ...
     async def overview(self, project_id: str, top: int) -> Overview: ...
+    async def time_series(self, query: SeriesQuery) -> list[tuple[int, str, Counters]]: ...
 
 
 _: type[UsageStorage] = UsageStore  # the store keeps to its interface (checked by mypy)

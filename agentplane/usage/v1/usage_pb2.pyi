@@ -140,6 +140,58 @@ DELIVERY_STATUS_FAILED: DeliveryStatus.ValueType  # 3
 """Retries ran out (after at least 24 hours)."""
 Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
 
+class _Granularity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GranularityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Granularity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GRANULARITY_UNSPECIFIED: _Granularity.ValueType  # 0
+    """Not set (refused)."""
+    GRANULARITY_HOUR: _Granularity.ValueType  # 1
+    """One hour (UTC)."""
+    GRANULARITY_DAY: _Granularity.ValueType  # 2
+    """One day (UTC)."""
+
+class Granularity(_Granularity, metaclass=_GranularityEnumTypeWrapper):
+    """How long one bucket of a usage time series is."""
+
+GRANULARITY_UNSPECIFIED: Granularity.ValueType  # 0
+"""Not set (refused)."""
+GRANULARITY_HOUR: Granularity.ValueType  # 1
+"""One hour (UTC)."""
+GRANULARITY_DAY: Granularity.ValueType  # 2
+"""One day (UTC)."""
+Global___Granularity: _TypeAlias = Granularity  # noqa: Y015
+
+class _UsageGroupBy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageGroupByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageGroupBy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_GROUP_BY_UNSPECIFIED: _UsageGroupBy.ValueType  # 0
+    """Not set: one series for everything."""
+    USAGE_GROUP_BY_NONE: _UsageGroupBy.ValueType  # 1
+    """One series for everything."""
+    USAGE_GROUP_BY_AGENT: _UsageGroupBy.ValueType  # 2
+    """One series per agent."""
+    USAGE_GROUP_BY_MODEL: _UsageGroupBy.ValueType  # 3
+    """One series per model."""
+
+class UsageGroupBy(_UsageGroupBy, metaclass=_UsageGroupByEnumTypeWrapper):
+    """What a usage time series' buckets are split by."""
+
+USAGE_GROUP_BY_UNSPECIFIED: UsageGroupBy.ValueType  # 0
+"""Not set: one series for everything."""
+USAGE_GROUP_BY_NONE: UsageGroupBy.ValueType  # 1
+"""One series for everything."""
+USAGE_GROUP_BY_AGENT: UsageGroupBy.ValueType  # 2
+"""One series per agent."""
+USAGE_GROUP_BY_MODEL: UsageGroupBy.ValueType  # 3
+"""One series per model."""
+Global___UsageGroupBy: _TypeAlias = UsageGroupBy  # noqa: Y015
+
 @_typing.final
 class UsageTotals(_message.Message):
     """Usage counters over some set of LLM calls."""
@@ -154,6 +206,8 @@ class UsageTotals(_message.Message):
     AVG_LATENCY_MS_FIELD_NUMBER: _builtins.int
     TOTAL_COST_MICROS_FIELD_NUMBER: _builtins.int
     UNPRICED_REQUEST_COUNT_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     total_tokens: _builtins.int
     """Prompt plus completion tokens."""
     prompt_tokens: _builtins.int
@@ -170,6 +224,10 @@ class UsageTotals(_message.Message):
     """Cost in micro-USD; the exact figure that sums never drift on."""
     unpriced_request_count: _builtins.int
     """Calls whose model had no price and no given cost (charged 0)."""
+    cached_prompt_tokens: _builtins.int
+    """Prompt tokens served from the provider's prompt cache (part of `prompt_tokens`)."""
+    reasoning_tokens: _builtins.int
+    """Reasoning tokens (part of `completion_tokens`)."""
     def __init__(
         self,
         *,
@@ -181,10 +239,12 @@ class UsageTotals(_message.Message):
         avg_latency_ms: _builtins.float = ...,
         total_cost_micros: _builtins.int = ...,
         unpriced_request_count: _builtins.int = ...,
+        cached_prompt_tokens: _builtins.int = ...,
+        reasoning_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_latency_ms", b"avg_latency_ms", "completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "request_count", b"request_count", "total_cost_micros", b"total_cost_micros", "total_cost_usd", b"total_cost_usd", "total_tokens", b"total_tokens", "unpriced_request_count", b"unpriced_request_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_latency_ms", b"avg_latency_ms", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "request_count", b"request_count", "total_cost_micros", b"total_cost_micros", "total_cost_usd", b"total_cost_usd", "total_tokens", b"total_tokens", "unpriced_request_count", b"unpriced_request_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -741,3 +801,85 @@ class WebhookDelivery(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
+
+@_typing.final
+class UsageBucket(_message.Message):
+    """The usage of one bucket of time (and one group, when grouped)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    """The agent id or model name of the group; empty when not grouped."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the bucket."""
+
+    @_builtins.property
+    def totals(self) -> Global___UsageTotals:
+        """Its counters (avg_latency_ms over the bucket's calls)."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        group: _builtins.str = ...,
+        totals: Global___UsageTotals | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time", "totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "start_time", b"start_time", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageBucket: _TypeAlias = UsageBucket  # noqa: Y015
+
+@_typing.final
+class ModelPrice(_message.Message):
+    """A model's price from a given time on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROMPT_PER_MILLION_USD_FIELD_NUMBER: _builtins.int
+    COMPLETION_PER_MILLION_USD_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_PER_MILLION_USD_FIELD_NUMBER: _builtins.int
+    PER_REQUEST_USD_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """An exact model name, or a pattern ending in "*" (the longest match wins)."""
+    prompt_per_million_usd: _builtins.float
+    """USD per million prompt tokens that were not cached."""
+    completion_per_million_usd: _builtins.float
+    """USD per million completion tokens (reasoning tokens included)."""
+    cached_prompt_per_million_usd: _builtins.float
+    """USD per million cached prompt tokens; unset means the prompt price."""
+    per_request_usd: _builtins.float
+    """USD per call, on top of the tokens."""
+    @_builtins.property
+    def effective_time(self) -> _timestamp_pb2.Timestamp:
+        """From when this price applies: the price in force for a record is the newest whose
+        effective_time is at or before the record's arrival. Unset means now.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        prompt_per_million_usd: _builtins.float = ...,
+        completion_per_million_usd: _builtins.float = ...,
+        cached_prompt_per_million_usd: _builtins.float | None = ...,
+        per_request_usd: _builtins.float = ...,
+        effective_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cached_prompt_per_million_usd", b"_cached_prompt_per_million_usd", "cached_prompt_per_million_usd", b"cached_prompt_per_million_usd", "effective_time", b"effective_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cached_prompt_per_million_usd", b"_cached_prompt_per_million_usd", "cached_prompt_per_million_usd", b"cached_prompt_per_million_usd", "completion_per_million_usd", b"completion_per_million_usd", "effective_time", b"effective_time", "model", b"model", "per_request_usd", b"per_request_usd", "prompt_per_million_usd", b"prompt_per_million_usd"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cached_prompt_per_million_usd: _TypeAlias = _typing.Literal["cached_prompt_per_million_usd"]  # noqa: Y015
+    _WhichOneofArgType__cached_prompt_per_million_usd: _TypeAlias = _typing.Literal["_cached_prompt_per_million_usd", b"_cached_prompt_per_million_usd"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cached_prompt_per_million_usd) -> _WhichOneofReturnType__cached_prompt_per_million_usd | None: ...
+
+Global___ModelPrice: _TypeAlias = ModelPrice  # noqa: Y015

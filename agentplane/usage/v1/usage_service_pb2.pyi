@@ -9,6 +9,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
@@ -38,6 +39,8 @@ class RecordUsageRequest(_message.Message):
     COST_USD_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     usage_id: _builtins.str
     """Client-chosen id of this call's usage; the idempotency key."""
     thread_id: _builtins.str
@@ -58,6 +61,10 @@ class RecordUsageRequest(_message.Message):
     """Latency of the call in milliseconds."""
     reservation_id: _builtins.str
     """Reservation this usage settles; optional."""
+    cached_prompt_tokens: _builtins.int
+    """Of the prompt tokens, how many the provider served from its prompt cache."""
+    reasoning_tokens: _builtins.int
+    """Of the completion tokens, how many were reasoning tokens."""
     def __init__(
         self,
         *,
@@ -71,10 +78,12 @@ class RecordUsageRequest(_message.Message):
         cost_usd: _builtins.float | None = ...,
         latency_ms: _builtins.int = ...,
         reservation_id: _builtins.str = ...,
+        cached_prompt_tokens: _builtins.int = ...,
+        reasoning_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd", "cost_usd", b"cost_usd"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd", "agent_id", b"agent_id", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "latency_ms", b"latency_ms", "model", b"model", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "reservation_id", b"reservation_id", "thread_id", b"thread_id", "usage_id", b"usage_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd", "agent_id", b"agent_id", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "latency_ms", b"latency_ms", "model", b"model", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "reservation_id", b"reservation_id", "thread_id", b"thread_id", "usage_id", b"usage_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cost_usd: _TypeAlias = _typing.Literal["cost_usd"]  # noqa: Y015
     _WhichOneofArgType__cost_usd: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd"]  # noqa: Y015
@@ -1082,3 +1091,247 @@ class ListWebhookDeliveriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class GetUsageTimeSeriesRequest(_message.Message):
+    """Request of GetUsageTimeSeries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    GRANULARITY_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project; "-" for the whole installation (superuser)."""
+    granularity: _usage_pb2.Granularity.ValueType
+    """HOUR or DAY (UTC)."""
+    group_by: _usage_pb2.UsageGroupBy.ValueType
+    """NONE, AGENT or MODEL."""
+    agent_id: _builtins.str
+    """Only this agent's usage; optional."""
+    model: _builtins.str
+    """Only this model's usage; optional."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """First instant wanted (rounded down to its bucket)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the range, exclusive; unset means now. At most 1,000 buckets."""
+
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        granularity: _usage_pb2.Granularity.ValueType = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        group_by: _usage_pb2.UsageGroupBy.ValueType = ...,
+        agent_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "end_time", b"end_time", "granularity", b"granularity", "group_by", b"group_by", "model", b"model", "project_id", b"project_id", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageTimeSeriesRequest: _TypeAlias = GetUsageTimeSeriesRequest  # noqa: Y015
+
+@_typing.final
+class GetUsageTimeSeriesResponse(_message.Message):
+    """Response of GetUsageTimeSeries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKETS_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def buckets(self) -> _containers.RepeatedCompositeFieldContainer[_usage_pb2.UsageBucket]:
+        """Buckets with usage, oldest first (then by group); buckets without usage are left out."""
+
+    @_builtins.property
+    def totals(self) -> _usage_pb2.UsageTotals:
+        """Sum of the buckets returned."""
+
+    def __init__(
+        self,
+        *,
+        buckets: _abc.Iterable[_usage_pb2.UsageBucket] | None = ...,
+        totals: _usage_pb2.UsageTotals | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageTimeSeriesResponse: _TypeAlias = GetUsageTimeSeriesResponse  # noqa: Y015
+
+@_typing.final
+class SetModelPriceRequest(_message.Message):
+    """Request of SetModelPrice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def price(self) -> _usage_pb2.ModelPrice:
+        """The price."""
+
+    def __init__(
+        self,
+        *,
+        price: _usage_pb2.ModelPrice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelPriceRequest: _TypeAlias = SetModelPriceRequest  # noqa: Y015
+
+@_typing.final
+class ListModelPricesRequest(_message.Message):
+    """Request of ListModelPrices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelPricesRequest: _TypeAlias = ListModelPricesRequest  # noqa: Y015
+
+@_typing.final
+class ListModelPricesResponse(_message.Message):
+    """Response of ListModelPrices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def prices(self) -> _containers.RepeatedCompositeFieldContainer[_usage_pb2.ModelPrice]:
+        """Every price, by model then effective time."""
+
+    def __init__(
+        self,
+        *,
+        prices: _abc.Iterable[_usage_pb2.ModelPrice] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prices", b"prices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelPricesResponse: _TypeAlias = ListModelPricesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteModelPriceRequest(_message.Message):
+    """Request of DeleteModelPrice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model or pattern."""
+    @_builtins.property
+    def effective_time(self) -> _timestamp_pb2.Timestamp:
+        """The effective time of the price to delete."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        effective_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelPriceRequest: _TypeAlias = DeleteModelPriceRequest  # noqa: Y015
+
+@_typing.final
+class DeleteModelPriceResponse(_message.Message):
+    """Response of DeleteModelPrice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelPriceResponse: _TypeAlias = DeleteModelPriceResponse  # noqa: Y015
+
+@_typing.final
+class ExportUsageRequest(_message.Message):
+    """Request of ExportUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    GRANULARITY_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project; "-" for the whole installation (superuser)."""
+    granularity: _usage_pb2.Granularity.ValueType
+    """HOUR or DAY (UTC)."""
+    group_by: _usage_pb2.UsageGroupBy.ValueType
+    """NONE, AGENT or MODEL."""
+    agent_id: _builtins.str
+    """Only this agent's usage; optional."""
+    model: _builtins.str
+    """Only this model's usage; optional."""
+    format: _builtins.str
+    """"csv" (the default) or "json"."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """First instant wanted (rounded down to its bucket)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the range, exclusive; unset means now. At most 1,000 buckets."""
+
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        granularity: _usage_pb2.Granularity.ValueType = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        group_by: _usage_pb2.UsageGroupBy.ValueType = ...,
+        agent_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        format: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "end_time", b"end_time", "format", b"format", "granularity", b"granularity", "group_by", b"group_by", "model", b"model", "project_id", b"project_id", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportUsageRequest: _TypeAlias = ExportUsageRequest  # noqa: Y015

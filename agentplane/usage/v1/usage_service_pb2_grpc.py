@@ -5,6 +5,7 @@ import warnings
 
 from agentplane.usage.v1 import usage_pb2 as agentplane_dot_usage_dot_v1_dot_usage__pb2
 from agentplane.usage.v1 import usage_service_pb2 as agentplane_dot_usage_dot_v1_dot_usage__service__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -155,6 +156,31 @@ class UsageServiceStub:
                 '/agentplane.usage.v1.UsageService/ListWebhookDeliveries',
                 request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
                 response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.GetUsageTimeSeries = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/GetUsageTimeSeries',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetUsageTimeSeriesRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetUsageTimeSeriesResponse.FromString,
+                _registered_method=True)
+        self.ExportUsage = channel.unary_stream(
+                '/agentplane.usage.v1.UsageService/ExportUsage',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ExportUsageRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.SetModelPrice = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/SetModelPrice',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.SetModelPriceRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.ModelPrice.FromString,
+                _registered_method=True)
+        self.ListModelPrices = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/ListModelPrices',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListModelPricesRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListModelPricesResponse.FromString,
+                _registered_method=True)
+        self.DeleteModelPrice = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/DeleteModelPrice',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteModelPriceRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteModelPriceResponse.FromString,
                 _registered_method=True)
 
 
@@ -332,6 +358,42 @@ class UsageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsageTimeSeries(self, request, context):
+        """Usage over time: buckets of an hour or a day, optionally split by agent or model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportUsage(self, request, context):
+        """Usage over time as a download: CSV (a header row, then one row per bucket and group)
+        or JSON, streamed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelPrice(self, request, context):
+        """Sets a model's price from its effective time on. Superuser only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModelPrices(self, request, context):
+        """Lists every price, by model then effective time. Superuser only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModelPrice(self, request, context):
+        """Deletes one price (a model and an effective time). Superuser only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -454,6 +516,31 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.ListWebhookDeliveries,
                     request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesRequest.FromString,
                     response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'GetUsageTimeSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsageTimeSeries,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetUsageTimeSeriesRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetUsageTimeSeriesResponse.SerializeToString,
+            ),
+            'ExportUsage': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportUsage,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ExportUsageRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'SetModelPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelPrice,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.SetModelPriceRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.ModelPrice.SerializeToString,
+            ),
+            'ListModelPrices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModelPrices,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListModelPricesRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListModelPricesResponse.SerializeToString,
+            ),
+            'DeleteModelPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModelPrice,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteModelPriceRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteModelPriceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1105,6 +1192,141 @@ class UsageService:
             '/agentplane.usage.v1.UsageService/ListWebhookDeliveries',
             agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
             agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsageTimeSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/GetUsageTimeSeries',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetUsageTimeSeriesRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetUsageTimeSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/ExportUsage',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ExportUsageRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/SetModelPrice',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.SetModelPriceRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__pb2.ModelPrice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModelPrices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/ListModelPrices',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListModelPricesRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListModelPricesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModelPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/DeleteModelPrice',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteModelPriceRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteModelPriceResponse.FromString,
             options,
             channel_credentials,
             insecure,

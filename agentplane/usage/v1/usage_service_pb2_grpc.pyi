@@ -6,6 +6,7 @@ isort:skip_file
 from agentplane.usage.v1 import usage_pb2 as _usage_pb2
 from agentplane.usage.v1 import usage_service_pb2 as _usage_service_pb2
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -86,6 +87,18 @@ class UsageServiceStub:
     """Deletes a webhook; its pending deliveries are dropped."""
     ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListWebhookDeliveriesRequest, _usage_service_pb2.ListWebhookDeliveriesResponse]
     """Lists a webhook's deliveries, newest first."""
+    GetUsageTimeSeries: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageTimeSeriesRequest, _usage_service_pb2.GetUsageTimeSeriesResponse]
+    """Usage over time: buckets of an hour or a day, optionally split by agent or model."""
+    ExportUsage: _grpc.UnaryStreamMultiCallable[_usage_service_pb2.ExportUsageRequest, _httpbody_pb2.HttpBody]
+    """Usage over time as a download: CSV (a header row, then one row per bucket and group)
+    or JSON, streamed.
+    """
+    SetModelPrice: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.SetModelPriceRequest, _usage_pb2.ModelPrice]
+    """Sets a model's price from its effective time on. Superuser only."""
+    ListModelPrices: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListModelPricesRequest, _usage_service_pb2.ListModelPricesResponse]
+    """Lists every price, by model then effective time. Superuser only."""
+    DeleteModelPrice: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.DeleteModelPriceRequest, _usage_service_pb2.DeleteModelPriceResponse]
+    """Deletes one price (a model and an effective time). Superuser only."""
 
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
@@ -144,6 +157,18 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """Deletes a webhook; its pending deliveries are dropped."""
     ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListWebhookDeliveriesRequest, _usage_service_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
     """Lists a webhook's deliveries, newest first."""
+    GetUsageTimeSeries: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageTimeSeriesRequest, _usage_service_pb2.GetUsageTimeSeriesResponse]  # type: ignore[assignment]
+    """Usage over time: buckets of an hour or a day, optionally split by agent or model."""
+    ExportUsage: _aio.UnaryStreamMultiCallable[_usage_service_pb2.ExportUsageRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """Usage over time as a download: CSV (a header row, then one row per bucket and group)
+    or JSON, streamed.
+    """
+    SetModelPrice: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.SetModelPriceRequest, _usage_pb2.ModelPrice]  # type: ignore[assignment]
+    """Sets a model's price from its effective time on. Superuser only."""
+    ListModelPrices: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListModelPricesRequest, _usage_service_pb2.ListModelPricesResponse]  # type: ignore[assignment]
+    """Lists every price, by model then effective time. Superuser only."""
+    DeleteModelPrice: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.DeleteModelPriceRequest, _usage_service_pb2.DeleteModelPriceResponse]  # type: ignore[assignment]
+    """Deletes one price (a model and an effective time). Superuser only."""
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     """The gas gauge: exact, idempotent token and cost accounting and per-thread budgets."""
@@ -343,5 +368,47 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_service_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_usage_service_pb2.ListWebhookDeliveriesResponse]]:
         """Lists a webhook's deliveries, newest first."""
+
+    @_abc_1.abstractmethod
+    def GetUsageTimeSeries(
+        self,
+        request: _usage_service_pb2.GetUsageTimeSeriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.GetUsageTimeSeriesResponse, _abc.Awaitable[_usage_service_pb2.GetUsageTimeSeriesResponse]]:
+        """Usage over time: buckets of an hour or a day, optionally split by agent or model."""
+
+    @_abc_1.abstractmethod
+    def ExportUsage(
+        self,
+        request: _usage_service_pb2.ExportUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """Usage over time as a download: CSV (a header row, then one row per bucket and group)
+        or JSON, streamed.
+        """
+
+    @_abc_1.abstractmethod
+    def SetModelPrice(
+        self,
+        request: _usage_service_pb2.SetModelPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.ModelPrice, _abc.Awaitable[_usage_pb2.ModelPrice]]:
+        """Sets a model's price from its effective time on. Superuser only."""
+
+    @_abc_1.abstractmethod
+    def ListModelPrices(
+        self,
+        request: _usage_service_pb2.ListModelPricesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ListModelPricesResponse, _abc.Awaitable[_usage_service_pb2.ListModelPricesResponse]]:
+        """Lists every price, by model then effective time. Superuser only."""
+
+    @_abc_1.abstractmethod
+    def DeleteModelPrice(
+        self,
+        request: _usage_service_pb2.DeleteModelPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.DeleteModelPriceResponse, _abc.Awaitable[_usage_service_pb2.DeleteModelPriceResponse]]:
+        """Deletes one price (a model and an effective time). Superuser only."""
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -11,11 +11,14 @@
 -- Returns per record: {outcome, cost, <thread budget state>}, outcome NEW | DUPLICATE |
 -- CONFLICT; or, before writing anything, {{'ROLL', budget keys...}} when a covering
 -- budget's period has ended (the caller opens the new period and calls again).
-local now, ttl = ARGV[1], ARGV[2]
+local now, ttl, keep_hour, keep_day = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local FIRST = 5
+local hour = tonumber(now) - tonumber(now) % 3600000
+local day = tonumber(now) - tonumber(now) % 86400000
 local records = {}
 local stale = {}
 for i = 0, #KEYS / 2 - 1 do
-  local r = split(ARGV[3 + i], '|')
+  local r = split(ARGV[FIRST + i], '|')
   local P, S = KEYS[2 * i + 1], KEYS[2 * i + 2]
   local ids = {}
   if r[12] ~= '' then ids = covering(P, r[9], r[10], r[13]) end
@@ -28,6 +31,8 @@ if #stale > 0 then
   return {reply}
 end
 
+local cached, reasoning = '0', '0'  -- of the record being written
+
 local function add(key, prompt, completion, cost, latency, unpriced)
   redis.call('HINCRBY', key, 'p', prompt)
   redis.call('HINCRBY', key, 'c', completion)
@@ -35,6 +40,33 @@ local function add(key, prompt, completion, cost, latency, unpriced)
   if cost ~= '0' then redis.call('HINCRBY', key, 'cost', cost) end
   if latency ~= '0' then redis.call('HINCRBY', key, 'lat', latency) end
   if unpriced ~= '0' then redis.call('HINCRBY', key, 'unp', 1) end
+  if cached ~= '0' then redis.call('HINCRBY', key, 'cp', cached) end
+  if reasoning ~= '0' then redis.call('HINCRBY', key, 'rs', reasoning) end
+end
+
+-- Add one record to a time-series bucket: its total, its agent's and its model's.
+local function bucket(key, fields, counters, expire_at)
+  local current = redis.call('HMGET', key, unpack(fields))
+  local out = {}
+  for i, field in ipairs(fields) do
+    local v = {0, 0, 0, 0, 0, 0, 0, 0}
+    if current[i] then
+      local parts = split(current[i], ',')
+      for j = 1, 8 do v[j] = tonumber(parts[j]) or 0 end
+    end
+    for j = 1, 8 do v[j] = v[j] + counters[j] end
+    out[#out + 1] = field
+    out[#out + 1] = string.format('%d,%d,%d,%d,%d,%d,%d,%d', unpack(v))
+  end
+  redis.call('HSET', key, unpack(out))
+  if not current[1] then redis.call('EXPIREAT', key, expire_at) end
+end
+
+local function buckets(prefix, fields, counters)
+  bucket(prefix .. 'ts:h:' .. string.format('%d', hour), fields, counters,
+    math.floor((hour / 1000) + keep_hour))
+  bucket(prefix .. 'ts:d:' .. string.format('%d', day), fields, counters,
+    math.floor((day / 1000) + keep_day))
 end
 
 local replies = {}
@@ -43,6 +75,7 @@ for _, item in ipairs(records) do
   local r, P, S = item.r, item.P, item.S
   local fp, prompt, completion, cost, latency, unpriced = r[1], r[3], r[4], r[5], r[6], r[7]
   local rid, agent, model, thread_id, project = r[8], r[9], r[10], r[11], r[12]
+  cached, reasoning = r[14] or '0', r[15] or '0'
   local usage_key = P .. 'usage:' .. thread_id .. ':' .. r[2]
   local prior = redis.call('GET', usage_key)
   if prior then
@@ -72,7 +105,12 @@ for _, item in ipairs(records) do
     add(S .. 'model:' .. model, prompt, completion, cost, latency, unpriced)
     redis.call('ZINCRBY', S .. 'rank:agents', tokens, agent)
     redis.call('ZINCRBY', S .. 'rank:models', tokens, model)
+    local counters = {tonumber(prompt), tonumber(completion), 1, tonumber(cost),
+      tonumber(latency), tonumber(unpriced), tonumber(cached), tonumber(reasoning)}
+    local groups = {'t', 'a:' .. agent, 'm:' .. model}
+    buckets(S, groups, counters)
     if project ~= '' then
+      buckets(P, groups, counters)
       add(P .. 'totals', prompt, completion, cost, latency, unpriced)
       redis.call('ZINCRBY', P .. 'rank:agents', tokens, agent)
       for _, bid in ipairs(item.ids) do
