@@ -367,7 +367,7 @@ async def test_mutual_tls_accepts_its_ca_and_refuses_others(redis_url, tmp_path)
 
 # String request fields that name no resource another owner could own.
 NOT_IDS = {"ack_ids", "agent_type_id", "consumer", "page_token", "payload_type", "reason", "task",
-           "scope_id", "url", "event_types"}  # fmt: skip
+           "scope_id", "url", "event_types", "format"}  # fmt: skip
 
 
 def _aimed_at(method, ids: dict[str, str]):
