@@ -28,12 +28,14 @@ from bench.budgets import owner as make_owner
 from bench.gateway import measure_gateway
 from bench.load import BENCH_TOKEN, THREADS, Caller, WorkerResult, run_worker, thread_of
 from bench.load import channel as channel_to
+from bench.series import series_growth
 from scripts.redis_server import RedisProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "32"))
 CALLS = int(os.environ.get("BENCH_CALLS", "8000"))  # per worker and phase
+SERIES_RECORDS = int(os.environ.get("BENCH_SERIES_RECORDS", "1000000"))
 ADMIN = Caller()
 
 
@@ -255,6 +257,7 @@ def main() -> int:
                 results["read_growth_1k_to_100k"] = {
                     k: large[k] / small[k] for k in small if k.endswith("p50_ms")
                 }
+                results["time_series_30_daily_by_model"] = await series_growth(stub, SERIES_RECORDS)
 
         asyncio.run(reads_and_batches())
         results["gateway"] = measure_gateway(redis.url)
@@ -276,6 +279,10 @@ def main() -> int:
             v <= 2 for v in results["read_growth_1k_to_100k"].values()
         ),
         "gateway adds <= 30% to the gRPC call": results["gateway"]["added_fraction"] <= 0.30,
+        "time series within 2x from 1k to 1M records": results["time_series_30_daily_by_model"][
+            "growth"
+        ]
+        <= 2,
     }
     results["targets_met"] = targets
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -333,6 +340,13 @@ def main() -> int:
                 f"{reads['usage_overview_p50_ms']:.2f}",
             )
         )
+    series = results["time_series_30_daily_by_model"]
+    rows.append(
+        (
+            f"GetUsageTimeSeries p50, 1k / {series['records_large']:,} records (ms)",
+            f"{series['p50_ms_small']:.2f} / {series['p50_ms_large']:.2f}",
+        )
+    )
     g = results["gateway"]
     rows.append(
         (
