@@ -121,7 +121,7 @@ class SeriesRpcs:
         yield httpbody_pb2.HttpBody(content_type=content_type, data=_csv([list(CSV_COLUMNS)]))
         for at in range(0, len(series), 500):  # streamed in chunks of rows
             chunk = series[at : at + 500]
-            rows = [list(_row(s, g, c).values()) for s, g, c in chunk]
+            rows = [list(_row(s, _cell(g), c).values()) for s, g, c in chunk]
             yield httpbody_pb2.HttpBody(content_type=content_type, data=_csv(rows))
 
     # Prices -------------------------------------------------------------------------
@@ -206,6 +206,12 @@ def _row(start: int, group: str, counters: Counters) -> dict[str, object]:
         "group": group,
         **{name: totals[name] for name in CSV_COLUMNS[2:]},
     }
+
+
+def _cell(text: str) -> str:
+    """A group name as a CSV cell a spreadsheet will not run: model names are callers'
+    text, and one starting with =, +, -, @ or a control character would be a formula."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _csv(rows: Sequence[Sequence[object]]) -> bytes:

@@ -169,11 +169,13 @@ async def test_alerts_stream_and_resume_after_an_alert_id(stack) -> None:
     usage = stack.usage
     agent = await spawn(stack.agent, "loud")
     b = await create(usage, limit_tokens=1000)
-    live = asyncio.create_task(watch(usage, count=3))
-    await asyncio.sleep(0.3)  # the watch is open before the usage comes
+    live = usage.WatchBudgetAlerts(U.WatchBudgetAlertsRequest(project_id="demo"))
+    await live.initial_metadata()  # the watch is open (its position taken) before usage comes
     for i, tokens in enumerate([600, 250, 150, 400]):
         await usage.RecordUsage(record(f"u{i}", agent.id, tokens))
-    alerts = await live
+    async with asyncio.timeout(10):
+        alerts = [await live.read() for _ in range(3)]
+    live.cancel()
     assert [a.threshold for a in alerts] == [50, 80, 100]
     assert [a.percent_used for a in alerts] == [60.0, 85.0, 100.0]
     assert all(a.budget_id == b.budget_id and a.scope == B.BUDGET_SCOPE_PROJECT for a in alerts)

@@ -55,15 +55,19 @@ record_strategy = st.fixed_dictionaries({
 async def test_buckets_sum_exactly_the_records_in_them(series_store, workload) -> None:
     store, clock = series_store
     await store.reset()
-    for i, w in enumerate(sorted(workload, key=lambda w: w["offset_min"])):
-        clock.ms = START + w["offset_min"] * 60_000
-        cached = w["prompt"] // 3
+    workload = sorted(workload, key=lambda w: w["offset_min"])
+    for first in range(0, len(workload), 3):  # batches of up to 3 records, one script each
+        batch = workload[first : first + 3]
+        for w in batch:
+            w["offset_min"] = batch[0]["offset_min"]  # a batch arrives at one time
+        clock.ms = START + batch[0]["offset_min"] * 60_000
         await store.record([UsageRecord(
-            usage_id=f"u{i}", thread_id="t", agent_id=w["agent"], project_id=w["project"],
-            model=w["model"], prompt_tokens=w["prompt"], completion_tokens=w["completion"],
-            cost_micros=w["cost"], latency_ms=3, unpriced=False, reservation_id="",
-            fingerprint=f"u{i}", cached_prompt_tokens=cached,
-            reasoning_tokens=w["completion"] // 2)])  # fmt: skip
+            usage_id=f"u{first + i}", thread_id="t", agent_id=w["agent"],
+            project_id=w["project"], model=w["model"], prompt_tokens=w["prompt"],
+            completion_tokens=w["completion"], cost_micros=w["cost"], latency_ms=3,
+            unpriced=False, reservation_id="", fingerprint=f"u{first + i}",
+            cached_prompt_tokens=w["prompt"] // 3, reasoning_tokens=w["completion"] // 2)
+            for i, w in enumerate(batch)])  # fmt: skip
     end = START + 4 * DAY_MS
     for project in ("p", "-"):
         mine = [w for w in workload if project == "-" or w["project"] == project]
@@ -252,6 +256,14 @@ async def test_time_series_rpc_and_its_export(stack) -> None:
         assert as_json.headers["content-type"] == "application/json"
         body = json.loads(as_json.text)
         assert sum(b["request_count"] for b in body["buckets"]) == 30
+        # A model name that a spreadsheet would run as a formula is exported inert.
+        await usage.RecordUsage(U.RecordUsageRequest(
+            usage_id="evil", thread_id="t", agent_id="a0", project_id="demo",
+            model="=HYPERLINK(\"http://x\")", prompt_tokens=1))  # fmt: skip
+        again = await http.get("/api/v1/projects/demo/usage:export", params=params,
+                               headers=headers)  # fmt: skip
+        groups = [row["group"] for row in csv.DictReader(io.StringIO(again.text))]
+        assert '\'=HYPERLINK("http://x")' in groups and not any(g.startswith("=") for g in groups)
         refused = await http.get("/api/v1/projects/demo/usage:export", headers=headers,
                                  params={**params, "format": "xml"})  # fmt: skip
         assert refused.status_code == 400

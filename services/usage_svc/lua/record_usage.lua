@@ -44,29 +44,53 @@ local function add(key, prompt, completion, cost, latency, unpriced)
   if reasoning ~= '0' then redis.call('HINCRBY', key, 'rs', reasoning) end
 end
 
--- Add one record to a time-series bucket: its total, its agent's and its model's.
-local function bucket(key, fields, counters, expire_at)
-  local current = redis.call('HMGET', key, unpack(fields))
-  local out = {}
-  for i, field in ipairs(fields) do
-    local v = {0, 0, 0, 0, 0, 0, 0, 0}
-    if current[i] then
-      local parts = split(current[i], ',')
-      for j = 1, 8 do v[j] = tonumber(parts[j]) or 0 end
-    end
-    for j = 1, 8 do v[j] = v[j] + counters[j] end
-    out[#out + 1] = field
-    out[#out + 1] = string.format('%d,%d,%d,%d,%d,%d,%d,%d', unpack(v))
+-- Time-series buckets: the records of this call are summed here per (bucket, field) and
+-- written once per bucket at the end (a batch of records in the same hour costs one
+-- read and one write per bucket, not per record).
+local pending, pending_order = {}, {}
+
+local function pend(key, fields, counters, expire_at)
+  local entry = pending[key]
+  if not entry then
+    entry = {fields = {}, order = {}, expire_at = expire_at}
+    pending[key] = entry
+    pending_order[#pending_order + 1] = key
   end
-  redis.call('HSET', key, unpack(out))
-  if not current[1] then redis.call('EXPIREAT', key, expire_at) end
+  for _, field in ipairs(fields) do
+    local sums = entry.fields[field]
+    if not sums then
+      sums = {0, 0, 0, 0, 0, 0, 0, 0}
+      entry.fields[field] = sums
+      entry.order[#entry.order + 1] = field
+    end
+    for j = 1, 8 do sums[j] = sums[j] + counters[j] end
+  end
 end
 
 local function buckets(prefix, fields, counters)
-  bucket(prefix .. 'ts:h:' .. string.format('%d', hour), fields, counters,
+  pend(prefix .. 'ts:h:' .. string.format('%d', hour), fields, counters,
     math.floor((hour / 1000) + keep_hour))
-  bucket(prefix .. 'ts:d:' .. string.format('%d', day), fields, counters,
+  pend(prefix .. 'ts:d:' .. string.format('%d', day), fields, counters,
     math.floor((day / 1000) + keep_day))
+end
+
+local function flush_buckets()
+  for _, key in ipairs(pending_order) do
+    local entry = pending[key]
+    local current = redis.call('HMGET', key, 't', unpack(entry.order))
+    local out = {}
+    for i, field in ipairs(entry.order) do
+      local v = entry.fields[field]
+      if current[i + 1] then
+        local parts = split(current[i + 1], ',')
+        for j = 1, 8 do v[j] = v[j] + (tonumber(parts[j]) or 0) end
+      end
+      out[#out + 1] = field
+      out[#out + 1] = string.format('%d,%d,%d,%d,%d,%d,%d,%d', unpack(v))
+    end
+    redis.call('HSET', key, unpack(out))
+    if not current[1] then redis.call('EXPIREAT', key, entry.expire_at) end
+  end
 end
 
 local replies = {}
@@ -130,4 +154,5 @@ for _, item in ipairs(records) do
     replies[#replies + 1] = reply
   end
 end
+flush_buckets()
 return replies
