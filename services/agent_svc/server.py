@@ -9,6 +9,7 @@ import grpc
 from agentplane.agent.v1 import agent_service_pb2
 from services.agent_svc.servicer import AgentServicer
 from services.agent_svc.store import AgentStore
+from services.common.partitions import RetentionSweeper
 from services.common.server import Chassis, server_factory
 
 SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]
@@ -24,6 +25,9 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     servicer = AgentServicer(store, chassis.peers, chassis.stopping)
     # API keys are this service's own data: it checks tokens against its store directly.
     chassis.use_key_lookup(servicer.principal_for_key)
+    settings = chassis.settings
+    sweeper = RetentionSweeper(chassis.redis, store, settings.agent_retention_s, "agents")
+    chassis.run_in_background(sweeper.every(settings.retention_sweep_s))
     return [chassis.serve(server, servicer, SERVICE)]
 
 

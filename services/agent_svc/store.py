@@ -1,10 +1,16 @@
 """Redis storage of projects, agent types and agents.
 
-Every key lives under one hash tag, `ap:agent:{a}:`, so that each write — an agent's
-record with its status indexes, name index, counters and status event — is one atomic
-Lua script, on a standalone Redis or a Redis Cluster alike. This metadata is small and
-written at human and lifecycle rates (spawns, status moves), not per LLM call, so one
-slot holds it comfortably; the per-call hot paths (usage, messages) shard elsewhere.
+Projects, agent types and API keys — few, and written at human rates — live under one
+hash tag, `ap:agent:{a}:`. Agents live with their project, under the project's hash tag
+`ap:agent:{p:<project>}:` (`services/common/partitions.py`), so each agent write — the
+record with its status indexes, name index, the project's counters and status event — is
+one atomic Lua script in one slot, and on Redis Cluster the projects spread over the
+masters. An agent's project is found from its directory key. Cross-project views merge:
+listings page through every project's index, cluster counters sum the projects'
+counters, and the all-projects event stream gets each event just after its project's.
+
+A terminated agent waits in its project's removal queue for AGENT_RETENTION, then
+`remove_agent` deletes it and the counters forget it (SPEC §10).
 
 Indexes are sorted sets with score 0 whose members sort by creation time (ULIDs), read
 a page at a time (`read_lex_page`); counters are kept as writes happen, so no read
@@ -15,16 +21,18 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from services.common import tuning
 from services.common.convert import new_id, now_ms
-from services.common.pagination import Page, read_lex_page
+from services.common.pagination import Page, read_lex_page, read_merged_lex_page
+from services.common.partitions import Directory, project_prefix
 from services.common.redis import RedisClient, load_script
 
+SERVICE = "agent"
 PREFIX = "ap:agent:{a}:"
 STATUSES = ("IDLE", "WORKING", "WAITING", "PAUSED", "TERMINATED")
 ALL = "-"
@@ -32,7 +40,7 @@ LUA = Path(__file__).with_name("lua")
 
 
 class Keys:
-    """Key names; `project_id` "-" means "every project" for indexes and events."""
+    """Key names. Global ones under one tag; a project's under its own (`of`)."""
 
     counters = PREFIX + "counters"
     projects = PREFIX + "projects"
@@ -61,25 +69,33 @@ class Keys:
     def agent_type(type_id: str) -> str:
         return f"{PREFIX}type:{type_id}"
 
-    @staticmethod
-    def agent(agent_id: str) -> str:
-        return f"{PREFIX}agent:{agent_id}"
+    all_events = PREFIX + "events:-"  # every project's status events
 
     @staticmethod
-    def names(project_id: str) -> str:
-        return f"{PREFIX}names:{project_id}"
+    def of(project_id: str) -> str:
+        """The prefix of a project's agents, their indexes, counters, events and queue."""
+        return project_prefix(SERVICE, project_id)
 
     @staticmethod
-    def spawn_request(project_id: str, request_id: str) -> str:
-        return f"{PREFIX}spawn:{project_id}:{request_id}"
+    def agent(project_id: str, agent_id: str) -> str:
+        return f"{Keys.of(project_id)}agent:{agent_id}"
+
+    @staticmethod
+    def stats(project_id: str) -> str:
+        return f"{Keys.of(project_id)}stats"
 
     @staticmethod
     def index(project_id: str, status: str = "") -> str:
-        return f"{PREFIX}idx:{project_id}:{status or 'ALL'}"
+        return f"{Keys.of(project_id)}idx:{status or 'ALL'}"
 
     @staticmethod
     def events(project_id: str) -> str:
-        return f"{PREFIX}events:{project_id}"
+        return Keys.all_events if project_id == ALL else f"{Keys.of(project_id)}events"
+
+    @staticmethod
+    def terminated(project_id: str) -> str:
+        """The removal queue: terminated agents scored by their termination time."""
+        return f"{Keys.of(project_id)}terminated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +268,7 @@ class AgentStorage(Protocol):
         self, project_id: str, status: str, page: Page
     ) -> tuple[list[AgentRecord], str, int]: ...
     async def counters(self) -> dict[str, int]: ...
+    async def project_of(self, agent_id: str) -> str | None: ...
     async def create_key(self, fields: Record, visible_to: Sequence[str]) -> None: ...
     async def get_key(self, key_id: str) -> KeyRecord | None: ...
     async def list_keys(
@@ -272,6 +289,8 @@ class AgentStore:
         self._create_record = load_script(redis, LUA / "create_record.lua")
         self._spawn = load_script(redis, LUA / "spawn_agent.lua")
         self._update = load_script(redis, LUA / "update_agent.lua")
+        self._remove = load_script(redis, LUA / "remove_agent.lua")
+        self._directory = Directory(redis, SERVICE)
 
     # Projects and agent types -------------------------------------------------------
 
@@ -287,16 +306,39 @@ class AgentStore:
         )
 
     async def get_project(self, project_id: str) -> ProjectRecord | None:
-        found = await self._hash(Keys.project(project_id))
-        return ProjectRecord.of(found) if found else None
+        (found,) = await self._projects([project_id])
+        return found
+
+    async def _projects(self, project_ids: Sequence[str]) -> list[ProjectRecord | None]:
+        """Projects: each one's record (global) with its counters (in its own slot)."""
+        found = await self._hashes(
+            key for p in project_ids for key in (Keys.project(p), Keys.stats(p))
+        )
+        return [
+            ProjectRecord.of({**record, **stats}) if record else None
+            for record, stats in zip(found[0::2], found[1::2], strict=True)
+        ]
 
     async def list_projects(
         self, page: Page, owner: str | None = None
     ) -> tuple[list[ProjectRecord], str, int]:
         index = Keys.projects if owner is None else Keys.owner_projects(owner)
         members, token, total = await read_lex_page(self._redis, index, page, newest_first=True)
-        projects = await self._hashes(Keys.project(m.split("|", 1)[1]) for m in members)
-        return [ProjectRecord.of(p) for p in projects if p], token, total
+        projects = await self._projects([m.split("|", 1)[1] for m in members])
+        return [p for p in projects if p], token, total
+
+    async def project_ids(self) -> list[str]:
+        """Every project's id (the cross-project views merge over them)."""
+        return [m.split("|", 1)[1] for m in await self._redis.zrange(Keys.projects, 0, -1)]
+
+    async def partitions(self) -> AsyncIterator[list[str]]:
+        """Every project's id, a bounded chunk at a time (for retention passes)."""
+        start = 0
+        while chunk := await self._redis.zrange(
+            Keys.projects, start, start + tuning.PROJECTS_CHUNK - 1
+        ):
+            yield [m.split("|", 1)[1] for m in chunk]
+            start += len(chunk)
 
     async def create_type(self, fields: dict[str, str]) -> bool:
         keys = [Keys.agent_type(fields["id"]), Keys.types, Keys.counters]
@@ -353,54 +395,95 @@ class AgentStore:
         """OK or DUPLICATE (detail: the agent's id), NO_PROJECT, or NAME_TAKEN (detail: the
         name's holder)."""
         project_id, agent_id = fields["project_id"], fields["id"]
-        keys = [
-            Keys.agent(agent_id), Keys.project(project_id), Keys.names(project_id),
-            Keys.spawn_request(project_id, request_id or "-"),
-            Keys.index(project_id), Keys.index(project_id, "IDLE"),
-            Keys.index(ALL), Keys.index(ALL, "IDLE"),
-            Keys.counters, Keys.events(project_id), Keys.events(ALL),
-        ]  # fmt: skip
-        args = [agent_id, fields["name"], "1" if request_id else "0", self._request_ttl_s,
+        if not await self._redis.exists(Keys.project(project_id)):  # projects are never deleted
+            return Change(Outcome.NO_PROJECT)
+        await self._directory.place(agent_id, project_id)
+        args = [agent_id, fields["name"], request_id, self._request_ttl_s,
                 tuning.AGENT_EVENTS_MAXLEN, *_flat(fields)]  # fmt: skip
-        result = await self._spawn(keys=keys, args=args)
+        result = await self._spawn(keys=[Keys.of(project_id)], args=args)
+        if result[0] != Outcome.OK or result[1] != agent_id:
+            await self._directory.forget(agent_id)  # this id was not used
+        elif int(result[2]):
+            await self._all_events(agent_id, "", "IDLE")
         return Change(Outcome(result[0]), result[1] if len(result) > 1 else "")
 
     async def update(self, change: AgentChange, project_id: str) -> Change:
         """Apply a change: OK or BAD_STATE (detail: the state it was in), NOT_FOUND, or
         NAME_TAKEN (detail: the holder). `project_id` is the agent's own."""
-        keys = [
-            Keys.agent(change.agent_id), Keys.project(project_id), Keys.names(project_id),
-            Keys.counters, Keys.events(project_id), Keys.events(ALL),
-            *(Keys.index(project_id, s) for s in STATUSES),
-            *(Keys.index(ALL, s) for s in STATUSES),
-        ]  # fmt: skip
         allowed = "," + ",".join(change.allowed_from) + ","
         args = [
-            change.project_check, change.target_status, allowed, change.new_name,
-            change.tasks_completed, now_ms(), tuning.AGENT_EVENTS_MAXLEN, len(change.delete_fields),
-            *change.delete_fields, *_flat(change.set_fields or {}),
+            change.agent_id, change.project_check, change.target_status, allowed,
+            change.new_name, change.tasks_completed, now_ms(), tuning.AGENT_EVENTS_MAXLEN,
+            len(change.delete_fields), *change.delete_fields, *_flat(change.set_fields or {}),
         ]  # fmt: skip
-        result = await self._update(keys=keys, args=args)
+        result = await self._update(keys=[Keys.of(project_id)], args=args)
+        if result[0] == Outcome.OK and change.target_status:
+            await self._all_events(change.agent_id, result[1], change.target_status)
         return Change(Outcome(result[0]), result[1] if len(result) > 1 else "")
 
+    async def _all_events(self, agent_id: str, previous: str, status: str) -> None:
+        """The all-projects event stream, written just after the project's own."""
+        await self._redis.xadd(
+            Keys.all_events, {"agent_id": agent_id, "from": previous, "to": status},
+            maxlen=tuning.AGENT_EVENTS_MAXLEN, approximate=True,
+        )  # fmt: skip
+
+    async def project_of(self, agent_id: str) -> str | None:
+        return await self._directory.project_of(agent_id)
+
     async def get_agent(self, agent_id: str) -> AgentRecord | None:
-        found = await self._hash(Keys.agent(agent_id))
-        return AgentRecord.of(found) if found else None
+        found = await self.get_agents([agent_id])
+        return found[0] if found else None
 
     async def get_agents(self, agent_ids: Sequence[str]) -> list[AgentRecord]:
-        found = await self._hashes(Keys.agent(i) for i in agent_ids)
+        """The agents that exist, in the order asked, wherever their projects are."""
+        projects = await self._directory.projects_of(agent_ids)
+        return await self._agents_in(
+            [(p, a) for p, a in zip(projects, agent_ids, strict=True) if p is not None]
+        )
+
+    async def _agents_in(self, placed: Sequence[tuple[str, str]]) -> list[AgentRecord]:
+        found = await self._hashes(Keys.agent(p, a) for p, a in placed)
         return [AgentRecord.of(a) for a in found if a]
 
     async def list_agents(
         self, project_id: str, status: str, page: Page
     ) -> tuple[list[AgentRecord], str, int]:
-        members, token, total = await read_lex_page(
-            self._redis, Keys.index(project_id, status), page, newest_first=True
+        if project_id != ALL:
+            members, token, total = await read_lex_page(
+                self._redis, Keys.index(project_id, status), page, newest_first=True
+            )
+            return await self._agents_in([(project_id, m) for m in members]), token, total
+        projects = await self.project_ids()
+        merged, token, total = await read_merged_lex_page(
+            self._redis, [Keys.index(p, status) for p in projects], page, newest_first=True
         )
-        return await self.get_agents(members), token, total
+        return await self._agents_in([(projects[i], m) for m, i in merged]), token, total
 
     async def counters(self) -> dict[str, int]:
-        return {k: int(v) for k, v in (await self._redis.hgetall(Keys.counters)).items()}
+        """Cluster counters: the global ones, and the agents' summed over the projects."""
+        totals = {k: int(v) for k, v in (await self._redis.hgetall(Keys.counters)).items()}
+        projects = await self.project_ids()
+        for stats in await self._hashes(Keys.stats(p) for p in projects):
+            for field, value in stats.items():
+                name = "agents" if field == "n_total" else field
+                totals[name] = totals.get(name, 0) + int(value)
+        return totals
+
+    # Retention ----------------------------------------------------------------------
+
+    def removal_queue(self, project_id: str) -> str:
+        return Keys.terminated(project_id)
+
+    async def remove(self, project_id: str, agent_id: str) -> bool:
+        """Remove a terminated agent (False: it is not terminated, and left alone)."""
+        if await self._directory.project_of(agent_id, fresh=True) == project_id:
+            await self._directory.forget(agent_id)
+        outcome = await self._remove(keys=[Keys.of(project_id)], args=[agent_id])
+        if outcome == "ACTIVE":  # not terminated after all: it keeps its directory entry
+            await self._directory.place(agent_id, project_id)
+            return False
+        return True
 
     # API keys -----------------------------------------------------------------------
 

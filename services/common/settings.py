@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,38 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if lowered in {"0", "false", "no", "off"}:
         return False
     raise SettingsError(f"{name}={raw!r} must be true or false")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "30s", "15m", "12h", "7d", "2w" or a sum like "1d12h"; ValueError
+    otherwise."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(text)
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def _duration(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = parse_duration(raw)
+    except ValueError:
+        raise SettingsError(
+            f"{name}={raw!r} is not a duration (seconds, or like 30s, 15m, 12h, 7d)"
+        ) from None
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name}={raw} is out of range [{lo:g} s, {hi:g} s]")
+    return value
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: set[str]) -> str:
@@ -170,6 +203,10 @@ class Settings:
     webhook_poll_s: float = 0.5
     hourly_retention_days: int = 35
     daily_retention_days: int = 400
+    thread_retention_s: float = 7 * 86_400.0
+    agent_retention_s: float = 30 * 86_400.0
+    thread_max_messages: int = 10_000
+    retention_sweep_s: float = 10.0
 
     @property
     def key_prefix(self) -> str:
@@ -265,4 +302,12 @@ class Settings:
             webhook_poll_s=_float(env, "WEBHOOK_POLL_SECONDS", 0.5, 0.01, 60.0),
             hourly_retention_days=_int(env, "USAGE_HOURLY_RETENTION_DAYS", 35, 1, 3660),
             daily_retention_days=_int(env, "USAGE_DAILY_RETENTION_DAYS", 400, 1, 36600),
+            thread_retention_s=_duration(
+                env, "THREAD_RETENTION", 7 * 86_400.0, 1, 10 * 365 * 86_400
+            ),
+            agent_retention_s=_duration(
+                env, "AGENT_RETENTION", 30 * 86_400.0, 1, 10 * 365 * 86_400
+            ),
+            thread_max_messages=_int(env, "THREAD_MAX_MESSAGES", 10_000, 10, 10_000_000),
+            retention_sweep_s=_duration(env, "RETENTION_SWEEP_INTERVAL", 10.0, 0.05, 86_400),
         )

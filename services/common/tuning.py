@@ -18,3 +18,9 @@ HEALTH_INTERVAL_S = 1.0  # how often a process checks its Redis for the health s
 MAX_CACHED_ENTRIES = 50_000  # per-replica caches (tokens, visible projects) before a reset
 MAX_GROUP_COMMIT = 256  # usage records per group-commit script call
 TOP_N = 100  # agents and models listed in a usage overview
+
+# Retention (SPEC §10)
+RETENTION_LEASE_MS = 60_000  # a claimed item is taken again if not removed by then
+RETENTION_CLAIM = 50  # items claimed from one project's queue at a time
+RETENTION_STEP = 500  # log entries removed per Lua call (bounded work inside Redis)
+PROJECTS_CHUNK = 500  # projects read at a time by a retention pass

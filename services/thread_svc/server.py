@@ -8,6 +8,7 @@ import grpc
 
 from agentplane.thread.v1 import thread_service_pb2
 from services.agent_svc.client import AgentClient
+from services.common.partitions import RetentionSweeper
 from services.common.server import Chassis, server_factory
 from services.thread_svc.servicer import ThreadServicer
 from services.thread_svc.store import ThreadStore
@@ -21,10 +22,14 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
         chassis.redis,
         request_ttl_s=chassis.settings.idempotency_ttl_s,
         streams=chassis.stream_redis,
+        max_messages=chassis.settings.thread_max_messages,
     )
     agents = AgentClient(chassis.peers.agent_channel, chassis.settings.auth_cache_s)
     chassis.use_key_lookup(agents.principal)
     servicer = ThreadServicer(store, chassis.peers, agents, chassis.settings, chassis.stopping)
+    settings = chassis.settings
+    sweeper = RetentionSweeper(chassis.redis, store, settings.thread_retention_s, "threads")
+    chassis.run_in_background(sweeper.every(settings.retention_sweep_s))
     return [chassis.serve(server, servicer, SERVICE)]
 
 

@@ -68,7 +68,7 @@ def thread_message(record: ThreadRecord, max_tokens: int) -> thread_pb2.Thread:
         title=record.title,
         status=enums.value_of(thread_pb2.ThreadStatus, record.status),
         participants=record.participants,
-        message_count=record.message_count,
+        message_count=record.message_count - record.dropped,
         max_tokens=max_tokens,
         create_time=timestamp(record.create_ms),
         update_time=timestamp(record.update_ms),
@@ -99,9 +99,11 @@ class _Inbox:
     a while — deliveries other consumers left unacknowledged too long (they vanished)."""
 
     def __init__(
-        self, store: ThreadStorage, agent_id: str, consumer: str, claim_idle_s: float
-    ) -> None:
+        self, store: ThreadStorage, project_id: str, agent_id: str, consumer: str,
+        claim_idle_s: float,
+    ) -> None:  # fmt: skip
         self._store, self._agent_id, self._consumer = store, agent_id, consumer
+        self._project_id = project_id
         self._claim_idle_ms = int(claim_idle_s * 1000)
         self._claim_every_s = min(claim_idle_s, 5.0)
         self._first, self._last_claim = True, time.monotonic()
@@ -109,10 +111,12 @@ class _Inbox:
     async def next(self) -> list[Delivery]:
         pending, self._first = self._first, False
         block_ms = 0 if pending else tuning.STREAM_BLOCK_MS
-        found = await self._store.deliveries(self._agent_id, self._consumer, pending, block_ms)
+        found = await self._store.deliveries(
+            self._project_id, self._agent_id, self._consumer, pending, block_ms
+        )
         if not found and time.monotonic() - self._last_claim > self._claim_every_s:
             found = await self._store.claim_idle(
-                self._agent_id, self._consumer, self._claim_idle_ms
+                self._project_id, self._agent_id, self._consumer, self._claim_idle_ms
             )
             self._last_claim = time.monotonic()
         return found
@@ -211,6 +215,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             if project_id not in (ALL, agent.project_id):
                 # An agent's threads are all in its own project: another project has none.
                 return thread_service_pb2.ListThreadsResponse()
+            project_id = agent.project_id
         elif project_id == ALL:
             require_superuser("listing threads of every project")
         elif not await self._agents.can_see_project(project_id):
@@ -249,10 +254,6 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                 f"thread {thread_id!r} already ended as {ended.status}", "THREAD_ENDED",
                 status=ended.status,
             )  # fmt: skip
-        if ended.outcome == Outcome.RETRY:
-            raise errors.ServiceError(
-                "thread is changing, retry", reason="CONFLICT", code=grpc.StatusCode.ABORTED
-            )
         # OK or SAME (a retry): either way the budget must end up closed.
         try:
             await self._peers.usage.CloseThreadBudget(
@@ -275,23 +276,29 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         )
         if thread_id == ALL and not agent_id:
             raise errors.invalid_argument("agent", "is required when listing across threads ('-')")
+        dropped = 0
         if agent_id:
             # Filtered listings read an index of the agent's messages (across threads, or in
             # this thread), so pages are full and total_size counts what the filter keeps.
             if thread_id == ALL:
-                await self._agents.agent(agent_id)
-                found, token, total = await self._store.agent_messages(agent_id, page)
+                agent = await self._agents.agent(agent_id)
+                found, token, total = await self._store.agent_messages(
+                    agent.project_id, agent_id, page
+                )
             else:
-                await self._thread(thread_id)
+                dropped = (await self._thread(thread_id)).dropped
                 found, token, total = await self._store.thread_agent_messages(
                     thread_id, agent_id, page
                 )
         else:
             record = await self._thread(thread_id)
             found, token = await self._store.thread_messages(thread_id, page)
-            total = record.message_count
+            total, dropped = record.message_count - record.dropped, record.dropped
         return thread_service_pb2.ListMessagesResponse(
-            messages=[message_of(m) for m in found], next_page_token=token, total_size=total
+            messages=[message_of(m) for m in found],
+            next_page_token=token,
+            total_size=total,
+            dropped_count=dropped,
         )
 
     async def PostMessage(
@@ -305,7 +312,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             thread_id, sender, recipient, request.payload_type, request.payload, True
         )
         request_key = (
-            RequestKey(f"post:{thread_id}", require_id("request_id", request.request_id))
+            RequestKey(f"post:{thread_id}", require_id("request_id", request.request_id), thread_id)
             if request.request_id
             else None
         )
@@ -341,23 +348,23 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
     ) -> thread_service_pb2.InjectMessageResponse:
         require_manager()
         target = require_id("to", request.to)
+        request_id = require_id("request_id", request.request_id) if request.request_id else ""
+        thread_id = require_id("thread_id", request.thread_id) if request.thread_id else ""
+        agent = await self._agents.find_agent(target)
+        if agent is None:
+            raise errors.invalid_argument("to", f"no agent {target!r}", "UNKNOWN_AGENT")
+        # The request id is kept in the target's project (where the message goes).
         request_key = (
-            RequestKey("inject", require_id("request_id", request.request_id))
-            if request.request_id
-            else None
+            RequestKey("inject", request_id, project_id=agent.project_id) if request_id else None
         )
         if request_key and (earlier := await self._store.earlier_message(request_key)):
             return thread_service_pb2.InjectMessageResponse(
                 thread_id=earlier.thread_id, message_id=earlier.id
             )
-        thread_id = require_id("thread_id", request.thread_id) if request.thread_id else ""
         # Checked before any write: the payload, then the target.
         message = self._new_message(
             thread_id or "-", OPERATOR, target, request.payload_type, request.payload, False
         )
-        agent = await self._agents.find_agent(target)
-        if agent is None:
-            raise errors.invalid_argument("to", f"no agent {target!r}", "UNKNOWN_AGENT")
         if agent.status == TERMINATED:
             raise errors.failed_precondition(
                 f"recipient {target!r} is TERMINATED", "RECIPIENT_TERMINATED", agent=target
@@ -415,19 +422,26 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         require_self(agent_id, "agent_id")
         consumer = require_id("consumer", request.consumer) if request.consumer else "default"
         agent = await self._agents.agent(agent_id)
-        await self._store.ensure_group(agent_id)
+        project_id = agent.project_id
+        await self._store.ensure_group(project_id, agent_id)
         token = secrets.token_hex(8)
-        if not await self._store.acquire_lease(agent_id, consumer, token, tuning.INBOX_LEASE_MS):
+        if not await self._store.acquire_lease(
+            project_id, agent_id, consumer, token, tuning.INBOX_LEASE_MS
+        ):
             raise errors.ServiceError(
                 f"consumer {consumer!r} of agent {agent_id!r} is already receiving elsewhere",
                 reason="INBOX_BUSY", code=grpc.StatusCode.ABORTED,
             )  # fmt: skip
         stream = await stream_open(context, self._stopping)
-        inbox = _Inbox(self._store, agent_id, consumer, self._settings.inbox_claim_idle_s)
+        inbox = _Inbox(
+            self._store, project_id, agent_id, consumer, self._settings.inbox_claim_idle_s
+        )
         status, checked = agent.status, time.monotonic()
         try:
             while stream.active:
-                await self._store.acquire_lease(agent_id, consumer, token, tuning.INBOX_LEASE_MS)
+                await self._store.acquire_lease(
+                    project_id, agent_id, consumer, token, tuning.INBOX_LEASE_MS
+                )
                 if time.monotonic() - checked > tuning.STATUS_CHECK_S:
                     status, checked = (await self._agents.agent(agent_id)).status, time.monotonic()
                 if status == TERMINATED:
@@ -442,14 +456,14 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                         delivery_count=delivery.count,
                     )
         finally:
-            await self._store.release_lease(agent_id, consumer, token)
+            await self._store.release_lease(project_id, agent_id, consumer, token)
 
     async def AckMessages(
         self, request: thread_service_pb2.AckMessagesRequest, context: ServicerContext
     ) -> thread_service_pb2.AckMessagesResponse:
         agent_id = require_id("agent_id", request.agent_id)
         require_self(agent_id, "agent_id")
-        await self._agents.agent(agent_id)
+        agent = await self._agents.agent(agent_id)
         if not request.ack_ids:
             raise errors.invalid_argument("ack_ids", "names no delivery")
         for ack_id in request.ack_ids:
@@ -457,7 +471,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             if not (left.isdigit() and right.isdigit()):
                 raise errors.invalid_argument("ack_ids", f"{ack_id!r} is not an ack id")
         return thread_service_pb2.AckMessagesResponse(
-            acked_count=await self._store.ack(agent_id, list(request.ack_ids))
+            acked_count=await self._store.ack(agent.project_id, agent_id, list(request.ack_ids))
         )
 
     async def WatchThread(

@@ -3,10 +3,17 @@
 The servicer sees the small typed interface `ThreadStorage` (records, outcomes, pages);
 keys, index members, cursors and log entry ids stay in here.
 
-Every key lives under one hash tag, `ap:thread:{t}:`, so that posting a message — the
-request-id check, the thread's log and count, the recipient's inbox, the agents'
-indexes — is one atomic Lua script on a standalone Redis or a Redis Cluster alike. The
-price is that the thread service's data sits in one cluster slot; see the README.
+A project's threads, messages, inboxes and indexes live under the project's hash tag,
+`ap:thread:{p:<project>}:`, so that posting a message — the request-id check, the
+thread's log and count, the recipient's inbox, the agents' indexes — is one atomic Lua
+script in one slot, and on Redis Cluster the projects spread over the masters. A thread's
+project is found from its directory key (`services/common/partitions.py`); an agent's
+threads are all in its own project. Cross-project listings merge the projects' indexes;
+the projects that have threads are a small global set (`ap:thread:{t}:projects`).
+
+Memory stays bounded (SPEC §10): an ended thread is queued for removal with everything it
+left (removed in bounded steps by `sweep`, on any replica); an acknowledged inbox entry
+is deleted; an active thread keeps its newest `THREAD_MAX_MESSAGES` messages.
 
 - a thread is a hash, its participants a set, its messages (and status changes) a stream;
 - each agent's inbox is a stream read through a consumer group, so a message is delivered
@@ -18,18 +25,21 @@ price is that the thread service's data sits in one cluster slot; see the README
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from redis.exceptions import ResponseError
 
+from services.common import tuning
 from services.common.convert import new_id, now_ms
-from services.common.pagination import Page, read_lex_page
+from services.common.pagination import Page, read_lex_page, read_merged_lex_page
+from services.common.partitions import Directory, project_prefix
 from services.common.redis import RedisClient, load_script
 
-PREFIX = "ap:thread:{t}:"
+SERVICE = "thread"
+PROJECTS = "ap:thread:{t}:projects"  # the projects that have (had) threads
 ALL = "-"
 ACTIVE = "ACTIVE"
 GROUP = "inbox"
@@ -42,7 +52,6 @@ class Outcome(enum.Enum):
     SAME = "SAME"  # the thread already has the status asked for
     NO_THREAD = "NO_THREAD"
     NOT_ACTIVE = "NOT_ACTIVE"
-    RETRY = "RETRY"  # the thread changed while being ended; try again
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +70,8 @@ class ThreadRecord:
     title: str
     status: str  # ACTIVE, COMPLETED, FAILED, KILLED
     metadata_json: str
-    message_count: int
+    message_count: int  # ever posted
+    dropped: int  # of those, dropped past THREAD_MAX_MESSAGES
     create_ms: int
     update_ms: int
     end_ms: int | None
@@ -93,10 +103,17 @@ class StoredMessage:
 
 @dataclass(frozen=True, slots=True)
 class RequestKey:
-    """A client's request id, within a scope (e.g. "inject", or "post:<thread id>")."""
+    """A client's request id, within a scope (e.g. "inject", or "post:<thread id>"), kept
+    in a project: the thread's (`thread_id`) or the one named (`project_id`)."""
 
     scope: str
     request_id: str
+    thread_id: str = ""
+    project_id: str = ""
+
+    @property
+    def suffix(self) -> str:
+        return f"{self.scope}:{self.request_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +125,7 @@ class Posted:
 
 @dataclass(frozen=True, slots=True)
 class Ended:
-    outcome: Outcome  # OK, SAME, NO_THREAD, NOT_ACTIVE or RETRY
+    outcome: Outcome  # OK, SAME, NO_THREAD or NOT_ACTIVE
     status: str = ""  # the status before
 
 
@@ -129,7 +146,8 @@ class Delivery:
 
 
 class ThreadStorage(Protocol):
-    """What the thread service needs from its storage."""
+    """What the thread service needs from its storage. Agent-keyed calls take the agent's
+    project (an agent's inbox and indexes live with its project's threads)."""
 
     async def create_thread(self, thread: NewThread) -> bool: ...
     async def get_thread(self, thread_id: str) -> ThreadRecord | None: ...
@@ -146,67 +164,68 @@ class ThreadStorage(Protocol):
         self, thread_id: str, agent_id: str, page: Page
     ) -> tuple[list[StoredMessage], str, int]: ...
     async def agent_messages(
-        self, agent_id: str, page: Page
+        self, project_id: str, agent_id: str, page: Page
     ) -> tuple[list[StoredMessage], str, int]: ...
     async def latest_messages(self, thread_id: str, count: int) -> list[StoredMessage]: ...
     async def last_entry(self, thread_id: str) -> str: ...
     async def read_log(self, thread_id: str, after: str, block_ms: int) -> list[LogEvent]: ...
-    async def ensure_group(self, agent_id: str) -> None: ...
+    async def ensure_group(self, project_id: str, agent_id: str) -> None: ...
     async def acquire_lease(
-        self, agent_id: str, consumer: str, token: str, ttl_ms: int
+        self, project_id: str, agent_id: str, consumer: str, token: str, ttl_ms: int
     ) -> bool: ...
-    async def release_lease(self, agent_id: str, consumer: str, token: str) -> None: ...
+    async def release_lease(
+        self, project_id: str, agent_id: str, consumer: str, token: str
+    ) -> None: ...
     async def deliveries(
-        self, agent_id: str, consumer: str, pending: bool, block_ms: int
+        self, project_id: str, agent_id: str, consumer: str, pending: bool, block_ms: int
     ) -> list[Delivery]: ...
     async def claim_idle(
-        self, agent_id: str, consumer: str, min_idle_ms: int
+        self, project_id: str, agent_id: str, consumer: str, min_idle_ms: int
     ) -> list[Delivery]: ...
-    async def ack(self, agent_id: str, ack_ids: Sequence[str]) -> int: ...
+    async def ack(self, project_id: str, agent_id: str, ack_ids: Sequence[str]) -> int: ...
 
 
 class Keys:
-    @staticmethod
-    def thread(thread_id: str) -> str:
-        return f"{PREFIX}thread:{thread_id}"
+    """Key names within one project (`Keys(project_id)`); the Lua scripts derive the same
+    names from the prefix."""
 
-    @staticmethod
-    def participants(thread_id: str) -> str:
-        return f"{PREFIX}parts:{thread_id}"
+    def __init__(self, project_id: str) -> None:
+        self.prefix = project_prefix(SERVICE, project_id)
 
-    @staticmethod
-    def log(thread_id: str) -> str:
-        return f"{PREFIX}log:{thread_id}"
+    def thread(self, thread_id: str) -> str:
+        return f"{self.prefix}thread:{thread_id}"
 
-    @staticmethod
-    def project_index(project_id: str, status: str = "") -> str:
-        return f"{PREFIX}idx:p:{project_id}:{status or 'ALL'}"
+    def participants(self, thread_id: str) -> str:
+        return f"{self.prefix}parts:{thread_id}"
 
-    @staticmethod
-    def agent_index(agent_id: str, status: str = "") -> str:
-        return f"{PREFIX}idx:a:{agent_id}:{status or 'ALL'}"
+    def log(self, thread_id: str) -> str:
+        return f"{self.prefix}log:{thread_id}"
 
-    @staticmethod
-    def messages_of(agent_id: str) -> str:
-        return f"{PREFIX}msgs:{agent_id}"
+    def project_index(self, status: str = "") -> str:
+        return f"{self.prefix}idx:p:{status or 'ALL'}"
 
-    @staticmethod
-    def thread_messages_of(thread_id: str, agent_id: str) -> str:
-        return f"{PREFIX}tmsgs:{thread_id}:{agent_id}"
+    def agent_index(self, agent_id: str, status: str = "") -> str:
+        return f"{self.prefix}idx:a:{agent_id}:{status or 'ALL'}"
 
-    @staticmethod
-    def inbox(agent_id: str) -> str:
-        return f"{PREFIX}inbox:{agent_id}"
+    def messages_of(self, agent_id: str) -> str:
+        return f"{self.prefix}msgs:{agent_id}"
 
-    @staticmethod
-    def request(request: RequestKey | None) -> str:
-        if request is None:
-            return f"{PREFIX}req:none:-"  # a key the post script is given but does not use
-        return f"{PREFIX}req:{request.scope}:{request.request_id}"
+    def thread_messages_of(self, thread_id: str, agent_id: str) -> str:
+        return f"{self.prefix}tmsgs:{thread_id}:{agent_id}"
 
-    @staticmethod
-    def lease(agent_id: str, consumer: str) -> str:
-        return f"{PREFIX}lease:{agent_id}:{consumer}"
+    def inbox(self, agent_id: str) -> str:
+        return f"{self.prefix}inbox:{agent_id}"
+
+    def request(self, request: RequestKey) -> str:
+        return f"{self.prefix}req:{request.suffix}"
+
+    def lease(self, agent_id: str, consumer: str) -> str:
+        return f"{self.prefix}lease:{agent_id}:{consumer}"
+
+    @property
+    def ended(self) -> str:
+        """The removal queue: ended threads scored by their end time."""
+        return f"{self.prefix}ended"
 
 
 def _thread_record(fields: dict[str, str], participants: set[str]) -> ThreadRecord:
@@ -217,6 +236,7 @@ def _thread_record(fields: dict[str, str], participants: set[str]) -> ThreadReco
         status=fields["status"],
         metadata_json=fields.get("metadata", ""),
         message_count=int(fields.get("message_count", 0)),
+        dropped=int(fields.get("dropped", 0)),
         create_ms=int(fields.get("create_ms", 0)),
         update_ms=int(fields.get("update_ms", 0)),
         end_ms=int(fields["end_ms"]) if fields.get("end_ms") else None,
@@ -246,19 +266,33 @@ def _entry_member(member: str) -> str:
 
 class ThreadStore:
     def __init__(
-        self, redis: RedisClient, request_ttl_s: int, streams: RedisClient | None = None
-    ) -> None:
+        self, redis: RedisClient, request_ttl_s: int, streams: RedisClient | None = None,
+        max_messages: int = 10_000,
+    ) -> None:  # fmt: skip
         self._redis = redis
         self._streams = streams or redis  # blocking reads of server streams
         self._request_ttl_s = request_ttl_s
+        self._max_messages = max_messages
+        self._directory = Directory(redis, SERVICE)
+        prelude = LUA / "_prelude.lua"
         self._create = load_script(redis, LUA / "create_thread.lua")
-        self._post = load_script(redis, LUA / "post_message.lua")
+        self._post = load_script(redis, LUA / "post_message.lua", prelude)
         self._end = load_script(redis, LUA / "end_thread.lua")
+        self._ack = load_script(redis, LUA / "ack.lua")
+        self._remove = load_script(redis, LUA / "remove_thread.lua", prelude)
+
+    async def _keys_of(self, thread_id: str) -> Keys | None:
+        """The keys of the thread's project (None: no such thread)."""
+        project_id = await self._directory.project_of(thread_id)
+        return None if project_id is None else Keys(project_id)
 
     # Threads ------------------------------------------------------------------------
 
     async def create_thread(self, thread: NewThread) -> bool:
         """False when a thread with that id exists already."""
+        if not await self._directory.place(thread.id, thread.project_id):
+            return False
+        await self._redis.zadd(PROJECTS, {thread.project_id: 0})
         now = str(now_ms())
         member = f"{new_id()}|{thread.id}"  # index member: sorts by creation time
         fields = {
@@ -266,26 +300,30 @@ class ThreadStore:
             "status": ACTIVE, "metadata": thread.metadata_json, "message_count": "0",
             "create_ms": now, "update_ms": now, "member": member,
         }  # fmt: skip
-        keys = [
-            Keys.thread(thread.id), Keys.participants(thread.id),
-            Keys.project_index(thread.project_id), Keys.project_index(thread.project_id, ACTIVE),
-            Keys.project_index(ALL), Keys.project_index(ALL, ACTIVE),
-        ]  # fmt: skip
-        for agent_id in thread.participants:
-            keys += [Keys.agent_index(agent_id), Keys.agent_index(agent_id, ACTIVE)]
         flat = [item for pair in fields.items() for item in pair]
-        args = [member, len(thread.participants), *thread.participants, *flat]
-        return bool(await self._create(keys=keys, args=args))
+        args = [thread.id, member, len(thread.participants), *thread.participants, *flat]
+        keys = Keys(thread.project_id)
+        return bool(await self._create(keys=[keys.prefix], args=args))
 
     async def get_thread(self, thread_id: str) -> ThreadRecord | None:
-        (found,) = await self._get_threads([thread_id])
+        project_id = await self._directory.project_of(thread_id)
+        if project_id is None:
+            return None
+        (found,) = await self._get_threads(Keys(project_id), [thread_id])
+        if found is None:  # removed, perhaps created again elsewhere: ask the directory
+            fresh = await self._directory.project_of(thread_id, fresh=True)
+            if fresh is not None and fresh != project_id:
+                (found,) = await self._get_threads(Keys(fresh), [thread_id])
         return found
 
-    async def _get_threads(self, thread_ids: Sequence[str]) -> list[ThreadRecord | None]:
+    async def _get_threads(
+        self, keys: Keys | Sequence[Keys], thread_ids: Sequence[str]
+    ) -> list[ThreadRecord | None]:
+        each = [keys] * len(thread_ids) if isinstance(keys, Keys) else list(keys)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for thread_id in thread_ids:
-                pipe.hgetall(Keys.thread(thread_id))
-                pipe.smembers(Keys.participants(thread_id))
+            for k, thread_id in zip(each, thread_ids, strict=True):
+                pipe.hgetall(k.thread(thread_id))
+                pipe.smembers(k.participants(thread_id))
             replies = await pipe.execute()
         return [
             _thread_record(fields, parts) if fields else None
@@ -295,81 +333,109 @@ class ThreadStore:
     async def list_threads(
         self, project_id: str, agent_id: str, status: str, page: Page
     ) -> tuple[list[ThreadRecord], str, int]:
-        """Newest first: (threads, next page token, total)."""
-        key = (
-            Keys.agent_index(agent_id, status)
-            if agent_id
-            else Keys.project_index(project_id, status)
-        )
-        members, token, total = await read_lex_page(self._redis, key, page, newest_first=True)
-        found = await self._get_threads([m.split("|", 1)[1] for m in members])
+        """Newest first: (threads, next page token, total). With an agent, `project_id` is
+        the agent's; "-" without one lists every project's."""
+        if project_id == ALL:
+            projects = await self.projects()
+            index = [Keys(p) for p in projects]
+            merged, token, total = await read_merged_lex_page(
+                self._redis, [k.project_index(status) for k in index], page, newest_first=True
+            )
+            owners = [index[i] for _, i in merged]
+            members = [m for m, _ in merged]
+        else:
+            keys = Keys(project_id)
+            key = keys.agent_index(agent_id, status) if agent_id else keys.project_index(status)
+            members, token, total = await read_lex_page(self._redis, key, page, newest_first=True)
+            owners = [keys] * len(members)
+        found = await self._get_threads(owners, [m.split("|", 1)[1] for m in members])
         return [f for f in found if f is not None], token, total
 
-    async def end_thread(self, thread_id: str, target: str, reason: str) -> Ended:
-        """Move an ACTIVE thread to a terminal status."""
-        for _ in range(5):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hmget(Keys.thread(thread_id), "project_id", "member")
-                pipe.smembers(Keys.participants(thread_id))
-                (project_id, member), participants = await pipe.execute()
-            if member is None:
-                return Ended(Outcome.NO_THREAD)
-            keys = [
-                Keys.thread(thread_id), Keys.participants(thread_id), Keys.log(thread_id),
-                Keys.project_index(project_id, ACTIVE), Keys.project_index(project_id, target),
-                Keys.project_index(ALL, ACTIVE), Keys.project_index(ALL, target),
-            ]  # fmt: skip
-            for agent_id in sorted(participants):
-                keys += [Keys.agent_index(agent_id, ACTIVE), Keys.agent_index(agent_id, target)]
-            reply = await self._end(
-                keys=keys, args=[target, now_ms(), member, len(participants), reason]
+    async def projects(self) -> list[str]:
+        return list(await self._redis.zrange(PROJECTS, 0, -1))
+
+    async def partitions(self) -> AsyncIterator[list[str]]:
+        """The projects with threads, a bounded chunk at a time (for retention passes)."""
+        after = "-"
+        while True:
+            chunk = await self._redis.zrange(
+                PROJECTS, after, "+", bylex=True, offset=0, num=tuning.PROJECTS_CHUNK
             )
-            if reply[0] != Outcome.RETRY.value:
-                return Ended(Outcome(reply[0]), reply[1] if len(reply) > 1 else "")
-        return Ended(Outcome.RETRY)
+            if not chunk:
+                return
+            yield list(chunk)
+            if len(chunk) < tuning.PROJECTS_CHUNK:
+                return
+            after = f"({chunk[-1]}"
+
+    async def end_thread(self, thread_id: str, target: str, reason: str) -> Ended:
+        """Move an ACTIVE thread to a terminal status (and into the removal queue)."""
+        keys = await self._keys_of(thread_id)
+        if keys is None:
+            return Ended(Outcome.NO_THREAD)
+        reply = await self._end(keys=[keys.prefix], args=[thread_id, target, now_ms(), reason])
+        return Ended(Outcome(reply[0]), reply[1] if len(reply) > 1 else "")
+
+    # Retention ----------------------------------------------------------------------
+
+    def removal_queue(self, project_id: str) -> str:
+        return Keys(project_id).ended
+
+    async def remove(self, project_id: str, thread_id: str) -> bool:
+        """Remove an ended thread with all it left, in bounded steps; True when removed
+        (False: it is ACTIVE, and left alone). Safe to repeat and to run concurrently."""
+        keys = Keys(project_id)
+        while (step := await self._remove(
+            keys=[keys.prefix], args=[thread_id, tuning.RETENTION_STEP]
+        )) == "MORE":  # fmt: skip
+            pass
+        if step == "ACTIVE":
+            return False
+        if await self._directory.project_of(thread_id, fresh=True) == project_id:
+            await self._directory.forget(thread_id)
+        return True
 
     # Messages -----------------------------------------------------------------------
 
     async def post(self, message: NewMessage, request: RequestKey | None) -> Posted:
         """Append to the thread's log and the recipient's inbox, atomically."""
-        sender = message.from_agent
-        keys = [
-            Keys.thread(message.thread_id), Keys.participants(message.thread_id),
-            Keys.log(message.thread_id), Keys.request(request),
-            Keys.inbox(message.to_agent), Keys.messages_of(message.to_agent),
-            Keys.messages_of(sender),
-            Keys.agent_index(message.to_agent), Keys.agent_index(message.to_agent, ACTIVE),
-            Keys.agent_index(sender), Keys.agent_index(sender, ACTIVE),
-            Keys.thread_messages_of(message.thread_id, message.to_agent),
-            Keys.thread_messages_of(message.thread_id, sender),
-        ]  # fmt: skip
+        keys = await self._keys_of(message.thread_id)
+        if keys is None:
+            return Posted(Outcome.NO_THREAD)
         args = [
-            "1" if request else "0", self._request_ttl_s, message.message_id, sender,
-            message.to_agent, message.payload_type, message.payload_json, now_ms(),
-            message.thread_id, "1" if message.sender_is_agent else "0",
+            request.suffix if request else "", self._request_ttl_s, message.message_id,
+            message.from_agent, message.to_agent, message.payload_type, message.payload_json,
+            now_ms(), message.thread_id, "1" if message.sender_is_agent else "0",
+            self._max_messages,
         ]  # fmt: skip
-        reply = await self._post(keys=keys, args=args)
+        reply = await self._post(keys=[keys.prefix], args=args)
         outcome = Outcome(reply[0])
         if outcome in (Outcome.OK, Outcome.DUPLICATE):
-            return Posted(outcome, await self._message_at(reply[1]))
+            return Posted(outcome, await self._message_at(keys, reply[1]))
         return Posted(outcome, status=reply[1] if len(reply) > 1 else "")
 
     async def earlier_message(self, request: RequestKey) -> StoredMessage | None:
         """The message an earlier call with this request id posted, if any."""
-        ref = await self._redis.get(Keys.request(request))
-        return await self._message_at(ref) if ref else None
+        project_id = request.project_id or await self._directory.project_of(request.thread_id)
+        if not project_id:
+            return None
+        keys = Keys(project_id)
+        ref = await self._redis.get(keys.request(request))
+        return await self._message_at(keys, ref) if ref else None
 
-    async def _message_at(self, ref: str) -> StoredMessage | None:
+    async def _message_at(self, keys: Keys, ref: str) -> StoredMessage | None:
         """A message by its ref, "thread id|log entry id|message id"."""
         thread_id, entry_id, _message_id = ref.split("|")
-        (found,) = await self._entries([(thread_id, entry_id)])
+        (found,) = await self._entries(keys, [(thread_id, entry_id)])
         return found
 
-    async def _entries(self, refs: Sequence[tuple[str, str]]) -> list[StoredMessage | None]:
-        """Messages by (thread id, log entry id)."""
+    async def _entries(
+        self, keys: Keys, refs: Sequence[tuple[str, str]]
+    ) -> list[StoredMessage | None]:
+        """Messages by (thread id, log entry id), within one project."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for thread_id, entry_id in refs:
-                pipe.xrange(Keys.log(thread_id), entry_id, entry_id)
+                pipe.xrange(keys.log(thread_id), entry_id, entry_id)
             replies = await pipe.execute()
         return [
             _message(reply[0][0], dict(reply[0][1]), thread_id) if reply else None
@@ -378,9 +444,12 @@ class ThreadStore:
 
     async def thread_messages(self, thread_id: str, page: Page) -> tuple[list[StoredMessage], str]:
         """A page of a thread's messages, oldest first: (messages, next page token)."""
+        keys = await self._keys_of(thread_id)
+        if keys is None:
+            return [], ""
         start = f"({page.cursor}" if page.cursor else "-"
         want = page.skip + page.size + 1
-        entries = await self._redis.xrange(Keys.log(thread_id), start, "+", count=want)
+        entries = await self._redis.xrange(keys.log(thread_id), start, "+", count=want)
         found = [_message(e, dict(f), thread_id) for e, f in entries if f.get("kind") == "message"][
             page.skip :
         ]
@@ -393,35 +462,46 @@ class ThreadStore:
     ) -> tuple[list[StoredMessage], str, int]:
         """The messages from or to one agent in one thread, oldest first, exact pages:
         (messages, next page token, total)."""
+        keys = await self._keys_of(thread_id)
+        if keys is None:
+            return [], "", 0
         members, token, total = await read_lex_page(
-            self._redis, Keys.thread_messages_of(thread_id, agent_id), page, newest_first=False
+            self._redis, keys.thread_messages_of(thread_id, agent_id), page, newest_first=False
         )
-        found = await self._entries([(thread_id, _entry_member(m)) for m in members])
+        found = await self._entries(keys, [(thread_id, _entry_member(m)) for m in members])
         return [m for m in found if m is not None], token, total
 
     async def agent_messages(
-        self, agent_id: str, page: Page
+        self, project_id: str, agent_id: str, page: Page
     ) -> tuple[list[StoredMessage], str, int]:
         """An agent's messages across threads, newest first: (messages, token, total)."""
+        keys = Keys(project_id)
         members, token, total = await read_lex_page(
-            self._redis, Keys.messages_of(agent_id), page, newest_first=True
+            self._redis, keys.messages_of(agent_id), page, newest_first=True
         )
         refs = [(parts[1], parts[2]) for parts in (m.split("|") for m in members)]
-        found = await self._entries(refs)
+        found = await self._entries(keys, refs)
         return [m for m in found if m is not None], token, total
 
     async def latest_messages(self, thread_id: str, count: int) -> list[StoredMessage]:
-        entries = await self._redis.xrevrange(Keys.log(thread_id), "+", "-", count=count + 4)
+        keys = await self._keys_of(thread_id)
+        if keys is None:
+            return []
+        entries = await self._redis.xrevrange(keys.log(thread_id), "+", "-", count=count + 4)
         found = [_message(e, dict(f), thread_id) for e, f in entries if f.get("kind") == "message"]
         return list(reversed(found[:count]))
 
     async def last_entry(self, thread_id: str) -> str:
         """Where a watcher starts: after the log's last entry."""
-        latest = await self._redis.xrevrange(Keys.log(thread_id), count=1)
+        keys = await self._keys_of(thread_id)
+        latest = await self._redis.xrevrange(keys.log(thread_id), count=1) if keys else []
         return latest[0][0] if latest else "0-0"
 
     async def read_log(self, thread_id: str, after: str, block_ms: int) -> list[LogEvent]:
-        reply = await self._streams.xread({Keys.log(thread_id): after}, count=100, block=block_ms)
+        keys = await self._keys_of(thread_id)
+        if keys is None:
+            return [LogEvent(after, None, "REMOVED")]
+        reply = await self._streams.xread({keys.log(thread_id): after}, count=100, block=block_ms)
         events = []
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
@@ -433,17 +513,22 @@ class ThreadStore:
 
     # Inbox --------------------------------------------------------------------------
 
-    async def ensure_group(self, agent_id: str) -> None:
-        """The inbox's consumer group, created from the start of the stream on first use."""
+    async def ensure_group(self, project_id: str, agent_id: str) -> None:
+        """The inbox's consumer group, created from the start of the stream on first use
+        (and again after retention dropped an empty inbox)."""
         try:
-            await self._redis.xgroup_create(Keys.inbox(agent_id), GROUP, id="0", mkstream=True)
+            await self._redis.xgroup_create(
+                Keys(project_id).inbox(agent_id), GROUP, id="0", mkstream=True
+            )
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def acquire_lease(self, agent_id: str, consumer: str, token: str, ttl_ms: int) -> bool:
+    async def acquire_lease(
+        self, project_id: str, agent_id: str, consumer: str, token: str, ttl_ms: int
+    ) -> bool:
         """Hold (or renew) the right to serve one consumer of an agent's inbox."""
-        key = Keys.lease(agent_id, consumer)
+        key = Keys(project_id).lease(agent_id, consumer)
         if await self._redis.set(key, token, nx=True, px=ttl_ms):
             return True
         if await self._redis.get(key) == token:
@@ -451,37 +536,56 @@ class ThreadStore:
             return True
         return False
 
-    async def release_lease(self, agent_id: str, consumer: str, token: str) -> None:
-        key = Keys.lease(agent_id, consumer)
+    async def release_lease(
+        self, project_id: str, agent_id: str, consumer: str, token: str
+    ) -> None:
+        key = Keys(project_id).lease(agent_id, consumer)
         if await self._redis.get(key) == token:
             await self._redis.delete(key)
 
     async def deliveries(
-        self, agent_id: str, consumer: str, pending: bool, block_ms: int
+        self, project_id: str, agent_id: str, consumer: str, pending: bool, block_ms: int
     ) -> list[Delivery]:
         """This consumer's unacknowledged deliveries (pending=True) or new messages."""
-        reply = await self._streams.xreadgroup(
-            GROUP, consumer, {Keys.inbox(agent_id): "0" if pending else ">"},
-            count=100, block=None if pending else block_ms,
-        )  # fmt: skip
+        inbox = Keys(project_id).inbox(agent_id)
+        try:
+            reply = await self._streams.xreadgroup(
+                GROUP, consumer, {inbox: "0" if pending else ">"},
+                count=100, block=None if pending else block_ms,
+            )  # fmt: skip
+        except ResponseError as exc:
+            # Retention dropped the (empty) inbox, or a post made it again without its
+            # group: make the group again and read on.
+            if "NOGROUP" not in str(exc) and "no longer exists" not in str(exc):
+                raise
+            await self.ensure_group(project_id, agent_id)
+            return []
         entries = [(e, dict(f)) for _s, got in reply or () for e, f in got if f]
-        return await self._with_counts(agent_id, entries)
+        return await self._with_counts(inbox, entries)
 
-    async def claim_idle(self, agent_id: str, consumer: str, min_idle_ms: int) -> list[Delivery]:
+    async def claim_idle(
+        self, project_id: str, agent_id: str, consumer: str, min_idle_ms: int
+    ) -> list[Delivery]:
         """Take over deliveries left unacknowledged by consumers idle for min_idle_ms."""
-        reply = await self._redis.xautoclaim(
-            Keys.inbox(agent_id), GROUP, consumer, min_idle_ms, start_id="0-0", count=100
-        )
-        return await self._with_counts(agent_id, [(e, dict(f)) for e, f in reply[1] if f])
+        inbox = Keys(project_id).inbox(agent_id)
+        try:
+            reply = await self._redis.xautoclaim(
+                inbox, GROUP, consumer, min_idle_ms, start_id="0-0", count=100
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return []
+        return await self._with_counts(inbox, [(e, dict(f)) for e, f in reply[1] if f])
 
     async def _with_counts(
-        self, agent_id: str, entries: list[tuple[str, dict[str, str]]]
+        self, inbox: str, entries: list[tuple[str, dict[str, str]]]
     ) -> list[Delivery]:
         if not entries:
             return []
         ids = [e for e, _ in entries]
         rows = await self._redis.xpending_range(
-            Keys.inbox(agent_id), GROUP, min=min(ids), max=max(ids), count=len(ids) + 100
+            inbox, GROUP, min=min(ids), max=max(ids), count=len(ids) + 100
         )
         counts = {row["message_id"]: int(row["times_delivered"]) for row in rows}
         return [
@@ -490,8 +594,9 @@ class ThreadStore:
             for e, f in entries
         ]  # fmt: skip
 
-    async def ack(self, agent_id: str, ack_ids: Sequence[str]) -> int:
-        return int(await self._redis.xack(Keys.inbox(agent_id), GROUP, *ack_ids))
+    async def ack(self, project_id: str, agent_id: str, ack_ids: Sequence[str]) -> int:
+        """Acknowledge deliveries; an acknowledged entry leaves the inbox stream."""
+        return int(await self._ack(keys=[Keys(project_id).inbox(agent_id)], args=list(ack_ids)))
 
 
 _: type[ThreadStorage] = ThreadStore  # the store keeps to its interface (checked by mypy)

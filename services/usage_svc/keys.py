@@ -31,6 +31,7 @@ class Shard:
         self.agents_rank = self.prefix + "rank:agents"
         self.models_rank = self.prefix + "rank:models"
         self.due = self.prefix + "due"
+        self.closed = self.prefix + "closed"  # closed thread budgets, by closing time
 
     def agent(self, agent_id: str) -> str:
         return f"{self.prefix}agent:{agent_id}"

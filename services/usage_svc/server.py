@@ -10,6 +10,7 @@ from agentplane.usage.v1 import usage_service_pb2
 from services.agent_svc.client import AgentClient
 from services.common import codec
 from services.common.convert import now_ms
+from services.common.partitions import RetentionSweeper
 from services.common.server import Chassis, server_factory
 from services.usage_svc.budget_rpcs import alert_message
 from services.usage_svc.budget_store import BudgetStore, Claim
@@ -45,6 +46,8 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     )
     dispatcher = Dispatcher(budgets, layout, settings, claim_json, now_ms)
     chassis.run_in_background(dispatcher.run)
+    sweeper = RetentionSweeper(chassis.redis, store, settings.thread_retention_s, "budgets")
+    chassis.run_in_background(sweeper.every(settings.retention_sweep_s))
     return [chassis.serve(server, servicer, SERVICE)]
 
 

@@ -11,7 +11,7 @@ import asyncio
 import enum
 import heapq
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -236,6 +236,7 @@ class UsageStore:
         self._release = script(redis, "release")
         self._set_budget = script(redis, "set_budget")
         self._close_budget = script(redis, "close_budget")
+        self._forget_thread = script(redis, "forget_thread")
 
     # The thread directory -------------------------------------------------------------
 
@@ -445,6 +446,31 @@ class UsageStore:
         )
         outcome, _, state = _budget_reply(thread_id, reply)
         return BudgetChange(outcome, state)
+
+    # Retention: closed thread budgets, per shard (a `Removable` for the sweeper) -------
+
+    def removal_queue(self, shard: str) -> str:
+        return self._shards[int(shard)].closed
+
+    async def partitions(self) -> AsyncIterator[list[str]]:
+        """The sweeper walks the shards (each has one queue of closed budgets)."""
+        yield [str(i) for i in range(len(self._shards))]
+
+    async def remove(self, shard: str, member: str) -> bool:
+        """Remove a closed thread budget after THREAD_RETENTION (False: not closed)."""
+        thread_id, _, project_id = member.rpartition("|")
+        partition = self.layout.partition(project_id)
+        if await self._redis.get(Layout.thread_directory(thread_id)) == project_id:
+            await self._redis.delete(Layout.thread_directory(thread_id))
+        self._directory.pop(thread_id, None)
+        outcome = await self._forget_thread(
+            keys=[partition.prefix, partition.shard.prefix],
+            args=[member, self._clock(), thread_id],
+        )
+        if outcome == "OPEN":
+            await self._claim_thread(thread_id, project_id)
+            return False
+        return True
 
     async def reset(self) -> int:
         """Delete every usage key (admin only). Scans: a rare, deliberate operation."""

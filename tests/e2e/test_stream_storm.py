@@ -14,6 +14,7 @@ from agentplane.agent.v1 import agent_service_pb2_grpc
 from agentplane.thread.v1 import thread_service_pb2 as T
 from agentplane.thread.v1 import thread_service_pb2_grpc
 from services.agent_svc.server import create_server as create_agent_server
+from services.thread_svc.store import Keys
 from services.usage_svc.server import create_server as create_usage_server
 from tests.helpers import authed_channel, make_project, make_type, spawn
 from tests.helpers.processes import ServiceProcess
@@ -92,7 +93,8 @@ async def test_hundreds_of_inbox_streams_cancelled_at_once_do_not_crash(redis_ur
             assert got.thread.message_count == MESSAGES + 1
             assert got.messages[-1].id == fresh.message_id
             with redis_sync.Redis.from_url(redis_url, decode_responses=True) as client:
-                (entry,) = client.xrevrange(f"ap:thread:{{t}}:inbox:{worker.id}", count=1)
+                inbox = f"{Keys(worker.project_id).inbox(worker.id)}"
+                (entry,) = client.xrevrange(inbox, count=1)
             assert entry[1]["id"] == fresh.message_id
     finally:
         code = thread_proc.stop()

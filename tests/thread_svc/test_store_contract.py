@@ -7,7 +7,6 @@ import pytest
 
 from services.common.pagination import parse_page
 from services.thread_svc.store import (
-    ALL,
     NewMessage,
     NewThread,
     Outcome,
@@ -44,7 +43,7 @@ async def test_threads_are_created_once_read_listed_and_ended(store: ThreadStora
     assert [t.id for t in first] == ["t2"] and total == 2 and token  # newest first
     second, token, _ = await store.list_threads("p", "", "", page(1, token))
     assert [t.id for t in second] == ["t1"] and token == ""
-    by_agent, _, _ = await store.list_threads(ALL, "b", "ACTIVE", page())
+    by_agent, _, _ = await store.list_threads("p", "b", "ACTIVE", page())
     assert [t.id for t in by_agent] == ["t1"]
 
     ended = await store.end_thread("t1", "KILLED", "runaway")
@@ -68,12 +67,12 @@ async def test_posts_are_logged_indexed_idempotent_and_refused_on_ended_threads(
     posted = await store.post(message("t", "a", "b", 1), None)
     assert posted.outcome == Outcome.OK and posted.message is not None
     assert posted.message.payload_json == '{"n": 1}' and posted.message.thread_id == "t"
-    key = RequestKey("post:t", "r1")
+    key = RequestKey("post:t", "r1", "t")
     once = await store.post(message("t", "a", "b", 2), key)
     twice = await store.post(message("t", "a", "b", 3), key)
     assert twice.outcome == Outcome.DUPLICATE and twice.message == once.message
     assert await store.earlier_message(key) == once.message
-    assert await store.earlier_message(RequestKey("post:t", "never")) is None
+    assert await store.earlier_message(RequestKey("post:t", "never", "t")) is None
     await store.post(message("t", "b", "a", 4), None)
     record = await store.get_thread("t")
     assert record is not None and record.message_count == 3 and record.participants == ("a", "b")
@@ -84,7 +83,7 @@ async def test_posts_are_logged_indexed_idempotent_and_refused_on_ended_threads(
     assert [m.payload_json for m in rest] == ['{"n": 4}'] and token == ""
     of_b, _, total = await store.thread_agent_messages("t", "b", page())
     assert total == 3 and len(of_b) == 3
-    across, _, total = await store.agent_messages("a", page())
+    across, _, total = await store.agent_messages("p", "a", page())
     assert total == 3 and across[0].payload_json == '{"n": 4}'  # newest first
     latest = await store.latest_messages("t", 2)
     assert [m.payload_json for m in latest] == ['{"n": 2}', '{"n": 4}']
@@ -109,25 +108,25 @@ async def test_the_log_shows_messages_and_status_changes_in_order(store: ThreadS
 
 async def test_an_inbox_delivers_counts_acks_and_hands_over(store: ThreadStorage) -> None:
     await store.create_thread(NewThread("t", "p", "", "", ()))
-    await store.ensure_group("b")
-    await store.ensure_group("b")  # idempotent
+    await store.ensure_group("p", "b")
+    await store.ensure_group("p", "b")  # idempotent
     for n in (1, 2):
         await store.post(message("t", "a", "b", n), None)
-    first = await store.deliveries("b", "c1", False, 100)
+    first = await store.deliveries("p", "b", "c1", False, 100)
     assert [d.message.payload_json for d in first] == ['{"n": 1}', '{"n": 2}']
     assert all(d.count == 1 and d.message.thread_id == "t" for d in first)
-    again = await store.deliveries("b", "c1", True, 0)  # unacknowledged: delivered again
+    again = await store.deliveries("p", "b", "c1", True, 0)  # unacknowledged: delivered again
     assert [d.ack_id for d in again] == [d.ack_id for d in first] and again[0].count == 2
-    assert await store.ack("b", [first[0].ack_id]) == 1
-    assert await store.ack("b", [first[0].ack_id]) == 0
-    moved = await store.claim_idle("b", "c2", 0)  # c1 vanished: c2 takes what it left
+    assert await store.ack("p", "b", [first[0].ack_id]) == 1
+    assert await store.ack("p", "b", [first[0].ack_id]) == 0
+    moved = await store.claim_idle("p", "b", "c2", 0)  # c1 vanished: c2 takes what it left
     assert [d.ack_id for d in moved] == [first[1].ack_id]
-    assert await store.deliveries("b", "c1", True, 0) == []
+    assert await store.deliveries("p", "b", "c1", True, 0) == []
 
-    assert await store.acquire_lease("b", "c1", "tok-1", 5000)
-    assert not await store.acquire_lease("b", "c1", "tok-2", 5000)
-    assert await store.acquire_lease("b", "c1", "tok-1", 5000)  # renewal by its holder
-    await store.release_lease("b", "c1", "tok-2")  # not the holder: nothing happens
-    assert not await store.acquire_lease("b", "c1", "tok-2", 5000)
-    await store.release_lease("b", "c1", "tok-1")
-    assert await store.acquire_lease("b", "c1", "tok-2", 5000)
+    assert await store.acquire_lease("p", "b", "c1", "tok-1", 5000)
+    assert not await store.acquire_lease("p", "b", "c1", "tok-2", 5000)
+    assert await store.acquire_lease("p", "b", "c1", "tok-1", 5000)  # renewal by its holder
+    await store.release_lease("p", "b", "c1", "tok-2")  # not the holder: nothing happens
+    assert not await store.acquire_lease("p", "b", "c1", "tok-2", 5000)
+    await store.release_lease("p", "b", "c1", "tok-1")
+    assert await store.acquire_lease("p", "b", "c1", "tok-2", 5000)

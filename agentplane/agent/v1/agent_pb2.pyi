@@ -277,7 +277,9 @@ class ProjectAgentMetrics(_message.Message):
     project_id: _builtins.str
     """The project these figures are for."""
     total_instances: _builtins.int
-    """Agents ever spawned in the project, terminated ones included."""
+    """Agents spawned in the project, terminated ones included until AGENT_RETENTION
+    removes them.
+    """
     active_instances: _builtins.int
     """Agents now WORKING."""
     idle_instances: _builtins.int

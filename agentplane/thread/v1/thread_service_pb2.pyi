@@ -229,10 +229,15 @@ class ListMessagesResponse(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    DROPPED_COUNT_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty at the end."""
     total_size: _builtins.int
     """Number of messages that match, over all pages."""
+    dropped_count: _builtins.int
+    """Messages of this thread dropped, oldest first, because an active thread keeps at most
+    THREAD_MAX_MESSAGES; 0 when listing one agent's messages across threads.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_thread_pb2.Message]:
         """The page of messages: oldest first within a thread, newest first across threads."""
@@ -243,10 +248,11 @@ class ListMessagesResponse(_message.Message):
         messages: _abc.Iterable[_thread_pb2.Message] | None = ...,
         next_page_token: _builtins.str = ...,
         total_size: _builtins.int = ...,
+        dropped_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_count", b"dropped_count", "messages", b"messages", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

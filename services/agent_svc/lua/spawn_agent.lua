@@ -1,32 +1,31 @@
--- Spawn an agent atomically: idempotency key, project check, unique name, record,
--- indexes, counters and the status event, all or nothing.
--- KEYS: 1 agent hash, 2 project hash, 3 project's names hash, 4 request-id key,
---       5 project index, 6 project IDLE index, 7 all-agents index, 8 all IDLE index,
---       9 cluster counters, 10 project events stream, 11 all events stream
--- ARGV: 1 agent id, 2 name, 3 use request id (0/1), 4 request-id ttl seconds,
+-- Spawn an agent atomically: idempotency key, unique name, record, indexes, the
+-- project's counters and the status event, all or nothing.
+-- KEYS: 1 the project's prefix P
+-- ARGV: 1 agent id, 2 name, 3 request id ('' for none), 4 request-id ttl seconds,
 --       5 events max length, 6.. field/value pairs of the agent hash
--- Returns {'OK', id} | {'DUPLICATE', id} | {'NO_PROJECT'} | {'NAME_TAKEN', holder}
-local id, name = ARGV[1], ARGV[2]
-if ARGV[3] == '1' then
-  local earlier = redis.call('GET', KEYS[4])
+-- Returns {'OK', id, created (0/1)} | {'DUPLICATE', id} | {'NAME_TAKEN', holder}
+local P, id, name, req = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local request = P .. 'spawn:' .. req
+if req ~= '' then
+  local earlier = redis.call('GET', request)
   if earlier then return {'DUPLICATE', earlier} end
 end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {'NO_PROJECT'} end
-local holder = redis.call('HGET', KEYS[3], name)
+local holder = redis.call('HGET', P .. 'names', name)
 if holder then
   -- The same agent id means this very spawn was applied and is being replayed.
-  if holder == id then return {'OK', id} end
+  if holder == id then return {'OK', id, 0} end
   return {'NAME_TAKEN', holder}
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
-redis.call('HSET', KEYS[3], name, id)
-for i = 5, 8 do redis.call('ZADD', KEYS[i], 0, id) end
-redis.call('HINCRBY', KEYS[2], 'n_total', 1)
-redis.call('HINCRBY', KEYS[2], 'n_IDLE', 1)
-redis.call('HINCRBY', KEYS[9], 'agents', 1)
-redis.call('HINCRBY', KEYS[9], 'n_IDLE', 1)
-if ARGV[3] == '1' then redis.call('SET', KEYS[4], id, 'EX', ARGV[4]) end
-for i = 10, 11 do
-  redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[5], '*', 'agent_id', id, 'from', '', 'to', 'IDLE')
+local agent = P .. 'agent:' .. id
+redis.call('HSET', agent, unpack(ARGV, 6))
+redis.call('HSET', P .. 'names', name, id)
+redis.call('ZADD', P .. 'idx:ALL', 0, id)
+redis.call('ZADD', P .. 'idx:IDLE', 0, id)
+redis.call('HINCRBY', P .. 'stats', 'n_total', 1)
+redis.call('HINCRBY', P .. 'stats', 'n_IDLE', 1)
+if req ~= '' then
+  redis.call('SET', request, id, 'EX', ARGV[4])
+  redis.call('HSET', agent, 'request', req)
 end
-return {'OK', id}
+redis.call('XADD', P .. 'events', 'MAXLEN', '~', ARGV[5], '*', 'agent_id', id, 'from', '', 'to', 'IDLE')
+return {'OK', id, 1}

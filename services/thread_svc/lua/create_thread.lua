@@ -1,17 +1,19 @@
 -- Create a thread once, with its participants and every index it belongs to.
--- KEYS: 1 thread hash, 2 participants set, 3 project index ALL, 4 project index ACTIVE,
---       5 all-projects index ALL, 6 all-projects index ACTIVE,
---       then for each participant: its index ALL, its index ACTIVE
--- ARGV: 1 index member, 2 number of participants n, 3..2+n participants,
+-- KEYS: 1 the project's prefix T
+-- ARGV: 1 thread id, 2 index member, 3 number of participants n, 4..3+n participants,
 --       then field/value pairs of the thread hash
 -- Returns 1 when created, 0 when the thread already existed (nothing changed).
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local n = tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], unpack(ARGV, 3 + n))
-for i = 3, 6 do redis.call('ZADD', KEYS[i], 0, ARGV[1]) end
+local T, tid, member = KEYS[1], ARGV[1], ARGV[2]
+local thread = T .. 'thread:' .. tid
+if redis.call('EXISTS', thread) == 1 then return 0 end
+local n = tonumber(ARGV[3])
+redis.call('HSET', thread, unpack(ARGV, 4 + n))
+redis.call('ZADD', T .. 'idx:p:ALL', 0, member)
+redis.call('ZADD', T .. 'idx:p:ACTIVE', 0, member)
 for i = 1, n do
-  redis.call('SADD', KEYS[2], ARGV[2 + i])
-  redis.call('ZADD', KEYS[5 + 2 * i], 0, ARGV[1])
-  redis.call('ZADD', KEYS[6 + 2 * i], 0, ARGV[1])
+  local agent = ARGV[3 + i]
+  redis.call('SADD', T .. 'parts:' .. tid, agent)
+  redis.call('ZADD', T .. 'idx:a:' .. agent .. ':ALL', 0, member)
+  redis.call('ZADD', T .. 'idx:a:' .. agent .. ':ACTIVE', 0, member)
 end
 return 1

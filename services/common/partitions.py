@@ -1,0 +1,146 @@
+"""Data spread by project, and its removal when its time has come.
+
+The agent and thread services key each project's data under the project's own hash tag,
+`ap:<service>:{p:<project>}:`, so a write that touches one project (a spawn, a message
+post with its thread, inboxes and indexes) is one Lua script in one slot, and on Redis
+Cluster the projects — and their load — spread over every master.
+
+- `Directory`: which project an id (an agent's, a thread's) belongs to, a plain key per
+  id (`ap:<service>:at:<id>`), cached per replica: the answer never changes while the
+  item lives, and a miss after a removal is re-read once.
+- `RetentionSweeper`: every replica runs one; each pass walks the projects and claims
+  the items due in each project's removal queue (a sorted set scored by the time the item
+  ended) under a lease (`claim_due.lua`), so replicas share the work and an item whose
+  remover died is taken again when its lease runs out. Removal itself is the service's,
+  in bounded idempotent steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from services.common import tuning
+from services.common.convert import now_ms
+from services.common.logging import get_logger
+from services.common.redis import RedisClient, load_script
+
+log = get_logger("agentplane.retention")
+
+CLAIM = Path(__file__).with_name("lua") / "claim_due.lua"
+
+
+def project_prefix(service: str, project_id: str) -> str:
+    """Every key of one project's data in `service` starts with this (one hash tag)."""
+    return f"ap:{service}:{{p:{project_id}}}:"
+
+
+class Directory:
+    """id → project, for ids (agents, threads) that callers name without their project."""
+
+    def __init__(self, redis: RedisClient, service: str) -> None:
+        self._redis = redis
+        self._prefix = f"ap:{service}:at:"
+        self._cache: dict[str, str] = {}
+
+    def key(self, item_id: str) -> str:
+        return self._prefix + item_id
+
+    async def project_of(self, item_id: str, fresh: bool = False) -> str | None:
+        if not fresh and (cached := self._cache.get(item_id)) is not None:
+            return cached
+        found = await self._redis.get(self.key(item_id))
+        if found is None:
+            self._cache.pop(item_id, None)
+        else:
+            self._remember(item_id, found)
+        return found
+
+    async def projects_of(self, item_ids: Sequence[str]) -> list[str | None]:
+        """Several ids' projects: the cached ones, the rest in one round trip."""
+        missing = sorted({i for i in item_ids if i not in self._cache})
+        if missing:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for item_id in missing:
+                    pipe.get(self.key(item_id))
+                found = await pipe.execute()
+            for item_id, project_id in zip(missing, found, strict=True):
+                if project_id is not None:
+                    self._remember(item_id, project_id)
+        return [self._cache.get(i) for i in item_ids]
+
+    async def place(self, item_id: str, project_id: str) -> bool:
+        """Record the item's project; False when the id already belongs to another one."""
+        if not await self._redis.set(self.key(item_id), project_id, nx=True):
+            if await self._redis.get(self.key(item_id)) != project_id:
+                return False
+        self._remember(item_id, project_id)
+        return True
+
+    async def forget(self, item_id: str) -> None:
+        self._cache.pop(item_id, None)
+        await self._redis.delete(self.key(item_id))
+
+    def _remember(self, item_id: str, project_id: str) -> None:
+        if len(self._cache) >= tuning.MAX_CACHED_ENTRIES:
+            self._cache.clear()
+        self._cache[item_id] = project_id
+
+
+class Removable(Protocol):
+    """A store whose items leave after a retention time (see `RetentionSweeper`): its
+    data is split in partitions (projects; the usage service's shards), each with one
+    removal queue."""
+
+    def removal_queue(self, partition: str) -> str: ...
+    def partitions(self) -> AsyncIterator[list[str]]: ...
+    async def remove(self, partition: str, item_id: str) -> bool: ...
+
+
+class RetentionSweeper:
+    """Removes what a store's removal queues say is due, on any number of replicas."""
+
+    def __init__(self, redis: RedisClient, store: Removable, retention_s: float, what: str) -> None:
+        self._store = store
+        self._retention_ms = int(retention_s * 1000)
+        self._what = what
+        self._claim = load_script(redis, CLAIM)
+
+    async def sweep(self) -> int:
+        """One pass over every project: how many items were removed."""
+        removed = 0
+        async for chunk in self._store.partitions():
+            for partition in chunk:
+                while True:
+                    due = await self._claim(
+                        keys=[self._store.removal_queue(partition)],
+                        args=[now_ms() - self._retention_ms, tuning.RETENTION_LEASE_MS,
+                              tuning.RETENTION_CLAIM],
+                    )  # fmt: skip
+                    for item_id in due:
+                        await self._store.remove(partition, item_id)
+                    removed += len(due)
+                    if len(due) < tuning.RETENTION_CLAIM:
+                        break
+        return removed
+
+    def every(self, interval_s: float) -> Callable[[asyncio.Event], Awaitable[None]]:
+        """The sweeping loop, for `Chassis.run_in_background`."""
+        return functools.partial(self.run, interval_s=interval_s)
+
+    async def run(self, stopping: asyncio.Event, interval_s: float) -> None:
+        """Sweep every `interval_s` until stopping; a failed pass is logged and retried."""
+        while not stopping.is_set():
+            try:
+                removed = await self.sweep()
+                if removed:
+                    log.info("retention removed", what=self._what, count=removed)
+            except Exception as exc:  # Redis down, a peer away: the next pass tries again
+                log.warning("retention pass failed", what=self._what, error=str(exc))
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=interval_s)
+            except TimeoutError:
+                pass
