@@ -29,7 +29,7 @@ WKT = Path(grpc_tools.__path__[0]) / "_proto"
 VENDORED = [
     "google/api/annotations.proto", "google/api/http.proto", "google/api/httpbody.proto",
     "google/rpc/status.proto",
-]
+]  # fmt: skip
 
 
 def generate(out: Path) -> None:
