@@ -38,16 +38,20 @@ def project_prefix(service: str, project_id: str) -> str:
     return f"ap:{service}:{{p:{project_id}}}:"
 
 
+def directory_key(service: str, item_id: str) -> str:
+    return f"ap:{service}:at:{item_id}"
+
+
 class Directory:
     """id → project, for ids (agents, threads) that callers name without their project."""
 
     def __init__(self, redis: RedisClient, service: str) -> None:
         self._redis = redis
-        self._prefix = f"ap:{service}:at:"
+        self._service = service
         self._cache: dict[str, str] = {}
 
     def key(self, item_id: str) -> str:
-        return self._prefix + item_id
+        return directory_key(self._service, item_id)
 
     async def project_of(self, item_id: str, fresh: bool = False) -> str | None:
         if not fresh and (cached := self._cache.get(item_id)) is not None:
@@ -120,8 +124,9 @@ class RetentionSweeper:
                         args=[now_ms() - self._retention_ms, tuning.RETENTION_LEASE_MS,
                               tuning.RETENTION_CLAIM],
                     )  # fmt: skip
-                    for item_id in due:
-                        await self._store.remove(partition, item_id)
+                    # A claimed batch is removed concurrently: each removal is a few
+                    # round trips, bounded work each (the batch is at most RETENTION_CLAIM).
+                    await asyncio.gather(*(self._store.remove(partition, i) for i in due))
                     removed += len(due)
                     if len(due) < tuning.RETENTION_CLAIM:
                         break

@@ -21,6 +21,6 @@ TOP_N = 100  # agents and models listed in a usage overview
 
 # Retention (SPEC §10)
 RETENTION_LEASE_MS = 60_000  # a claimed item is taken again if not removed by then
-RETENTION_CLAIM = 50  # items claimed from one project's queue at a time
+RETENTION_CLAIM = 100  # items claimed (and removed concurrently) from one queue at a time
 RETENTION_STEP = 500  # log entries removed per Lua call (bounded work inside Redis)
 PROJECTS_CHUNK = 500  # projects read at a time by a retention pass
