@@ -23,6 +23,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -247,6 +248,10 @@ def main() -> int:
             left = sum(1 for _ in client.scan_iter(match="ap:thread:{p:churn}:thread:*"))
             if left == 0 or time.monotonic() - began > loaded_s + 120:
                 break
+        kinds: dict[str, int] = {}
+        for key in client.scan_iter(count=1000):  # a diagnostic, after the run
+            kind = re.sub(r"[0-9A-Z]{26}", "<id>", key.decode())
+            kinds[kind] = kinds.get(kind, 0) + 1
         at_tenth = next(m for _, n, m in samples if n >= total // 10)
         end = samples[-1][2]
         peak = max(m for _, _, m in samples)
@@ -261,7 +266,7 @@ def main() -> int:
             "load_end_over_10pct": round(at_load_end / at_tenth, 3),
             "used_memory_end_mb": round(end / 1e6, 2),
             "end_over_10pct": round(end / at_tenth, 3), "target": TARGET,
-            "threads_left": left,
+            "threads_left": left, "keys_left": dict(sorted(kinds.items())),
             "samples": [(round(t, 1), n, m) for t, n, m in samples[:: max(1, len(samples) // 200)]],
         }  # fmt: skip
         (ROOT / "bench" / "churn.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -31,6 +31,11 @@ def test_defaults_follow_the_spec() -> None:
         ({"USAGE_SVC_ADDR": "nohost"}, "USAGE_SVC_ADDR"),
         ({"TLS_CERT": "/tmp/x.pem"}, "TLS_"),
         ({"REDIS_TIMEOUT_SECONDS": "-1"}, "REDIS_TIMEOUT_SECONDS"),
+        ({"THREAD_RETENTION": "7 days"}, "THREAD_RETENTION"),
+        ({"THREAD_RETENTION": "7d3"}, "THREAD_RETENTION"),
+        ({"AGENT_RETENTION": "0s"}, "AGENT_RETENTION"),
+        ({"THREAD_MAX_MESSAGES": "5"}, "THREAD_MAX_MESSAGES"),
+        ({"RETENTION_SWEEP_INTERVAL": "soon"}, "RETENTION_SWEEP_INTERVAL"),
     ],
 )
 def test_bad_values_are_named(env: dict[str, str], named: str) -> None:
@@ -43,3 +48,15 @@ def test_cluster_and_console_switches() -> None:
         "usage_svc", env={"REDIS_CLUSTER": "true", "LOG_FORMAT": "console", "GRPC_PORT": "0"}
     )
     assert settings.redis_cluster and settings.log_format == "console" and settings.grpc_port == 0
+
+
+def test_retention_defaults_and_human_durations() -> None:
+    settings = Settings.from_env("thread_svc", env={})
+    assert settings.thread_retention_s == 7 * 86_400 and settings.agent_retention_s == 30 * 86_400
+    assert settings.thread_max_messages == 10_000 and settings.retention_sweep_s == 10
+    for text, seconds in [("7d", 7 * 86_400), ("12h", 43_200), ("30s", 30), ("90", 90),
+                          ("1.5", 1.5), ("15m", 900), ("2w", 14 * 86_400),
+                          ("1d12h", 129_600), (" 12H ", 43_200)]:  # fmt: skip
+        env = {"THREAD_RETENTION": text, "AGENT_RETENTION": text}
+        parsed = Settings.from_env("thread_svc", env=env)
+        assert parsed.thread_retention_s == parsed.agent_retention_s == seconds, text
