@@ -65,7 +65,8 @@ class Directory:
 
     async def projects_of(self, item_ids: Sequence[str]) -> list[str | None]:
         """Several ids' projects: the cached ones, the rest in one round trip."""
-        missing = sorted({i for i in item_ids if i not in self._cache})
+        known = {i: self._cache[i] for i in item_ids if i in self._cache}
+        missing = sorted(set(item_ids) - known.keys())
         if missing:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for item_id in missing:
@@ -73,8 +74,9 @@ class Directory:
                 found = await pipe.execute()
             for item_id, project_id in zip(missing, found, strict=True):
                 if project_id is not None:
+                    known[item_id] = project_id
                     self._remember(item_id, project_id)
-        return [self._cache.get(i) for i in item_ids]
+        return [known.get(i) for i in item_ids]
 
     async def place(self, item_id: str, project_id: str) -> bool:
         """Record the item's project; False when the id already belongs to another one."""
@@ -113,12 +115,13 @@ class RetentionSweeper:
         self._what = what
         self._claim = load_script(redis, CLAIM)
 
-    async def sweep(self) -> int:
-        """One pass over every project: how many items were removed."""
+    async def sweep(self, stopping: asyncio.Event | None = None) -> int:
+        """One pass over every partition (until `stopping` is set): how many items were
+        removed."""
         removed = 0
         async for chunk in self._store.partitions():
             for partition in chunk:
-                while True:
+                while not (stopping and stopping.is_set()):
                     due = await self._claim(
                         keys=[self._store.removal_queue(partition)],
                         args=[now_ms() - self._retention_ms, tuning.RETENTION_LEASE_MS,
@@ -126,8 +129,8 @@ class RetentionSweeper:
                     )  # fmt: skip
                     # A claimed batch is removed concurrently: each removal is a few
                     # round trips, bounded work each (the batch is at most RETENTION_CLAIM).
-                    await asyncio.gather(*(self._store.remove(partition, i) for i in due))
-                    removed += len(due)
+                    done = await asyncio.gather(*(self._store.remove(partition, i) for i in due))
+                    removed += sum(done)
                     if len(due) < tuning.RETENTION_CLAIM:
                         break
         return removed
@@ -140,7 +143,7 @@ class RetentionSweeper:
         """Sweep every `interval_s` until stopping; a failed pass is logged and retried."""
         while not stopping.is_set():
             try:
-                removed = await self.sweep()
+                removed = await self.sweep(stopping)
                 if removed:
                     log.info("retention removed", what=self._what, count=removed)
             except Exception as exc:  # Redis down, a peer away: the next pass tries again

@@ -131,3 +131,49 @@ async def test_a_terminated_agent_is_removed_and_no_count_shows_it(
     left = mentions(redis_target.url, redis_target.cluster, [doomed.id])
     assert all(k.endswith("events") or k.endswith("events:-") for k in left), left
     assert (await spawn(cluster.agent, "doomed")).id != doomed.id
+
+
+async def test_two_thread_service_replicas_sweep_together(short_lived, redis_target) -> None:
+    """A second thread-service replica on the same Redis: both sweep; every ended thread
+    goes exactly once, nothing is left, and the active ones stay."""
+    from services.thread_svc.server import create_server
+    from tests.helpers.servers import make_settings
+
+    cluster = short_lived
+    folder = cluster.address("thread").removeprefix("unix:").rsplit("/", 1)[0]
+    settings = make_settings(
+        "thread_svc", redis_target.url, redis_target.cluster, **RETENTION,
+        agent_svc_addr=cluster.address("agent"), usage_svc_addr=cluster.address("usage"),
+        thread_svc_addr=cluster.address("thread"),
+    )  # fmt: skip
+    replica, _ = await create_server(settings, f"unix:{folder}/thread-2.sock")
+    await replica.start()
+    try:
+        await make_project(cluster.agent)
+        await make_type(cluster.agent)
+        agents = [await spawn(cluster.agent, f"a{n}") for n in range(4)]
+        ended, kept = [], []
+        for n in range(24):
+            sent = await cluster.thread.InjectMessage(
+                T.InjectMessageRequest(to=agents[n % 4].id, payload=payload(n=n))
+            )
+            if n % 3:
+                await cluster.thread.CompleteThread(
+                    T.CompleteThreadRequest(thread_id=sent.thread_id)
+                )
+                ended.append(sent.thread_id)
+            else:
+                kept.append(sent.thread_id)
+
+        async def all_gone() -> bool:
+            listed = await cluster.thread.ListThreads(T.ListThreadsRequest(project_id="demo"))
+            return listed.total_size == len(kept)
+
+        await until(all_gone)
+        listed = await cluster.thread.ListThreads(
+            T.ListThreadsRequest(project_id="demo", page_size=100)
+        )
+        assert sorted(t.id for t in listed.threads) == sorted(kept)
+        assert not mentions(redis_target.url, redis_target.cluster, ended)
+    finally:
+        await replica.stop(grace=0)

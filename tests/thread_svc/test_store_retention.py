@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from services.common import tuning
 from services.common.partitions import RetentionSweeper
 from services.thread_svc.store import Keys, NewMessage, NewThread, RequestKey, ThreadStore
 from tests.helpers.leftovers import mentions
@@ -98,3 +99,30 @@ async def test_two_replicas_removing_at_once_leave_nothing_and_fail_nothing(
             assert kept is not None and kept.message_count == 1
         listed, _, total = await one.list_threads("-", "", "", page(50))
         assert [t.id for t in listed] == ["kept"] and total == 1
+
+
+async def test_a_remover_that_dies_half_way_is_taken_over_after_its_lease(
+    clients, redis_target, monkeypatch
+) -> None:
+    redis, streams = clients
+    monkeypatch.setattr(tuning, "RETENTION_LEASE_MS", 500)
+    store = ThreadStore(redis, 600, streams)
+    await store.create_thread(NewThread("half", "p", "", "", ("a", "b")))
+    for n in range(1200):
+        await store.post(message("half", "a", "b", n), None)
+    await store.end_thread("half", "COMPLETED", "")
+
+    class Dying(ThreadStore):
+        async def remove(self, partition: str, item_id: str) -> bool:
+            # One bounded step of the removal, then the replica is gone.
+            await self._remove(keys=[Keys(partition).prefix], args=[item_id, 500])
+            raise ConnectionError("replica killed mid-removal")
+
+    with pytest.raises(ConnectionError):
+        await RetentionSweeper(redis, Dying(redis, 600, streams), 0.0, "threads").sweep()
+    assert await redis.xlen(Keys("p").log("half")) == 1201 - 500  # half done
+    survivor = RetentionSweeper(redis, store, 0.0, "threads")
+    assert await survivor.sweep() == 0  # still leased to the dead replica
+    await asyncio.sleep(0.6)
+    assert await survivor.sweep() == 1  # the lease ran out: taken over and finished
+    assert not mentions(redis_target.url, redis_target.cluster, ["half"])
