@@ -477,12 +477,11 @@ class AgentStore:
 
     async def remove(self, project_id: str, agent_id: str) -> bool:
         """Remove a terminated agent (False: it is not terminated, and left alone)."""
+        if await self._remove(keys=[Keys.of(project_id)], args=[agent_id]) == "ACTIVE":
+            return False
         if await self._directory.project_of(agent_id, fresh=True) == project_id:
             await self._directory.forget(agent_id)
-        outcome = await self._remove(keys=[Keys.of(project_id)], args=[agent_id])
-        if outcome == "ACTIVE":  # not terminated after all: it keeps its directory entry
-            await self._directory.place(agent_id, project_id)
-            return False
+        await self._redis.zrem(Keys.terminated(project_id), agent_id)
         return True
 
     # API keys -----------------------------------------------------------------------

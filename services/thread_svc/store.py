@@ -393,6 +393,7 @@ class ThreadStore:
             return False
         if await self._directory.project_of(thread_id, fresh=True) == project_id:
             await self._directory.forget(thread_id)
+        await self._redis.zrem(keys.ended, thread_id)
         return True
 
     # Messages -----------------------------------------------------------------------

@@ -460,16 +460,16 @@ class UsageStore:
         """Remove a closed thread budget after THREAD_RETENTION (False: not closed)."""
         thread_id, _, project_id = member.rpartition("|")
         partition = self.layout.partition(project_id)
-        if await self._redis.get(Layout.thread_directory(thread_id)) == project_id:
-            await self._redis.delete(Layout.thread_directory(thread_id))
-        self._directory.pop(thread_id, None)
         outcome = await self._forget_thread(
             keys=[partition.prefix, partition.shard.prefix],
             args=[member, self._clock(), thread_id],
         )
         if outcome == "OPEN":
-            await self._claim_thread(thread_id, project_id)
             return False
+        self._directory.pop(thread_id, None)
+        if await self._redis.get(Layout.thread_directory(thread_id)) == project_id:
+            await self._redis.delete(Layout.thread_directory(thread_id))
+        await self._redis.zrem(partition.shard.closed, member)
         return True
 
     async def reset(self) -> int:

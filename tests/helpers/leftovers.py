@@ -56,3 +56,26 @@ def ttl(url: str, cluster: bool, key: str) -> int:
         return int(r.ttl(key))
     finally:
         r.close()
+
+
+def lasting(url: str, cluster: bool, needles: list[str]) -> dict[str, list[str]]:
+    """`mentions`, leaving out keys that expire by themselves (they carry a TTL)."""
+    return {k: v for k, v in mentions(url, cluster, needles).items() if ttl(url, cluster, k) < 0}
+
+
+async def settled(
+    url: str, cluster: bool, needles: list[str], timeout: float = 10.0
+) -> dict[str, list[str]]:
+    """What still mentions the needles once removal is over: each service removes its own
+    part on its own sweep, so this waits (up to `timeout`) for nothing lasting to be left,
+    and returns what is left then."""
+    import contextlib
+
+    from tests.helpers import until
+
+    async def clean() -> bool:
+        return not lasting(url, cluster, needles)
+
+    with contextlib.suppress(TimeoutError):
+        await until(clean, timeout)
+    return lasting(url, cluster, needles)

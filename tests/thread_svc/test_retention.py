@@ -12,7 +12,7 @@ from agentplane.thread.v1 import thread_pb2
 from agentplane.thread.v1 import thread_service_pb2 as T
 from agentplane.usage.v1 import usage_service_pb2 as U
 from tests.helpers import make_project, make_type, spawn, until
-from tests.helpers.leftovers import mentions, ttl
+from tests.helpers.leftovers import mentions, settled, ttl
 from tests.helpers.servers import start_cluster, stop_cluster
 from tests.thread_svc.test_threads import payload, post, set_peers
 
@@ -84,11 +84,13 @@ async def test_an_ended_thread_leaves_nothing_behind(short_lived, redis_target) 
     )
     await until(lambda: gone(cluster.usage.GetThreadBudget(
         U.GetThreadBudgetRequest(thread_id="doomed-thread"))))  # fmt: skip
-    left = mentions(redis_target.url, redis_target.cluster, ["doomed-thread", *ids])
-    # What a client's retry needs stays until it expires by itself (IDEMPOTENCY_TTL).
-    expiring = {k for k in left if 0 < ttl(redis_target.url, redis_target.cluster, k)}
-    assert {k.rsplit(":", 2)[-2] for k in expiring} <= {"doomed-thread"}  # usage ids only
-    assert not {k: v for k, v in left.items() if k not in expiring}, left
+    needles = ["doomed-thread", *ids]
+    assert not await settled(redis_target.url, redis_target.cluster, needles)
+    # What a client's retry needs stays until it expires by itself (IDEMPOTENCY_TTL): only
+    # the usage id's idempotency key.
+    expiring = mentions(redis_target.url, redis_target.cluster, needles)
+    assert {k.rsplit(":", 2)[-2] for k in expiring} <= {"doomed-thread"}
+    assert all(0 < ttl(redis_target.url, redis_target.cluster, k) for k in expiring)
 
     listed = await cluster.thread.ListThreads(T.ListThreadsRequest(project_id="demo"))
     assert [t.id for t in listed.threads] == ["living-thread"] and listed.total_size == 1
@@ -174,6 +176,6 @@ async def test_two_thread_service_replicas_sweep_together(short_lived, redis_tar
             T.ListThreadsRequest(project_id="demo", page_size=100)
         )
         assert sorted(t.id for t in listed.threads) == sorted(kept)
-        assert not mentions(redis_target.url, redis_target.cluster, ended)
+        assert not await settled(redis_target.url, redis_target.cluster, ended)
     finally:
         await replica.stop(grace=0)

@@ -1,5 +1,6 @@
 -- Remove a terminated agent: its record, its index entries, its request id; the
--- project's counters forget it. Idempotent.
+-- project's counters forget it. Idempotent. The caller then deletes its directory entry
+-- and last its queue entry.
 -- KEYS: 1 the project's prefix P
 -- ARGV: 1 agent id
 -- Returns 'DONE' | 'ACTIVE' (not terminated: left alone, and out of the queue)
@@ -18,5 +19,4 @@ if found[1] then
 end
 redis.call('ZREM', P .. 'idx:ALL', id)
 redis.call('ZREM', P .. 'idx:TERMINATED', id)
-redis.call('ZREM', P .. 'terminated', id)
 return 'DONE'

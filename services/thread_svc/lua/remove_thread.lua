@@ -1,7 +1,9 @@
 -- Remove an ended thread, one bounded step at a time (idempotent: a step that is cut
 -- short is simply done again). While its log has entries, each call removes up to
 -- `step` of them with what each message left elsewhere; the call that finds the log
--- empty removes the thread's record, participants, indexes and queue entry.
+-- empty removes the thread's record, participants and indexes. The caller then deletes
+-- its directory entry, and last its queue entry (so a remover that dies in between
+-- leaves the item queued, and the next one finishes it).
 -- KEYS: 1 the project's prefix T
 -- ARGV: 1 thread id, 2 step (entries per call)
 -- Returns 'MORE' | 'DONE' | 'ACTIVE' (not ended: left alone, and out of the queue)
@@ -40,5 +42,4 @@ for _, agent in ipairs(redis.call('SMEMBERS', parts)) do
   end
 end
 redis.call('DEL', thread, parts, log)
-redis.call('ZREM', T .. 'ended', tid)
 return 'DONE'
