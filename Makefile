@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: run test test-fast typecheck protos protos-check protos-lint lint bench bench-churn certs clean
+.PHONY: run test test-fast typecheck protos protos-check protos-lint lint bench bench-churn screenshots certs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -52,6 +52,10 @@ certs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+## Screenshots of the console's pages (docs/console/), from its browser tests.
+screenshots: $(STAMP)
+	SCREENSHOTS_DIR=docs/console $(PY) -m pytest -q tests/console
 
 ## Bounded memory under churn: 1,000,000 messages through 100,000 threads (SPEC §10).
 bench-churn: $(STAMP)

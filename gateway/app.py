@@ -6,6 +6,7 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -401,6 +402,44 @@ def _assign(data: dict[str, Any], dotted: str, value: Any) -> None:
     data[last] = value
 
 
+UI = Path(__file__).with_name("ui")
+UI_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+            ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}  # fmt: skip
+# The console talks to this origin only: its own scripts and styles, the REST API.
+UI_HEADERS = {
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "cache-control": "no-cache",
+}
+
+
+class Console:
+    """The operator console (SPEC §11): static files from gateway/ui, read once."""
+
+    def __init__(self, folder: Path = UI) -> None:
+        self.files = {
+            f"/ui/{path.name}": (path.read_bytes(), UI_TYPES[path.suffix])
+            for path in sorted(folder.iterdir())
+            if path.suffix in UI_TYPES
+        }
+        self.files["/ui/"] = self.files["/ui/index.html"]
+
+    async def serve(self, request: Request) -> Response:
+        path = request.url.path
+        if path == "/ui":
+            return Response(status_code=308, headers={"location": "/ui/", **UI_HEADERS})
+        found = self.files.get(path)
+        if found is None:
+            return Response(b"not found", 404, headers=UI_HEADERS, media_type="text/plain")
+        body, media_type = found
+        return Response(body, headers=UI_HEADERS, media_type=media_type)
+
+
 class GatewayApp:
     """The ASGI application: a fixed handful of operational paths, then the routing
     table. Plain ASGI rather than a framework router: every request goes through here, and
@@ -408,6 +447,7 @@ class GatewayApp:
 
     def __init__(self, settings: Settings) -> None:
         self.gateway = Gateway(settings)
+        self.console = Console()
         self._fixed = {
             "/healthz": self.gateway.healthz,
             "/readyz": self.gateway.readyz,
@@ -425,6 +465,8 @@ class GatewayApp:
         fixed = self._fixed.get(scope["path"])
         if fixed is not None and scope["method"] in ("GET", "HEAD"):
             response = await fixed(request)
+        elif scope["path"].startswith("/ui") and scope["method"] in ("GET", "HEAD"):
+            response = await self.console.serve(request)
         else:
             response = await self.gateway.handle(request)
         await response(scope, receive, send)
