@@ -24,9 +24,7 @@ import json
 import multiprocessing
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,11 +36,8 @@ from agentplane.agent.v1 import agent_pb2, agent_service_pb2_grpc, agent_type_pb
 from agentplane.agent.v1 import agent_service_pb2 as A
 from agentplane.thread.v1 import thread_pb2, thread_service_pb2_grpc
 from agentplane.thread.v1 import thread_service_pb2 as T
-from bench.__main__ import wait_serving
-from bench.load import BENCH_TOKEN
+from bench import stack
 from bench.load import channel as channel_to
-from scripts.redis_server import RedisProcess
-from services.common import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = int(os.environ.get("CHURN_THREADS", "100000"))
@@ -186,41 +181,25 @@ async def _worker(
         await lanes(first, count, one)
 
 
-def start(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", module], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
-    )
-
-
 def main() -> int:
-    redis = RedisProcess(log_file=None).start()
-    client = redis_sync.Redis.from_url(redis.url)
-    folder = tempfile.mkdtemp(prefix="ap-churn-")
-    addresses = {s.name: f"unix:{folder}/{s.name}.sock" for s in registry.SERVICES}
-    env = {
-        **os.environ, "REDIS_URL": redis.url, "METRICS_PORT": "0",
-        "AGENTPLANE_ADMIN_TOKEN": BENCH_TOKEN, "LOG_LEVEL": "warning",
-        "THREAD_RETENTION": RETENTION, "AGENT_RETENTION": RETENTION,
-        "RETENTION_SWEEP_INTERVAL": "0.5s",
-        "RATE_LIMITS": ",".join(f"{m}=100000000/min" for m in (
-            "default_read", "default_write", "PostMessage", "CreateThread", "CompleteThread")),
-        **{s.address_env: addresses[s.name] for s in registry.SERVICES},
-    }  # fmt: skip
-    services = [
-        start(f"services.{s.name}_svc", {**env, "GRPC_ADDRESS": addresses[s.name]})
-        for s in registry.SERVICES
-    ]
+    env = {"THREAD_RETENTION": RETENTION, "AGENT_RETENTION": RETENTION,
+           "RETENTION_SWEEP_INTERVAL": "0.5s"}  # fmt: skip
+    with stack.running(env) as running:
+        return churn(running)
+
+
+def churn(running: stack.Stack) -> int:
+    client = redis_sync.Redis.from_url(running.redis_url)
+    addresses = running.addresses
     samples: list[tuple[float, int, int]] = []  # (seconds, messages done, used_memory)
     try:
-        for s in registry.SERVICES:
-            asyncio.run(wait_serving(addresses[s.name]))
         agents = asyncio.run(setup(addresses["agent"]))
         total = THREADS * PER_THREAD
         done = multiprocessing.get_context("spawn").Value("q", 0)
         per = THREADS // WORKERS
         ctx = multiprocessing.get_context("spawn")
         procs = [
-            ctx.Process(target=worker, args=(addresses, redis.url, agents, w * per,
+            ctx.Process(target=worker, args=(addresses, running.redis_url, agents, w * per,
                         per if w < WORKERS - 1 else THREADS - w * per, done))
             for w in range(WORKERS)
         ]  # fmt: skip
@@ -276,12 +255,7 @@ def main() -> int:
               f"{'PASS' if ok else 'FAIL'}")  # fmt: skip
         return 0 if ok else 1
     finally:
-        for proc in services:
-            proc.terminate()
-        for proc in services:
-            proc.wait(timeout=15)
         client.close()
-        redis.stop()
 
 
 if __name__ == "__main__":

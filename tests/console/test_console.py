@@ -34,6 +34,7 @@ if not (CHROMIUM and DRIVER):
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 PAGES = ["overview", "agents", "threads", "usage", "budgets"]
@@ -97,8 +98,7 @@ def sign_in(driver: Any, url: str, token: str = ADMIN_TOKEN) -> None:
     driver.get(f"{url}/ui/")
     field = wait(driver, lambda d: d.find_element(By.ID, "token"))
     wait(driver, lambda d: field.is_displayed())
-    field.send_keys(token)
-    driver.find_element(By.CSS_SELECTOR, "#signin-form button").click()
+    field.send_keys(token + Keys.ENTER)  # the keyboard alone signs in
     wait(driver, lambda d: d.find_element(By.ID, "main").get_attribute("data-ready") == "1")
 
 
@@ -178,6 +178,9 @@ async def test_an_operator_pauses_and_terminates_agents(browser, world) -> None:
     assert (await cluster.agent.GetAgent(A.GetAgentRequest(agent_id=beta.id))).status == 5
     await run(click, alpha.id, "Resume")
     await run(wait, browser, lambda d: status_of(alpha.id) == "IDLE")
+    await run(open_page, browser, url, f"agents/{alpha.id}")  # an agent's page: its usage
+    assert await run(text, browser, "#agent-tokens") == "3,702"
+    await run(shoot, browser, "agent")
 
 
 async def test_an_operator_kills_a_thread_and_sees_messages_live(browser, world) -> None:
@@ -207,6 +210,13 @@ async def test_a_budget_made_in_the_console_alerts_live_on_the_overview(browser,
     url, cluster, alpha, thread = world["url"], world["cluster"], world["alpha"], world["thread"]
     await run(sign_in, browser, url)
     await run(open_page, browser, url, "budgets")
+
+    def submit() -> None:
+        browser.find_element(By.CSS_SELECTOR, "#budget-form button[type=submit]").click()
+
+    await run(submit)  # no limit at all: the API's own error is shown
+    await run(wait, browser, lambda d: "Create budget failed" in text(d, "#flash"))
+    assert "limit" in await run(text, browser, "#flash")
 
     def create() -> None:
         browser.find_element(By.ID, "b-tokens").send_keys("10000")
