@@ -472,6 +472,7 @@ async function budgetsPage(root) {
         limit_cost_micros: String(Math.round(Number(v("b-cost") || 0) * 1e6)), period: v("b-period"), time_zone: v("b-zone"),
         enforcement: v("b-enforcement"), alert_thresholds: v("b-thresholds").split(",").filter(Boolean).map(Number) });
       flash("Budget created");
+      form.reset();
       await loadBudgets();
     } catch (err) { flash("Create budget failed: " + err.message, false); }
   });

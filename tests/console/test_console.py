@@ -21,6 +21,7 @@ from agentplane.thread.v1 import thread_pb2
 from agentplane.thread.v1 import thread_service_pb2 as T
 from agentplane.usage.v1 import usage_service_pb2 as U
 from tests.helpers import ADMIN_TOKEN, make_project, make_type, spawn
+from tests.helpers.receiver import Receiver
 from tests.helpers.servers import serve_gateway, start_cluster, stop_cluster
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -254,3 +255,89 @@ async def test_every_page_fits_a_phone_and_charts_draw(browser, world) -> None:
         )
     finally:
         await run(browser.set_window_size, 1280, 720)
+
+
+async def test_budgets_are_edited_and_reset_and_webhooks_show_their_deliveries(
+    browser, world
+) -> None:
+    url, cluster, alpha, thread = world["url"], world["cluster"], world["alpha"], world["thread"]
+    await run(sign_in, browser, url)
+    await run(open_page, browser, url, "budgets")
+
+    def fill_and_create() -> None:
+        browser.find_element(By.ID, "b-tokens").send_keys("8000")
+        browser.find_element(By.CSS_SELECTOR, "#budget-form button[type=submit]").click()
+
+    await run(fill_and_create)
+    await run(wait, browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#budget-list tr"))
+
+    def press(label: str) -> None:
+        next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == label).click()
+
+    def edit() -> None:
+        row = browser.find_element(By.CSS_SELECTOR, "#budget-list tr")
+        limit = row.find_element(By.CSS_SELECTOR, "input[aria-label='token limit']")
+        limit.clear()
+        limit.send_keys("20000")
+        press("Save")
+
+    await run(edit)
+    await run(wait, browser, lambda d: "Budget saved" in text(d, "#flash"))
+    listed = await cluster.usage.ListBudgets(U.ListBudgetsRequest(project_id="demo"))
+    assert [b.limit_tokens for b in listed.budgets] == [20000]  # changed through the API
+    await cluster.usage.RecordUsage(U.RecordUsageRequest(
+        usage_id="some", agent_id=alpha.id, thread_id=thread.id, model="gpt-4o",
+        prompt_tokens=500, completion_tokens=0))  # fmt: skip
+    await run(press, "Reset")
+    await run(press, "Confirm reset")
+    await run(wait, browser, lambda d: "Budget reset" in text(d, "#flash"))
+    listed = await cluster.usage.ListBudgets(U.ListBudgetsRequest(project_id="demo"))
+    assert listed.budgets[0].used_tokens == 0 and listed.budgets[0].reset_by
+
+    receiver = await Receiver().start()
+    try:
+
+        def add_hook() -> None:
+            browser.find_element(By.ID, "w-url").send_keys(receiver.url)
+            browser.find_element(By.CSS_SELECTOR, "#webhook-form button[type=submit]").click()
+
+        await run(add_hook)
+        await run(wait, browser, lambda d: "Signing secret (shown once)" in text(d, "#w-secret"))
+        await cluster.usage.RecordUsage(U.RecordUsageRequest(  # past 50% of 20,000
+            usage_id="half", agent_id=alpha.id, thread_id=thread.id, model="gpt-4o",
+            prompt_tokens=15000, completion_tokens=0))  # fmt: skip
+        await receiver.wait_for(1)
+        await run(press, "Deliveries")
+        await run(wait, browser, lambda d: "DELIVERED" in text(d, "#deliveries"))
+        await run(shoot, browser, "budgets")
+    finally:
+        await receiver.stop()
+
+
+async def test_long_lists_page_and_usage_exports(browser, world) -> None:
+    url, cluster = world["url"], world["cluster"]
+    for n in range(30):
+        await spawn(cluster.agent, f"extra-{n:02d}")
+    await run(sign_in, browser, url)
+    await run(open_page, browser, url, "agents")
+    first = await run(lambda: len(browser.find_elements(By.CSS_SELECTOR, "tr[data-agent]")))
+
+    def next_page() -> None:
+        next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Next").click()
+
+    await run(next_page)
+    await run(wait, browser, lambda d: "Page 2" in text(d, ".pager"))
+    second = await run(lambda: len(browser.find_elements(By.CSS_SELECTOR, "tr[data-agent]")))
+    assert (first, second) == (25, 7)  # 32 agents, 25 a page
+
+    await run(open_page, browser, url, "usage")
+
+    def by_agent_then_export() -> None:
+        browser.find_element(By.ID, "usage-group").send_keys("by agent")
+        next(
+            b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Download CSV"
+        ).click()
+
+    await run(by_agent_then_export)
+    await run(wait, browser, lambda d: "CSV exported" in text(d, "#flash"))
+    assert await run(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#usage-chart rect"))) >= 1
