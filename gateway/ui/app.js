@@ -67,13 +67,14 @@ const qs = (params) => {
 const enc = encodeURIComponent;
 
 // Server-sent events with the Authorization header (EventSource cannot send one).
-async function stream(path, onEvent) {
+async function stream(path, onEvent, onOpen) {
   const signal = pageAbort.signal;
   while (!signal.aborted) {
     try {
       const res = await fetch(path, { headers: { authorization: "Bearer " + token(), accept: "text/event-stream" },
         signal, credentials: "omit", cache: "no-store" });
       if (!res.ok) throw new ApiError(res.status + " " + res.statusText);
+      if (onOpen) onOpen(); // the gateway answers once the service has opened the stream
       const reader = res.body.getReader();
       const decoder = new TextDecoder();
       let buffer = "";
@@ -205,7 +206,7 @@ async function overview(root) {
       alerts.prepend(h("li", { "data-alert": a.alert_id }, status(a.threshold + "%"), " ",
         up(a.scope) + (a.scope_id ? " " + a.scope_id : ""), " budget ", a.budget_id,
         " at " + Number(a.percent_used).toFixed(1) + "% — " + when(a.create_time)));
-    });
+    }, () => { alerts.dataset.live = "1"; });
   }
 }
 function card(title, figure, note, id) {
@@ -332,7 +333,7 @@ async function threadPage(root, id) {
     stream(`/api/v1/threads/${enc(id)}/events`, (e) => {
       if (e.message && e.message.id) { if (!items.querySelector(`[data-message="${CSS.escape(e.message.id)}"]`)) items.append(messageItem(e.message)); }
       if (e.thread && e.thread.id) drawHead(e.thread);
-    });
+    }, () => { items.dataset.live = "1"; });
   }
 }
 

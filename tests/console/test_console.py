@@ -189,6 +189,7 @@ async def test_an_operator_kills_a_thread_and_sees_messages_live(browser, world)
     await run(sign_in, browser, url)
     await run(open_page, browser, url, f"threads/{thread.id}")
     assert "start" in await run(text, browser, "#messages")
+    await run(wait, browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#messages[data-live]"))
     body = struct_pb2.Struct()
     body.update({"text": "live one"})
     await cluster.thread.InjectMessage(
@@ -229,7 +230,7 @@ async def test_a_budget_made_in_the_console_alerts_live_on_the_overview(browser,
     await run(wait, browser, lambda d: "Budget created" in text(d, "#flash"))
     await run(wait, browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#budget-list tr"))
     await run(open_page, browser, url, "overview")
-    await asyncio.sleep(0.5)  # the alert stream opens after the page is drawn
+    await run(wait, browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#alerts[data-live]"))
     await cluster.usage.RecordUsage(U.RecordUsageRequest(
         usage_id="over-half", agent_id=alpha.id, thread_id=thread.id, model="gpt-4o",
         prompt_tokens=6000, completion_tokens=10))  # fmt: skip
