@@ -76,7 +76,7 @@ def banner(redis_url: str, started: list[str]) -> str:
         if "GRPC_PORT" in ports:
             where = f"grpc {host}:{ports['GRPC_PORT']}"
         else:
-            where = f"http://{host}:{ports['HTTP_PORT']}"
+            where = f"http://{host}:{ports['HTTP_PORT']}   console http://{host}:{ports['HTTP_PORT']}/ui/"
         rows.append(f"  {name:<9} {where}   (metrics :{ports['METRICS_PORT']})")
     agent = PROCESSES[0][2]["GRPC_PORT"]
     return "\n".join(
