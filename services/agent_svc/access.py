@@ -30,6 +30,15 @@ def require_manager(principal: Principal) -> None:
         )
 
 
+def require_manager_or_self(principal: Principal, agent_id: str) -> None:
+    """Managers move any agent; an agent token moves only its own agent (its WORKING/IDLE
+    bookkeeping: StartTask, CompleteTask)."""
+    if principal.role == AGENT and principal.subject != agent_id:
+        raise errors.permission_denied(
+            f"an agent token moves only its own agent, not {agent_id!r}", "NOT_SELF"
+        )
+
+
 def require_superuser(principal: Principal, what: str) -> None:
     if not principal.is_superuser:
         raise errors.permission_denied(f"{what} is for the superuser only", "SUPERUSER_ONLY")

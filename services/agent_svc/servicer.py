@@ -293,15 +293,16 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         task = require_text("task", request.task, MAX_DESCRIPTION_LENGTH, required=True)
         return await self._move(
             request, lifecycle.WORKING, from_states=(lifecycle.IDLE, lifecycle.WAITING),
-            set_fields={"current_task": task},
+            set_fields={"current_task": task}, by_itself=True,
         )  # fmt: skip
 
     async def CompleteTask(
         self, request: agent_service_pb2.CompleteTaskRequest, context: ServicerContext
     ) -> agent_pb2.Agent:
         return await self._move(
-            request, lifecycle.IDLE, from_states=(lifecycle.WORKING,), tasks_completed=1
-        )
+            request, lifecycle.IDLE, from_states=(lifecycle.WORKING,), tasks_completed=1,
+            by_itself=True,
+        )  # fmt: skip
 
     async def GetAgentSchema(
         self, request: agent_service_pb2.GetAgentSchemaRequest, context: ServicerContext
@@ -530,8 +531,14 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         from_states: Sequence[str] | None = None,
         set_fields: dict[str, str] | None = None,
         tasks_completed: int = 0,
+        by_itself: bool = False,
     ) -> agent_pb2.Agent:
-        access.require_manager(current_principal())
+        """A lifecycle move; `by_itself`: an agent's own token may make it (its task
+        bookkeeping), otherwise only managers."""
+        if by_itself:
+            access.require_manager_or_self(current_principal(), request.agent_id)  # type: ignore[attr-defined]
+        else:
+            access.require_manager(current_principal())
         cleared, extra = lifecycle.effects(target, now_ms())
         sets = {**extra, **(set_fields or {})}
         return await self._change(

@@ -254,6 +254,20 @@ async def test_agent_tokens_act_only_as_their_agent_and_keys_revoke(stack) -> No
     )
     await expect_error(me.agent.PauseAgent(agent_service_pb2.PauseAgentRequest(agent_id=two.id)),
                        grpc.StatusCode.PERMISSION_DENIED)  # fmt: skip
+    # Its own task bookkeeping (WORKING/IDLE) is the one move an agent token makes itself.
+    started = await me.agent.StartTask(
+        agent_service_pb2.StartTaskRequest(agent_id=one.id, task="t")
+    )
+    assert started.status == agent_pb2.AGENT_STATUS_WORKING
+    done = await me.agent.CompleteTask(agent_service_pb2.CompleteTaskRequest(agent_id=one.id))
+    assert done.status == agent_pb2.AGENT_STATUS_IDLE and done.tasks_completed == 1
+    for move in (
+        me.agent.StartTask(agent_service_pb2.StartTaskRequest(agent_id=two.id, task="t")),
+        me.agent.CompleteTask(agent_service_pb2.CompleteTaskRequest(agent_id=two.id)),
+        me.agent.PauseAgent(agent_service_pb2.PauseAgentRequest(agent_id=one.id)),
+        me.agent.TerminateAgent(agent_service_pb2.TerminateAgentRequest(agent_id=one.id)),
+    ):
+        await expect_error(move, grpc.StatusCode.PERMISSION_DENIED)
 
     keys = await owner.agent.ListApiKeys(agent_service_pb2.ListApiKeysRequest())
     # The owner sees its own key and the one it made; ApiKey has no token field at all.
