@@ -16,9 +16,9 @@ from tests.helpers import ADMIN_TOKEN, make_project
 from tests.helpers.processes import ServiceProcess
 
 
-def client_of(cluster, **options) -> AgentplaneClient:  # type: ignore[no-untyped-def]
+def client_of(cluster, token: str = ADMIN_TOKEN, **options) -> AgentplaneClient:  # type: ignore[no-untyped-def]
     return AgentplaneClient(
-        token=ADMIN_TOKEN, agent_addr=cluster.address("agent"),
+        token=token, agent_addr=cluster.address("agent"),
         thread_addr=cluster.address("thread"), usage_addr=cluster.address("usage"), **options,
     )  # fmt: skip
 
