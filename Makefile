@@ -44,7 +44,7 @@ lint: $(STAMP) protos-lint typecheck
 
 ## mypy over everything but the generated code (CI runs it too).
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy services gateway scripts bench agentplane/client agentplane/worker
+	$(VENV)/bin/mypy services gateway scripts bench agentplane/client agentplane/worker agentplane/cli
 
 ## A development CA and service certificate for mutual TLS, in .run/certs/.
 certs: $(STAMP)
