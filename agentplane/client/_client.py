@@ -95,22 +95,45 @@ class AgentplaneClient:
         env = os.environ
         self._token = token if token is not None else env.get("AGENTPLANE_TOKEN", "")
         self.retry = retry or Retry()
-        addresses = [
+        self.addresses = [
             agent_addr or env.get("AGENTPLANE_AGENT_ADDR", "localhost:50051"),
             thread_addr or env.get("AGENTPLANE_THREAD_ADDR", "localhost:50052"),
             usage_addr or env.get("AGENTPLANE_USAGE_ADDR", "localhost:50053"),
         ]
-        self._channels = [
-            grpc.aio.secure_channel(a, credentials, options=CHANNEL_OPTIONS)
-            if credentials is not None
-            else grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS)
-            for a in addresses
-        ]
-        self.agents = agent_service_pb2_grpc.AgentServiceStub(self._channels[0])
-        self.threads = thread_service_pb2_grpc.ThreadServiceStub(self._channels[1])
-        self.usage_service = usage_service_pb2_grpc.UsageServiceStub(self._channels[2])
+        self._credentials = credentials
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: tuple[Any, Any, Any] | None = None
         self.budget = BudgetApi(self)
         self.usage = UsageRecorder(self, batch_size, batch_delay_s)
+
+    def _connected(self) -> tuple[Any, Any, Any]:
+        """The stubs; channels open on first use, inside the event loop that uses them
+        (so a client may be made before the loop starts)."""
+        if self._stubs is None:
+            self._channels = [
+                grpc.aio.secure_channel(a, self._credentials, options=CHANNEL_OPTIONS)
+                if self._credentials is not None
+                else grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS)
+                for a in self.addresses
+            ]
+            self._stubs = (
+                agent_service_pb2_grpc.AgentServiceStub(self._channels[0]),
+                thread_service_pb2_grpc.ThreadServiceStub(self._channels[1]),
+                usage_service_pb2_grpc.UsageServiceStub(self._channels[2]),
+            )
+        return self._stubs
+
+    @property
+    def agents(self) -> agent_service_pb2_grpc.AgentServiceStub:
+        return self._connected()[0]
+
+    @property
+    def threads(self) -> thread_service_pb2_grpc.ThreadServiceStub:
+        return self._connected()[1]
+
+    @property
+    def usage_service(self) -> usage_service_pb2_grpc.UsageServiceStub:
+        return self._connected()[2]
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -136,6 +159,7 @@ class AgentplaneClient:
         await self.usage.close()
         for channel in self._channels:
             await channel.close()
+        self._channels, self._stubs = [], None
 
     async def __aenter__(self) -> AgentplaneClient:
         return self

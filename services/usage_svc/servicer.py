@@ -114,6 +114,9 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         project_id = (
             require_id(prefix + "project_id", request.project_id) if request.project_id else ""
         )
+        principal = current_principal()
+        if principal.role == AGENT and not project_id:
+            project_id = principal.project_id  # an agent records in its own project
         model = require_id(
             prefix + "model", require_text(prefix + "model", request.model, MAX_MODEL_LENGTH)
         )
