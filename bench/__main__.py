@@ -270,6 +270,9 @@ def main() -> int:
 
     results["console_overview"] = overview_load()
     console = results["console_overview"]
+    from bench.sdk import sdk_batching
+
+    results["sdk_batching"] = sdk = sdk_batching()
 
     targets = {
         "RecordUsage ≥ 70% of Check": results["record_vs_check"] >= 0.70,
@@ -288,6 +291,7 @@ def main() -> int:
         ]
         <= 2,
     }
+    targets["SDK batched recording ≥ 5x one RPC per record"] = sdk["ratio"] >= 5
     if "p50_ms" in console:
         targets["console Overview drawn within 1 s (1k agents, 100k budgets)"] = (
             console["max_ms"] <= 1000
@@ -363,6 +367,12 @@ def main() -> int:
         )
     )
     rows.append(("  gateway's added latency", f"+{g['added_fraction'] * 100:.0f}%"))
+    rows.append(
+        (
+            "SDK batched / one RPC per record (records/s)",
+            f"{sdk['sdk_batched_per_s']:,} / {sdk['one_rpc_per_record_per_s']:,}",
+        )
+    )
     rows.append(
         (
             "console Overview drawn, p50 / max (ms)",
