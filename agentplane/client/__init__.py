@@ -8,6 +8,7 @@ async with AgentplaneClient(token=...) as client:
     client.usage.record(thread_id=..., agent_id=..., model=..., prompt_tokens=...)
 """
 
+from agentplane.client._blocking import Client
 from agentplane.client._client import (
     AgentplaneClient,
     BudgetExhausted,
@@ -16,4 +17,4 @@ from agentplane.client._client import (
     UsageRecorder,
 )
 
-__all__ = ["AgentplaneClient", "BudgetExhausted", "BudgetGuard", "Retry", "UsageRecorder"]
+__all__ = ["AgentplaneClient", "BudgetExhausted", "BudgetGuard", "Client", "Retry", "UsageRecorder"]
