@@ -41,6 +41,18 @@ def new_key() -> str:
     return uuid.uuid4().hex
 
 
+IDEMPOTENCY_FIELDS = ("request_id", "usage_id", "reservation_id")
+
+
+def with_key(request: Any) -> Any:
+    """Give a request its idempotency key if it takes one and has none (in place)."""
+    fields = request.DESCRIPTOR.fields_by_name
+    for name in IDEMPOTENCY_FIELDS:
+        if name in fields and not getattr(request, name):
+            setattr(request, name, new_key())
+    return request
+
+
 @dataclass(frozen=True)
 class Retry:
     """How calls are retried: `attempts` in all, waits doubling from `base_s` up to
@@ -141,8 +153,10 @@ class AgentplaneClient:
 
     async def call(self, method: Callable[..., Awaitable[Reply]], request: Any) -> Reply:
         """One unary call with the token, a deadline per attempt, and retries on
-        UNAVAILABLE / DEADLINE_EXCEEDED (the same request each time: its idempotency key
-        included)."""
+        UNAVAILABLE / DEADLINE_EXCEEDED. A write that takes an idempotency key
+        (`request_id`, `usage_id`, `reservation_id`) gets one here if it has none, and the
+        same request — the same key — is sent on every attempt."""
+        with_key(request)
         for attempt in range(self.retry.attempts):
             try:
                 return await method(request, metadata=self.metadata, timeout=self.retry.timeout_s)

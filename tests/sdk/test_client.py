@@ -115,3 +115,21 @@ async def test_errors_that_a_retry_cannot_fix_are_raised_at_once(cluster) -> Non
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await bad.call(bad.usage_service.GetUsageOverview, U.GetUsageOverviewRequest())
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_every_write_that_takes_a_key_gets_one_and_keeps_it_across_retries(cluster) -> None:
+    from agentplane.thread.v1 import thread_service_pb2 as T
+    from tests.helpers import make_type, spawn
+
+    await make_project(cluster.agent)
+    await make_type(cluster.agent)
+    agent = await spawn(cluster.agent, "alpha")
+    async with client_of(cluster) as client:
+        request = T.InjectMessageRequest(to=agent.id)
+        request.payload.update({"text": "once"})
+        first = await client.call(client.threads.InjectMessage, request)
+        assert request.request_id  # made by the client
+        again = await client.call(client.threads.InjectMessage, request)  # a retry of it
+        assert again.message_id == first.message_id
+    listed = await cluster.thread.ListMessages(T.ListMessagesRequest(thread_id=first.thread_id))
+    assert listed.total_size == 1  # one message, whatever the retries
