@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: run test test-fast typecheck protos protos-check protos-lint lint bench bench-churn screenshots certs clean
+.PHONY: run test test-fast typecheck protos protos-check protos-lint lint bench bench-churn screenshots profile certs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -56,6 +56,10 @@ bench: $(STAMP)
 ## Screenshots of the console's pages (docs/console/), from its browser tests.
 screenshots: $(STAMP)
 	SCREENSHOTS_DIR=docs/console $(PY) -m pytest -q tests/console
+
+## Where RecordUsage spends the usage service's CPU (py-spy), see docs/performance.md.
+profile: $(STAMP)
+	$(PY) -m bench.profile
 
 ## Bounded memory under churn: 1,000,000 messages through 100,000 threads (SPEC §10).
 bench-churn: $(STAMP)

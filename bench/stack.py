@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.load import BENCH_TOKEN
@@ -29,6 +29,7 @@ class Stack:
     redis_url: str
     addresses: dict[str, str]  # service name -> gRPC address
     gateway_url: str = ""
+    pids: dict[str, int] = field(default_factory=dict)  # service name -> process id
 
 
 def _start(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -54,6 +55,7 @@ def running(env: dict[str, str] | None = None, gateway: bool = False) -> Iterato
     from bench.__main__ import wait_serving  # (bench.__main__ is also a script)
 
     stack = Stack(redis.url, addresses)
+    stack.pids = {s.name: p.pid for s, p in zip(registry.SERVICES, procs, strict=True)}
     try:
         if gateway:
             port = free_port()
