@@ -59,6 +59,7 @@ screenshots: $(STAMP)
 
 ## Where RecordUsage spends the usage service's CPU (py-spy), see docs/performance.md.
 profile: $(STAMP)
+	$(PY) -m pip install -q "py-spy>=0.3.14"
 	$(PY) -m bench.profile
 
 ## Bounded memory under churn: 1,000,000 messages through 100,000 threads (SPEC §10).
