@@ -10,6 +10,7 @@ async with AgentplaneClient(token=...) as client:
 
 from agentplane.client._blocking import Client
 from agentplane.client._client import (
+    CHANNEL_OPTIONS,
     AgentplaneClient,
     BudgetExhausted,
     BudgetGuard,
@@ -17,4 +18,12 @@ from agentplane.client._client import (
     UsageRecorder,
 )
 
-__all__ = ["AgentplaneClient", "BudgetExhausted", "BudgetGuard", "Client", "Retry", "UsageRecorder"]
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "AgentplaneClient",
+    "BudgetExhausted",
+    "BudgetGuard",
+    "Client",
+    "Retry",
+    "UsageRecorder",
+]

@@ -7,19 +7,13 @@ from dataclasses import dataclass
 import grpc
 
 from agentplane.agent.v1 import agent_service_pb2_grpc
+from agentplane.client import CHANNEL_OPTIONS  # the same keep-alives as the SDK's channels
 from agentplane.thread.v1 import thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2_grpc
 from services.common import registry
 from services.common.interceptors import ForwardingStreamInterceptor, ForwardingUnaryInterceptor
 from services.common.settings import Settings
 from services.common.tls import client_credentials
-
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-]
 
 
 def open_channel(settings: Settings, address: str, forwarding: bool = True) -> grpc.aio.Channel:
