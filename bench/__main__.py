@@ -46,23 +46,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+SERVER_PID = 0  # the usage-service process, whose CPU time per call `drive` reports
+
+
 def drive(
     target: str, kind: str, rate: float = 0.0, tag: str = "", caller: Caller = ADMIN
 ) -> dict[str, float]:
-    """Run WORKERS load processes; total throughput and latency percentiles."""
+    """Run WORKERS load processes; total throughput, latency percentiles, and the server's
+    CPU time per call (from the first worker's start to the last one's end: stable where
+    throughput moves with what else the machine runs)."""
     per_worker_rate = rate / WORKERS if rate else 0.0
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(WORKERS) as pool:
         results: list[WorkerResult] = pool.starmap(
             run_worker,
             [
-                (target, kind, w, CALLS, CONCURRENCY, per_worker_rate, tag, caller)
+                (target, kind, w, CALLS, CONCURRENCY, per_worker_rate, tag, caller, SERVER_PID)
                 for w in range(WORKERS)
             ],
         )
     latencies = [x for r in results for x in r.latencies_ms]
     completed = sum(r.completed for r in results)
+    cpu_s = max(r.server_cpu_s[1] for r in results) - min(r.server_cpu_s[0] for r in results)
     return {
+        "server_cpu_us_per_call": cpu_s / max(1, completed) * 1e6,
         "calls_per_s": completed / max(r.elapsed_s for r in results),
         "p50_ms": percentile(latencies, 0.50),
         "p99_ms": percentile(latencies, 0.99),
@@ -179,6 +186,8 @@ def main() -> int:
         [sys.executable, "-m", "services.usage_svc"], cwd=ROOT,
         env={**env, "GRPC_PORT": str(port)}, stdout=subprocess.DEVNULL,
     )  # fmt: skip
+    global SERVER_PID
+    SERVER_PID = service.pid
     agent_service = subprocess.Popen(
         [sys.executable, "-m", "services.agent_svc"], cwd=ROOT,
         env={**env, "GRPC_PORT": str(agent_port)}, stdout=subprocess.DEVNULL,

@@ -4,8 +4,10 @@ flight, sending pre-encoded requests so the client is not the bottleneck."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from google.protobuf import duration_pb2
@@ -41,6 +43,16 @@ class WorkerResult:
     errors: int
     elapsed_s: float
     latencies_ms: list[float]
+    server_cpu_s: tuple[float, float] = (0.0, 0.0)  # the server's CPU time at start and end
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _field(number: int, text: str) -> bytes:
@@ -72,7 +84,7 @@ def record_body(worker: int, n: int, tag: str, agent: str) -> bytes:
 
 async def _run(
     target: str, kind: str, worker: int, count: int, concurrency: int, rate: float, tag: str,
-    caller: Caller,
+    caller: Caller, server_pid: int = 0,
 ) -> WorkerResult:  # fmt: skip
     metadata = (("authorization", f"Bearer {caller.token}"),)
     agent = caller.agents[worker % len(caller.agents)]
@@ -104,6 +116,7 @@ async def _run(
         errors = 0
         next_index = 0
         began = time.perf_counter()
+        cpu_before = process_cpu_s(server_pid) if server_pid else 0.0
 
         async def client() -> None:
             nonlocal next_index, errors
@@ -122,11 +135,15 @@ async def _run(
                     errors += 1
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
-        return WorkerResult(len(latencies), errors, time.perf_counter() - began, latencies)
+        elapsed = time.perf_counter() - began
+        cpu_after = process_cpu_s(server_pid) if server_pid else 0.0
+        return WorkerResult(len(latencies), errors, elapsed, latencies, (cpu_before, cpu_after))
 
 
 def run_worker(
     target: str, kind: str, worker: int, count: int, concurrency: int, rate: float, tag: str,
-    caller: Caller,
+    caller: Caller, server_pid: int = 0,
 ) -> WorkerResult:  # fmt: skip
-    return asyncio.run(_run(target, kind, worker, count, concurrency, rate, tag, caller))
+    return asyncio.run(
+        _run(target, kind, worker, count, concurrency, rate, tag, caller, server_pid)
+    )

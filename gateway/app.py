@@ -25,11 +25,11 @@ from services.agent_svc.client import AgentClient
 from services.common import codec, errors, registry
 from services.common.auth import Authenticator
 from services.common.clients import open_channel
-from services.common.interceptors import STREAM_OPEN_HEADER
+from services.common.interceptors import STREAM_OPEN_HEADER, TRACE_HEADERS
 from services.common.limits import HTTP_MAX_BODY_BYTES as MAX_BODY_BYTES
-from services.common.logging import get_logger
+from services.common.logging import access_log, get_logger
 from services.common.settings import Settings
-from services.common.telemetry import tracer
+from services.common.telemetry import server_span
 
 log = get_logger("agentplane.gateway")
 HTTP_BODY = "google.api.HttpBody"
@@ -138,52 +138,54 @@ class Gateway:
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
-        carrier = {k: v for k, v in request.headers.items() if k in ("traceparent", "tracestate")}
+        carrier = {k: v for k, v in request.headers.items() if k in TRACE_HEADERS}
         route, values, known = match(self.routes, request.method, request.url.path)
         template = route.template if route else "-"
-        with tracer().start_as_current_span(
-            f"{request.method} {template}",
-            context=propagate.extract(carrier),
-            kind=trace.SpanKind.SERVER,
-        ) as span:
-            try:
-                if route is None and known:
-                    message = f"{request.method} is not allowed on {request.url.path}"
-                    error = {"code": 405, "status": "METHOD_NOT_ALLOWED", "message": message}
-                    response = json_response({"error": {**error, "details": []}}, 405)
-                elif route is None:
-                    response = self._error(
-                        grpc.StatusCode.NOT_FOUND,
-                        f"no route {request.method} {request.url.path}",
-                        [],
-                    )
-                else:
-                    await self.auth.authenticate(request.headers.get("authorization"))
-                    response = await self._call(route, values, request)
-            except BodyTooLarge as exc:
-                response = json_response(
-                    {"error": {"code": 413, "status": "INVALID_ARGUMENT", "message": str(exc),
-                               "details": []}},
-                    413, {"Connection": "close"},
-                )  # fmt: skip
-            except errors.ServiceError as exc:
-                response = self._error(*service_error_parts(exc))
-            except grpc.aio.AioRpcError as exc:
-                response = self._error(*rpc_error_parts(exc))
-            except Exception as exc:  # nothing unexpected reaches the caller
-                trace_id = format(span.get_span_context().trace_id, "032x")
-                log.error("gateway error", exc_info=exc, trace_id=trace_id)
+        span = server_span(f"{request.method} {template}", carrier)
+        try:
+            response = await self._answer(request, route, values, known)
+        finally:
+            span.end()
+        access_log.write(
+            "http", response.status_code < 400, time.perf_counter() - started,
+            method=request.method, route=template, status=response.status_code,
+        )  # fmt: skip
+        return response
+
+    async def _answer(
+        self, request: Request, route: Route | None, values: dict[str, str], known: bool
+    ) -> Response:
+        try:
+            if route is None and known:
+                message = f"{request.method} is not allowed on {request.url.path}"
+                error = {"code": 405, "status": "METHOD_NOT_ALLOWED", "message": message}
+                response = json_response({"error": {**error, "details": []}}, 405)
+            elif route is None:
                 response = self._error(
-                    grpc.StatusCode.INTERNAL, f"internal error (trace {trace_id})", []
+                    grpc.StatusCode.NOT_FOUND,
+                    f"no route {request.method} {request.url.path}",
+                    [],
                 )
-            log.info(
-                "http",
-                method=request.method,
-                route=template,
-                status=response.status_code,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            else:
+                await self.auth.authenticate(request.headers.get("authorization"))
+                response = await self._call(route, values, request)
+        except BodyTooLarge as exc:
+            response = json_response(
+                {"error": {"code": 413, "status": "INVALID_ARGUMENT", "message": str(exc),
+                           "details": []}},
+                413, {"Connection": "close"},
+            )  # fmt: skip
+        except errors.ServiceError as exc:
+            response = self._error(*service_error_parts(exc))
+        except grpc.aio.AioRpcError as exc:
+            response = self._error(*rpc_error_parts(exc))
+        except Exception as exc:  # nothing unexpected reaches the caller
+            trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
+            log.error("gateway error", exc_info=exc, trace_id=trace_id)
+            response = self._error(
+                grpc.StatusCode.INTERNAL, f"internal error (trace {trace_id})", []
             )
-            return response
+        return response
 
     def _error(self, code: grpc.StatusCode, message: str, details: list[Any]) -> Response:
         status, body, headers = error_envelope(code, message, details)

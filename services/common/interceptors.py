@@ -10,8 +10,6 @@ log line and the Prometheus series. Client side, peer calls forward all of that.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -29,50 +27,59 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.common import errors
 from services.common.auth import INTERNAL_HEADER, Guard, internal_proof
 from services.common.context import CallContext, current_call
-from services.common.logging import get_logger
-from services.common.telemetry import RPC_LATENCY, RPC_TOTAL, tracer
+from services.common.logging import access_log, get_logger
+from services.common.telemetry import RPC_LATENCY, RPC_TOTAL, recording, server_span, tracer
 from services.common.validate import check_request
 
 log = get_logger("agentplane.rpc")
+TRACE_HEADERS = frozenset(("traceparent", "tracestate", "baggage"))
 
 
-@functools.cache
-def _rpc_counter(service: str, method: str, code: str) -> Any:
-    return RPC_TOTAL.labels(service, method, code)
+class _Meter:
+    """One RPC method's Prometheus children, made once (the counter's per status code)."""
 
+    __slots__ = ("_counters", "_labels", "histogram")
 
-@functools.cache
-def _rpc_histogram(service: str, method: str) -> Any:
-    return RPC_LATENCY.labels(service, method)
+    def __init__(self, service: str, method: str) -> None:
+        self._labels = (service, method)
+        self.histogram = RPC_LATENCY.labels(service, method)
+        self._counters: dict[grpc.StatusCode, Any] = {}
+
+    def count(self, code: grpc.StatusCode, duration_s: float) -> None:
+        counter = self._counters.get(code)
+        if counter is None:
+            counter = self._counters[code] = RPC_TOTAL.labels(*self._labels, code.name)
+        counter.inc()
+        self.histogram.observe(duration_s)
 
 
 class _RpcScope:
     """Everything that surrounds one RPC; used by both the unary and the stream wrappers."""
 
     __slots__ = (
+        "_proof",
         "_span",
-        "_span_cm",
         "_start",
         "_token",
+        "call",
         "code",
         "context",
         "guard",
+        "meter",
         "method",
         "peer",
         "principal",
-        "service",
     )
 
     def __init__(
-        self, service: str, method: str, context: grpc.aio.ServicerContext, guard: Guard
+        self, method: str, meter: _Meter, context: grpc.aio.ServicerContext, guard: Guard
     ) -> None:
-        self.service = service
         self.method = method
+        self.meter = meter
         self.context = context
         self.guard = guard
         self.code = grpc.StatusCode.OK
         self.principal = ""
-        self.peer = ""
 
     async def __aenter__(self) -> _RpcScope:
         # Everything the scope needs from the RPC's context is taken now, while the RPC is
@@ -81,37 +88,38 @@ class _RpcScope:
         # simultaneous cancellations).
         self._start = time.perf_counter()
         self.peer = self.context.peer() or ""
-        metadata = self.context.invocation_metadata() or ()
-        carrier = {key: value for key, value in metadata if isinstance(value, str)}
+        authorization = proof = None
+        carrier: dict[str, str] = {}
+        for key, value in self.context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value if isinstance(value, str) else None
+            elif key == INTERNAL_HEADER:
+                proof = value if isinstance(value, str) else None
+            elif key in TRACE_HEADERS and isinstance(value, str):
+                carrier[key] = value
+        self._proof = proof
         remaining = self.context.time_remaining()
-        self._span_cm = tracer().start_as_current_span(
-            self.method, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER
+        self._span = server_span(self.method, carrier)
+        self.call = CallContext(
+            method=self.method,
+            peer=self.peer,
+            authorization=authorization,
+            deadline=None if remaining is None else time.monotonic() + remaining,
         )
-        self._span = self._span_cm.__enter__()
-        self._token = current_call.set(
-            CallContext(
-                method=self.method,
-                peer=self.peer,
-                authorization=carrier.get("authorization"),
-                deadline=None if remaining is None else time.monotonic() + remaining,
-            )
-        )
+        self._token = current_call.set(self.call)
         return self
 
     async def admit(self) -> None:
         """Authenticate and rate-limit the caller; inside the scope, so refusals are mapped."""
-        call = current_call.get()
-        assert call is not None
-        proof = next(
-            (v for k, v in self.context.invocation_metadata() or () if k == INTERNAL_HEADER), None
-        )
+        call = self.call
         principal, internal = await self.guard.admit(
-            call.authorization,
-            self.method.rsplit("/", 1)[-1],
-            proof if isinstance(proof, str) else None,
+            call.authorization, self.method.rsplit("/", 1)[-1], self._proof
         )
         self.principal = principal.label
-        current_call.set(dataclasses.replace(call, principal=principal, internal=internal))
+        current_call.set(
+            CallContext(call.method, call.peer, call.authorization, call.deadline, principal,
+                        internal)
+        )  # fmt: skip
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         try:
@@ -120,24 +128,19 @@ class _RpcScope:
             return False
         finally:
             duration = time.perf_counter() - self._start
-            _rpc_counter(self.service, self.method, self.code.name).inc()
-            _rpc_histogram(self.service, self.method).observe(duration)
-            log.info(
-                "rpc",
-                method=self.method,
-                code=self.code.name,
-                duration_ms=round(duration * 1000, 3),
-                peer=self.peer,
-                principal=self.principal,
-            )
+            self.meter.count(self.code, duration)
+            access_log.write(
+                "rpc", self.code == grpc.StatusCode.OK, duration, method=self.method,
+                code=self.code.name, peer=self.peer, principal=self.principal,
+            )  # fmt: skip
             if isinstance(exc, GeneratorExit):
                 # A stream closed from outside its task (grpc dropped it): the context
                 # variables were set in that task's context and die with it; only the
                 # span is ended here.
-                self._span.end()
+                self._span.abandon()
             else:
                 current_call.reset(self._token)
-                self._span_cm.__exit__(None, None, None)
+                self._span.end()
 
     async def _abort(self, exc: BaseException) -> None:
         """Map the exception to a status and abort; AbortError passes through unchanged."""
@@ -156,7 +159,7 @@ class _RpcScope:
             raise asyncio.CancelledError from None
         error = self._as_service_error(exc)
         self.code = error.code
-        trace.get_current_span().set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+        self._span.fail(error.message)
         await self.context.abort_with_status(error.to_status())
 
     @staticmethod
@@ -244,8 +247,10 @@ def wrap_unary(
     behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
     guard: Guard,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    meter = _Meter(service, method)
+
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _RpcScope(service, method, context, guard) as scope:
+        async with _RpcScope(method, meter, context, guard) as scope:
             await scope.admit()
             _admissible(request)
             async with asyncio.timeout(context.time_remaining()):
@@ -260,8 +265,10 @@ def wrap_stream(
     behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
     guard: Guard,
 ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    meter = _Meter(service, method)
+
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with _RpcScope(service, method, context, guard) as scope:
+        async with _RpcScope(method, meter, context, guard) as scope:
             await scope.admit()
             _admissible(request)
             async for item in behavior(request, context):
@@ -366,6 +373,10 @@ class ForwardingUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
+        if not recording():
+            call = await continuation(_forwarded(client_call_details, self._secret), request)
+            await call
+            return call
         name = client_call_details.method
         method = name.decode() if isinstance(name, bytes) else name
         with tracer().start_as_current_span(method, kind=trace.SpanKind.CLIENT):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import sys
+import time
+from typing import Any, TextIO
 
 import orjson
 import structlog
@@ -50,6 +53,73 @@ def configure_logging(settings: Settings) -> None:
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, force=True)
     structlog.contextvars.bind_contextvars(service=settings.service_name)
+    access_log.configure(settings, sys.stdout)
+
+
+class AccessLog:
+    """The one line per RPC (and per gateway request), written straight to the output as
+    JSON, with the same fields as every other line (event, level, timestamp, service,
+    trace ids) but none of structlog's per-line processor chain.
+
+    Above LOG_RPC_RATE successful calls in a second, further successful calls are counted
+    but not written (the next line written says how many in `unlogged`; the Prometheus
+    series count every call). Failed calls and calls slower than LOG_SLOW_RPC are always
+    written. Before `configure` (in-process tests) and with LOG_FORMAT=console every line
+    goes through structlog as usual.
+    """
+
+    def __init__(self) -> None:
+        self._out: TextIO | None = None
+        self._enabled = True
+        self._rate = 0
+        self._slow_s = 0.0
+        self._service = ""
+        self._second = 0
+        self._written = 0
+        self._unlogged = 0
+        self._fallback = structlog.get_logger("agentplane.access")
+
+    def configure(self, settings: Settings, out: TextIO) -> None:
+        self._out = None if settings.log_format == "console" else out
+        self._enabled = getattr(logging, settings.log_level.upper()) <= logging.INFO
+        self._rate = settings.log_rpc_rate
+        self._slow_s = settings.log_slow_rpc_s
+        self._service = settings.service_name
+
+    def write(self, event: str, ok: bool, duration_s: float, **fields: Any) -> None:
+        """One line for a call that took `duration_s`, unless it is an `ok` call past the
+        rate of this second."""
+        if not self._enabled:
+            return
+        if ok and self._rate and duration_s < self._slow_s:
+            second = int(time.monotonic())
+            if second != self._second:
+                self._second, self._written = second, 0
+            if self._written >= self._rate:
+                self._unlogged += 1
+                return
+            self._written += 1
+        fields["duration_ms"] = round(duration_s * 1000, 3)
+        if self._unlogged:
+            fields["unlogged"], self._unlogged = self._unlogged, 0
+        if self._out is None:
+            self._fallback.info(event, **fields)
+            return
+        fields["event"] = event
+        fields["service"] = self._service
+        fields["level"] = "info"
+        fields["timestamp"] = _now_iso()
+        _add_trace_ids(None, "", fields)
+        self._out.write(orjson.dumps(fields, default=str).decode() + "\n")
+        self._out.flush()
+
+
+def _now_iso() -> str:
+    """The time as structlog's TimeStamper(fmt="iso", utc=True) writes it."""
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+access_log = AccessLog()
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -32,8 +32,9 @@ from services.common.clients import PeerClients
 from services.common.interceptors import register
 from services.common.limits import GRPC_MAX_MESSAGE_BYTES
 from services.common.logging import configure_logging, get_logger
-from services.common.redis import RedisClient, create_redis
+from services.common.redis import RedisClient, create_pipelined, create_redis
 from services.common.reflection import enable_reflection
+from services.common.resp import PipelinedRedis
 from services.common.settings import Settings, SettingsError
 from services.common.telemetry import configure_telemetry
 from services.common.tls import server_credentials
@@ -51,6 +52,7 @@ class Chassis:
     settings: Settings
     redis: RedisClient
     stream_redis: RedisClient  # for server streams' blocking reads only
+    hot_redis: PipelinedRedis | None  # for idempotent hot-path scripts (redis.HotScript)
     peers: PeerClients
     stopping: asyncio.Event
     guard: Guard
@@ -123,6 +125,8 @@ class GrpcApp:
         await _bounded("peer channels", self.chassis.peers.close(), 5.0)
         await _bounded("redis", self.chassis.redis.aclose(), 5.0)
         await _bounded("redis streams", self.chassis.stream_redis.aclose(), 5.0)
+        if self.chassis.hot_redis is not None:
+            await _bounded("redis pipe", self.chassis.hot_redis.aclose(), 5.0)
         log.info("stopped", port=self.port)
 
     async def _redis_ok(self) -> bool:
@@ -174,6 +178,7 @@ async def create_app(settings: Settings, bind: str, register: Register) -> GrpcA
         settings=settings,
         redis=redis,
         stream_redis=create_redis(settings, blocking_reads=True),
+        hot_redis=create_pipelined(settings),
         peers=peers,
         stopping=asyncio.Event(),
         guard=Guard(

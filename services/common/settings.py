@@ -53,18 +53,18 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={raw!r} must be true or false")
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from "90", "30s", "15m", "12h", "7d", "2w" or a sum like "1d12h"; ValueError
+    """Seconds from "90", "250ms", "30s", "15m", "12h", "7d", "2w" or a sum like "1d12h"; ValueError
     otherwise."""
     text = text.strip().lower()
     try:
         return float(text)
     except ValueError:
         pass
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw])", text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|[smhdw])", text)
     if not parts or "".join(n + u for n, u in parts) != text:
         raise ValueError(text)
     return sum(float(n) * _UNITS[u] for n, u in parts)
@@ -207,6 +207,8 @@ class Settings:
     agent_retention_s: float = 30 * 86_400.0
     thread_max_messages: int = 10_000
     retention_sweep_s: float = 10.0
+    log_rpc_rate: int = 100  # OK calls logged per second at most (0: every call)
+    log_slow_rpc_s: float = 1.0  # calls at least this slow are always logged
 
     @property
     def key_prefix(self) -> str:
@@ -310,4 +312,6 @@ class Settings:
             ),
             thread_max_messages=_int(env, "THREAD_MAX_MESSAGES", 10_000, 10, 10_000_000),
             retention_sweep_s=_duration(env, "RETENTION_SWEEP_INTERVAL", 10.0, 0.05, 86_400),
+            log_rpc_rate=_int(env, "LOG_RPC_RATE", 100, 0, 10_000_000),
+            log_slow_rpc_s=_duration(env, "LOG_SLOW_RPC", 1.0, 0.001, 3600),
         )

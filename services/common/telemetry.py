@@ -1,15 +1,22 @@
 """OpenTelemetry tracing and Prometheus metrics.
 
-Traces are always produced (so trace ids reach the logs and peers); they are exported by
-OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set. Redis commands are traced by the
-opentelemetry-instrumentation-redis package. Prometheus serves on METRICS_PORT (0: off).
+Spans are recorded only when something takes them: OTLP (OTEL_EXPORTER_OTLP_ENDPOINT) or a
+test's exporter; then every RPC, peer call and Redis command (the
+opentelemetry-instrumentation-redis package) is a span. Otherwise `server_span` makes no
+span at all: it only puts trace ids in the context — the caller's `traceparent`, passed
+through unchanged, or new random ids — so log lines, error messages and peer calls still
+carry them, at the cost of a context switch instead of a span's bookkeeping.
+Prometheus serves on METRICS_PORT (0: off).
 """
 
 from __future__ import annotations
 
+import random
 import threading
+from typing import Any, Protocol
 
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -54,17 +61,98 @@ def configure_telemetry(settings: Settings, exporter: SpanExporter | None = None
 
                 provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
             else:
-                # Nothing to export to: spans still get ids (for logs and propagation to
-                # peers) but are not recorded, which keeps the hot path cheap.
+                # Nothing takes spans: `server_span` makes none (trace ids only), and any
+                # library span is dropped at once.
                 provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_OFF))
             trace.set_tracer_provider(provider)
-            RedisInstrumentor().instrument(tracer_provider=provider)
+            if recording := exporter is not None or bool(settings.otlp_endpoint):
+                RedisInstrumentor().instrument(tracer_provider=provider)
             _state["tracing"] = provider
+            _state["recording"] = recording
         if settings.metrics_port and "metrics" not in _state:
             port = 0 if settings.metrics_port == AUTO_PORT else settings.metrics_port
             server, _thread = start_http_server(port, addr=settings.bind_host)
             _state["metrics"] = server
             get_logger("agentplane.metrics").info("metrics", port=server.server_port)
+
+
+def recording() -> bool:
+    """Whether spans are recorded (an exporter is configured)."""
+    return _state.get("recording") is True
+
+
+class Span(Protocol):
+    def fail(self, message: str) -> None: ...
+    def end(self) -> None: ...
+    def abandon(self) -> None: ...
+
+
+class _RecordedSpan:
+    """An OpenTelemetry span, current until `end`."""
+
+    __slots__ = ("_manager", "_span")
+
+    def __init__(self, name: str, carrier: dict[str, str], kind: trace.SpanKind) -> None:
+        self._manager = tracer().start_as_current_span(
+            name, context=propagate.extract(carrier), kind=kind
+        )
+        self._span = self._manager.__enter__()
+
+    def fail(self, message: str) -> None:
+        self._span.set_status(trace.Status(trace.StatusCode.ERROR, message))
+
+    def end(self) -> None:
+        self._manager.__exit__(None, None, None)
+
+    def abandon(self) -> None:
+        """End the span from outside the task whose context holds it."""
+        self._span.end()
+
+
+class _TraceIds:
+    """No span: the caller's trace context (or new ids) made current, nothing recorded."""
+
+    __slots__ = ("_token",)
+
+    def __init__(self, traceparent: str | None) -> None:
+        context = _parse_traceparent(traceparent) if traceparent else None
+        if context is None:
+            context = trace.SpanContext(
+                random.getrandbits(128) | 1, random.getrandbits(64) | 1, is_remote=False
+            )
+        span = trace.NonRecordingSpan(context)
+        self._token = otel_context.attach(trace.set_span_in_context(span))
+
+    def fail(self, message: str) -> None:
+        pass
+
+    def end(self) -> None:
+        otel_context.detach(self._token)
+
+    def abandon(self) -> None:
+        pass
+
+
+def _parse_traceparent(value: str) -> trace.SpanContext | None:
+    """W3C `00-<trace id>-<parent id>-<flags>`; None if it is not one."""
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+    except ValueError:
+        return None
+    if not (trace_id and span_id) or parts[0] == "ff":
+        return None
+    return trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags))
+
+
+def server_span(name: str, carrier: dict[str, str], kind: Any = trace.SpanKind.SERVER) -> Span:
+    """The span of one request (current until `end`): recorded when spans are exported,
+    else trace ids only (see the module's docstring)."""
+    if recording():
+        return _RecordedSpan(name, carrier, kind)
+    return _TraceIds(carrier.get("traceparent"))
 
 
 def tracer() -> trace.Tracer:

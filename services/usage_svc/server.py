@@ -32,6 +32,7 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
         chassis.redis, settings.usage_shards, settings.idempotency_ttl_s, periods=budgets,
         retention_s=(settings.hourly_retention_days * 86_400,
                      settings.daily_retention_days * 86_400),
+        pipe=chassis.hot_redis,
     )  # fmt: skip
     agents = AgentClient(chassis.peers.agent_channel, settings.auth_cache_s)
     chassis.use_key_lookup(agents.principal)

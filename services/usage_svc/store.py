@@ -19,7 +19,8 @@ from typing import Any, Protocol
 from services.common import tuning
 from services.common.convert import now_ms
 from services.common.pagination import Page
-from services.common.redis import RedisClient, load_script
+from services.common.redis import HotScript, RedisClient, load_script
+from services.common.resp import PipelinedRedis
 from services.usage_svc.keys import PREFIX, Layout
 
 LUA = Path(__file__).with_name("lua")
@@ -219,6 +220,7 @@ class UsageStore:
         periods: PeriodOpener | None = None,
         clock: Clock = now_ms,
         retention_s: tuple[int, int] = (35 * 86_400, 400 * 86_400),
+        pipe: PipelinedRedis | None = None,
     ) -> None:
         self._retention = retention_s  # hourly, daily buckets
         self._redis = redis
@@ -231,7 +233,8 @@ class UsageStore:
         self._no_budget: dict[str, float] = {}  # thread id -> until when "none" is trusted
         self._pending: list[tuple[UsageRecord, asyncio.Future[RecordOutcome]]] = []
         self._writer: asyncio.Future[None] | None = None
-        self._record = script(redis, "record_usage")
+        # Recording is idempotent (by usage id): it may take the pipelined connection.
+        self._record = HotScript(script(redis, "record_usage"), pipe)
         self._reserve = script(redis, "reserve")
         self._release = script(redis, "release")
         self._set_budget = script(redis, "set_budget")
