@@ -62,6 +62,7 @@ def layer_of(frame: str) -> str:
 
 def summarize(raw: Path) -> dict[str, Any]:
     own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
     layers: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
@@ -69,14 +70,21 @@ def summarize(raw: Path) -> dict[str, Any]:
         if not count_text.isdigit():
             continue
         count = int(count_text)
-        leaf = stack_text.split(";")[-1]
+        frames = stack_text.split(";")
+        leaf = frames[-1]
         own[leaf] += count
+        for frame in set(frames):
+            if "(services/" in frame or "(agentplane/" in frame:
+                inclusive[frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0] + ")"] += count
         layers[layer_of(leaf)] += count
         total += count
     return {
         "samples": total,
         "layers": [(name, round(100 * n / total, 1)) for name, n in layers.most_common()],
         "top": [(frame, round(100 * n / total, 1)) for frame, n in own.most_common(25)],
+        "inclusive": [
+            (frame, round(100 * n / total, 1)) for frame, n in inclusive.most_common(25)
+        ],
     }
 
 
@@ -100,6 +108,9 @@ def main() -> int:
         print(f"  {share:5.1f}%  {name}")
     print("\ntop functions by own time:")
     for frame, share in result["top"]:
+        print(f"  {share:5.1f}%  {frame}")
+    print("\nthe service's own functions by inclusive time (with what they call):")
+    for frame, share in result["inclusive"]:
         print(f"  {share:5.1f}%  {frame}")
     return 0
 

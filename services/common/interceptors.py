@@ -253,7 +253,10 @@ def wrap_unary(
         async with _RpcScope(method, meter, context, guard) as scope:
             await scope.admit()
             _admissible(request)
-            async with asyncio.timeout(context.time_remaining()):
+            remaining = context.time_remaining()
+            if remaining is None:  # no deadline: no timer to arm
+                return await behavior(request, context)
+            async with asyncio.timeout(remaining):
                 return await behavior(request, context)
 
     return handle

@@ -8,9 +8,10 @@ replies are parsed by hiredis as they arrive and handed to the waiting calls in 
 Many calls share the connection at the same time, so it needs no pool.
 
 Promises kept from the redis-py path (services/common/redis.py): a call waits at most
-REDIS_TIMEOUT_SECONDS, then fails with redis-py's TimeoutError and the connection is
-dropped (a stalled Redis fails calls fast instead of piling them up); a lost connection
-fails its calls with redis-py's ConnectionError and the next call reconnects; a script
+REDIS_TIMEOUT_SECONDS (and a quarter more: one watchdog timer per connection checks the
+oldest call, instead of a timer per call), then fails with redis-py's TimeoutError and the
+connection is dropped (a stalled Redis fails calls fast instead of piling them up); a lost
+connection fails its calls with redis-py's ConnectionError and the next call reconnects; a script
 unknown to Redis (NOSCRIPT after a restart or failover) is loaded and the call repeated;
 error replies are redis-py's ResponseError, so the chassis maps them the same way.
 Only `redis://` URLs of a standalone Redis use it (TLS, unix sockets and Cluster keep the
@@ -34,11 +35,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 class _Pipe(asyncio.Protocol):
     """One connection: replies are matched to the calls waiting on it, first come first served."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float) -> None:
         self.parser = hiredis.Reader(replyError=ResponseError, encoding="utf-8")
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # (when the call is overdue, its waiter), oldest first
+        self.waiting: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._watch = self._loop.call_later(timeout_s / 4, self._watchdog)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -46,23 +51,39 @@ class _Pipe(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)
         while (reply := self.parser.gets()) is not False:
-            waiter = self.waiting.popleft()
+            _, waiter = self.waiting.popleft()
             if not waiter.done():  # a caller that timed out left its place in the line
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError("the Redis connection was lost"))
+
+    def _watchdog(self) -> None:
+        """Replies come in order, so an overdue oldest call means a stalled Redis: every
+        call waiting fails with a timeout and the connection is dropped. One timer per
+        connection instead of one per call."""
+        if self.closed:
+            return
+        if self.waiting and self.waiting[0][0] < self._loop.time():
+            self._fail(RedisTimeoutError("Redis did not answer in time"))
+            return
+        self._watch = self._loop.call_later(self._timeout_s / 4, self._watchdog)
+
+    def _fail(self, error: Exception) -> None:
         self.closed = True
+        self._watch.cancel()
         while self.waiting:
-            waiter = self.waiting.popleft()
+            _, waiter = self.waiting.popleft()
             if not waiter.done():
-                waiter.set_exception(RedisConnectionError("the Redis connection was lost"))
+                waiter.set_exception(error)
+        self.close()
 
     def send(self, command: tuple[Any, ...]) -> asyncio.Future[Any]:
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Any] = self._loop.create_future()
         if self.closed or self.transport is None:
             waiter.set_exception(RedisConnectionError("the Redis connection is closed"))
             return waiter
-        self.waiting.append(waiter)
+        self.waiting.append((self._loop.time() + self._timeout_s, waiter))
         self.transport.write(hiredis.pack_command(command))
         return waiter
 
@@ -103,7 +124,9 @@ class PipelinedRedis:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(min(1.0, self._timeout_s)):
-                _, pipe = await loop.create_connection(_Pipe, self._host, self._port)
+                _, pipe = await loop.create_connection(
+                    lambda: _Pipe(self._timeout_s), self._host, self._port
+                )
         except (OSError, TimeoutError) as exc:
             raise RedisConnectionError(f"cannot connect to Redis: {exc}") from None
         setup = []
@@ -112,19 +135,11 @@ class PipelinedRedis:
         if self._db:
             setup.append(("SELECT", self._db))
         for command in setup:
-            reply = await self._wait(pipe, pipe.send(command))
+            reply = await pipe.send(command)
             if isinstance(reply, ResponseError):
                 pipe.close()
                 raise RedisConnectionError(f"Redis refused {command[0]}: {reply}")
         return pipe
-
-    async def _wait(self, pipe: _Pipe, waiter: asyncio.Future[Any]) -> Any:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                return await waiter
-        except TimeoutError:
-            pipe.close()  # replies still owed would arrive too late for their callers
-            raise RedisTimeoutError("Redis did not answer in time") from None
 
     async def execute(self, *command: Any) -> Any:
         """One command; its error reply is returned (a ResponseError), not raised. A
@@ -132,7 +147,7 @@ class PipelinedRedis:
         for attempt in range(2):
             pipe = await self._connected()
             try:
-                return await self._wait(pipe, pipe.send(command))
+                return await pipe.send(command)
             except RedisConnectionError:
                 if attempt:
                     raise
