@@ -75,16 +75,15 @@ def summarize(raw: Path) -> dict[str, Any]:
         own[leaf] += count
         for frame in set(frames):
             if "(services/" in frame or "(agentplane/" in frame:
-                inclusive[frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0] + ")"] += count
+                function, _, where = frame.partition(" (")
+                inclusive[f"{function} ({where.split(':')[0]})"] += count
         layers[layer_of(leaf)] += count
         total += count
     return {
         "samples": total,
         "layers": [(name, round(100 * n / total, 1)) for name, n in layers.most_common()],
         "top": [(frame, round(100 * n / total, 1)) for frame, n in own.most_common(25)],
-        "inclusive": [
-            (frame, round(100 * n / total, 1)) for frame, n in inclusive.most_common(25)
-        ],
+        "inclusive": [(frame, round(100 * n / total, 1)) for frame, n in inclusive.most_common(25)],
     }
 
 
