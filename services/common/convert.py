@@ -12,6 +12,7 @@ from services.common import errors
 from services.common.limits import MAX_ID_LENGTH
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")  # control characters other than \t and \n
 
 
 def new_id() -> str:
@@ -59,6 +60,6 @@ def require_text(field: str, value: str, max_length: int, *, required: bool = Fa
         raise errors.invalid_argument(field, "is required")
     if len(value) > max_length:
         raise errors.invalid_argument(field, f"is longer than {max_length} characters")
-    if any(ord(ch) < 32 and ch not in "\n\t" for ch in value):
+    if CONTROL.search(value):
         raise errors.invalid_argument(field, "contains control characters")
     return value

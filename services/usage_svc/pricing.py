@@ -99,6 +99,7 @@ class PriceBook:
             self._by_model.setdefault(dated.model, []).append((dated.effective_ms, dated.price))
         for versions in self._by_model.values():
             versions.sort(key=lambda v: v[0])
+        self._times = {m: [when for when, _ in v] for m, v in self._by_model.items()}
         # Patterns, longest first: the first one with a price in force wins.
         self._patterns = sorted(
             (m for m in self._by_model if m.endswith("*")), key=len, reverse=True
@@ -118,13 +119,22 @@ class PriceBook:
     def price(self, model: str, at_ms: int) -> Price | None:
         """The price in force for `model` at `at_ms`: an exact name first, then the longest
         matching pattern that has a price in force then."""
-        for name in (model, *(p for p in self._patterns if model.startswith(p[:-1]))):
-            versions = self._by_model.get(name)
-            if versions:
-                at = bisect.bisect_right([when for when, _ in versions], at_ms)
-                if at:
-                    return versions[at - 1][1]
+        found = self._in_force(model, at_ms)
+        if found is not None:
+            return found
+        for pattern in self._patterns:
+            if model.startswith(pattern[:-1]):
+                found = self._in_force(pattern, at_ms)
+                if found is not None:
+                    return found
         return None
+
+    def _in_force(self, name: str, at_ms: int) -> Price | None:
+        times = self._times.get(name)
+        if not times:
+            return None
+        at = bisect.bisect_right(times, at_ms)
+        return self._by_model[name][at - 1][1] if at else None
 
     def cost_micros(
         self, model: str, prompt: int, completion: int, cached: int, at_ms: int

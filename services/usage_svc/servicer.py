@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import math
 
-from google.rpc import code_pb2
+from google.rpc import code_pb2, status_pb2
 from grpc.aio import ServicerContext
 
 from agentplane.usage.v1 import usage_pb2, usage_service_pb2, usage_service_pb2_grpc
@@ -45,6 +45,7 @@ from services.usage_svc.store import (
     UsageStorage,
 )
 
+_OK = status_pb2.Status(code=code_pb2.OK)
 PROMPT_TOKENS = TOKENS_RECORDED.labels("prompt")
 COMPLETION_TOKENS = TOKENS_RECORDED.labels("completion")
 
@@ -84,26 +85,34 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
     ) -> usage_service_pb2.RecordUsageBatchResponse:
         if len(request.requests) > MAX_BATCH:
             raise errors.invalid_argument("requests", f"holds more than {MAX_BATCH} records")
-        results: list[usage_service_pb2.RecordUsageBatchResult] = []
+        errors_at: dict[int, errors.ServiceError] = {}
         valid: list[tuple[int, UsageRecord]] = []
         book = await self._prices.book()
+        superuser = current_principal().is_superuser
         for position, item in enumerate(request.requests):
-            result = usage_service_pb2.RecordUsageBatchResult(usage_id=item.usage_id)
+            prefix = f"requests[{position}]."
             try:
-                record = self._check_record(item, f"requests[{position}].", book)
-                await self._may_record(record, f"requests[{position}].")
+                record = self._check_record(item, prefix, book)
+                if not superuser:
+                    await self._may_record(record, prefix)
                 valid.append((position, record))
             except errors.ServiceError as exc:
-                result.status.CopyFrom(exc.to_proto())
-            results.append(result)
+                errors_at[position] = exc
         outcomes = await self._store.record([record for _, record in valid])
+        answers: dict[int, usage_service_pb2.RecordUsageResponse] = {}
         for (position, record), outcome in zip(valid, outcomes, strict=True):
             try:
-                results[position].response.CopyFrom(self._record_answer(record, outcome))
-                results[position].status.code = code_pb2.OK
+                answers[position] = self._record_answer(record, outcome)
             except errors.ServiceError as exc:
-                results[position].status.CopyFrom(exc.to_proto())
-        return usage_service_pb2.RecordUsageBatchResponse(results=results)
+                errors_at[position] = exc
+        response = usage_service_pb2.RecordUsageBatchResponse()
+        for position, item in enumerate(request.requests):
+            error = errors_at.get(position)
+            if error is None:
+                response.results.add(usage_id=item.usage_id, response=answers[position], status=_OK)
+            else:
+                response.results.add(usage_id=item.usage_id, status=error.to_proto())
+        return response
 
     def _check_record(
         self, request: usage_service_pb2.RecordUsageRequest, prefix: str, book: PriceBook
@@ -129,7 +138,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         cost, unpriced = _cost(request, prefix, model, book)
         body = request.SerializeToString(deterministic=True)
         return UsageRecord(
-            key_id=current_principal().key_id,
+            key_id=principal.key_id,
             usage_id=usage_id,
             thread_id=thread_id,
             agent_id=agent_id,
@@ -187,14 +196,12 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
             PROMPT_TOKENS.inc(record.prompt_tokens)
             COMPLETION_TOKENS.inc(record.completion_tokens)
             COST_RECORDED.inc(outcome.cost_micros)
-        answer = usage_service_pb2.RecordUsageResponse(
+        return usage_service_pb2.RecordUsageResponse(
             cost_usd=outcome.cost_micros / 1_000_000,
             cost_micros=outcome.cost_micros,
             duplicate=outcome.outcome == Outcome.DUPLICATE,
+            budget=None if outcome.budget is None else budget_message(outcome.budget),
         )
-        if outcome.budget is not None:
-            answer.budget.CopyFrom(budget_message(outcome.budget))
-        return answer
 
     # Budgets and reservations -------------------------------------------------------
 

@@ -12,7 +12,7 @@ import enum
 import heapq
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -321,49 +321,59 @@ class UsageStore:
     async def record(self, records: Sequence[UsageRecord]) -> list[RecordOutcome]:
         """Apply records: one script call per shard touched."""
         outcomes: list[RecordOutcome | None] = [None] * len(records)
-        routed = await self._route(records, outcomes)
+        projects = await self._route(records, outcomes)
         groups: dict[int, list[int]] = {}
-        for position, record in enumerate(routed):
+        for position, project in enumerate(projects):
             if outcomes[position] is None:
-                groups.setdefault(id(self.layout.shard(record.project_id)), []).append(position)
-        calls = [[routed[p] for p in positions] for positions in groups.values()]
+                groups.setdefault(id(self.layout.shard(project)), []).append(position)
+        calls = [[(records[p], projects[p]) for p in positions] for positions in groups.values()]
         if len(calls) == 1:
             replies = [await self._record_shard(calls[0])]
         else:  # shards are independent slots: their scripts run concurrently
             replies = list(await asyncio.gather(*(self._record_shard(c) for c in calls)))
         for positions, reply in zip(groups.values(), replies, strict=True):
             for position, item in zip(positions, reply, strict=True):
-                outcomes[position] = _outcome(routed[position].thread_id, item)
+                outcomes[position] = _outcome(records[position].thread_id, item)
         return outcomes  # type: ignore[return-value]
 
     async def _route(
         self, records: Sequence[UsageRecord], outcomes: list[RecordOutcome | None]
-    ) -> list[UsageRecord]:
-        """Each record in its thread's project: one made without a project (superuser
-        only) counts in its thread's; one that names another project than its thread
-        budget's is FOREIGN (nothing written)."""
-        routed = list(records)
+    ) -> list[str]:
+        """The project each record counts in: its thread's (a record made without a
+        project, superuser only, counts in its thread's); one that names another project
+        than its thread budget's is FOREIGN (nothing written)."""
+        projects: list[str] = []
+        now = time.monotonic()
         for position, r in enumerate(records):
-            owner = await self.thread_project(r.thread_id, fresh=False)
-            if owner is None or owner == r.project_id:
-                continue
-            if r.project_id:
-                outcomes[position] = RecordOutcome(Outcome.FOREIGN)
+            known = self._directory.get(r.thread_id)  # the cache, without a coroutine
+            if known is not None and known[1] > now:
+                owner: str | None = known[0]
             else:
-                routed[position] = replace(r, project_id=owner)
-        return routed
+                owner = await self.thread_project(r.thread_id, fresh=False)
+            if owner is None or owner == r.project_id:
+                projects.append(r.project_id)
+            elif r.project_id:
+                outcomes[position] = RecordOutcome(Outcome.FOREIGN)
+                projects.append(r.project_id)
+            else:
+                projects.append(owner)
+        return projects
 
-    async def _record_shard(self, records: Sequence[UsageRecord]) -> list[Any]:
-        """One script call for records of one shard; opens ended budget periods first."""
+    async def _record_shard(self, records: Sequence[tuple[UsageRecord, str]]) -> list[Any]:
+        """One script call for records (each with the project it counts in) of one shard;
+        opens ended budget periods first."""
         keys: list[str] = []
         fields: list[object] = []
-        for r in records:
-            partition = self.layout.partition(r.project_id)
+        partitions: dict[str, Any] = {}
+        for r, project in records:
+            partition = partitions.get(project)
+            if partition is None:
+                partition = partitions[project] = self.layout.partition(project)
             keys += [partition.prefix, partition.shard.prefix]
             fields.append(
                 f"{r.fingerprint}|{r.usage_id}|{r.prompt_tokens}|{r.completion_tokens}|"
                 f"{r.cost_micros}|{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|"
-                f"{r.agent_id}|{r.model}|{r.thread_id}|{r.project_id}|{r.key_id}|"
+                f"{r.agent_id}|{r.model}|{r.thread_id}|{project}|{r.key_id}|"
                 f"{r.cached_prompt_tokens}|{r.reasoning_tokens}"
             )
         for _ in range(ROLL_ATTEMPTS):
@@ -698,12 +708,16 @@ def _empty_state(thread_id: str) -> BudgetState:
     return BudgetState.from_reply(thread_id, [0] * 7)
 
 
-def _outcome(thread_id: str, item: Sequence[object]) -> RecordOutcome:
-    outcome = Outcome(str(item[0]))
+_OUTCOMES = {o.value: o for o in Outcome}
+
+
+def _outcome(thread_id: str, item: Sequence[Any]) -> RecordOutcome:
+    outcome = _OUTCOMES[item[0]]
     if outcome == Outcome.CONFLICT:
         return RecordOutcome(outcome)
-    budget = BudgetState.from_reply(thread_id, item[2:9])  # type: ignore[arg-type]
-    return RecordOutcome(outcome, int(item[1]), budget if budget.has_budget else None)  # type: ignore[call-overload]
+    if not item[2]:  # no thread budget
+        return RecordOutcome(outcome, int(item[1]))
+    return RecordOutcome(outcome, int(item[1]), BudgetState.from_reply(thread_id, item[2:9]))
 
 
 def _budget_reply(thread_id: str, reply: Sequence[object]) -> tuple[Outcome, int, BudgetState]:

@@ -17,11 +17,19 @@ local hour = tonumber(now) - tonumber(now) % 3600000
 local day = tonumber(now) - tonumber(now) % 86400000
 local records = {}
 local stale = {}
+local covers = {}  -- the covering budgets, looked up once per (partition, agent, model, key)
 for i = 0, #KEYS / 2 - 1 do
   local r = split(ARGV[FIRST + i], '|')
   local P, S = KEYS[2 * i + 1], KEYS[2 * i + 2]
   local ids = {}
-  if r[12] ~= '' then ids = covering(P, r[9], r[10], r[13]) end
+  if r[12] ~= '' then
+    local who = P .. '|' .. r[9] .. '|' .. r[10] .. '|' .. r[13]
+    ids = covers[who]
+    if not ids then
+      ids = covering(P, r[9], r[10], r[13])
+      covers[who] = ids
+    end
+  end
   ended(P, ids, now, stale)
   records[#records + 1] = {r = r, P = P, S = S, ids = ids}
 end
@@ -42,6 +50,56 @@ local function add(key, prompt, completion, cost, latency, unpriced)
   if unpriced ~= '0' then redis.call('HINCRBY', key, 'unp', 1) end
   if cached ~= '0' then redis.call('HINCRBY', key, 'cp', cached) end
   if reasoning ~= '0' then redis.call('HINCRBY', key, 'rs', reasoning) end
+end
+
+-- Aggregates (the shard's and the project's totals, per agent, per model, and the ranks)
+-- nobody reads during this call: summed here per key and written once at the end, so a
+-- batch pays a few commands per distinct key instead of a dozen per record.
+local sums, sums_order = {}, {}
+local COUNTER_FIELDS = {'p', 'c', 'n', 'cost', 'lat', 'unp', 'cp', 'rs'}
+
+local function add_later(key, counters)
+  local entry = sums[key]
+  if not entry then
+    entry = {0, 0, 0, 0, 0, 0, 0, 0}
+    sums[key] = entry
+    sums_order[#sums_order + 1] = key
+  end
+  for j = 1, 8 do entry[j] = entry[j] + counters[j] end
+end
+
+local ranks, ranks_order = {}, {}
+
+local function rank_later(key, member, by)
+  local entry = ranks[key]
+  if not entry then
+    entry = {scores = {}, order = {}}
+    ranks[key] = entry
+    ranks_order[#ranks_order + 1] = key
+  end
+  if not entry.scores[member] then
+    entry.scores[member] = 0
+    entry.order[#entry.order + 1] = member
+  end
+  entry.scores[member] = entry.scores[member] + by
+end
+
+local function flush_sums()
+  for _, key in ipairs(sums_order) do
+    local entry = sums[key]
+    for j = 1, 8 do
+      -- p, c and n are always written (as `add` does); the others only when not zero
+      if j <= 3 or entry[j] ~= 0 then
+        redis.call('HINCRBY', key, COUNTER_FIELDS[j], string.format('%d', entry[j]))
+      end
+    end
+  end
+  for _, key in ipairs(ranks_order) do
+    local entry = ranks[key]
+    for _, member in ipairs(entry.order) do
+      redis.call('ZINCRBY', key, string.format('%d', entry.scores[member]), member)
+    end
+  end
 end
 
 -- Time-series buckets: the records of this call are summed here per (bucket, field) and
@@ -124,19 +182,19 @@ for _, item in ipairs(records) do
     end
     local tokens = tonumber(prompt) + tonumber(completion)
     add(thread, prompt, completion, cost, latency, unpriced)
-    add(S .. 'totals', prompt, completion, cost, latency, unpriced)
-    add(S .. 'agent:' .. agent, prompt, completion, cost, latency, unpriced)
-    add(S .. 'model:' .. model, prompt, completion, cost, latency, unpriced)
-    redis.call('ZINCRBY', S .. 'rank:agents', tokens, agent)
-    redis.call('ZINCRBY', S .. 'rank:models', tokens, model)
     local counters = {tonumber(prompt), tonumber(completion), 1, tonumber(cost),
       tonumber(latency), tonumber(unpriced), tonumber(cached), tonumber(reasoning)}
+    add_later(S .. 'totals', counters)
+    add_later(S .. 'agent:' .. agent, counters)
+    add_later(S .. 'model:' .. model, counters)
+    rank_later(S .. 'rank:agents', agent, tokens)
+    rank_later(S .. 'rank:models', model, tokens)
     local groups = {'t', 'a:' .. agent, 'm:' .. model}
     buckets(S, groups, counters)
     if project ~= '' then
       buckets(P, groups, counters)
-      add(P .. 'totals', prompt, completion, cost, latency, unpriced)
-      redis.call('ZINCRBY', P .. 'rank:agents', tokens, agent)
+      add_later(P .. 'totals', counters)
+      rank_later(P .. 'rank:agents', agent, tokens)
       for _, bid in ipairs(item.ids) do
         charge(P, S, project, bid, tokens, tonumber(cost), now)
       end
@@ -154,5 +212,6 @@ for _, item in ipairs(records) do
     replies[#replies + 1] = reply
   end
 end
+flush_sums()
 flush_buckets()
 return replies
