@@ -27,8 +27,43 @@ log = get_logger("agentplane.gateway")
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class CoalescingTransport:
+    """A transport whose writes of one event-loop turn leave in one send: uvicorn writes a
+    response's head and its body separately, which costs a second system call and often a
+    second packet the client waits for. Everything else is the wrapped transport's."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol with a whole-request read deadline and a connection cap."""
+    """HttpToolsProtocol with a whole-request read deadline, a connection cap, and a
+    response's writes coalesced (CoalescingTransport)."""
 
     read_timeout_s = 30.0
     max_connections = 2048
@@ -36,6 +71,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     _read_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             log.warning("too many connections; closing a new one", limit=self.max_connections)
@@ -126,6 +162,7 @@ def make_server(settings: Settings, app: Any) -> uvicorn.Server:
         app,
         log_config=None,
         access_log=False,  # the gateway writes its own access line, with the trace id
+        proxy_headers=False,  # nothing here reads the client's address
         loop="uvloop",
         http=protocol_for(settings),
         lifespan="on",
