@@ -80,8 +80,8 @@ def create_pipelined(settings: Settings) -> PipelinedRedis | None:
 
 class HotScript:
     """A script on the hot path: `await script(keys=[...], args=[...])`, over the pipelined
-    connection when there is one, else redis-py. Only for idempotent scripts: a call whose
-    connection broke before its answer is sent again."""
+    connection when there is one, else redis-py. A call whose connection broke before its
+    answer is sent again (as redis-py's one retry does): for scripts where that is safe."""
 
     def __init__(self, script: Any, pipe: PipelinedRedis | None) -> None:
         self._script = script

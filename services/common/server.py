@@ -173,17 +173,23 @@ async def create_app(settings: Settings, bind: str, register: Register) -> GrpcA
         ],
     )
     redis = create_redis(settings)
+    hot_redis = create_pipelined(settings)
     peers = PeerClients.connect(settings)
     chassis = Chassis(
         settings=settings,
         redis=redis,
         stream_redis=create_redis(settings, blocking_reads=True),
-        hot_redis=create_pipelined(settings),
+        hot_redis=hot_redis,
         peers=peers,
         stopping=asyncio.Event(),
         guard=Guard(
             Authenticator(settings.admin_token, Authenticator.no_keys, settings.auth_cache_s),
-            RateLimiter(redis, settings.key_prefix, parse_rate_limits(settings.rate_limits_text)),
+            RateLimiter(
+                redis,
+                settings.key_prefix,
+                parse_rate_limits(settings.rate_limits_text),
+                hot_redis,
+            ),
             secret=settings.admin_token,
         ),
     )
