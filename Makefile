@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: run test test-fast typecheck protos protos-check protos-lint lint bench bench-churn screenshots profile certs clean
+.PHONY: run test test-fast typecheck protos protos-check protos-lint lint bench bench-churn bench-redis screenshots profile certs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -61,6 +61,11 @@ screenshots: $(STAMP)
 profile: $(STAMP)
 	$(PY) -m pip install -q "py-spy>=0.3.14"
 	$(PY) -m bench.profile
+
+## One EVALSHA of the usage script through each Redis client (docs/performance.md).
+bench-redis: $(STAMP)
+	$(PY) -m pip install -q "coredis>=4" "valkey-glide>=1"
+	$(PY) -m bench.redis_clients
 
 ## Bounded memory under churn: 1,000,000 messages through 100,000 threads (SPEC §10).
 bench-churn: $(STAMP)

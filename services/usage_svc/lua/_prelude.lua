@@ -164,11 +164,3 @@ local function check_alerts(P, S, project, bid, now)
   end
   if raised then redis.call('HSET', key, 'fired', fired) end
 end
-
--- Add a call's usage to a budget's current period.
-local function charge(P, S, project, bid, tokens, cost, now)
-  local key = P .. 'budget:' .. bid
-  redis.call('HINCRBY', key, 't', tokens)
-  if cost ~= 0 then redis.call('HINCRBY', key, 'c', cost) end
-  check_alerts(P, S, project, bid, now)
-end

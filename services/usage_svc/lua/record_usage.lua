@@ -28,9 +28,9 @@ for i = 0, #KEYS / 2 - 1 do
     if not ids then
       ids = covering(P, r[9], r[10], r[13])
       covers[who] = ids
+      ended(P, ids, now, stale)  -- (the same budgets need no second look)
     end
   end
-  ended(P, ids, now, stale)
   records[#records + 1] = {r = r, P = P, S = S, ids = ids}
 end
 if #stale > 0 then
@@ -82,6 +82,32 @@ local function rank_later(key, member, by)
     entry.order[#entry.order + 1] = member
   end
   entry.scores[member] = entry.scores[member] + by
+end
+
+-- Covering budgets: a call's usage summed per budget, added once at the end, and its
+-- alerts checked then (once per budget and call: a threshold the call's records reach
+-- fires once, in this same atomic step).
+local charges, charges_order = {}, {}
+
+local function charge_later(P, S, project, bid, tokens, cost)
+  local key = P .. 'budget:' .. bid
+  local entry = charges[key]
+  if not entry then
+    entry = {P = P, S = S, project = project, bid = bid, tokens = 0, cost = 0}
+    charges[key] = entry
+    charges_order[#charges_order + 1] = key
+  end
+  entry.tokens = entry.tokens + tokens
+  entry.cost = entry.cost + cost
+end
+
+local function flush_charges()
+  for _, key in ipairs(charges_order) do
+    local e = charges[key]
+    redis.call('HINCRBY', key, 't', string.format('%d', e.tokens))
+    if e.cost ~= 0 then redis.call('HINCRBY', key, 'c', string.format('%d', e.cost)) end
+    check_alerts(e.P, e.S, e.project, e.bid, now)
+  end
 end
 
 local function flush_sums()
@@ -196,7 +222,7 @@ for _, item in ipairs(records) do
       add_later(P .. 'totals', counters)
       rank_later(P .. 'rank:agents', agent, tokens)
       for _, bid in ipairs(item.ids) do
-        charge(P, S, project, bid, tokens, tonumber(cost), now)
+        charge_later(P, S, project, bid, tokens, tonumber(cost))
       end
     end
     local state = budget_state(thread)
@@ -212,6 +238,7 @@ for _, item in ipairs(records) do
     replies[#replies + 1] = reply
   end
 end
+flush_charges()
 flush_sums()
 flush_buckets()
 return replies
