@@ -169,6 +169,10 @@ class PriceStore:
         self._book = PriceBook([DatedPrice(m, 0, p) for m, p in seed.items()])
         self._fresh_until = 0.0
 
+    def fresh_book(self) -> PriceBook | None:
+        """The copy while it is fresh, without a coroutine (the hot path); else None."""
+        return self._book if time.monotonic() < self._fresh_until else None
+
     async def book(self) -> PriceBook:
         if time.monotonic() >= self._fresh_until:
             await self._reload()
