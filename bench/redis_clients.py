@@ -93,9 +93,7 @@ async def clients(url: str) -> dict[str, dict[str, float]]:
     results["redis-py + hiredis, execute_command"] = await measure(
         "execute", through_execute_command, keys
     )
-    results["redis-py + hiredis, pipeline of 32 calls"] = await measure_pipelines(
-        redis, sha, keys
-    )
+    results["redis-py + hiredis, pipeline of 32 calls"] = await measure_pipelines(redis, sha, keys)
     pipelined = PipelinedRedis(url, 2.0)
 
     async def through_pipe(k: list[str], a: list[Any]) -> Any:

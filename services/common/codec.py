@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from typing import Any
 
 from google.protobuf import json_format
@@ -88,10 +89,25 @@ def to_json(message: Message) -> dict[str, Any]:
 
 _DIRECT = {
     # The common well-known types, without json_format's generic (and slow) walk.
-    "google.protobuf.Timestamp": lambda v: v.ToJsonString(),
+    "google.protobuf.Timestamp": lambda v: timestamp_json(v.seconds, v.nanos),
     "google.protobuf.Duration": lambda v: v.ToJsonString(),
     "google.protobuf.FieldMask": lambda v: ",".join(v.paths),
 }
+
+
+def timestamp_json(seconds: int, nanos: int) -> str:
+    """RFC 3339 as protobuf's Timestamp.ToJsonString writes it (0, 3, 6 or 9 fraction
+    digits), without its datetime arithmetic."""
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    if year_digits := text.find("-"):  # strftime leaves years before 1000 unpadded
+        text = text.rjust(len(text) + 4 - year_digits, "0")
+    if nanos == 0:
+        return text + "Z"
+    if nanos % 1_000_000 == 0:
+        return f"{text}.{nanos // 1_000_000:03d}Z"
+    if nanos % 1_000 == 0:
+        return f"{text}.{nanos // 1_000:06d}Z"
+    return f"{text}.{nanos:09d}Z"
 
 
 def _value(field: FieldDescriptor, value: Any) -> Any:
