@@ -32,6 +32,12 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
+def _refuses_connection(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and (
+        "max number of clients reached" in str(reply) or str(reply).startswith("LOADING")
+    )
+
+
 class _Pipe(asyncio.Protocol):
     """One connection: replies are matched to the calls waiting on it, first come first served."""
 
@@ -51,6 +57,11 @@ class _Pipe(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)
         while (reply := self.parser.gets()) is not False:
+            if not self.waiting or _refuses_connection(reply):
+                # Redis refusing this client (past maxclients, or still loading its data):
+                # the connection is no good, as redis-py also treats it
+                self._fail(RedisConnectionError(f"Redis refused the connection: {reply}"))
+                return
             _, waiter = self.waiting.popleft()
             if not waiter.done():  # a caller that timed out left its place in the line
                 waiter.set_result(reply)

@@ -91,3 +91,14 @@ async def test_the_url_selects_the_database_and_sends_the_password() -> None:
         wrong = PipelinedRedis(f"redis://:nope@127.0.0.1:{redis.port}/0", 1.0)
         with pytest.raises(RedisConnectionError, match="AUTH"):
             await wrong.execute("PING")
+
+
+async def test_a_redis_that_refuses_new_clients_gives_a_connection_error() -> None:
+    """Past maxclients Redis writes an error to a new connection, unasked, and closes it."""
+    with RedisProcess() as redis:
+        admin = PipelinedRedis(redis.url, 1.0)
+        assert await admin.execute("CONFIG", "SET", "maxclients", "1") == "OK"
+        refused = PipelinedRedis(redis.url, 1.0)
+        with pytest.raises(RedisConnectionError):
+            await refused.execute("PING")
+        await admin.aclose()
