@@ -10,9 +10,10 @@ log line and the Prometheus series. Client side, peer calls forward all of that.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import message_factory
@@ -32,6 +33,7 @@ from services.common.telemetry import RPC_LATENCY, RPC_TOTAL, recording, server_
 from services.common.validate import check_request
 
 log = get_logger("agentplane.rpc")
+T = TypeVar("T")
 TRACE_HEADERS = frozenset(("traceparent", "tracestate", "baggage"))
 
 
@@ -223,6 +225,29 @@ class OpenStream:
     @property
     def active(self) -> bool:
         return not (self._ended or self._stopping.is_set())
+
+    async def unless_stopping(self, work: Awaitable[T], empty: T) -> T:
+        """`work` (a blocking read), or `empty` at once when the process starts stopping:
+        the handler then ends by itself, its cleanup (an inbox lease given back) running
+        while the server drains and Redis is still there, instead of at the end of the
+        grace period when grpc cancels it."""
+        if self._stopping.is_set():
+            return empty
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the stream itself was cancelled: so is its read
+            task.cancel()
+            raise
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()  # an entry read but not yet handed over stays pending: redelivered
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return empty
 
 
 async def stream_open(

@@ -449,7 +449,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                 if status == PAUSED:  # nothing is delivered until the agent is resumed
                     await asyncio.sleep(0.25)
                     continue
-                for delivery in await inbox.next():
+                for delivery in await stream.unless_stopping(inbox.next(), []):
                     yield thread_service_pb2.ReceiveMessagesResponse(
                         message=message_of(delivery.message),
                         ack_id=delivery.ack_id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import grpc
 import pytest
@@ -102,6 +103,41 @@ async def test_delivered_in_order_acked_once_unacked_again(pair) -> None:
     )
     await nothing_arrives(again)
     again.cancel()
+
+
+async def test_a_stopping_replica_ends_its_inbox_streams_at_once_and_frees_the_lease(
+    redis_url,
+) -> None:
+    """A stream waiting in a blocking read ends as soon as its replica starts stopping (not
+    when grpc cancels it at the end of the grace), giving its lease back while Redis is
+    still there: a new replica serves the same consumer at once. (Seen: the lease left
+    behind when the read outlasted a short grace, and the new replica refused with
+    ABORTED for the lease's life.)"""
+    cluster = await start_cluster(redis_url)
+    try:
+        alpha, beta, thread = await setup_pair(cluster)
+        stream = cluster.thread.ReceiveMessages(T.ReceiveMessagesRequest(agent_id=beta.id))
+        await send(cluster, thread, alpha, beta, "a")
+        await take(stream, 1)  # the stream is now in its next blocking read (1 s)
+        await asyncio.sleep(0.05)
+        began = time.monotonic()
+        await cluster.apps["thread"].stop(grace=5)
+        assert time.monotonic() - began < 0.5
+        settings = make_settings(
+            "thread_svc", redis_url, agent_svc_addr=cluster.address("agent"),
+            usage_svc_addr=cluster.address("usage"),
+        )  # fmt: skip
+        fresh, port = await create_thread_server(settings, "127.0.0.1:0")
+        await fresh.start()
+        cluster.apps["thread"] = fresh
+        async with authed_channel(f"127.0.0.1:{port}") as channel:
+            stub = thread_service_pb2_grpc.ThreadServiceStub(channel)
+            resumed = stub.ReceiveMessages(T.ReceiveMessagesRequest(agent_id=beta.id))
+            (again,) = await take(resumed, 1)  # unacknowledged: delivered again
+            assert again.delivery_count == 2
+            resumed.cancel()
+    finally:
+        await stop_cluster(cluster)
 
 
 async def test_inbox_survives_a_thread_service_restart(redis_target) -> None:
