@@ -232,6 +232,8 @@ class OpenStream:
         while the server drains and Redis is still there, instead of at the end of the
         grace period when grpc cancels it."""
         if self._stopping.is_set():
+            if asyncio.iscoroutine(work):
+                work.close()  # never started: nothing to cancel
             return empty
         task = asyncio.ensure_future(work)
         stop = asyncio.ensure_future(self._stopping.wait())
