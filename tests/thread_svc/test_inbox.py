@@ -105,6 +105,18 @@ async def test_delivered_in_order_acked_once_unacked_again(pair) -> None:
     again.cancel()
 
 
+async def new_thread_replica(cluster, redis_url: str, redis_cluster: bool = False):
+    """A fresh thread-service replica in place of the stopped one; a channel to it."""
+    settings = make_settings(
+        "thread_svc", redis_url, redis_cluster,
+        agent_svc_addr=cluster.address("agent"), usage_svc_addr=cluster.address("usage"),
+    )  # fmt: skip
+    fresh, port = await create_thread_server(settings, "127.0.0.1:0")
+    await fresh.start()
+    cluster.apps["thread"] = fresh
+    return authed_channel(f"127.0.0.1:{port}")
+
+
 async def test_a_stopping_replica_ends_its_inbox_streams_at_once_and_frees_the_lease(
     redis_url,
 ) -> None:
@@ -123,14 +135,7 @@ async def test_a_stopping_replica_ends_its_inbox_streams_at_once_and_frees_the_l
         began = time.monotonic()
         await cluster.apps["thread"].stop(grace=5)
         assert time.monotonic() - began < 0.5
-        settings = make_settings(
-            "thread_svc", redis_url, agent_svc_addr=cluster.address("agent"),
-            usage_svc_addr=cluster.address("usage"),
-        )  # fmt: skip
-        fresh, port = await create_thread_server(settings, "127.0.0.1:0")
-        await fresh.start()
-        cluster.apps["thread"] = fresh
-        async with authed_channel(f"127.0.0.1:{port}") as channel:
+        async with await new_thread_replica(cluster, redis_url) as channel:
             stub = thread_service_pb2_grpc.ThreadServiceStub(channel)
             resumed = stub.ReceiveMessages(T.ReceiveMessagesRequest(agent_id=beta.id))
             (again,) = await take(resumed, 1)  # unacknowledged: delivered again
@@ -155,14 +160,9 @@ async def test_inbox_survives_a_thread_service_restart(redis_target) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
             while await asyncio.wait_for(stream.read(), 5) is not grpc.aio.EOF:
                 pass
-        settings = make_settings(
-            "thread_svc", redis_target.url, redis_target.cluster,
-            agent_svc_addr=cluster.address("agent"), usage_svc_addr=cluster.address("usage"),
-        )  # fmt: skip
-        fresh, port = await create_thread_server(settings, "127.0.0.1:0")
-        await fresh.start()
-        cluster.apps["thread"] = fresh
-        async with authed_channel(f"127.0.0.1:{port}") as channel:
+        async with await new_thread_replica(
+            cluster, redis_target.url, redis_target.cluster
+        ) as channel:
             stub = thread_service_pb2_grpc.ThreadServiceStub(channel)
             resumed = stub.ReceiveMessages(T.ReceiveMessagesRequest(agent_id=beta.id))
             back = await take(resumed, 2)
