@@ -122,3 +122,13 @@ async def until(probe: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> A
             if answer:
                 return answer
             await asyncio.sleep(0.05)
+
+
+def sdk_env(cluster: Any, token: str) -> dict[str, str]:
+    """The environment an SDK process (CLI, example agent) reads its cluster from."""
+    return {
+        "AGENTPLANE_AGENT_ADDR": cluster.address("agent"),
+        "AGENTPLANE_THREAD_ADDR": cluster.address("thread"),
+        "AGENTPLANE_USAGE_ADDR": cluster.address("usage"),
+        "AGENTPLANE_TOKEN": token, "PATH": "/usr/bin:/bin",
+    }  # fmt: skip

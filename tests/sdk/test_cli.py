@@ -8,16 +8,11 @@ import json
 import sys
 
 from agentplane.usage.v1 import usage_service_pb2 as U
-from tests.helpers import ADMIN_TOKEN, make_project, make_type, spawn
+from tests.helpers import ADMIN_TOKEN, make_project, make_type, sdk_env, spawn
 
 
 async def cli(cluster, *args: str, token: str = ADMIN_TOKEN) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
-    env = {
-        "AGENTPLANE_AGENT_ADDR": cluster.address("agent"),
-        "AGENTPLANE_THREAD_ADDR": cluster.address("thread"),
-        "AGENTPLANE_USAGE_ADDR": cluster.address("usage"),
-        "AGENTPLANE_TOKEN": token, "PATH": "/usr/bin:/bin",
-    }  # fmt: skip
+    env = sdk_env(cluster, token)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agentplane.cli", *args, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

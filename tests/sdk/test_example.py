@@ -15,18 +15,13 @@ from agentplane.agent.v1 import agent_pb2
 from agentplane.agent.v1 import agent_service_pb2 as A
 from agentplane.thread.v1 import thread_service_pb2 as T
 from agentplane.usage.v1 import usage_service_pb2 as U
-from tests.helpers import ADMIN_TOKEN, until
+from tests.helpers import ADMIN_TOKEN, sdk_env, until
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "agent.py"
 
 
 async def test_the_example_agent_works_and_stops_on_sigterm(cluster, tmp_path) -> None:
-    env = {
-        "AGENTPLANE_AGENT_ADDR": cluster.address("agent"),
-        "AGENTPLANE_THREAD_ADDR": cluster.address("thread"),
-        "AGENTPLANE_USAGE_ADDR": cluster.address("usage"),
-        "AGENTPLANE_TOKEN": ADMIN_TOKEN, "PATH": "/usr/bin:/bin",
-    }  # fmt: skip
+    env = sdk_env(cluster, ADMIN_TOKEN)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(EXAMPLE), env=env, cwd=tmp_path,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
