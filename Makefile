@@ -5,13 +5,29 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: run test test-fast typecheck protos protos-check protos-lint lint bench bench-churn bench-redis screenshots profile certs clean
+.PHONY: lock run test test-fast typecheck protos protos-check protos-lint lint bench bench-churn bench-redis screenshots profile certs clean
 
-$(STAMP): pyproject.toml
+LOCK := requirements.lock
+# The tool that writes the lock, itself at a fixed version (only `make lock` uses it).
+UV_VERSION := 0.13.9
+
+# Exact versions with their hashes from the lock, then the project itself without
+# resolving anything again: a newer release on the registry changes nothing here.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+## Rewrite the lock: every dependency at the newest release the registry serves (then
+## `make protos` if grpcio-tools moved, and `make test`). `make lock UPGRADE=grpcio` moves
+## one package; `make lock UPGRADE=` keeps every pin and only follows pyproject.toml.
+UPGRADE ?= all
+lock:
+	@test -x .run/uv/bin/uv || (python3 -m venv .run/uv && .run/uv/bin/pip install -q uv==$(UV_VERSION))
+	.run/uv/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --universal \
+	  --python-version 3.11 --quiet -o $(LOCK) \
+	  $(if $(filter all,$(UPGRADE)),--upgrade,$(if $(UPGRADE),--upgrade-package $(UPGRADE)))
 
 ## Start Redis, the three services and the gateway in the foreground; Ctrl-C stops all.
 run: $(STAMP)
