@@ -2,7 +2,9 @@
 
 - the superuser: everything;
 - an owner: the projects whose `owner` is their principal name, and everything in them;
-  anything else answers NOT_FOUND, as though it did not exist;
+  anything else answers NOT_FOUND, as though it did not exist. An owner key made with a
+  `project_id` is limited to that one project: it sees no other, creates no project, and
+  mints only keys limited to that project (a key is never wider than the key that made it);
 - an agent: reads within its own project, and no management at all.
 Cross-project listing (`-`), the overview, and agent types' changes are superuser-only.
 """
@@ -18,7 +20,8 @@ def can_see_project(principal: Principal, project: ProjectRecord) -> bool:
     if principal.is_superuser:
         return True
     if principal.role == OWNER:
-        return project.owner == principal.subject
+        limited = principal.project_id and principal.project_id != project.id
+        return project.owner == principal.subject and not limited
     return principal.role == AGENT and project.id == principal.project_id
 
 
@@ -44,9 +47,33 @@ def require_superuser(principal: Principal, what: str) -> None:
         raise errors.permission_denied(f"{what} is for the superuser only", "SUPERUSER_ONLY")
 
 
+def require_unlimited(principal: Principal, what: str) -> None:
+    """A key limited to one project cannot act beyond it."""
+    if principal.project_id and principal.role == OWNER:
+        raise errors.permission_denied(
+            f"this key is limited to project {principal.project_id!r}: it cannot {what}",
+            "PROJECT_LIMITED_KEY",
+        )
+
+
+def project_limit_of_new_key(principal: Principal, requested: str) -> str:
+    """The project a new OWNER key is limited to: what was asked, but never wider than the
+    key that makes it."""
+    if principal.role == OWNER and principal.project_id and requested != principal.project_id:
+        if requested:
+            raise errors.permission_denied(
+                f"this key is limited to project {principal.project_id!r}: it can mint keys "
+                f"for that project only, not {requested!r}",
+                "PROJECT_LIMITED_KEY",
+            )
+        return principal.project_id
+    return requested
+
+
 def owner_of_new_project(principal: Principal, requested: str) -> str:
     """An owner's projects are theirs; the superuser may name any owner."""
     require_manager(principal)
+    require_unlimited(principal, "create projects")
     if principal.is_superuser:
         return requested or principal.subject
     return principal.subject

@@ -25,7 +25,8 @@ class AgentClient:
     def __init__(self, channel: grpc.aio.Channel, cache_s: float) -> None:
         self._stub = agent_service_pb2_grpc.AgentServiceStub(channel)
         self._cache_s = cache_s
-        self._projects: dict[tuple[str, str], float] = {}
+        self._projects: dict[tuple[str, str, str], float] = {}
+        self._agent_projects: dict[tuple[str, str, str], tuple[float, str]] = {}
 
     async def principal(self, _key_id: str, token: str) -> Principal | None:
         """Who `token` is (None: unknown or revoked) — an Authenticator's key lookup."""
@@ -42,7 +43,9 @@ class AgentClient:
                 "cannot authenticate: the agent service is unreachable"
             ) from exc
         role = enums.short_name(api_key_pb2.ApiKeyRole, reply.role)
-        return Principal(role, reply.subject, reply.project_id, reply.key_id)
+        return Principal(
+            role, reply.subject, reply.project_id, reply.key_id, reply.agent_terminated
+        )
 
     async def can_see_project(self, project_id: str) -> bool:
         """Whether the current caller may see `project_id`."""
@@ -51,7 +54,7 @@ class AgentClient:
             return True
         if principal.role == AGENT:
             return project_id == principal.project_id
-        key = (principal.label, project_id)
+        key = (principal.label, principal.project_id, project_id)  # a limited key apart
         if self._projects.get(key, 0.0) > time.monotonic():
             return True
         try:
@@ -87,6 +90,22 @@ class AgentClient:
             if exc.code() in UNSEEN:
                 return None
             raise
+
+    async def project_of_agent(self, agent_id: str) -> str | None:
+        """The project of an agent the caller may see, else None. An agent never moves, so
+        the answer is cached per caller for AUTH_CACHE_SECONDS."""
+        principal = current_principal()
+        key = (principal.label, principal.project_id, agent_id)
+        cached = self._agent_projects.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        found = await self.find_agent(agent_id)
+        if found is None:
+            return None
+        if len(self._agent_projects) > tuning.MAX_CACHED_ENTRIES:
+            self._agent_projects.clear()
+        self._agent_projects[key] = (time.monotonic() + self._cache_s, found.project_id)
+        return found.project_id
 
     async def agent(self, agent_id: str) -> agent_pb2.Agent:
         """The agent (BASIC view); NOT_FOUND when the caller cannot see it."""

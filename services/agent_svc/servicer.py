@@ -125,10 +125,11 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     ) -> agent_service_pb2.ListProjectsResponse:
         principal = current_principal()
         page = parse_page(request.page_size, request.page_token, request.skip, ("projects",))
-        if principal.role == AGENT:
+        if principal.project_id and not principal.is_superuser:  # an agent, a limited key
             own = await self._store.get_project(principal.project_id)
+            visible = own is not None and access.can_see_project(principal, own)
             return agent_service_pb2.ListProjectsResponse(
-                projects=[project_message(own)] if own else [], total_size=1 if own else 0
+                projects=[project_message(own)] if visible else [], total_size=int(visible)
             )
         owner = None if principal.is_superuser else principal.subject
         records, token, total = await self._store.list_projects(page, owner)
@@ -438,6 +439,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             subject = require_slug("subject", request.subject or principal.subject)
             if subject != principal.subject:
                 access.require_superuser(principal, "creating keys for other principals")
+            project_id = access.project_limit_of_new_key(principal, project_id)
+            if project_id and not principal.is_superuser:
+                await self._project(project_id)  # a limit to a project of one's own
         else:
             agent = await self._agent_record(require_id("subject", request.subject))
             subject, project_id = agent.id, agent.project_id
@@ -461,6 +465,10 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         visible_to = None if principal.is_superuser else principal.subject
         page = parse_page(request.page_size, request.page_token, 0, ("keys", visible_to))
         records, token, total = await self._store.list_keys(page, visible_to)
+        if principal.project_id and not principal.is_superuser:
+            # A limited key sees the keys of its project only (total_size: on this page).
+            records = [r for r in records if r.project_id == principal.project_id]
+            total = len(records)
         return agent_service_pb2.ListApiKeysResponse(
             api_keys=[key_message(r) for r in records], next_page_token=token, total_size=total
         )
@@ -473,6 +481,8 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         key_id = require_id("key_id", request.key_id)
         record = await self._store.get_key(key_id)
         mine = record is not None and principal.subject in (record.created_by, record.subject)
+        if mine and principal.project_id and record is not None:
+            mine = record.project_id == principal.project_id  # a limited key: its project's
         if record is None or not (principal.is_superuser or mine):
             raise errors.not_found("api_key", key_id)
         await self._store.revoke_key(key_id)
@@ -487,6 +497,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             subject=principal.subject,
             project_id=principal.project_id,
             key_id=principal.key_id,
+            agent_terminated=principal.agent_terminated,
         )
 
     async def principal_for_key(self, key_id: str, token: str) -> Principal | None:
@@ -496,7 +507,11 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             return None
         if not hmac.compare_digest(record.token_hash, token_hash(token)):
             return None
-        return Principal(record.role, record.subject, record.project_id, key_id)
+        terminated = False
+        if record.role == AGENT:
+            agent = await self._store.get_agent(record.subject)
+            terminated = agent is None or agent.status == "TERMINATED"
+        return Principal(record.role, record.subject, record.project_id, key_id, terminated)
 
     # Helpers ------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ class Principal:
     subject: str
     project_id: str = ""
     key_id: str = ""
+    agent_terminated: bool = False  # an AGENT key whose agent is TERMINATED writes nothing
 
     @property
     def is_superuser(self) -> bool:
@@ -219,6 +220,11 @@ class Guard:
     ) -> tuple[Principal, bool]:
         """(the caller, whether a service made this call on its behalf)."""
         principal = await self.authenticator.authenticate(authorization)
+        if principal.agent_terminated and not methods.is_read(method_name):
+            raise errors.permission_denied(
+                f"agent {principal.subject!r} is TERMINATED: its key can no longer write",
+                "AGENT_TERMINATED",
+            )
         internal = self.is_internal(authorization, proof)
         if self.limiter is not None and not internal:
             await self.limiter.check(principal, method_name)

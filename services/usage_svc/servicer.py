@@ -176,14 +176,24 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
             raise errors.invalid_argument(prefix + "project_id", "is required for owner tokens")
         if not await self._agents.can_see_project(record.project_id):
             raise errors.not_found("project", record.project_id)
+        await self._require_agent_in(record.agent_id, record.project_id, prefix)
 
-    async def _thread_access(self, thread_id: str) -> None:
-        """A thread's budget is visible to whoever may see its project."""
+    async def _require_agent_in(self, agent_id: str, project_id: str, prefix: str = "") -> None:
+        """An owner's write names only agents of the project it writes in (the thread's
+        project is checked by the store: a thread of another project is FOREIGN)."""
+        if await self._agents.project_of_agent(agent_id) != project_id:
+            raise errors.invalid_argument(
+                prefix + "agent_id", f"no agent {agent_id!r} in project {project_id!r}"
+            )
+
+    async def _thread_access(self, thread_id: str) -> str:
+        """A thread's budget is visible to whoever may see its project (returned)."""
         if current_principal().is_superuser:
-            return
+            return ""
         exists, project_id = await self._store.budget_project(thread_id)
         if not exists or not project_id or not await self._agents.can_see_project(project_id):
             raise _no_budget(thread_id)
+        return project_id
 
     def _record_answer(
         self, record: UsageRecord, outcome: RecordOutcome
@@ -245,7 +255,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
             if request.model
             else ""
         )
-        await self._thread_access(thread_id)
+        project_id = await self._thread_access(thread_id)
         if not 0 < request.tokens <= MAX_TOKENS_PER_CALL:
             raise errors.invalid_argument("tokens", f"must be between 1 and {MAX_TOKENS_PER_CALL}")
         ttl_ms = DEFAULT_RESERVATION_TTL_MS
@@ -257,6 +267,8 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         if principal.role == AGENT:  # an agent reserves as itself: its budgets cover the call
             agent_id = agent_id or principal.subject
             require_self(agent_id, "agent_id")
+        elif agent_id and project_id:  # an owner: the agent must be the thread's project's
+            await self._require_agent_in(agent_id, project_id)
         return Hold(
             reservation_id=reservation_id,
             thread_id=thread_id,

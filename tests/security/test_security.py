@@ -418,15 +418,24 @@ def _aimed_at(method, ids: dict[str, str]):
     return request
 
 
+@pytest.mark.parametrize("attacker", ["other-owner", "limited-key"])
 @pytest.mark.parametrize(("backend", "method"), EVERY_RPC, ids=[m.full_name for _, m in EVERY_RPC])
-async def test_no_rpc_lets_one_owner_reach_anothers_resources(stack, backend, method) -> None:
-    """Every RPC, aimed at alice's resources with bob's token, is refused or answers with
-    nothing of hers; and alice's resources are unchanged afterwards."""
+async def test_no_rpc_lets_one_owner_reach_anothers_resources(
+    stack, backend, method, attacker
+) -> None:
+    """Every RPC, aimed at alice's resources with bob's token (or with alice's own key
+    limited to another of her projects), is refused or answers with nothing of hers; and
+    alice's resources are unchanged afterwards."""
     await make_type(stack.agent)
     alice = tenant(stack, "alice", await owner_key(stack, "alice"))
-    bob = tenant(stack, "bob", await owner_key(stack, "bob"))
     a1, _, a_thread = await world_of(alice)
-    await world_of(bob)
+    if attacker == "other-owner":
+        bob = tenant(stack, "bob", await owner_key(stack, "bob"))
+        await world_of(bob)
+    else:
+        await alice.agent.CreateProject(agent_service_pb2.CreateProjectRequest(
+            project_id="alice-side", project={"display_name": "side"}))  # fmt: skip
+        bob = tenant(stack, "bob", await limited_key(alice, "alice-side"))
     budget = await alice.usage.CreateBudget(usage_service_pb2.CreateBudgetRequest(
         project_id="alice-project", budget=usage_pb2.Budget(
             scope=usage_pb2.BUDGET_SCOPE_PROJECT, limit_tokens=1000,
@@ -527,3 +536,151 @@ async def test_calls_between_services_do_not_spend_the_callers_rate_limit(redis_
                 await c.close()
     finally:
         await stop_cluster(stack)
+
+
+async def limited_key(owner: Tenant, project_id: str) -> str:
+    reply = await owner.agent.CreateApiKey(agent_service_pb2.CreateApiKeyRequest(
+        role=api_key_pb2.API_KEY_ROLE_OWNER, project_id=project_id))  # fmt: skip
+    assert reply.api_key.project_id == project_id
+    return reply.token
+
+
+async def test_a_key_limited_to_a_project_reaches_only_that_project(stack) -> None:
+    """An owner key made with a project_id sees and changes that project alone, makes no
+    project, and mints no key wider than itself — over gRPC and REST."""
+    await make_type(stack.agent)
+    alice = tenant(stack, "alice", await owner_key(stack, "alice"))
+    a1, _, a_thread = await world_of(alice)
+    await alice.agent.CreateProject(agent_service_pb2.CreateProjectRequest(
+        project_id="alice-side", project={"display_name": "side"}))  # fmt: skip
+    side = tenant(stack, "side", await limited_key(alice, "alice-side"))
+    who = await side.agent.WhoAmI(agent_service_pb2.WhoAmIRequest())
+    assert who.project_id == "alice-side" and who.subject == "alice"
+    listed = await side.agent.ListProjects(agent_service_pb2.ListProjectsRequest())
+    assert [p.id for p in listed.projects] == ["alice-side"] and listed.total_size == 1
+    for call in (
+        side.agent.GetProject(agent_service_pb2.GetProjectRequest(project_id="alice-project")),
+        side.agent.GetAgent(agent_service_pb2.GetAgentRequest(agent_id=a1.id)),
+        side.agent.TerminateAgent(agent_service_pb2.TerminateAgentRequest(agent_id=a1.id)),
+        side.thread.GetThread(thread_service_pb2.GetThreadRequest(thread_id=a_thread.id)),
+        side.usage.GetUsageOverview(usage_service_pb2.GetUsageOverviewRequest(project_id="alice-project")),
+        side.agent.CreateApiKey(agent_service_pb2.CreateApiKeyRequest(
+            role=api_key_pb2.API_KEY_ROLE_AGENT, subject=a1.id)),
+    ):  # fmt: skip
+        await expect_error(call, grpc.StatusCode.NOT_FOUND)
+    for call in (
+        side.agent.CreateProject(agent_service_pb2.CreateProjectRequest(
+            project_id="side-new", project={"display_name": "x"})),
+        side.agent.CreateApiKey(agent_service_pb2.CreateApiKeyRequest(
+            role=api_key_pb2.API_KEY_ROLE_OWNER, project_id="alice-project")),
+    ):  # fmt: skip
+        await expect_error(call, grpc.StatusCode.PERMISSION_DENIED, reason="PROJECT_LIMITED_KEY")
+    # A key it mints without naming a project is as narrow as itself.
+    minted = await side.agent.CreateApiKey(
+        agent_service_pb2.CreateApiKeyRequest(role=api_key_pb2.API_KEY_ROLE_OWNER)
+    )
+    assert minted.api_key.project_id == "alice-side"
+    child = tenant(stack, "child", minted.token)
+    assert (await child.agent.WhoAmI(agent_service_pb2.WhoAmIRequest())).project_id == "alice-side"
+    await expect_error(
+        child.agent.GetProject(agent_service_pb2.GetProjectRequest(project_id="alice-project")),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    # It lists and revokes only keys of its project.
+    keys = await side.agent.ListApiKeys(agent_service_pb2.ListApiKeysRequest())
+    assert {k.project_id for k in keys.api_keys} == {"alice-side"}
+    whole = await alice.agent.ListApiKeys(agent_service_pb2.ListApiKeysRequest())
+    unlimited = [k.key_id for k in whole.api_keys if not k.project_id]
+    await expect_error(
+        side.agent.RevokeApiKey(agent_service_pb2.RevokeApiKeyRequest(key_id=unlimited[0])),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    # Its own project works as usual.
+    await side.agent.SpawnAgent(agent_service_pb2.SpawnAgentRequest(
+        project_id="alice-side", agent=agent_pb2.Agent(agent_type_id="coder", name="s1")))  # fmt: skip
+    async with serve_gateway(stack) as url:
+        async with httpx.AsyncClient(
+            base_url=url, headers={"authorization": f"Bearer {side.token}"}
+        ) as http:
+            assert (await http.get("/api/v1/projects/alice-project")).status_code == 404
+            assert (await http.get(f"/api/v1/agents/{a1.id}")).status_code == 404
+            assert (await http.get("/api/v1/projects/alice-side/agents")).status_code == 200
+            made = await http.post("/api/v1/projects", json={"id": "x2", "display_name": "x"})
+            assert made.status_code == 403, made.text
+    for t in (alice, side, child):
+        for channel in t.channels:
+            await channel.close()
+
+
+async def test_an_owner_cannot_write_usage_onto_another_owners_agent(stack) -> None:
+    """A record's (and a reservation's) agent must be of the project it is written in."""
+    await make_type(stack.agent)
+    alice = tenant(stack, "alice", await owner_key(stack, "alice"))
+    bob = tenant(stack, "bob", await owner_key(stack, "bob"))
+    a1, _, _ = await world_of(alice)
+    b1, _, b_thread = await world_of(bob)
+    big = {"prompt_tokens": 100_000_000, "completion_tokens": 100_000_000}
+    await expect_error(
+        bob.usage.RecordUsage(usage_service_pb2.RecordUsageRequest(
+            usage_id="steal", thread_id=b_thread.id, agent_id=a1.id, project_id="bob-project",
+            model="gpt-4o", **big)),
+        grpc.StatusCode.INVALID_ARGUMENT, field="agent_id",
+    )  # fmt: skip
+    batch = await bob.usage.RecordUsageBatch(usage_service_pb2.RecordUsageBatchRequest(requests=[
+        usage_service_pb2.RecordUsageRequest(usage_id="s2", thread_id=b_thread.id, agent_id=a1.id,
+                                             project_id="bob-project", model="gpt-4o", **big),
+        usage_service_pb2.RecordUsageRequest(usage_id="ok", thread_id=b_thread.id, agent_id=b1.id,
+                                             project_id="bob-project", model="gpt-4o", prompt_tokens=7),
+    ]))  # fmt: skip
+    assert batch.results[0].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert batch.results[1].status.code == 0
+    await expect_error(
+        bob.usage.ReserveBudget(usage_service_pb2.ReserveBudgetRequest(
+            reservation_id="r1", thread_id=b_thread.id, agent_id=a1.id, tokens=10)),
+        grpc.StatusCode.INVALID_ARGUMENT, field="agent_id",
+    )  # fmt: skip
+    theirs = await alice.usage.GetAgentUsage(usage_service_pb2.GetAgentUsageRequest(agent_id=a1.id))
+    assert theirs.totals.total_tokens == 0
+    agent = await alice.agent.GetAgent(agent_service_pb2.GetAgentRequest(agent_id=a1.id))
+    assert agent.tokens_used == 0
+    budget = await bob.usage.GetThreadBudget(
+        usage_service_pb2.GetThreadBudgetRequest(thread_id=b_thread.id)
+    )
+    assert budget.total_tokens == 7 and budget.reserved_tokens == 0
+    for t in (alice, bob):
+        for channel in t.channels:
+            await channel.close()
+
+
+async def test_a_terminated_agents_key_writes_nothing(stack) -> None:
+    await make_type(stack.agent)
+    owner = tenant(stack, "dave", await owner_key(stack, "dave"))
+    one, _, thread = await world_of(owner)
+    made = await owner.agent.CreateApiKey(
+        agent_service_pb2.CreateApiKeyRequest(role=api_key_pb2.API_KEY_ROLE_AGENT, subject=one.id)
+    )
+    me = tenant(stack, "one", made.token)
+    await me.usage.RecordUsage(usage_service_pb2.RecordUsageRequest(
+        usage_id="before", thread_id=thread.id, agent_id=one.id, model="m", prompt_tokens=3))  # fmt: skip
+    await owner.agent.TerminateAgent(agent_service_pb2.TerminateAgentRequest(agent_id=one.id))
+    await asyncio.sleep(0.4)  # past AUTH_CACHE_SECONDS (0.2 s in tests)
+    for call in (
+        me.usage.RecordUsage(usage_service_pb2.RecordUsageRequest(
+            usage_id="after", thread_id=thread.id, agent_id=one.id, model="m", prompt_tokens=5)),
+        me.usage.RecordUsageBatch(usage_service_pb2.RecordUsageBatchRequest(requests=[
+            usage_service_pb2.RecordUsageRequest(usage_id="after2", thread_id=thread.id,
+                                                 agent_id=one.id, model="m", prompt_tokens=5)])),
+        me.usage.ReserveBudget(usage_service_pb2.ReserveBudgetRequest(
+            reservation_id="r", thread_id=thread.id, tokens=5)),
+        me.agent.StartTask(agent_service_pb2.StartTaskRequest(agent_id=one.id, task="t")),
+    ):  # fmt: skip
+        await expect_error(call, grpc.StatusCode.PERMISSION_DENIED, reason="AGENT_TERMINATED")
+    who = await me.agent.WhoAmI(agent_service_pb2.WhoAmIRequest())  # reads still answer
+    assert who.agent_terminated
+    budget = await owner.usage.GetThreadBudget(
+        usage_service_pb2.GetThreadBudgetRequest(thread_id=thread.id)
+    )
+    assert budget.total_tokens == 3 and budget.reserved_tokens == 0
+    for t in (owner, me):
+        for channel in t.channels:
+            await channel.close()

@@ -104,6 +104,7 @@ class Principal(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    AGENT_TERMINATED_FIELD_NUMBER: _builtins.int
     role: Global___ApiKeyRole.ValueType
     """The principal's role."""
     subject: _builtins.str
@@ -112,6 +113,10 @@ class Principal(_message.Message):
     """Project an AGENT principal belongs to (or a key is limited to); empty otherwise."""
     key_id: _builtins.str
     """The API key behind the token; empty for the bootstrap superuser token."""
+    agent_terminated: _builtins.bool
+    """For an AGENT principal: its agent is TERMINATED, so every service refuses its writes
+    (PERMISSION_DENIED, reason AGENT_TERMINATED); its reads still answer.
+    """
     def __init__(
         self,
         *,
@@ -119,10 +124,11 @@ class Principal(_message.Message):
         subject: _builtins.str = ...,
         project_id: _builtins.str = ...,
         key_id: _builtins.str = ...,
+        agent_terminated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "project_id", b"project_id", "role", b"role", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_terminated", b"agent_terminated", "key_id", b"key_id", "project_id", b"project_id", "role", b"role", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
