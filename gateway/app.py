@@ -213,11 +213,7 @@ class Gateway:
             await self._opened(stream)
             if route.method.output_type.full_name == HTTP_BODY:
                 return await self._download(stream)
-            return StreamingResponse(
-                self._events(stream, request, resume),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return EventStream(stream, resume, self.settings.sse_keepalive_s)
         reply = await call(message, metadata=metadata, timeout=self.settings.peer_timeout_s)
         answer = codec.to_json(reply)
         if compat.reshape is not None:
@@ -333,22 +329,6 @@ class Gateway:
 
         return StreamingResponse(chunks(), media_type=first.content_type, headers=headers)
 
-    async def _events(self, call: Any, request: Request, resume: str) -> AsyncIterator[bytes]:
-        """Server-sent events: one `data:` line per streamed message (with an `id:` line
-        when the stream can resume from it); errors as `event: error`."""
-        try:
-            async for item in call:
-                event_id = getattr(item, resume) if resume else ""
-                head = b"id: " + event_id.encode() + b"\n" if event_id else b""
-                yield head + b"data: " + orjson.dumps(codec.to_json(item)) + b"\n\n"
-                if await request.is_disconnected():
-                    break
-        except grpc.aio.AioRpcError as exc:
-            _, body, _ = error_envelope(*rpc_error_parts(exc))
-            yield b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
-        finally:
-            call.cancel()
-
     async def healthz(self, _request: Request) -> Response:
         return json_response({"status": "ok"})
 
@@ -440,6 +420,80 @@ class Console:
             return Response(b"not found", 404, headers=UI_HEADERS, media_type="text/plain")
         body, media_type = found
         return Response(body, headers=UI_HEADERS, media_type=media_type)
+
+
+class EventStream(Response):
+    """A gRPC server stream as server-sent events: one `data:` line per message (with an
+    `id:` line when the stream can resume from it), errors as `event: error`, and a
+    `: keep-alive` comment after every `keepalive_s` of silence so that proxies and load
+    balancers keep an idle stream open.
+
+    The upstream call lives exactly as long as the HTTP client: a task waits for the
+    client's `http.disconnect` and cancels the call at once, even while nothing is being
+    sent (a disconnect noticed only at the next write would leave an idle inbox stream,
+    and its consumer lease, open upstream indefinitely)."""
+
+    HEADERS = (
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no"),
+    )  # and no content-length: the body is as long as the stream
+
+    def __init__(self, call: Any, resume: str, keepalive_s: float) -> None:
+        self.status_code = 200
+        self.raw_headers = list(self.HEADERS)
+        self.background = None
+        self._call = call
+        self._resume = resume
+        self._keepalive_s = keepalive_s
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code,
+             "headers": self.raw_headers}
+        )  # fmt: skip
+        watcher = asyncio.create_task(self._until_disconnect(receive))
+        try:
+            async for chunk in self._chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went while we wrote
+            pass
+        finally:
+            watcher.cancel()
+            self._call.cancel()
+
+    async def _until_disconnect(self, receive: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._call.cancel()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        call, resume = self._call, self._resume
+        pending: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                pending = pending or asyncio.ensure_future(call.read())
+                done, _ = await asyncio.wait({pending}, timeout=self._keepalive_s)
+                if not done:
+                    yield b": keep-alive\n\n"
+                    continue
+                item, pending = pending.result(), None
+                if item is grpc.aio.EOF:
+                    return
+                event_id = getattr(item, resume) if resume else ""
+                head = b"id: " + event_id.encode() + b"\n" if event_id else b""
+                yield head + b"data: " + orjson.dumps(codec.to_json(item)) + b"\n\n"
+        except asyncio.CancelledError:
+            if call.cancelled():  # the client went: the watcher cancelled the call
+                return
+            raise
+        except grpc.aio.AioRpcError as exc:
+            _, body, _ = error_envelope(*rpc_error_parts(exc))
+            yield b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+        finally:
+            if pending is not None:
+                pending.cancel()
 
 
 class GatewayApp:

@@ -127,9 +127,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         page = parse_page(request.page_size, request.page_token, request.skip, ("projects",))
         if principal.project_id and not principal.is_superuser:  # an agent, a limited key
             own = await self._store.get_project(principal.project_id)
-            visible = own is not None and access.can_see_project(principal, own)
+            shown = [own] if own is not None and access.can_see_project(principal, own) else []
             return agent_service_pb2.ListProjectsResponse(
-                projects=[project_message(own)] if visible else [], total_size=int(visible)
+                projects=[project_message(r) for r in shown], total_size=len(shown)
             )
         owner = None if principal.is_superuser else principal.subject
         records, token, total = await self._store.list_projects(page, owner)

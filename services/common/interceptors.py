@@ -211,39 +211,53 @@ class OpenStream:
     """A server stream that has passed its checks: `active` while the RPC goes on and the
     process is not stopping. A handler's loop checks it between reads, so a stream whose
     caller went away stops even when grpc could not interrupt it (seen: a cancelled
-    inbox stream's loop kept reading and took deliveries meant for live consumers)."""
+    inbox stream's loop kept reading and took deliveries meant for live consumers); and a
+    blocking read through `unless_stopping` is abandoned the moment either happens."""
 
-    __slots__ = ("_ended", "_stopping")
+    __slots__ = ("_gone", "_stopping", "_task")
 
     def __init__(self, stopping: asyncio.Event) -> None:
         self._stopping = stopping
-        self._ended = False
+        self._gone = asyncio.Event()  # the RPC ended (its caller went, or it finished)
+        self._task = asyncio.current_task()  # the handler's
 
     def _end(self, _context: object) -> None:
-        self._ended = True
+        self._gone.set()
 
     @property
     def active(self) -> bool:
-        return not (self._ended or self._stopping.is_set())
+        # grpc tells a handler its caller went by cancelling its task, once. A caller that
+        # goes within moments of the stream's opening can have that one cancellation
+        # swallowed by an await below us (seen: 199 of 200 inbox streams cancelled right
+        # after their first metadata kept their leases, renewing them every second); the
+        # task still counts the request, so it is read here too.
+        task = self._task
+        return not (
+            self._gone.is_set()
+            or self._stopping.is_set()
+            or (task is not None and task.cancelling() > 0)
+        )
 
     async def unless_stopping(self, work: Awaitable[T], empty: T) -> T:
-        """`work` (a blocking read), or `empty` at once when the process starts stopping:
-        the handler then ends by itself, its cleanup (an inbox lease given back) running
-        while the server drains and Redis is still there, instead of at the end of the
-        grace period when grpc cancels it."""
-        if self._stopping.is_set():
+        """`work` (a blocking read), or `empty` at once when the process starts stopping
+        or the caller goes: the handler then ends by itself, its cleanup (an inbox lease
+        given back) running at once — while the server drains and Redis is still there,
+        or while the caller's consumer name would otherwise stay taken."""
+        if not self.active:
             if asyncio.iscoroutine(work):
                 work.close()  # never started: nothing to cancel
             return empty
         task = asyncio.ensure_future(work)
         stop = asyncio.ensure_future(self._stopping.wait())
+        gone = asyncio.ensure_future(self._gone.wait())
         try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, stop, gone}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # the stream itself was cancelled: so is its read
             task.cancel()
             raise
         finally:
             stop.cancel()
+            gone.cancel()
         if task.done():
             return task.result()
         task.cancel()  # an entry read but not yet handed over stays pending: redelivered

@@ -168,6 +168,7 @@ class Settings:
     http_port: int
     http_read_timeout_s: float
     http_max_connections: int
+    sse_keepalive_s: float
     metrics_port: int
     redis_url: str
     redis_cluster: bool
@@ -259,6 +260,7 @@ class Settings:
             http_port=_int(env, "HTTP_PORT", registry.GATEWAY.port, 0, 65535),
             http_read_timeout_s=_float(env, "HTTP_READ_TIMEOUT_SECONDS", 30.0, 0.1, 3600.0),
             http_max_connections=_int(env, "HTTP_MAX_CONNECTIONS", 2048, 1, 1_000_000),
+            sse_keepalive_s=_float(env, "SSE_KEEPALIVE_SECONDS", 15.0, 0.05, 3600.0),
             metrics_port=(
                 AUTO_PORT
                 if env.get("METRICS_PORT") == "auto"

@@ -432,12 +432,12 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                 f"consumer {consumer!r} of agent {agent_id!r} is already receiving elsewhere",
                 reason="INBOX_BUSY", code=grpc.StatusCode.ABORTED,
             )  # fmt: skip
-        stream = await stream_open(context, self._stopping)
         inbox = _Inbox(
             self._store, project_id, agent_id, consumer, self._settings.inbox_claim_idle_s
         )
         status, checked = agent.status, time.monotonic()
-        try:
+        try:  # from here on the lease is given back however the stream ends
+            stream = await stream_open(context, self._stopping)  # (a client may go meanwhile)
             while stream.active:
                 await self._store.acquire_lease(
                     project_id, agent_id, consumer, token, tuning.INBOX_LEASE_MS

@@ -297,3 +297,29 @@ async def test_open_streams_never_starve_ordinary_calls(redis_url) -> None:
             watcher.cancel()
     finally:
         await stop_cluster(cluster)
+
+
+async def test_streams_cancelled_right_after_opening_give_their_leases_back(pair) -> None:
+    """A caller that goes the moment its stream opens (the gateway's SSE clients do) frees
+    its consumer name at once: seen before, 199 of 200 such streams kept looping and
+    renewing their leases every second, so their names answered ABORTED for good."""
+    cluster, _alpha, beta, _thread = pair
+    for i in range(200):
+        call = cluster.thread.ReceiveMessages(
+            T.ReceiveMessagesRequest(agent_id=beta.id, consumer=f"q{i}")
+        )
+        await call.initial_metadata()
+        call.cancel()
+    await asyncio.sleep(1.5)  # at most one blocking read (1 s) after its caller went
+    again = [
+        cluster.thread.ReceiveMessages(T.ReceiveMessagesRequest(agent_id=beta.id, consumer=f"q{i}"))
+        for i in range(200)
+    ]
+    await asyncio.wait([asyncio.ensure_future(c.initial_metadata()) for c in again], timeout=5)
+    await asyncio.sleep(0.3)  # a refusal (ABORTED) ends its call right after its metadata
+    busy = [
+        i for i, c in enumerate(again) if c.done() and await c.code() == grpc.StatusCode.ABORTED
+    ]
+    for c in again:
+        c.cancel()
+    assert not busy, f"{len(busy)} consumer names still taken"
