@@ -18,6 +18,7 @@ import ipaddress
 import random
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
@@ -41,27 +42,71 @@ class UnsafeUrl(ValueError):
     """A webhook URL the guard refuses; the message says why."""
 
 
-def _blocked(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+METADATA_ADDRESSES = {
+    ipaddress.ip_address("169.254.169.254"),
+    ipaddress.ip_address("fd00:ec2::254"),
+}
+# Not global whatever the Python version's table says (3.11 misses part of 192.0.0.0/24).
+SPECIAL = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("100.64.0.0/10"))
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries: mapped (::ffff:a.b.c.d), 6to4 (2002::/16),
+    NAT64 (64:ff9b::/96), or Teredo's client."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in net for net in NAT64):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.teredo is not None:
+        return address.teredo[1]
+    return None
+
+
+def _blocked(address: Address) -> bool:
+    """Every address that is not globally routable (loopback, private, shared 100.64/10,
+    link-local, site-local, documentation, IETF 192.0.0/24, metadata...), judged on the
+    IPv4 address inside an IPv6 one when it carries one."""
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(address)
+        if inner is not None:
+            return _blocked(inner)
+        if address.is_site_local:
+            return True
     return (
-        address.is_loopback
-        or address.is_private
-        or address.is_link_local
+        not address.is_global
         or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-        or address == ipaddress.ip_address("169.254.169.254")
-        or address == ipaddress.ip_address("fd00:ec2::254")
+        or address in METADATA_ADDRESSES
+        or any(address in net for net in SPECIAL if net.version == address.version)
     )
 
 
-async def check_url(url: str, allow_http: bool, allow_private: bool) -> str:
-    """The URL if deliveries may go there; UnsafeUrl otherwise. Checked when a webhook is
-    created and again before every attempt (a name may resolve elsewhere later)."""
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a delivery goes: `url` names the address that was checked (so a name that
+    resolves elsewhere a moment later — DNS rebinding — cannot redirect it); `host` is
+    the name it replaced, sent as the Host header and used for TLS (SNI and the
+    certificate check); empty when the URL named an address."""
+
+    url: str
+    host: str = ""  # the Host header: the name, with the URL's port if it named one
+    server_name: str = ""  # for TLS: the name alone
+
+
+async def _resolve(host: str, port: int) -> list[Address]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+async def check_url(url: str, allow_http: bool, allow_private: bool) -> Target:
+    """Where deliveries to `url` go, or UnsafeUrl. Checked when a webhook is created and
+    again before every attempt, whose connection then goes to the address checked."""
     try:
         parts = urlsplit(url)
-        port = parts.port
+        port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
         raise UnsafeUrl(f"is not a valid URL: {exc}") from None
     if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -70,25 +115,34 @@ async def check_url(url: str, allow_http: bool, allow_private: bool) -> str:
         raise UnsafeUrl("must use https (http needs WEBHOOK_ALLOW_HTTP=true)")
     if parts.username or parts.password:
         raise UnsafeUrl("must not carry credentials")
-    if allow_private:
-        return url
     host = parts.hostname.rstrip(".").lower()
-    if host in METADATA_HOSTS or host == "localhost" or host.endswith(".localhost"):
+    if not allow_private and (
+        host in METADATA_HOSTS or host == "localhost" or host.endswith(".localhost")
+    ):
         raise UnsafeUrl(f"host {host!r} is not allowed")
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
-        )
-    except OSError:
-        raise UnsafeUrl(f"host {host!r} does not resolve") from None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if _blocked(address):
-            raise UnsafeUrl(
-                f"resolves to {address}, a loopback, private, link-local or metadata address "
-                "(allowed only with WEBHOOK_ALLOW_PRIVATE_NETWORKS=true)"
-            )
-    return url
+        addresses = [ipaddress.ip_address(host)]
+        named = False
+    except ValueError:
+        named = True
+        try:
+            addresses = await _resolve(host, port)
+        except OSError:
+            raise UnsafeUrl(f"host {host!r} does not resolve") from None
+    if not allow_private:
+        for address in addresses:
+            if _blocked(address):
+                raise UnsafeUrl(
+                    f"resolves to {address}, which is not a globally routable address "
+                    "(loopback, private, shared, link-local, metadata...; allowed only "
+                    "with WEBHOOK_ALLOW_PRIVATE_NETWORKS=true)"
+                )
+    if not named or not addresses:
+        return Target(url)
+    first = addresses[0]
+    literal = f"[{first}]" if first.version == 6 else str(first)
+    pinned = parts._replace(netloc=f"{literal}:{port}").geturl()
+    return Target(pinned, host if parts.port is None else f"{host}:{parts.port}", host)
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -186,7 +240,7 @@ class Dispatcher:
         """(HTTP status or 0, why it failed)."""
         settings = self._settings
         try:
-            await check_url(
+            target = await check_url(
                 claim.url, settings.webhook_allow_http, settings.webhook_allow_private_networks
             )
         except UnsafeUrl as exc:
@@ -202,13 +256,17 @@ class Dispatcher:
             "Agentplane-Timestamp": timestamp,
             "Agentplane-Signature": signature(claim.secret, timestamp, body),
         }
+        extensions: dict[str, object] = {}
+        if target.host:  # the connection goes to the checked address, named as the URL did
+            headers["Host"] = target.host
+            extensions["sni_hostname"] = target.server_name
         try:
             # One deadline for the whole attempt (httpx's own timeouts are per read, which a
             # receiver trickling bytes never trips), and the answer's body is never read: a
             # receiver cannot hold an attempt past its lease or fill this process's memory.
             async with asyncio.timeout(settings.webhook_timeout_s):
                 async with client.stream(
-                    "POST", claim.url, content=body, headers=headers
+                    "POST", target.url, content=body, headers=headers, extensions=extensions
                 ) as answer:
                     code = answer.status_code
         except (TimeoutError, httpx.TimeoutException):

@@ -5,6 +5,7 @@ resume, signed webhook deliveries with retries, and owners kept to their own pro
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 
 import grpc
@@ -226,6 +227,40 @@ async def test_webhook_delivery_is_signed_retried_and_logged(stack) -> None:
     await receiver.stop()
 
 
+async def test_a_delivery_connects_to_the_address_that_was_checked(stack, monkeypatch) -> None:
+    """DNS rebinding: the name is resolved once per attempt, by the guard, and the
+    connection goes to that address (the Host header and TLS keep the name); the HTTP
+    client never resolves it again. The fake resolver answers for a name that no real
+    resolver knows, so only a connection to the checked address can arrive."""
+    from services.usage_svc import webhooks
+
+    asked: list[str] = []
+
+    async def resolve(host: str, port: int):
+        asked.append(host)
+        if host == "hooks.rebind.test":
+            return [ipaddress.ip_address("127.0.0.1")]
+        raise OSError("unknown name")
+
+    monkeypatch.setattr(webhooks, "_resolve", resolve)
+    target = await check_url("https://hooks.rebind.test:8443/a?b=1", False, True)
+    assert target == webhooks.Target(
+        "https://127.0.0.1:8443/a?b=1", "hooks.rebind.test:8443", "hooks.rebind.test"
+    )
+    usage = stack.usage
+    agent = await spawn(stack.agent, "rebound")
+    receiver = await Receiver().start()
+    url = f"http://hooks.rebind.test:{receiver.port}/hooks/agentplane"
+    made = await usage.CreateWebhook(U.CreateWebhookRequest(project_id="demo", url=url))
+    await create(usage, limit_tokens=100, alert_thresholds=[100])
+    await usage.RecordUsage(record("u1", agent.id, 100))
+    (delivery,) = await receiver.wait_for(1)
+    assert delivery.headers["host"] == f"hooks.rebind.test:{receiver.port}"
+    assert delivery.signed_by(made.secret)
+    assert asked.count("hooks.rebind.test") >= 2  # at creation and before the attempt
+    await receiver.stop()
+
+
 async def test_a_receiver_down_for_a_while_gets_the_alert_when_it_returns(stack) -> None:
     usage = stack.usage
     agent = await spawn(stack.agent, "patient")
@@ -258,12 +293,23 @@ async def test_webhook_urls_are_guarded(stack) -> None:
     for url in ("https://127.0.0.1/x", "https://10.1.2.3/x", "https://192.168.0.1/x",
                 "https://169.254.169.254/latest/meta-data", "https://[::1]/x",
                 "https://localhost/x", "https://metadata.google.internal/x",
-                "https://[::ffff:127.0.0.1]/x", "https://0.0.0.0/x"):  # fmt: skip
-        await refused(url)
+                "https://[::ffff:127.0.0.1]/x", "https://0.0.0.0/x",
+                # special-purpose addresses that are not private in the narrow sense:
+                "https://100.100.100.200/x", "https://100.64.0.1/x", "https://[fec0::1]/x",
+                "https://[2002:7f00:1::1]/x", "https://[2002:a00:1::1]/x", "https://192.0.0.8/x",
+                "https://[64:ff9b::a00:1]/x", "https://[64:ff9b::7f00:1]/x",
+                "https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/x", "https://198.51.100.7/x",
+                "https://224.0.0.1/x", "https://[ff02::1]/x"):  # fmt: skip
+        assert "globally routable" in await refused(url) or "not allowed" in await refused(url), url
+    # IPv4 inside 6to4 and NAT64 that is global passes.
+    for url in ("https://[2002:5db8:d822::1]/x", "https://[64:ff9b::5db8:d822]/x"):
+        assert (await check_url(url, False, False)).url == url
     assert "https" in await refused("http://93.184.216.34/x", allow_http=False)
     assert "https" in await refused("ftp://example.com/x")
     await refused("https://user:pw@93.184.216.34/x")
-    assert await check_url("https://93.184.216.34/x", False, False) == "https://93.184.216.34/x"
+    assert (
+        await check_url("https://93.184.216.34/x", False, False)
+    ).url == "https://93.184.216.34/x"
     # The service applies the guard with its own flags (tests allow loopback: these are off).
     strict = await start_cluster(
         stack.redis_url, stack.redis_cluster,
