@@ -15,6 +15,16 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "agentplane.dev"
+MAX_ECHO = 500  # characters of any one text an error carries (message, description, value)
+
+
+def _short(text: str) -> str:
+    """At most MAX_ECHO characters of `text`: an error never carries a caller's whole input
+    back (a long value would not fit in gRPC's trailers, which turns the error into
+    RESOURCE_EXHAUSTED "metadata size exceeds limit")."""
+    if len(text) <= MAX_ECHO:
+        return text
+    return f"{text[:MAX_ECHO]}… ({len(text)} characters)"
 
 
 @dataclass
@@ -30,6 +40,10 @@ class ServiceError(Exception):
     metadata: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.message = _short(self.message)
+        self.field_violations = [(_short(f), _short(d)) for f, d in self.field_violations]
+        self.quota_violations = [(_short(s), _short(d)) for s, d in self.quota_violations]
+        self.metadata = {k: _short(v) for k, v in self.metadata.items()}
         super().__init__(self.message)
 
     def to_status(self) -> grpc.Status:

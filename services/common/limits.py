@@ -18,6 +18,9 @@ MAX_PAYLOAD_TYPE_LENGTH = 64
 MAX_MODEL_LENGTH = 200
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_MEMORY_BYTES = 64 * 1024
+MAX_STRING_LENGTH = 64 * 1024  # any string field at all, checked before the handler runs
+MAX_TIME_ZONE_LENGTH = 64  # IANA names are at most ~30
+MAX_EVENT_TYPE_LENGTH = 64
 
 # Lists
 MAX_PAGE_SIZE = 100

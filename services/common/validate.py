@@ -3,7 +3,9 @@
 protobuf accepts on the wire what no handler should see: enum numbers the proto does not
 define (proto3 enums are open), Durations and Timestamps outside their documented ranges
 or with mixed signs, NaN and ±Infinity in doubles and inside Struct values (which then
-cannot even be written out as JSON). Each is INVALID_ARGUMENT naming the field.
+cannot even be written out as JSON), and strings longer than any field takes
+(MAX_STRING_LENGTH; handlers hold each field to its own, smaller limit). Each is
+INVALID_ARGUMENT naming the field.
 
 The walk is planned once per message type: a type with none of these fields (most
 hot-path requests) costs one dictionary lookup.
@@ -19,6 +21,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from services.common import errors
+from services.common.limits import MAX_STRING_LENGTH
 
 DURATION = "google.protobuf.Duration"
 TIMESTAMP = "google.protobuf.Timestamp"
@@ -30,6 +33,7 @@ MIN_TIMESTAMP_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
 MAX_TIMESTAMP_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
 
+SCALARS = ("enum", "float", "string")  # checked whether set or not (proto3: no presence)
 # What to check in a field: "enum", "float", or a message kind.
 Plan = tuple[tuple[FieldDescriptor, str, bool], ...]
 
@@ -48,6 +52,8 @@ def _plan(descriptor: Descriptor) -> Plan:
         kind = ""
         if field.type == FieldDescriptor.TYPE_ENUM:
             kind = "enum"
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            kind = "string"
         elif field.type in FLOATS:
             kind = "float"
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
@@ -85,12 +91,12 @@ def _check(message: Message, prefix: str) -> None:
                 _check(item, f"{path}.{key}.")
             continue
         if repeated:
-            if kind not in ("enum", "float") and not len(value):
+            if kind not in SCALARS and not len(value):
                 continue
             for index, item in enumerate(value):
                 _check_one(field, kind, item, f"{path}[{index}]")
             continue
-        if kind not in ("enum", "float") and not message.HasField(field.name):
+        if kind not in SCALARS and not message.HasField(field.name):
             continue
         _check_one(field, kind, value, path)
 
@@ -98,6 +104,13 @@ def _check(message: Message, prefix: str) -> None:
 def _check_enum(field: FieldDescriptor, value: Any, path: str) -> None:
     if value not in field.enum_type.values_by_number:
         raise errors.invalid_argument(path, f"{value} is not a {field.enum_type.name} value")
+
+
+def _check_string(_field: FieldDescriptor, value: Any, path: str) -> None:
+    if len(value) > MAX_STRING_LENGTH:
+        raise errors.invalid_argument(
+            path, f"is {len(value)} characters long; at most {MAX_STRING_LENGTH} are accepted"
+        )
 
 
 def _check_float(_field: FieldDescriptor, value: Any, path: str) -> None:
@@ -140,6 +153,7 @@ def _check_message(_field: FieldDescriptor, value: Any, path: str) -> None:
 
 _CHECKS = {
     "enum": _check_enum,
+    "string": _check_string,
     "float": _check_float,
     DURATION: _check_duration,
     TIMESTAMP: _check_timestamp,

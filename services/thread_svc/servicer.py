@@ -24,6 +24,7 @@ from services.common.convert import new_id, require_id, require_text, timestamp
 from services.common.interceptors import stream_open
 from services.common.limits import MAX_BUDGET_TOKENS as MAX_BUDGET
 from services.common.limits import (
+    MAX_ID_LENGTH,
     MAX_PARTICIPANTS,
     MAX_PAYLOAD_TYPE_LENGTH,
     MAX_REASON_LENGTH,
@@ -466,7 +467,8 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         agent = await self._agents.agent(agent_id)
         if not request.ack_ids:
             raise errors.invalid_argument("ack_ids", "names no delivery")
-        for ack_id in request.ack_ids:
+        for position, ack_id in enumerate(request.ack_ids):
+            require_text(f"ack_ids[{position}]", ack_id, MAX_ID_LENGTH)
             left, _, right = ack_id.partition("-")
             if not (left.isdigit() and right.isdigit()):
                 raise errors.invalid_argument("ack_ids", f"{ack_id!r} is not an ack id")

@@ -23,8 +23,10 @@ from services.common.interceptors import stream_open
 from services.common.limits import (
     MAX_BUDGET_COST_MICROS,
     MAX_BUDGET_TOKENS,
+    MAX_EVENT_TYPE_LENGTH,
     MAX_MODEL_LENGTH,
     MAX_THRESHOLDS,
+    MAX_TIME_ZONE_LENGTH,
     MAX_TITLE_LENGTH,
     MAX_URL_LENGTH,
 )
@@ -253,6 +255,7 @@ class BudgetRpcs:
                 "budget.period", "is required (LIFETIME, DAY, WEEK or MONTH)"
             )
         time_zone = budget.time_zone or "UTC"
+        require_text("budget.time_zone", time_zone, MAX_TIME_ZONE_LENGTH)
         if zone(time_zone) is None:
             raise errors.invalid_argument(
                 "budget.time_zone", f"unknown IANA time zone {time_zone!r}"
@@ -308,6 +311,8 @@ class BudgetRpcs:
             )
         except UnsafeUrl as exc:
             raise errors.invalid_argument("url", str(exc)) from None
+        for position, kind in enumerate(request.event_types):
+            require_text(f"event_types[{position}]", kind, MAX_EVENT_TYPE_LENGTH)
         types = sorted(set(request.event_types)) or list(EVENT_TYPES)
         for kind in types:
             if kind not in EVENT_TYPES:

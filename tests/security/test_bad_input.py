@@ -127,3 +127,48 @@ async def test_a_duration_with_mixed_signs_is_invalid_argument(world) -> None:
         )
     budget = await cluster.usage.GetThreadBudget(U.GetThreadBudgetRequest(thread_id=thread.id))
     assert budget.reserved_tokens == 0
+
+
+async def test_oversized_strings_are_400_naming_the_field_never_429(world) -> None:
+    """A 20 KB value once came back as 429 RESOURCE_EXHAUSTED ("received metadata size
+    exceeds hard limit"): the error echoed the whole value into trailers too small for it.
+    Every field is bounded at the edge, and an error echoes a short prefix at most."""
+    import httpx
+
+    from tests.helpers import ADMIN_TOKEN
+    from tests.helpers.servers import serve_gateway
+
+    cluster, worker = world
+    huge = "Z" * 20_000
+    api = "/api/v1"
+    async with (
+        serve_gateway(cluster) as url,
+        httpx.AsyncClient(
+            base_url=url, timeout=10, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+        ) as http,
+    ):
+        cases = [
+            ("post", "/projects/demo/budgets",
+             {"scope": "project", "limit_tokens": 10, "period": "day", "time_zone": huge},
+             "budget.time_zone"),
+            ("post", f"/agents/{worker.id}/inbox:ack", {"ack_ids": [huge]}, "ack_ids[0]"),
+            ("post", "/projects/demo/webhooks",
+             {"url": "https://93.184.216.34/x", "event_types": [huge]}, "event_types[0]"),
+            ("post", "/projects", {"id": "p2", "display_name": "x" * 100_000}, "display_name"),
+        ]  # fmt: skip
+        for verb, path, body, field in cases:
+            answer = await http.request(verb, api + path, json=body)
+            assert answer.status_code == 400, (path, answer.status_code, answer.text[:300])
+            error = answer.json()["error"]
+            assert error["status"] == "INVALID_ARGUMENT" and field in error["message"], error
+            assert len(answer.content) < 4000, (path, len(answer.content))
+    # Over gRPC the same: INVALID_ARGUMENT, the details short.
+    caught = await expect_error(
+        cluster.agent.UpdateAgent(agent_service_pb2.UpdateAgentRequest(
+            agent_id=worker.id, agent=agent_pb2.Agent(current_task="t" * 70_000),
+            update_mask={"paths": ["current_task"]})),
+        grpc.StatusCode.INVALID_ARGUMENT, field="agent.current_task",
+    )  # fmt: skip
+    assert len(caught.details()) < 1000
+    budgets = await cluster.usage.ListBudgets(U.ListBudgetsRequest(project_id="demo"))
+    assert not budgets.budgets  # nothing was written
