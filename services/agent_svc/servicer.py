@@ -51,6 +51,7 @@ from services.common.context import current_principal
 from services.common.convert import (
     new_id,
     now_ms,
+    require_client_id,
     require_id,
     require_slug,
     require_text,
@@ -201,7 +202,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         project_id = require_id("project_id", request.project_id)
         await self._project(project_id)
         agent = request.agent
-        request_id = require_id("request_id", request.request_id) if request.request_id else ""
+        request_id = require_client_id("request_id", request.request_id, "")
         type_id = require_slug("agent.agent_type_id", agent.agent_type_id)
         name = require_text("agent.name", agent.name, MAX_NAME_LENGTH, required=True)
         agent_type = await self._store.get_type(type_id)

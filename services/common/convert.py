@@ -12,6 +12,7 @@ from services.common import errors
 from services.common.limits import MAX_ID_LENGTH
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")  # control characters other than \t and \n
 
 
@@ -41,6 +42,22 @@ def require_id(field: str, value: str) -> str:
         raise errors.invalid_argument(field, f"is longer than {MAX_ID_LENGTH} characters")
     if not value.isprintable() or "|" in value:
         raise errors.invalid_argument(field, "contains characters that are not allowed")
+    return value
+
+
+def require_client_id(field: str, value: str, default: str | None = None) -> str:
+    """An id the client chooses for something it creates (a thread, an idempotency key, an
+    inbox consumer): letters, digits, '-', '_' and '.', at most 128, and not '.' or '..',
+    so that it can stand in any URL path segment as it is. Unset: `default` if given."""
+    if not value:
+        if default is not None:
+            return default
+        raise errors.invalid_argument(field, "is required")
+    if not CLIENT_ID.match(value) or value in (".", ".."):
+        raise errors.invalid_argument(
+            field,
+            f"must be 1-{MAX_ID_LENGTH} letters, digits, '-', '_' or '.' (and not '.' or '..')",
+        )
     return value
 
 

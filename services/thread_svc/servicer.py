@@ -20,7 +20,7 @@ from services.agent_svc.client import AgentClient
 from services.common import enums, errors, tuning
 from services.common.access import require_manager, require_self, require_superuser
 from services.common.clients import PeerClients
-from services.common.convert import new_id, require_id, require_text, timestamp
+from services.common.convert import new_id, require_client_id, require_id, require_text, timestamp
 from services.common.interceptors import stream_open
 from services.common.limits import MAX_BUDGET_TOKENS as MAX_BUDGET
 from services.common.limits import (
@@ -142,7 +142,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         require_manager()
         spec = request.thread
         project_id = require_id("thread.project_id", spec.project_id)
-        thread_id = require_id("thread_id", request.thread_id) if request.thread_id else new_id()
+        thread_id = require_client_id("thread_id", request.thread_id, new_id())
         title = require_text("thread.title", spec.title, MAX_TITLE_LENGTH)
         if len(spec.participants) > MAX_PARTICIPANTS:
             raise errors.invalid_argument(
@@ -312,11 +312,8 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         message = self._new_message(
             thread_id, sender, recipient, request.payload_type, request.payload, True
         )
-        request_key = (
-            RequestKey(f"post:{thread_id}", require_id("request_id", request.request_id), thread_id)
-            if request.request_id
-            else None
-        )
+        request_id = require_client_id("request_id", request.request_id, "")
+        request_key = RequestKey(f"post:{thread_id}", request_id, thread_id) if request_id else None
         if request_key and (earlier := await self._store.earlier_message(request_key)):
             return message_of(earlier)
         record, sender_agent, recipient_agent = await asyncio.gather(
@@ -349,7 +346,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
     ) -> thread_service_pb2.InjectMessageResponse:
         require_manager()
         target = require_id("to", request.to)
-        request_id = require_id("request_id", request.request_id) if request.request_id else ""
+        request_id = require_client_id("request_id", request.request_id, "")
         thread_id = require_id("thread_id", request.thread_id) if request.thread_id else ""
         agent = await self._agents.find_agent(target)
         if agent is None:
@@ -421,7 +418,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
     ) -> AsyncIterator[thread_service_pb2.ReceiveMessagesResponse]:
         agent_id = require_id("agent_id", request.agent_id)
         require_self(agent_id, "agent_id")
-        consumer = require_id("consumer", request.consumer) if request.consumer else "default"
+        consumer = require_client_id("consumer", request.consumer, "default")
         agent = await self._agents.agent(agent_id)
         project_id = agent.project_id
         await self._store.ensure_group(project_id, agent_id)

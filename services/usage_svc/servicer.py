@@ -15,7 +15,7 @@ from services.common import errors, tuning
 from services.common.access import require_manager, require_self, require_superuser
 from services.common.auth import AGENT
 from services.common.context import current_call_is_internal, current_principal
-from services.common.convert import now_ms, require_id, require_text, timestamp
+from services.common.convert import now_ms, require_client_id, require_id, require_text, timestamp
 from services.common.limits import (
     DEFAULT_RESERVATION_TTL_MS,
     MAX_COST_USD,
@@ -120,7 +120,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
     def _check_record(
         self, request: usage_service_pb2.RecordUsageRequest, prefix: str, book: PriceBook
     ) -> UsageRecord:
-        usage_id = require_id(prefix + "usage_id", request.usage_id)
+        usage_id = require_client_id(prefix + "usage_id", request.usage_id)
         thread_id = require_id(prefix + "thread_id", request.thread_id)
         agent_id = require_id(prefix + "agent_id", request.agent_id)
         project_id = (
@@ -133,7 +133,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
             prefix + "model", require_text(prefix + "model", request.model, MAX_MODEL_LENGTH)
         )
         reservation_id = (
-            require_id(prefix + "reservation_id", request.reservation_id)
+            require_client_id(prefix + "reservation_id", request.reservation_id)
             if request.reservation_id
             else ""
         )
@@ -247,7 +247,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         )
 
     async def _check_hold(self, request: usage_service_pb2.ReserveBudgetRequest) -> Hold:
-        reservation_id = require_id("reservation_id", request.reservation_id)
+        reservation_id = require_client_id("reservation_id", request.reservation_id)
         thread_id = require_id("thread_id", request.thread_id)
         agent_id = require_id("agent_id", request.agent_id) if request.agent_id else ""
         model = (

@@ -172,3 +172,46 @@ async def test_oversized_strings_are_400_naming_the_field_never_429(world) -> No
     assert len(caught.details()) < 1000
     budgets = await cluster.usage.ListBudgets(U.ListBudgetsRequest(project_id="demo"))
     assert not budgets.budgets  # nothing was written
+
+
+async def test_client_chosen_ids_keep_to_a_url_safe_alphabet(world) -> None:
+    """Ids a client chooses must be reachable over REST as they are: '/', '?', '#', spaces,
+    '.' and '..' were accepted by CreateThread and then unreachable (404) by URL."""
+    import httpx
+
+    from tests.helpers import ADMIN_TOKEN
+    from tests.helpers.servers import serve_gateway
+
+    cluster, worker = world
+    for bad in ("a/b", "q?x", "h#x", "..", ".", "sp ace", "per%2Fcent", "x" * 129, "ü"):
+        await expect_error(
+            cluster.thread.CreateThread(
+                T.CreateThreadRequest(thread_id=bad, thread=thread_pb2.Thread(project_id="demo"))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT, field="thread_id",
+        )  # fmt: skip
+    for call, field in (
+        (cluster.usage.RecordUsage(U.RecordUsageRequest(
+            usage_id="u/1", thread_id="t", agent_id=worker.id, project_id="demo", model="m")), "usage_id"),
+        (cluster.usage.ReserveBudget(U.ReserveBudgetRequest(
+            reservation_id="r?1", thread_id="t", tokens=1)), "reservation_id"),
+    ):  # fmt: skip
+        await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, field=field)
+    inbox = cluster.thread.ReceiveMessages(
+        T.ReceiveMessagesRequest(agent_id=worker.id, consumer="a b")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await inbox.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    made = await cluster.thread.CreateThread(
+        T.CreateThreadRequest(thread_id="Run-7.a_b", thread=thread_pb2.Thread(project_id="demo"))
+    )
+    assert made.id == "Run-7.a_b"
+    async with (
+        serve_gateway(cluster) as url,
+        httpx.AsyncClient(
+            base_url=url, timeout=10, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+        ) as http,
+    ):
+        got = await http.get("/api/v1/threads/Run-7.a_b")
+        assert got.status_code == 200, got.text
