@@ -27,10 +27,16 @@ DEFAULTS = Path(__file__).with_name("prices.json")
 KEY = "ap:usage:prices"
 SEEDED = "ap:usage:prices:seeded"
 REFRESH_S = 1.0
+MAX_PRICES_PER_MODEL = 50  # dated entries one model or pattern keeps
+MAX_PRICED_MODELS = 2000  # models and patterns with prices
 
 
 class PriceTableError(SettingsError):
     """The price file is unreadable or malformed; the message says where."""
+
+
+class TooManyPrices(ValueError):
+    """A price that would grow the table past its bounds; the message says which."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +114,14 @@ class PriceBook:
     @classmethod
     def from_file(cls, override: str = "") -> PriceBook:
         return cls([DatedPrice(m, 0, p) for m, p in file_prices(override).items()])
+
+    def versions(self, model: str) -> list[int]:
+        """The effective times of `model`'s prices, oldest first."""
+        return list(self._times.get(model, ()))
+
+    def __len__(self) -> int:
+        """How many models and patterns have prices."""
+        return len(self._by_model)
 
     def entries(self) -> list[DatedPrice]:
         return [
@@ -192,9 +206,30 @@ class PriceStore:
         self._book = PriceBook(prices)
         self._fresh_until = time.monotonic() + REFRESH_S
 
-    async def set(self, dated: DatedPrice) -> None:
-        await self.book()  # seeded first, so the seed never overwrites a change
+    async def set(self, dated: DatedPrice, now_ms: int) -> None:
+        """Add a price (TooManyPrices past the bounds). A model keeps its newest
+        MAX_PRICES_PER_MODEL prices: past that, the oldest of those that can no longer be
+        in force (older than the one in force now; records are priced at arrival) are
+        dropped, so the table — which every replica reads whole — stays small."""
+        book = await self.book()  # seeded first, so the seed never overwrites a change
+        times = book.versions(dated.model)
+        if not times and len(book) >= MAX_PRICED_MODELS:
+            raise TooManyPrices(f"at most {MAX_PRICED_MODELS} models and patterns have prices")
+        times = sorted({*times, dated.effective_ms})
+        excess = len(times) - MAX_PRICES_PER_MODEL
+        drop: list[int] = []
+        if excess > 0:
+            current = max((t for t in times if t <= now_ms), default=None)
+            past = [t for t in times if current is not None and t < current]
+            if len(past) < excess:
+                raise TooManyPrices(
+                    f"{dated.model!r} has {MAX_PRICES_PER_MODEL} prices in force or to come; "
+                    "delete one first"
+                )
+            drop = past[:excess]
         await self._redis.hset(KEY, f"{dated.model}|{dated.effective_ms}", dated.price.encode())
+        if drop:
+            await self._redis.hdel(KEY, *(f"{dated.model}|{t}" for t in drop))
         self._fresh_until = 0.0
 
     async def delete(self, model: str, effective_ms: int) -> bool:

@@ -4,6 +4,7 @@ UsageServicer."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import csv
 import io
 from collections.abc import AsyncIterator, Sequence
@@ -19,8 +20,9 @@ from services.common.access import require_superuser
 from services.common.convert import now_ms, require_id, require_text, timestamp
 from services.common.interceptors import stream_open
 from services.common.limits import MAX_MODEL_LENGTH, MAX_SERIES_BUCKETS
+from services.common.pagination import parse_page
 from services.usage_svc.messages import totals_message
-from services.usage_svc.pricing import DatedPrice, Price, PriceStore
+from services.usage_svc.pricing import DatedPrice, Price, PriceStore, TooManyPrices
 from services.usage_svc.store import ALL, DAY_MS, HOUR_MS, Counters, SeriesQuery, UsageStorage
 
 CSV_COLUMNS = [
@@ -156,16 +158,30 @@ class SeriesRpcs:
             values.get("cached_prompt_per_million_usd"),
             given.per_request_usd,
         )
-        await self._prices.set(DatedPrice(model, effective, price))
+        try:
+            await self._prices.set(DatedPrice(model, effective, price), now_ms())
+        except TooManyPrices as exc:
+            raise errors.failed_precondition(str(exc), "TOO_MANY_PRICES", model=model) from None
         return price_message(DatedPrice(model, effective, price))
 
     async def ListModelPrices(
         self, request: usage_service_pb2.ListModelPricesRequest, context: ServicerContext
     ) -> usage_service_pb2.ListModelPricesResponse:
         require_superuser("listing prices")
+        model = require_text("model", request.model, MAX_MODEL_LENGTH)
+        page = parse_page(
+            request.page_size, request.page_token, 0, ("prices", model), default_size=100
+        )
         book = await self._prices.book()
+        entries = [e for e in book.entries() if not model or e.model == model]
+        # sorted as entries are (effective times from year 1 on are positive past 10**15)
+        keys = [f"{e.model}|{e.effective_ms + 10**15:020d}" for e in entries]
+        start = bisect.bisect_right(keys, page.cursor) if page.cursor else 0
+        shown = entries[start : start + page.size]
+        more = start + page.size < len(entries)
         return usage_service_pb2.ListModelPricesResponse(
-            prices=[price_message(p) for p in book.entries()]
+            prices=[price_message(p) for p in shown],
+            next_page_token=page.token_after(keys[start + page.size - 1]) if more else "",
         )
 
     async def DeleteModelPrice(
@@ -189,8 +205,8 @@ def price_message(dated: DatedPrice) -> usage_pb2.ModelPrice:
         per_request_usd=price.per_request,
     )
     message.effective_time.FromMilliseconds(dated.effective_ms)
-    if price.cached_prompt_per_million is not None:
-        message.cached_prompt_per_million_usd = price.cached_prompt_per_million
+    # The price in force for cached tokens: the prompt price when none was set.
+    message.cached_prompt_per_million_usd = price.cached
     return message
 
 

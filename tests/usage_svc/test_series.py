@@ -267,3 +267,51 @@ async def test_time_series_rpc_and_its_export(stack) -> None:
         refused = await http.get("/api/v1/projects/demo/usage:export", headers=headers,
                                  params={**params, "format": "xml"})  # fmt: skip
         assert refused.status_code == 400
+
+
+async def test_the_price_history_stays_bounded_and_pages(stack) -> None:
+    """20,000 SetModelPrice calls once grew one table that every replica re-reads whole
+    (RecordUsage p99 180 ms at 14,130 entries) and GET /prices answered 4 MB. A model keeps
+    its newest 50 prices (older ones no longer in force are dropped), and the list pages."""
+    MAX_PRICES_PER_MODEL = 50  # as documented
+    usage = stack.usage
+    now = now_ms()
+    for i in range(120):  # past prices, oldest first: the last is the one in force
+        await usage.SetModelPrice(U.SetModelPriceRequest(price=B.ModelPrice(
+            model="hist-*", prompt_per_million_usd=float(i + 1), completion_per_million_usd=1.0,
+            effective_time=ts(now - 10_000_000 + i * 1000))))  # fmt: skip
+    mine = await usage.ListModelPrices(U.ListModelPricesRequest(model="hist-*"))
+    times = [p.effective_time.ToMilliseconds() for p in mine.prices]
+    assert len(times) == MAX_PRICES_PER_MODEL and not mine.next_page_token
+    assert times == [now - 10_000_000 + i * 1000 for i in range(70, 120)]  # the newest kept
+    # Unset cached price shows what is charged: the prompt price.
+    assert mine.prices[-1].cached_prompt_per_million_usd == 120.0
+    priced = await usage.RecordUsage(U.RecordUsageRequest(
+        usage_id="h1", thread_id="t", agent_id="a", project_id="demo", model="hist-x",
+        prompt_tokens=1000))  # fmt: skip
+    assert priced.cost_micros == 120 * 1000
+    # Prices still to come are never dropped: past 50 of them, a new one is refused.
+    for i in range(MAX_PRICES_PER_MODEL):
+        await usage.SetModelPrice(U.SetModelPriceRequest(price=B.ModelPrice(
+            model="future-*", prompt_per_million_usd=1.0,
+            effective_time=ts(now + 3_600_000 + i))))  # fmt: skip
+    await expect_error(
+        usage.SetModelPrice(U.SetModelPriceRequest(price=B.ModelPrice(
+            model="future-*", prompt_per_million_usd=1.0, effective_time=ts(now + 7_200_000)))),
+        grpc.StatusCode.FAILED_PRECONDITION, reason="TOO_MANY_PRICES",
+    )  # fmt: skip
+    # Every price, a page at a time, each once.
+    seen, token = [], ""
+    while True:
+        page = await usage.ListModelPrices(U.ListModelPricesRequest(page_size=7, page_token=token))
+        assert len(page.prices) <= 7
+        seen += [(p.model, p.effective_time.ToMilliseconds()) for p in page.prices]
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == len(set(seen)) and seen == sorted(seen)
+    assert sum(m == "hist-*" for m, _ in seen) == 50 and sum(m == "future-*" for m, _ in seen) == 50
+    await expect_error(
+        usage.ListModelPrices(U.ListModelPricesRequest(page_token="bogus")),
+        grpc.StatusCode.INVALID_ARGUMENT, field="page_token",
+    )
