@@ -125,6 +125,10 @@ COMPAT: dict[tuple[str, str], Compat] = {
         }
     ),
     ("GET", "/api/v1/threads"): Compat(paging=OFFSET, reshape=_listing("threads")),
+    # The seed's ThreadInfo: the thread's own fields at the top, its latest messages beside.
+    ("GET", "/api/v1/threads/{thread_id}"): Compat(
+        reshape=lambda a, _p, _v: {**(a["thread"] or {}), "messages": a["messages"]}
+    ),
     ("GET", "/api/v1/messages"): Compat(
         fixed={"thread_id": "-"}, paging=OFFSET, reshape=_listing("messages")
     ),

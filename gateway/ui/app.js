@@ -312,11 +312,12 @@ function messageItem(m) {
 }
 async function threadPage(root, id) {
   const [t, list] = await Promise.all([get(`/api/v1/threads/${enc(id)}`), get(`/api/v1/threads/${enc(id)}/messages` + qs({ page_size: 100 }))]);
-  const thread = t.thread;
+  const thread = t;  // the thread's fields at the top level, its latest messages beside
   const head = h("h1", { id: "thread-head" });
   const items = h("ul", { class: "messages", id: "messages" }, (list.messages || []).map(messageItem));
   const reason = h("input", { id: "kill-reason", placeholder: "reason (optional)" });
-  const drawHead = (th) => head.replaceChildren("Thread ", th.title || th.id, " ", status(th.status));
+  const drawHead = (th) => head.replaceChildren("Thread ", th.title || th.id, " ", status(th.status),
+    th.end_reason ? h("span", { class: "muted", id: "end-reason" }, " — ", th.end_reason) : "");
   drawHead(thread);
   const kill = action("Kill thread", async () => {
     const killed = await api("POST", `/api/v1/threads/${enc(id)}/kill`, { reason: reason.value });

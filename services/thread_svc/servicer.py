@@ -74,6 +74,7 @@ def thread_message(record: ThreadRecord, max_tokens: int) -> thread_pb2.Thread:
         create_time=timestamp(record.create_ms),
         update_time=timestamp(record.update_ms),
         end_time=timestamp(record.end_ms),
+        end_reason=record.end_reason,
     )
     if record.metadata_json:
         json_format.Parse(record.metadata_json, thread.metadata)

@@ -76,6 +76,7 @@ class ThreadRecord:
     update_ms: int
     end_ms: int | None
     participants: tuple[str, ...]
+    end_reason: str = ""  # what KillThread was told
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +242,7 @@ def _thread_record(fields: dict[str, str], participants: set[str]) -> ThreadReco
         update_ms=int(fields.get("update_ms", 0)),
         end_ms=int(fields["end_ms"]) if fields.get("end_ms") else None,
         participants=tuple(sorted(participants)),
+        end_reason=fields.get("end_reason", ""),
     )
 
 

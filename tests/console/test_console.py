@@ -201,11 +201,20 @@ async def test_an_operator_kills_a_thread_and_sees_messages_live(browser, world)
     def kill(label: str) -> None:
         next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == label).click()
 
+    def reason(value: str) -> None:
+        browser.find_element(By.ID, "kill-reason").send_keys(value)
+
+    await run(reason, "runaway loop")
     await run(kill, "Kill thread")
     await run(kill, "Confirm kill")
     await run(wait, browser, lambda d: "KILLED" in text(d, "#thread-head"))
+    await run(wait, browser, lambda d: "runaway loop" in text(d, "#thread-head"))
     got = await cluster.thread.GetThread(T.GetThreadRequest(thread_id=thread.id))
     assert got.thread.status == thread_pb2.THREAD_STATUS_KILLED
+    assert got.thread.end_reason == "runaway loop"
+    # Opened afresh, the page shows the reason too (from GET /threads/{id}'s flat shape).
+    await run(open_page, browser, url, f"threads/{thread.id}")
+    await run(wait, browser, lambda d: "runaway loop" in text(d, "#thread-head"))
 
 
 async def test_a_budget_made_in_the_console_alerts_live_on_the_overview(browser, world) -> None:

@@ -99,3 +99,17 @@ async def test_usage_routes_keep_the_seed_flat_shapes(http) -> None:
     assert keys <= by_model.keys() and by_model["total_tokens"] == 150
     unknown = (await http.get(f"{API}/usage/models/unheard-of")).json()
     assert unknown["total_tokens"] == 0 and unknown["total_cost"] == 0
+
+
+async def test_a_kills_reason_is_kept_and_shown(http) -> None:
+    thread = (await http.post(f"{API}/threads", json={"project_id": "demo"})).json()
+    killed = await http.post(f"{API}/threads/{thread['id']}/kill", json={"reason": "runaway loop"})
+    assert killed.status_code == 200 and killed.json()["end_reason"] == "runaway loop"
+    shown = (await http.get(f"{API}/threads/{thread['id']}")).json()
+    assert shown["status"] == "killed" and shown["end_reason"] == "runaway loop"
+    listed = (await http.get(f"{API}/threads", params={"status": "killed"})).json()
+    assert [t["end_reason"] for t in listed["threads"]] == ["runaway loop"]
+    done = (await http.post(f"{API}/threads", json={"project_id": "demo"})).json()
+    completed = await http.post(f"{API}/threads/{done['id']}/complete", json={})
+    assert completed.status_code == 200, completed.text
+    assert completed.json()["end_reason"] == ""

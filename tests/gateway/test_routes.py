@@ -109,9 +109,10 @@ async def test_thread_and_message_routes(http, seeded) -> None:
         and threads["limit"] == 5
     )
     one = (await http.get(f"{API}/threads/{thread['id']}")).json()
-    assert one["thread"]["message_count"] == 1 and one["messages"][0]["payload"] == {
-        "text": "hello"
-    }
+    # The seed's ThreadInfo: the thread's fields at the top level, its messages beside them.
+    assert one["id"] == thread["id"] and one["status"] == "active" and "thread" not in one
+    assert one["message_count"] == 1 and set(one["participants"]) == {alpha["id"], beta["id"]}
+    assert one["messages"][0]["payload"] == {"text": "hello"}
     messages = (await http.get(f"{API}/threads/{thread['id']}/messages")).json()
     assert messages["total_size"] == 1 and messages["messages"][0]["from_agent"] == alpha["id"]
     across = (await http.get(f"{API}/messages", params={"agent": beta["id"]})).json()

@@ -313,5 +313,6 @@ async def test_the_price_history_stays_bounded_and_pages(stack) -> None:
     assert sum(m == "hist-*" for m, _ in seen) == 50 and sum(m == "future-*" for m, _ in seen) == 50
     await expect_error(
         usage.ListModelPrices(U.ListModelPricesRequest(page_token="bogus")),
-        grpc.StatusCode.INVALID_ARGUMENT, field="page_token",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        field="page_token",
     )

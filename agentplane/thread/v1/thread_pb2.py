@@ -26,17 +26,17 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agentplane/thread/v1/thread.proto\x12\x14\x61gentplane.thread.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe7\x02\n\x06Thread\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x32\n\x06status\x18\x04 \x01(\x0e\x32\".agentplane.thread.v1.ThreadStatus\x12\x14\n\x0cparticipants\x18\x05 \x03(\t\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rmessage_count\x18\x07 \x01(\x03\x12\x12\n\nmax_tokens\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbf\x01\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\x12\x12\n\nfrom_agent\x18\x03 \x01(\t\x12\x10\n\x08to_agent\x18\x04 \x01(\t\x12\x14\n\x0cpayload_type\x18\x05 \x01(\t\x12(\n\x07payload\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x98\x01\n\x0cThreadStatus\x12\x1d\n\x19THREAD_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14THREAD_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17THREAD_STATUS_COMPLETED\x10\x02\x12\x18\n\x14THREAD_STATUS_FAILED\x10\x03\x12\x18\n\x14THREAD_STATUS_KILLED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agentplane/thread/v1/thread.proto\x12\x14\x61gentplane.thread.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfb\x02\n\x06Thread\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x32\n\x06status\x18\x04 \x01(\x0e\x32\".agentplane.thread.v1.ThreadStatus\x12\x14\n\x0cparticipants\x18\x05 \x03(\t\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rmessage_count\x18\x07 \x01(\x03\x12\x12\n\nmax_tokens\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nend_reason\x18\x0c \x01(\t\"\xbf\x01\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\x12\x12\n\nfrom_agent\x18\x03 \x01(\t\x12\x10\n\x08to_agent\x18\x04 \x01(\t\x12\x14\n\x0cpayload_type\x18\x05 \x01(\t\x12(\n\x07payload\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x98\x01\n\x0cThreadStatus\x12\x1d\n\x19THREAD_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14THREAD_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17THREAD_STATUS_COMPLETED\x10\x02\x12\x18\n\x14THREAD_STATUS_FAILED\x10\x03\x12\x18\n\x14THREAD_STATUS_KILLED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplane.thread.v1.thread_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_THREADSTATUS']._serialized_start=679
-  _globals['_THREADSTATUS']._serialized_end=831
+  _globals['_THREADSTATUS']._serialized_start=699
+  _globals['_THREADSTATUS']._serialized_end=851
   _globals['_THREAD']._serialized_start=123
-  _globals['_THREAD']._serialized_end=482
-  _globals['_MESSAGE']._serialized_start=485
-  _globals['_MESSAGE']._serialized_end=676
+  _globals['_THREAD']._serialized_end=502
+  _globals['_MESSAGE']._serialized_start=505
+  _globals['_MESSAGE']._serialized_end=696
 # @@protoc_insertion_point(module_scope)

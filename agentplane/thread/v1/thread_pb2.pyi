@@ -70,6 +70,7 @@ class Thread(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-made id (a ULID) or the one the client chose; unique across projects."""
     project_id: _builtins.str
@@ -82,6 +83,8 @@ class Thread(_message.Message):
     """Number of messages posted to the thread."""
     max_tokens: _builtins.int
     """The thread's token budget."""
+    end_reason: _builtins.str
+    """Why it was killed: the reason KillThread was given; empty otherwise."""
     @_builtins.property
     def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Agent ids taking part."""
@@ -116,10 +119,11 @@ class Thread(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        end_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "metadata", b"metadata", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "id", b"id", "max_tokens", b"max_tokens", "message_count", b"message_count", "metadata", b"metadata", "participants", b"participants", "project_id", b"project_id", "status", b"status", "title", b"title", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_reason", b"end_reason", "end_time", b"end_time", "id", b"id", "max_tokens", b"max_tokens", "message_count", b"message_count", "metadata", b"metadata", "participants", b"participants", "project_id", b"project_id", "status", b"status", "title", b"title", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
