@@ -6,11 +6,15 @@
     agentplane usage [--by model|agent] [--since 24h]
     agentplane budgets list|create|reset
 
-Tables by default, `--json` for scripts. Where the services are: `--addr HOST[:PORT]`
-(or AGENTPLANE_ADDR; the agent, thread and usage services on PORT, PORT+1, PORT+2,
-default localhost:50051), or one by one with AGENTPLANE_AGENT_ADDR, _THREAD_ADDR,
-_USAGE_ADDR. The token: `--token`, AGENTPLANE_TOKEN, or `.admin-token` in the working
-directory. Exit codes: 0 done, 1 the API refused (its message is printed), 2 bad usage.
+Tables by default, `--json` for scripts (the API's message: every field, 64-bit numbers as
+numbers, `[]` for an empty list). Options go before or after the command. Where the
+services are: `--agent-addr`, `--thread-addr`, `--usage-addr` (or AGENTPLANE_AGENT_ADDR…,
+or the services' own AGENT_SVC_ADDR, THREAD_SVC_ADDR, USAGE_SVC_ADDR); `--addr HOST[:PORT]`
+(or AGENTPLANE_ADDR) is the local shorthand for the agent service on PORT and the thread
+and usage services on PORT+1 and PORT+2 (default localhost:50051). The token: `--token`,
+AGENTPLANE_TOKEN, or `.admin-token` in the working directory. Exit codes: 0 done, 1 the
+API refused (its message is printed), 2 bad usage; output cut short by a closed pipe
+(`| head`) ends quietly with 141, as Unix tools do.
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from agentplane.agent.v1 import agent_pb2 as AP
@@ -38,102 +45,255 @@ from agentplane.usage.v1 import usage_pb2 as UP
 from agentplane.usage.v1 import usage_service_pb2 as U
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+MAX_SINCE_S = 400 * 86_400  # daily buckets are kept 400 days
+MAX_LIMIT_TOKENS = 10**12  # the API's own bound on a budget's tokens
 
 
 class UsageError(Exception):
     """Bad usage: exit code 2."""
 
 
+def _upper(text: str) -> str:
+    return text.upper()
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of at least 0")
+    return value
+
+
+def _whole(most: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not 0 <= value <= most:
+            raise argparse.ArgumentTypeError(f"{text} is not between 0 and {most}")
+        return value
+
+    return parse
+
+
+def common_options() -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name. Defaults are kept off
+    the subcommands (SUPPRESS), so a value given anywhere survives."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--addr",
+        default=argparse.SUPPRESS,
+        help="HOST[:PORT] of the agent service; thread and usage on +1, +2",
+    )
+    for name in ("agent", "thread", "usage"):
+        common.add_argument(
+            f"--{name}-addr", default=argparse.SUPPRESS, help=f"HOST:PORT of the {name} service"
+        )
+    common.add_argument("--token", default=argparse.SUPPRESS, help="API key or superuser token")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="JSON output for scripts")  # fmt: skip
+    return common
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="agentplane", description=__doc__.split("\n\n")[0])
-    top.add_argument("--addr", help="host[:port] of the agent service (thread, usage: +1, +2)")
-    top.add_argument("--token", help="API key or superuser token")
-    top.add_argument("--json", action="store_true", help="JSON output for scripts")
+    common = common_options()
+    # The top parser gets actions of its own: set_defaults below changes the defaults of
+    # the actions it holds, which must stay SUPPRESS on the subcommands.
+    top = argparse.ArgumentParser(
+        prog="agentplane", description=__doc__.split("\n\n")[0], parents=[common_options()]
+    )
+    top.set_defaults(addr=None, agent_addr=None, thread_addr=None, usage_addr=None,
+                     token=None, json=False)  # fmt: skip
     nouns = top.add_subparsers(dest="noun", required=True)
 
-    agents = nouns.add_parser("agents").add_subparsers(dest="verb", required=True)
-    listing = agents.add_parser("list")
-    listing.add_argument("--project", default="-")
-    listing.add_argument("--status", choices=["IDLE", "WORKING", "WAITING", "PAUSED", "TERMINATED"])
-    for verb in ("get", "pause", "resume", "terminate"):
-        agents.add_parser(verb).add_argument("agent_id")
+    def command(group: Any, name: str) -> argparse.ArgumentParser:
+        return group.add_parser(name, parents=[common])
 
-    threads = nouns.add_parser("threads").add_subparsers(dest="verb", required=True)
-    listing = threads.add_parser("list")
+    def verbs(name: str) -> Any:
+        return command(nouns, name).add_subparsers(dest="verb", required=True)
+
+    agents = verbs("agents")
+    listing = command(agents, "list")
     listing.add_argument("--project", default="-")
-    listing.add_argument("--status", choices=["ACTIVE", "COMPLETED", "FAILED", "KILLED"])
-    threads.add_parser("tail").add_argument("thread_id")
-    kill = threads.add_parser("kill")
+    statuses = ["IDLE", "WORKING", "WAITING", "PAUSED", "TERMINATED"]
+    listing.add_argument("--status", type=_upper, choices=statuses)
+    for verb in ("get", "pause", "resume", "terminate"):
+        command(agents, verb).add_argument("agent_id")
+
+    threads = verbs("threads")
+    listing = command(threads, "list")
+    listing.add_argument("--project", default="-")
+    listing.add_argument("--status", type=_upper,
+                         choices=["ACTIVE", "COMPLETED", "FAILED", "KILLED"])  # fmt: skip
+    command(threads, "tail").add_argument("thread_id")
+    kill = command(threads, "kill")
     kill.add_argument("thread_id")
     kill.add_argument("--reason", default="")
 
-    inject = nouns.add_parser("inject")
+    inject = command(nouns, "inject")
     inject.add_argument("agent_id")
     inject.add_argument("payload", help='a JSON object, e.g. \'{"text": "hi"}\'')
     inject.add_argument("--thread", default="")
 
-    usage = nouns.add_parser("usage")
-    usage.add_argument("--by", choices=["model", "agent"], default="model")
-    usage.add_argument("--since", default="24h", help="e.g. 30m, 24h, 7d")
+    usage = command(nouns, "usage")
+    usage.add_argument("--by", type=str.lower, choices=["model", "agent"], default="model")
+    usage.add_argument("--since", default="24h", help="e.g. 30m, 24h, 7d (at most 400d)")
     usage.add_argument("--project", default="-")
 
-    budgets = nouns.add_parser("budgets").add_subparsers(dest="verb", required=True)
-    budgets.add_parser("list").add_argument("--project", required=True)
-    create = budgets.add_parser("create")
+    budgets = verbs("budgets")
+    command(budgets, "list").add_argument("--project", required=True)
+    create = command(budgets, "create")
     create.add_argument("--project", required=True)
-    create.add_argument(
-        "--scope", choices=["PROJECT", "AGENT", "MODEL", "API_KEY"], default="PROJECT"
-    )
+    create.add_argument("--scope", type=_upper, choices=["PROJECT", "AGENT", "MODEL", "API_KEY"],
+                        default="PROJECT")  # fmt: skip
     create.add_argument("--scope-id", default="")
-    create.add_argument("--limit-tokens", type=int, default=0)
-    create.add_argument("--limit-usd", type=float, default=0.0)
-    create.add_argument("--period", choices=["DAY", "WEEK", "MONTH", "LIFETIME"], default="DAY")
+    create.add_argument("--limit-tokens", type=_whole(MAX_LIMIT_TOKENS), default=0)
+    create.add_argument("--limit-usd", type=_finite, default=0.0)
+    create.add_argument("--period", type=_upper, choices=["DAY", "WEEK", "MONTH", "LIFETIME"],
+                        default="DAY")  # fmt: skip
     create.add_argument("--time-zone", default="UTC")
-    create.add_argument("--enforcement", choices=["HARD", "SOFT"], default="HARD")
+    create.add_argument("--enforcement", type=_upper, choices=["HARD", "SOFT"], default="HARD")
     create.add_argument("--alerts", default="50,80,100", help="thresholds in percent")
-    reset = budgets.add_parser("reset")
+    reset = command(budgets, "reset")
     reset.add_argument("--project", required=True)
     reset.add_argument("budget_id")
     return top
 
 
 def token_of(args: argparse.Namespace) -> str:
-    if args.token:
-        return str(args.token)
-    if os.environ.get("AGENTPLANE_TOKEN"):
-        return os.environ["AGENTPLANE_TOKEN"]
+    """The token from --token, AGENTPLANE_TOKEN or ./.admin-token (whitespace stripped);
+    bad usage when none of them has one, saying where it looked."""
     saved = Path(".admin-token")
-    return saved.read_text().strip() if saved.is_file() else ""
+    found = (
+        args.token
+        or os.environ.get("AGENTPLANE_TOKEN", "")
+        or (saved.read_text() if saved.is_file() else "")
+    ).strip()
+    if not found:
+        raise UsageError(
+            "no token: give --token, set AGENTPLANE_TOKEN, or run where .admin-token is "
+            f"(looked for {saved.resolve()})"
+        )
+    return found
+
+
+def _host_port(flag: str, value: str, default_port: int | None = None) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or "]" in port:  # no port (an IPv6 literal in brackets ends with "]")
+        host, port = value, str(default_port or "")
+    if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise UsageError(f"{flag} {value!r} must be HOST:PORT with a port from 1 to 65535")
+    return host, int(port)
 
 
 def addresses(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-service flags first, then --addr / AGENTPLANE_ADDR (PORT, +1, +2); whatever is
+    left to the client's own defaults (AGENTPLANE_<S>_ADDR, <S>_SVC_ADDR, localhost)."""
+    chosen: dict[str, Any] = {}
     base = args.addr or os.environ.get("AGENTPLANE_ADDR", "")
-    if not base:
-        return {}  # the client's own defaults and AGENTPLANE_*_ADDR
-    host, _, port = base.rpartition(":") if ":" in base else (base, "", "50051")
-    if not port.isdigit():
-        raise UsageError(f"--addr {base!r} must be HOST or HOST:PORT")
-    first = int(port)
-    return {
-        f"{name}_addr": f"{host}:{first + i}" for i, name in enumerate(("agent", "thread", "usage"))
-    }
+    if base:
+        host, first = _host_port("--addr", base, 50051)
+        if first + 2 > 65535:
+            raise UsageError(f"--addr {base!r}: the usage service would be past port 65535")
+        chosen = {f"{n}_addr": f"{host}:{first + i}"
+                  for i, n in enumerate(("agent", "thread", "usage"))}  # fmt: skip
+    for name in ("agent", "thread", "usage"):
+        given = getattr(args, f"{name}_addr")
+        if given:
+            if not given.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):  # grpc's schemes
+                _host_port(f"--{name}-addr", given)
+            chosen[f"{name}_addr"] = given
+    return chosen
 
 
 def seconds(text: str) -> float:
     unit = text[-1:].lower()
     number = text[:-1] if unit in DURATION_UNITS else text
     try:
-        return float(number) * DURATION_UNITS.get(unit, 1)
+        value = float(number) * DURATION_UNITS.get(unit, 1)
     except ValueError:
         raise UsageError(f"{text!r} is not a duration (like 30m, 24h, 7d)") from None
+    if not 0 < value <= MAX_SINCE_S:  # NaN fails this too
+        raise UsageError(f"{text!r} is not a duration from 1s to 400d")
+    return value
+
+
+INT64 = {
+    FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64,
+}  # fmt: skip
 
 
 def as_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    """The message as the API has it: every field (zeros and `[]` included), proto field
+    names, 64-bit integers as numbers (protobuf's JSON writes them as strings)."""
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _numbers(message.DESCRIPTOR, data)
+
+
+def _numbers(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
+    for field in descriptor.fields:
+        value = data.get(field.name)
+        if value is None:
+            continue
+        if field.type in INT64:
+            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None and field.message_type.full_name.startswith(
+            "agentplane."
+        ):
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                if isinstance(item, dict):
+                    _numbers(field.message_type, item)
+    return data
+
+
+def decimal(value: float) -> str:
+    """A float as a plain decimal: 0.000021, never 2.1e-05."""
+    if not math.isfinite(value):
+        return "null"
+    text = repr(value)
+    if "e" in text or "E" in text:
+        text = format(Decimal(text), "f")
+    return text
+
+
+def to_json(data: Any, indent: int = 1, depth: int = 0) -> str:
+    """JSON with floats as plain decimals (json.dumps would write 2.1e-05)."""
+    pad, inner = " " * (indent * depth), " " * (indent * (depth + 1))
+    if isinstance(data, dict):
+        if not data:
+            return "{}"
+        body = ",\n".join(
+            f"{inner}{json.dumps(str(k))}: {to_json(v, indent, depth + 1)}" for k, v in data.items()
+        )
+        return "{\n" + body + "\n" + pad + "}"
+    if isinstance(data, list | tuple):
+        if not data:
+            return "[]"
+        body = ",\n".join(inner + to_json(v, indent, depth + 1) for v in data)
+        return "[\n" + body + "\n" + pad + "]"
+    if isinstance(data, float):
+        return decimal(data)
+    return json.dumps(data)
+
+
+def cell(value: Any) -> str:
+    if isinstance(value, float):
+        return decimal(value)
+    if isinstance(value, str):
+        return short(value)
+    return str(value)
 
 
 def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
 
     def line(values: Sequence[str]) -> str:
@@ -159,20 +319,13 @@ class Commands:
     def show(self, data: Any, rows: list[dict[str, Any]] | None = None,
              columns: Sequence[str] = ()) -> None:  # fmt: skip
         if self.as_json:
-            print(json.dumps(data, indent=1))
+            print(to_json(data))
         elif rows is not None:
-            print(
-                table(
-                    [
-                        {k: short(v) if isinstance(v, str) else v for k, v in r.items()}
-                        for r in rows
-                    ],
-                    columns,
-                )
-            )
+            print(table(rows, columns))
         else:
             for key, value in data.items():
-                print(f"{key}: {short(value) if isinstance(value, str) else json.dumps(value)}")
+                shown = cell(value) if isinstance(value, str | float) else to_json(value, 0)
+                print(f"{key}: {shown.replace(chr(10), '')}")
 
     async def agents(self, args: argparse.Namespace) -> None:
         c = self.client
@@ -205,7 +358,7 @@ class Commands:
             self.show(
                 reply,
                 reply.get("threads", []),
-                ("id", "title", "status", "project_id", "message_count"),
+                ("id", "title", "status", "project_id", "message_count", "end_reason"),
             )
         elif args.verb == "kill":
             killed = await c.call(
@@ -231,17 +384,20 @@ class Commands:
             if event.HasField("message"):
                 self.message(as_dict(event.message))
             elif event.HasField("thread"):
-                status = short(as_dict(event.thread).get("status", ""))
+                ended = as_dict(event.thread)
+                status, reason = short(ended.get("status", "")), ended.get("end_reason", "")
                 print(
-                    json.dumps({"thread": thread_id, "status": status})
+                    to_json(
+                        {"thread": thread_id, "status": status, "end_reason": reason}, 0
+                    ).replace("\n", "")
                     if self.as_json
-                    else f"-- thread {status}",
+                    else f"-- thread {status}" + (f": {reason}" if reason else ""),
                     flush=True,
                 )
 
     def message(self, m: dict[str, Any]) -> None:
         if self.as_json:
-            print(json.dumps(m), flush=True)
+            print(json.dumps(m, separators=(",", ":")), flush=True)
         else:
             who = f"{m.get('from_agent')} -> {m.get('to_agent')}"
             body = json.dumps(m.get("payload", {}))
@@ -298,9 +454,14 @@ class Commands:
                     U.ListBudgetsRequest(project_id=args.project, page_size=100),
                 )
             )
+            rows = [
+                {**b, "used_usd": b["used_cost_micros"] / 1e6,
+                 "limit_usd": b["limit_cost_micros"] / 1e6}
+                for b in reply["budgets"]
+            ]  # fmt: skip
             self.show(
                 reply,
-                reply.get("budgets", []),
+                rows,
                 (
                     "budget_id",
                     "scope",
@@ -309,6 +470,8 @@ class Commands:
                     "enforcement",
                     "used_tokens",
                     "limit_tokens",
+                    "used_usd",
+                    "limit_usd",
                     "percent_used",
                 ),
             )
@@ -325,7 +488,9 @@ class Commands:
             try:
                 thresholds = [int(t) for t in args.alerts.split(",") if t]
             except ValueError:
-                raise UsageError("--alerts must be whole percentages, e.g. 50,80,100") from None
+                thresholds = [-1]
+            if not all(0 < t <= 1000 for t in thresholds):
+                raise UsageError("--alerts must be whole percentages from 1 to 1000, e.g. 50,80")
             budget = UP.Budget(
                 scope=UP.BudgetScope.Value(f"BUDGET_SCOPE_{args.scope}"), scope_id=args.scope_id,
                 limit_tokens=args.limit_tokens, limit_cost_micros=round(args.limit_usd * 1e6),
@@ -351,12 +516,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)  # bad usage: argparse prints it and exits 2
     try:
         asyncio.run(run(args))
+        sys.stdout.flush()
     except UsageError as exc:
         print(f"agentplane: {exc}", file=sys.stderr)
         return 2
     except grpc.aio.AioRpcError as exc:
         print(f"agentplane: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went (`| head`): nothing more to say, and nothing to flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         return 0
     return 0

@@ -8,7 +8,7 @@ import logging
 import os
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
@@ -86,10 +86,27 @@ def _quota_subjects(error: grpc.aio.AioRpcError) -> list[str]:
     return subjects
 
 
+DEFAULT_ADDRESSES = {"agent": "localhost:50051", "thread": "localhost:50052",
+                     "usage": "localhost:50053"}  # fmt: skip
+
+
+def service_address(name: str, env: Mapping[str, str] | None = None) -> str:
+    """Where service `name` (agent, thread, usage) is: AGENTPLANE_<NAME>_ADDR, else the
+    services' own <NAME>_SVC_ADDR (what a pod in the cluster already has), else the
+    local default (localhost:50051/2/3)."""
+    env = os.environ if env is None else env
+    upper = name.upper()
+    return (
+        env.get(f"AGENTPLANE_{upper}_ADDR")
+        or env.get(f"{upper}_SVC_ADDR")
+        or DEFAULT_ADDRESSES[name]
+    )
+
+
 class AgentplaneClient:
-    """One object for the three services. Addresses default to AGENTPLANE_AGENT_ADDR,
-    AGENTPLANE_THREAD_ADDR, AGENTPLANE_USAGE_ADDR (else localhost:50051/2/3); the token to
-    AGENTPLANE_TOKEN. `credentials`: grpc channel credentials for TLS or mutual TLS
+    """One object for the three services. Each address defaults to AGENTPLANE_<S>_ADDR,
+    then the services' own <S>_SVC_ADDR (AGENT_SVC_ADDR, THREAD_SVC_ADDR, USAGE_SVC_ADDR),
+    else localhost:50051/2/3; the token to AGENTPLANE_TOKEN. `credentials`: grpc channel credentials for TLS or mutual TLS
     (`grpc.ssl_channel_credentials(ca, key, cert)`); plaintext without."""
 
     def __init__(
@@ -105,13 +122,14 @@ class AgentplaneClient:
         batch_delay_s: float = 0.05,
     ) -> None:
         env = os.environ
-        self._token = token if token is not None else env.get("AGENTPLANE_TOKEN", "")
+        # A token pasted with its newline (`export T=$(cat file)` keeps none, an editor may).
+        self._token = (token if token is not None else env.get("AGENTPLANE_TOKEN", "")).strip()
         self.retry = retry or Retry()
         self.addresses = [
-            agent_addr or env.get("AGENTPLANE_AGENT_ADDR", "localhost:50051"),
-            thread_addr or env.get("AGENTPLANE_THREAD_ADDR", "localhost:50052"),
-            usage_addr or env.get("AGENTPLANE_USAGE_ADDR", "localhost:50053"),
-        ]
+            given or service_address(name, env)
+            for name, given in (("agent", agent_addr), ("thread", thread_addr),
+                                ("usage", usage_addr))
+        ]  # fmt: skip
         self._credentials = credentials
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: tuple[Any, Any, Any] | None = None
