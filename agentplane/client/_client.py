@@ -106,8 +106,9 @@ def service_address(name: str, env: Mapping[str, str] | None = None) -> str:
 class AgentplaneClient:
     """One object for the three services. Each address defaults to AGENTPLANE_<S>_ADDR,
     then the services' own <S>_SVC_ADDR (AGENT_SVC_ADDR, THREAD_SVC_ADDR, USAGE_SVC_ADDR),
-    else localhost:50051/2/3; the token to AGENTPLANE_TOKEN. `credentials`: grpc channel credentials for TLS or mutual TLS
-    (`grpc.ssl_channel_credentials(ca, key, cert)`); plaintext without."""
+    else localhost:50051/2/3; the token to AGENTPLANE_TOKEN. `credentials`: grpc channel
+    credentials for TLS or mutual TLS (`grpc.ssl_channel_credentials(ca, key, cert)`);
+    plaintext without."""
 
     def __init__(
         self,

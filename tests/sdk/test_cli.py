@@ -82,7 +82,9 @@ async def test_exit_codes_say_what_went_wrong(cluster) -> None:
     assert code == 2 and "not a duration" in err
 
 
-async def run_cli(*args: str, env: dict[str, str], cwd: str | None = None, stdout=None) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+async def run_cli(
+    *args: str, env: dict[str, str], cwd: str | None = None, stdout=None
+) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agentplane.cli", *args, env=env, cwd=cwd,
         stdout=stdout or asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -91,7 +93,9 @@ async def run_cli(*args: str, env: dict[str, str], cwd: str | None = None, stdou
     return proc.returncode or 0, (out or b"").decode(), err.decode()
 
 
-async def test_options_anywhere_service_addresses_and_json_as_the_api_has_it(cluster, tmp_path) -> None:
+async def test_options_anywhere_service_addresses_and_json_as_the_api_has_it(
+    cluster, tmp_path
+) -> None:
     await make_project(cluster.agent)
     await make_type(cluster.agent)
     # --json after the subcommand; an empty project lists [] (jq '.agents[]' works).
@@ -126,7 +130,9 @@ async def test_options_anywhere_service_addresses_and_json_as_the_api_has_it(clu
     assert code == 0 and "runaway loop" in out
     code, out, _ = await cli(cluster, "threads", "list", "--status", "killed")
     assert "runaway loop" in out
-    code, out, _ = await cli(cluster, "budgets", "create", "--project", "demo", "--limit-usd", "2.5")
+    code, out, _ = await cli(
+        cluster, "budgets", "create", "--project", "demo", "--limit-usd", "2.5"
+    )
     assert code == 0
     code, out, _ = await cli(cluster, "budgets", "list", "--project", "demo")
     assert "LIMIT_USD" in out and "2.5" in out, out
@@ -135,7 +141,9 @@ async def test_options_anywhere_service_addresses_and_json_as_the_api_has_it(clu
 async def test_bad_input_is_exit_2_with_a_message_never_a_traceback(cluster, tmp_path) -> None:
     await make_project(cluster.agent)
     for args in (
-        ["usage", "--since", "nan"], ["usage", "--since", "inf"], ["usage", "--since", "1e20s"],
+        ["usage", "--since", "nan"],
+        ["usage", "--since", "inf"],
+        ["usage", "--since", "1e20s"],
         ["budgets", "create", "--project", "demo", "--limit-usd", "nan"],
         ["budgets", "create", "--project", "demo", "--limit-usd", "inf"],
         ["budgets", "create", "--project", "demo", "--limit-tokens", "1e23"],
@@ -144,7 +152,7 @@ async def test_bad_input_is_exit_2_with_a_message_never_a_traceback(cluster, tmp
         ["--addr", "localhost:99999", "agents", "list"],
         ["agents", "list", "--agent-addr", "nohost"],
     ):
-        code, out, err = await cli(cluster, *args)
+        code, _, err = await cli(cluster, *args)
         assert code == 2 and "Traceback" not in err and err.strip(), (args, code, err)
     # No token anywhere: say where the CLI looked.
     env = {"AGENTPLANE_AGENT_ADDR": cluster.address("agent"), "PATH": "/usr/bin:/bin"}
