@@ -132,7 +132,11 @@ class Worker:
                 await self.handler(delivery.message)
             except Exception as exc:  # the handler's failure: redeliver, or give up
                 if delivery.delivery_count < self.max_attempts:
-                    log.warning("handler failed (attempt %d): %s", delivery.delivery_count, exc)
+                    log.warning(
+                        "handler failed on message %s (attempt %d of %d): %s: %s",
+                        delivery.message.id, delivery.delivery_count, self.max_attempts,
+                        type(exc).__name__, exc, exc_info=exc,
+                    )  # fmt: skip
                     self._reopen.set()
                     return
                 await self.dead_letter(delivery.message, exc)
@@ -167,8 +171,9 @@ class Worker:
 
     async def _post_dead_letter(self, message: thread_pb2.Message, error: BaseException) -> None:
         log.error(
-            "giving up on message %s after %d attempts: %s", message.id, self.max_attempts, error
-        )
+            "giving up on message %s after %d attempts: %s: %s",
+            message.id, self.max_attempts, type(error).__name__, error, exc_info=error,
+        )  # fmt: skip
         if self.dead_letter_thread:
             payload = {"message_id": message.id, "thread_id": message.thread_id,
                        "error": str(error)}  # fmt: skip

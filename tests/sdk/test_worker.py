@@ -97,7 +97,8 @@ async def _first_or_none(stream) -> object:  # type: ignore[no-untyped-def]
         return None
 
 
-async def test_a_message_that_always_fails_is_given_up_after_max_attempts(cluster) -> None:
+async def test_a_message_that_always_fails_is_given_up_after_max_attempts(cluster, caplog) -> None:
+    caplog.set_level("WARNING", logger="agentplane.worker")
     agent, token = await agent_with_token(cluster)
     sent = await inject(cluster, agent.id, 1)
     attempts = 0
@@ -117,6 +118,14 @@ async def test_a_message_that_always_fails_is_given_up_after_max_attempts(cluste
     running = asyncio.create_task(worker.run(stop))
     await until(lambda: asyncio.sleep(0, dead), timeout=15)
     assert attempts == 3 and dead == [sent.message_id] and worker.dead == 1
+    # Each failure is logged with the exception's type and its traceback, not its text alone.
+    failures = [r for r in caplog.records if "handler failed" in r.getMessage()]
+    assert len(failures) == 2 and all(r.exc_info and r.exc_info[0] is ValueError for r in failures)
+    assert (
+        "ValueError: cannot parse" in failures[0].getMessage()
+        and sent.message_id in failures[0].getMessage()
+    )
+    assert "raise ValueError" in caplog.text  # the traceback's lines
     stop.set()
     await asyncio.wait_for(running, 10)
     await client.close()
