@@ -317,10 +317,12 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         request_key = RequestKey(f"post:{thread_id}", request_id, thread_id) if request_id else None
         if request_key and (earlier := await self._store.earlier_message(request_key)):
             return message_of(earlier)
+        if recipient == OPERATOR:  # an answer to the operator: in the thread, in no inbox
+            message = dataclasses.replace(message, recipient_is_agent=False)
         record, sender_agent, recipient_agent = await asyncio.gather(
             self._thread(thread_id),
             self._agents.agent(sender),
-            self._agents.agent(recipient),
+            self._agents.agent(sender if recipient == OPERATOR else recipient),
         )
         if sender_agent.status in (PAUSED, TERMINATED):
             status = enums.short_name(agent_pb2.AgentStatus, sender_agent.status)
@@ -331,7 +333,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             raise errors.failed_precondition(
                 f"recipient {recipient!r} is TERMINATED", "RECIPIENT_TERMINATED", agent=recipient
             )
-        if recipient not in sender_agent.peers:
+        if recipient != OPERATOR and recipient not in sender_agent.peers:
             raise errors.permission_denied(
                 f"{recipient!r} is not one of {sender!r}'s peers", "NOT_A_PEER"
             )

@@ -88,6 +88,7 @@ class NewMessage:
     payload_type: str
     payload_json: str
     sender_is_agent: bool
+    recipient_is_agent: bool = True  # False: an answer to the operator (no inbox)
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,7 +410,7 @@ class ThreadStore:
             request.suffix if request else "", self._request_ttl_s, message.message_id,
             message.from_agent, message.to_agent, message.payload_type, message.payload_json,
             now_ms(), message.thread_id, "1" if message.sender_is_agent else "0",
-            self._max_messages,
+            self._max_messages, "1" if message.recipient_is_agent else "0",
         ]  # fmt: skip
         reply = await self._post(keys=[keys.prefix], args=args)
         outcome = Outcome(reply[0])

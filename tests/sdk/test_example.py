@@ -54,8 +54,23 @@ async def test_the_example_agent_works_and_stops_on_sigterm(cluster, tmp_path) -
             return agent.status == agent_pb2.AGENT_STATUS_IDLE and agent.tasks_completed >= 1
 
         await until(idle)
+
+        # Its answers are in the thread, from the agent to the operator, in no inbox.
+        async def answered() -> bool:
+            found = await cluster.thread.ListMessages(T.ListMessagesRequest(thread_id=first))
+            return sum(m.payload_type == "answer" for m in found.messages) == 3
+
+        await until(answered, timeout=10)
+        listed = await cluster.thread.ListMessages(T.ListMessagesRequest(thread_id=first))
+        answers = [m for m in listed.messages if m.payload_type == "answer"]
+        assert {(m.from_agent, m.to_agent) for m in answers} == {(agent_id, "operator")}
+        assert all(m.payload["text"].startswith("Noted: question") for m in answers)
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+        # The run's key is revoked: run twice, no live key is left behind.
+        keys = await cluster.agent.ListApiKeys(A.ListApiKeysRequest())
+        mine = [k for k in keys.api_keys if k.subject == agent_id]
+        assert len(mine) == 1 and mine[0].revoked
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -14,7 +14,7 @@ from agentplane.agent.v1 import agent_pb2, agent_service_pb2
 from agentplane.thread.v1 import thread_pb2, thread_service_pb2_grpc
 from agentplane.thread.v1 import thread_service_pb2 as T
 from services.thread_svc.server import create_server as create_thread_server
-from tests.helpers import authed_channel, make_project, make_type, spawn
+from tests.helpers import authed_channel, expect_error, make_project, make_type, spawn
 from tests.helpers.servers import make_settings, start_cluster, stop_cluster
 
 
@@ -323,3 +323,24 @@ async def test_streams_cancelled_right_after_opening_give_their_leases_back(pair
     for c in again:
         c.cancel()
     assert not busy, f"{len(busy)} consumer names still taken"
+
+
+async def test_an_agent_answers_the_operator_into_the_thread_not_an_inbox(pair) -> None:
+    cluster, alpha, beta, thread = pair
+    body = text("the answer")
+    posted = await cluster.thread.PostMessage(T.PostMessageRequest(
+        thread_id=thread.id, from_agent=beta.id, to_agent="operator", payload=body))  # fmt: skip
+    assert posted.to_agent == "operator" and posted.from_agent == beta.id
+    listed = await cluster.thread.ListMessages(T.ListMessagesRequest(thread_id=thread.id))
+    assert [(m.from_agent, m.to_agent) for m in listed.messages] == [(beta.id, "operator")]
+    mine = await cluster.thread.ListMessages(T.ListMessagesRequest(thread_id="-", agent=beta.id))
+    assert [m.id for m in mine.messages] == [posted.id]
+    stream = cluster.thread.ReceiveMessages(T.ReceiveMessagesRequest(agent_id=beta.id))
+    await nothing_arrives(stream, 1.0)  # the sender's inbox stays empty
+    stream.cancel()
+    # Not a way around peers: another agent still needs to be a peer.
+    await expect_error(
+        cluster.thread.PostMessage(T.PostMessageRequest(
+            thread_id=thread.id, from_agent=beta.id, to_agent=alpha.id, payload=body)),
+        grpc.StatusCode.PERMISSION_DENIED, reason="NOT_A_PEER",
+    )  # fmt: skip

@@ -1,11 +1,12 @@
 -- Post a message atomically: request-id check, the thread must be ACTIVE, the message
--- delivered into the recipient's inbox stream and appended to the thread's log (which
+-- delivered into the recipient's inbox stream (unless the recipient is the operator, who
+-- has no inbox: an agent's answer to an injected message) and appended to the thread's log (which
 -- names the inbox entry and request id, so removal finds them), indexed for both agents,
 -- both agents made participants; past the cap, the thread's oldest message is dropped.
 -- KEYS: 1 the project's prefix T
 -- ARGV: 1 request key ('' for none), 2 request-id ttl (s), 3 message id, 4 from, 5 to,
 --       6 payload type, 7 payload (JSON), 8 now (ms), 9 thread id, 10 sender is an agent
---       (0/1), 11 most messages a thread keeps
+--       (0/1), 11 most messages a thread keeps, 12 recipient is an agent (0/1)
 -- Returns {'OK', ref} | {'DUPLICATE', ref} | {'NO_THREAD'} | {'NOT_ACTIVE', status},
 -- where ref is "thread id|log entry id|message id".
 local T, req, tid, from, to = KEYS[1], ARGV[1], ARGV[9], ARGV[4], ARGV[5]
@@ -18,10 +19,15 @@ local status = redis.call('HGET', thread, 'status')
 if not status then return {'NO_THREAD'} end
 if status ~= 'ACTIVE' then return {'NOT_ACTIVE', status} end
 local thread_member = redis.call('HGET', thread, 'member')
-local inbox = redis.call('XADD', T .. 'inbox:' .. to, '*', 'thread_id', tid, 'id', ARGV[3],
-  'from', from, 'to', to, 'type', ARGV[6], 'payload', ARGV[7], 'ms', ARGV[8])
+local to_agent = ARGV[12] == '1'
 local entry_fields = {'kind', 'message', 'id', ARGV[3], 'from', from, 'to', to,
-  'type', ARGV[6], 'payload', ARGV[7], 'ms', ARGV[8], 'inbox', inbox}
+  'type', ARGV[6], 'payload', ARGV[7], 'ms', ARGV[8]}
+if to_agent then
+  entry_fields[#entry_fields + 1] = 'inbox'
+  entry_fields[#entry_fields + 1] = redis.call('XADD', T .. 'inbox:' .. to, '*',
+    'thread_id', tid, 'id', ARGV[3], 'from', from, 'to', to, 'type', ARGV[6],
+    'payload', ARGV[7], 'ms', ARGV[8])
+end
 if req ~= '' then
   entry_fields[#entry_fields + 1] = 'req'
   entry_fields[#entry_fields + 1] = req
@@ -30,10 +36,10 @@ local entry = redis.call('XADD', log, '*', unpack(entry_fields))
 local count = redis.call('HINCRBY', thread, 'message_count', 1)
 redis.call('HSET', thread, 'update_ms', ARGV[8])
 local index_member = ARGV[3] .. '|' .. tid .. '|' .. entry
-redis.call('ZADD', T .. 'msgs:' .. to, 0, index_member)
+if to_agent then redis.call('ZADD', T .. 'msgs:' .. to, 0, index_member) end
 if from ~= to and ARGV[10] == '1' then redis.call('ZADD', T .. 'msgs:' .. from, 0, index_member) end
 local lm = log_member(entry)
-redis.call('ZADD', T .. 'tmsgs:' .. tid .. ':' .. to, 0, lm)
+if to_agent then redis.call('ZADD', T .. 'tmsgs:' .. tid .. ':' .. to, 0, lm) end
 if from ~= to and ARGV[10] == '1' then redis.call('ZADD', T .. 'tmsgs:' .. tid .. ':' .. from, 0, lm) end
 local function join(agent)
   if redis.call('SADD', parts, agent) == 1 then
@@ -41,7 +47,7 @@ local function join(agent)
     redis.call('ZADD', T .. 'idx:a:' .. agent .. ':ACTIVE', 0, thread_member)
   end
 end
-join(to)
+if to_agent then join(to) end
 if ARGV[10] == '1' then join(from) end
 local dropped = tonumber(redis.call('HGET', thread, 'dropped') or '0')
 if count - dropped > tonumber(ARGV[11]) then
