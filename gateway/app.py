@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import math
 import time
 from collections.abc import AsyncIterator
@@ -350,19 +352,7 @@ class Gateway:
         return json_response(self.openapi)
 
     async def docs(self, _request: Request) -> Response:
-        return HTMLResponse(DOCS_PAGE)
-
-
-DOCS_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>agentplane API</title>
-<style>body{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}code{background:#eee}
-td{padding:.2rem .6rem;border-bottom:1px solid #ddd;vertical-align:top}</style></head>
-<body><h1>agentplane REST API</h1><p>Machine-readable: <a href="/openapi.json">/openapi.json</a>
-(OpenAPI 3.1).</p><table id="ops"></table><script>
-fetch('/openapi.json').then(r=>r.json()).then(spec=>{const t=document.getElementById('ops');
-for(const [path,ops] of Object.entries(spec.paths)){for(const [verb,op] of Object.entries(ops)){
-const row=t.insertRow();row.insertCell().innerHTML='<code>'+verb.toUpperCase()+'</code>';
-row.insertCell().innerHTML='<code>'+path+'</code>';row.insertCell().textContent=op.summary||'';}}});
-</script></body></html>"""
+        return HTMLResponse(DOCS_PAGE, headers=DOCS_HEADERS)
 
 
 def _field_at(descriptor: Any, dotted: str) -> Any:
@@ -397,6 +387,36 @@ UI_HEADERS = {
     "referrer-policy": "no-referrer",
     "x-frame-options": "DENY",
     "cache-control": "no-cache",
+}
+
+
+DOCS_STYLE = """body{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}
+code{background:#eee}
+td{padding:.2rem .6rem;border-bottom:1px solid #ddd;vertical-align:top}"""
+DOCS_SCRIPT = """fetch('/openapi.json').then(r=>r.json()).then(spec=>{
+const t=document.getElementById('ops');
+const code=(text)=>{const c=document.createElement('code');c.textContent=text;return c;};
+for(const [path,ops] of Object.entries(spec.paths)){for(const [verb,op] of Object.entries(ops)){
+const row=t.insertRow();row.insertCell().append(code(verb.toUpperCase()));
+row.insertCell().append(code(path));row.insertCell().textContent=op.summary||'';}}});"""
+DOCS_PAGE = f"""<!doctype html><html><head><meta charset="utf-8"><title>agentplane API</title>
+<style>{DOCS_STYLE}</style></head>
+<body><h1>agentplane REST API</h1><p>Machine-readable: <a href="/openapi.json">/openapi.json</a>
+(OpenAPI 3.1).</p><table id="ops"></table><script>{DOCS_SCRIPT}</script></body></html>"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+# The console's headers, with the docs page's own inline script and style allowed by hash.
+DOCS_HEADERS = {
+    **UI_HEADERS,
+    "content-security-policy": (
+        f"default-src 'none'; script-src {_csp_hash(DOCS_SCRIPT)}; "
+        f"style-src {_csp_hash(DOCS_STYLE)}; connect-src 'self'; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'"
+    ),
 }
 
 

@@ -9,7 +9,7 @@ from google.protobuf import timestamp_pb2
 from ulid import ULID
 
 from services.common import errors
-from services.common.limits import MAX_ID_LENGTH
+from services.common.limits import MAX_ID_LENGTH, MAX_MODEL_LENGTH
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -40,6 +40,18 @@ def require_id(field: str, value: str) -> str:
         raise errors.invalid_argument(field, "is required")
     if len(value) > MAX_ID_LENGTH:
         raise errors.invalid_argument(field, f"is longer than {MAX_ID_LENGTH} characters")
+    if not value.isprintable() or "|" in value:
+        raise errors.invalid_argument(field, "contains characters that are not allowed")
+    return value
+
+
+def require_model(field: str, value: str) -> str:
+    """A model name or price pattern: required, at most MAX_MODEL_LENGTH (200) characters,
+    printable, no '|' (the one limit for every field that names a model)."""
+    if not value:
+        raise errors.invalid_argument(field, "is required")
+    if len(value) > MAX_MODEL_LENGTH:
+        raise errors.invalid_argument(field, f"is longer than {MAX_MODEL_LENGTH} characters")
     if not value.isprintable() or "|" in value:
         raise errors.invalid_argument(field, "contains characters that are not allowed")
     return value

@@ -18,13 +18,19 @@ from services.common import enums, errors, tuning
 from services.common.access import require_manager
 from services.common.auth import AGENT
 from services.common.context import current_principal
-from services.common.convert import new_id, now_ms, require_id, require_text, timestamp
+from services.common.convert import (
+    new_id,
+    now_ms,
+    require_id,
+    require_model,
+    require_text,
+    timestamp,
+)
 from services.common.interceptors import stream_open
 from services.common.limits import (
     MAX_BUDGET_COST_MICROS,
     MAX_BUDGET_TOKENS,
     MAX_EVENT_TYPE_LENGTH,
-    MAX_MODEL_LENGTH,
     MAX_THRESHOLDS,
     MAX_TIME_ZONE_LENGTH,
     MAX_TITLE_LENGTH,
@@ -35,6 +41,7 @@ from services.common.redis import RedisClient
 from services.common.settings import Settings
 from services.usage_svc.budget_store import (
     EVENT_TYPES,
+    MAX_BUDGETS_PER_SCOPE_ID,
     Alert,
     BudgetRecord,
     BudgetSpec,
@@ -112,8 +119,10 @@ class BudgetRpcs:
                 "TOO_MANY_BUDGETS",
             )
         if answer == "CROWDED":
+            scope_id = spec.scope_id or project_id  # a project budget's scope is its project
             raise errors.failed_precondition(
-                f"{spec.scope.lower()} {spec.scope_id!r} has the most budgets one scope may have",
+                f"{spec.scope.lower()} {scope_id!r} has the most budgets one scope may have "
+                f"({MAX_BUDGETS_PER_SCOPE_ID})",
                 "TOO_MANY_BUDGETS",
             )
         return budget_message(await self._managed_budget(project_id, budget_id))
@@ -232,9 +241,7 @@ class BudgetRpcs:
                     "budget.scope_id", "must be empty for a project budget"
                 )
         elif scope == "MODEL":
-            scope_id = require_id(
-                "budget.scope_id", require_text("budget.scope_id", scope_id, MAX_MODEL_LENGTH)
-            )
+            scope_id = require_model("budget.scope_id", scope_id)
         else:
             scope_id = require_id("budget.scope_id", scope_id)
         if scope == "AGENT":

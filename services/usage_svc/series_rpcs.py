@@ -17,7 +17,7 @@ from agentplane.usage.v1 import usage_pb2, usage_service_pb2
 from services.agent_svc.client import AgentClient
 from services.common import codec, errors
 from services.common.access import require_superuser
-from services.common.convert import now_ms, require_id, require_text, timestamp
+from services.common.convert import now_ms, require_id, require_model, require_text, timestamp
 from services.common.interceptors import stream_open
 from services.common.limits import MAX_MODEL_LENGTH, MAX_SERIES_BUCKETS
 from services.common.pagination import parse_page
@@ -67,11 +67,7 @@ class SeriesRpcs:
             usage_pb2.USAGE_GROUP_BY_AGENT: "agent", usage_pb2.USAGE_GROUP_BY_MODEL: "model"
         }.get(request.group_by, "")  # fmt: skip
         agent_id = require_id("agent_id", request.agent_id) if request.agent_id else ""
-        model = (
-            require_id("model", require_text("model", request.model, MAX_MODEL_LENGTH))
-            if request.model
-            else ""
-        )
+        model = require_model("model", request.model) if request.model else ""
         # Buckets keep totals per agent and per model, not per pair of them.
         if (agent_id and (model or group == "model")) or (model and group == "agent"):
             raise errors.invalid_argument(
@@ -133,9 +129,7 @@ class SeriesRpcs:
     ) -> usage_pb2.ModelPrice:
         require_superuser("setting prices")
         given = request.price
-        model = require_id(
-            "price.model", require_text("price.model", given.model, MAX_MODEL_LENGTH)
-        )
+        model = require_model("price.model", given.model)
         if "*" in model[:-1]:
             raise errors.invalid_argument("price.model", "a pattern has one '*', at its end")
         values = {
@@ -188,7 +182,7 @@ class SeriesRpcs:
         self, request: usage_service_pb2.DeleteModelPriceRequest, context: ServicerContext
     ) -> usage_service_pb2.DeleteModelPriceResponse:
         require_superuser("deleting prices")
-        model = require_id("model", request.model)
+        model = require_model("model", request.model)
         if not request.HasField("effective_time"):
             raise errors.invalid_argument("effective_time", "is required")
         if not await self._prices.delete(model, request.effective_time.ToMilliseconds()):

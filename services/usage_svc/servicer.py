@@ -15,12 +15,17 @@ from services.common import errors, tuning
 from services.common.access import require_manager, require_self, require_superuser
 from services.common.auth import AGENT
 from services.common.context import current_call_is_internal, current_principal
-from services.common.convert import now_ms, require_client_id, require_id, require_text, timestamp
+from services.common.convert import (
+    now_ms,
+    require_client_id,
+    require_id,
+    require_model,
+    timestamp,
+)
 from services.common.limits import (
     DEFAULT_RESERVATION_TTL_MS,
     MAX_COST_USD,
     MAX_LATENCY_MS,
-    MAX_MODEL_LENGTH,
     MAX_RESERVATION_TTL_MS,
     MAX_TOKENS_PER_CALL,
 )
@@ -129,9 +134,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         principal = current_principal()
         if principal.role == AGENT and not project_id:
             project_id = principal.project_id  # an agent records in its own project
-        model = require_id(
-            prefix + "model", require_text(prefix + "model", request.model, MAX_MODEL_LENGTH)
-        )
+        model = require_model(prefix + "model", request.model)
         reservation_id = (
             require_client_id(prefix + "reservation_id", request.reservation_id)
             if request.reservation_id
@@ -250,11 +253,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         reservation_id = require_client_id("reservation_id", request.reservation_id)
         thread_id = require_id("thread_id", request.thread_id)
         agent_id = require_id("agent_id", request.agent_id) if request.agent_id else ""
-        model = (
-            require_id("model", require_text("model", request.model, MAX_MODEL_LENGTH))
-            if request.model
-            else ""
-        )
+        model = require_model("model", request.model) if request.model else ""
         project_id = await self._thread_access(thread_id)
         if not 0 < request.tokens <= MAX_TOKENS_PER_CALL:
             raise errors.invalid_argument("tokens", f"must be between 1 and {MAX_TOKENS_PER_CALL}")
@@ -398,7 +397,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         self, request: usage_service_pb2.GetModelUsageRequest, context: ServicerContext
     ) -> usage_pb2.ModelUsage:
         require_superuser("cluster-wide model usage")
-        model = require_id("model", request.model)
+        model = require_model("model", request.model)
         counters = await self._store.model_counters(model)
         return usage_pb2.ModelUsage(model=model, totals=totals_message(counters))
 

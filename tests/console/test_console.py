@@ -351,3 +351,27 @@ async def test_long_lists_page_and_usage_exports(browser, world) -> None:
     await run(by_agent_then_export)
     await run(wait, browser, lambda d: "CSV exported" in text(d, "#flash"))
     assert await run(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#usage-chart rect"))) >= 1
+
+
+async def test_the_api_docs_page_has_the_consoles_security_headers_and_still_works(
+    browser, world
+) -> None:
+    import httpx
+
+    url = world["url"]
+    async with httpx.AsyncClient(base_url=url) as http:
+        page = await http.get("/docs")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert "'unsafe-inline'" not in csp
+    for header in ("x-content-type-options", "referrer-policy", "x-frame-options"):
+        assert page.headers[header], header
+
+    def rows(driver: Any) -> int:
+        driver.get(f"{url}/docs")
+        wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#ops tr")) > 20)
+        return len(driver.find_elements(By.CSS_SELECTOR, "#ops tr"))
+
+    assert await run(rows, browser) > 20  # its script ran under the policy
+    refused = [e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not refused, refused

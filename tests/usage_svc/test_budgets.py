@@ -448,3 +448,30 @@ async def test_sse_alerts_carry_ids_and_resume_from_last_event_id(stack) -> None
         assert [i for i, _ in first] == [e["alert_id"] for _, e in first]
         rest = await read({"Last-Event-ID": first[0][0]}, 2)
         assert [i for i, _ in rest] == [i for i, _ in first[1:]]
+
+
+async def test_a_crowded_project_scope_names_its_project_and_model_names_take_200(stack) -> None:
+    usage = stack.usage
+    for _ in range(10):
+        await create(usage, limit_tokens=100)
+    caught = await expect_error(create(usage, limit_tokens=100), grpc.StatusCode.FAILED_PRECONDITION,
+                                reason="TOO_MANY_BUDGETS")  # fmt: skip
+    assert "project 'demo'" in caught.details() and "''" not in caught.details()
+    # One limit for model names everywhere: 200 characters.
+    agent = await spawn(stack.agent, "named")
+    model = "m" * 200
+    made = await usage.RecordUsage(U.RecordUsageRequest(
+        usage_id="long", thread_id="t1", agent_id=agent.id, project_id="demo", model=model,
+        prompt_tokens=1))  # fmt: skip
+    assert made.cost_micros == 0
+    await create(usage, scope=B.BUDGET_SCOPE_MODEL, scope_id=model, limit_tokens=5)
+    assert (
+        await usage.GetModelUsage(U.GetModelUsageRequest(model=model))
+    ).totals.request_count == 1
+    for call, field in (
+        (usage.RecordUsage(U.RecordUsageRequest(usage_id="longer", thread_id="t1", agent_id=agent.id,
+                                                project_id="demo", model=model + "m")), "model"),
+        (usage.GetModelUsage(U.GetModelUsageRequest(model=model + "m")), "model"),
+    ):  # fmt: skip
+        caught = await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, field=field)
+        assert "200" in caught.details()
