@@ -55,6 +55,7 @@ class Partition:
         self.budget_list = self.prefix + "budgets"
         self.alerts = self.prefix + "alerts"
         self.webhooks = self.prefix + "webhooks"
+        self.active = self.prefix + "active"  # the project's unclosed thread budgets
 
     def thread(self, thread_id: str) -> str:
         return f"{self.prefix}thread:{thread_id}"

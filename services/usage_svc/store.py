@@ -599,10 +599,12 @@ class UsageStore:
 
     async def overview(self, project_id: str, top: int) -> Overview:
         """Totals, top agents and models by tokens, and active budgets; all from shard
-        aggregates. With a project: its totals and agents (models are cluster-wide)."""
+        aggregates. With a project: its totals, agents and active budgets (models are
+        cluster-wide)."""
         agents, models, active = await self._ranked(project_id, top)
         if project_id:
-            models, active = [], 0
+            models = []
+            active = int(await self._redis.get(self.layout.partition(project_id).active) or 0)
             totals_keys = [self.layout.partition(project_id).totals]
         else:
             totals_keys = [s.totals for s in self._shards]

@@ -219,10 +219,19 @@ async def test_default_budget_and_active_threads(usage_stub) -> None:
     await usage_stub.SetThreadBudget(
         U.SetThreadBudgetRequest(project_id="demo", thread_id="e", max_tokens=5)
     )
-    assert (await overview(usage_stub)).active_threads == 2
+    await usage_stub.SetThreadBudget(
+        U.SetThreadBudgetRequest(project_id="other", thread_id="f", max_tokens=5)
+    )
+    assert (await overview(usage_stub)).active_threads == 3
+    assert (await overview(usage_stub, "demo")).active_threads == 2  # once always 0
+    await usage_stub.SetThreadBudget(  # a change is not a new budget
+        U.SetThreadBudgetRequest(project_id="demo", thread_id="e", max_tokens=7)
+    )
     await usage_stub.CloseThreadBudget(U.CloseThreadBudgetRequest(thread_id="e"))
     await usage_stub.CloseThreadBudget(U.CloseThreadBudgetRequest(thread_id="e"))  # idempotent
-    assert (await overview(usage_stub)).active_threads == 1
+    assert (await overview(usage_stub)).active_threads == 2
+    assert (await overview(usage_stub, "demo")).active_threads == 1
+    assert (await overview(usage_stub, "other")).active_threads == 1
 
 
 BAD_RECORDS = [

@@ -10,6 +10,7 @@ if redis.call('HEXISTS', thread, 'max_tokens') == 0 then return {'NO_BUDGET', 0}
 if redis.call('HGET', thread, 'closed') ~= '1' then
   redis.call('HSET', thread, 'closed', 1, 'update_ms', ARGV[2])
   redis.call('HINCRBY', S .. 'stats', 'active', -1)
+  redis.call('DECR', P .. 'active')
   -- Removed with what else the thread left after THREAD_RETENTION (forget_thread.lua).
   local project = redis.call('HGET', thread, 'project_id') or ''
   redis.call('ZADD', S .. 'closed', ARGV[2], ARGV[1] .. '|' .. project)
