@@ -34,7 +34,7 @@ KINDS: dict[str, str] = {
     "CreateBudget": WRITE, "GetBudget": READ, "ListBudgets": READ, "UpdateBudget": WRITE,
     "DeleteBudget": WRITE, "ResetBudget": WRITE, "ListBudgetPeriods": READ,
     "WatchBudgetAlerts": READ, "CreateWebhook": WRITE, "ListWebhooks": READ,
-    "DeleteWebhook": WRITE, "ListWebhookDeliveries": READ,
+    "DeleteWebhook": WRITE, "ListWebhookDeliveries": READ, "RotateWebhookSecret": WRITE,
     "GetUsageTimeSeries": READ, "ExportUsage": READ, "SetModelPrice": WRITE,
     "ListModelPrices": READ, "DeleteModelPrice": WRITE,
 }  # fmt: skip

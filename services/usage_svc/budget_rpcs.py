@@ -56,6 +56,8 @@ from services.usage_svc.webhooks import UnsafeUrl, check_url
 
 DEFAULT_THRESHOLDS = (50, 80, 100)
 MUTABLE = {"limit_tokens", "limit_cost_micros", "enforcement", "alert_thresholds", "display_name"}
+DEFAULT_SECRET_GRACE_MS = 24 * 3_600_000
+MAX_SECRET_GRACE_MS = 7 * 24 * 3_600_000
 FIXED = {"scope", "scope_id", "period", "time_zone", "budget_id", "project_id"}
 
 
@@ -336,6 +338,29 @@ class BudgetRpcs:
         return usage_service_pb2.CreateWebhookResponse(
             webhook=webhook_message(webhook), secret=secret
         )
+
+    async def RotateWebhookSecret(
+        self, request: usage_service_pb2.RotateWebhookSecretRequest, context: ServicerContext
+    ) -> usage_service_pb2.RotateWebhookSecretResponse:
+        project_id, webhook_id = await self._managed_ref(
+            request.project_id, "webhook", request.webhook_id
+        )
+        grace_ms = DEFAULT_SECRET_GRACE_MS
+        if request.HasField("grace_period"):
+            grace_ms = request.grace_period.ToMilliseconds()
+            if not 0 <= grace_ms <= MAX_SECRET_GRACE_MS:
+                raise errors.invalid_argument("grace_period", "must be from 0 to 7 days")
+        until = now_ms() + grace_ms if grace_ms else 0
+        secret = "whsec_" + secrets.token_urlsafe(32)
+        if not await self._budgets.rotate_secret(project_id, webhook_id, secret, until):
+            raise errors.not_found("webhook", webhook_id)
+        found = [w for w in await self._budgets.webhooks(project_id) if w.webhook_id == webhook_id]
+        if not found:  # deleted meanwhile
+            raise errors.not_found("webhook", webhook_id)
+        return usage_service_pb2.RotateWebhookSecretResponse(
+            webhook=webhook_message(found[0]), secret=secret,
+            previous_secret_expire_time=timestamp(until),
+        )  # fmt: skip
 
     async def ListWebhooks(
         self, request: usage_service_pb2.ListWebhooksRequest, context: ServicerContext

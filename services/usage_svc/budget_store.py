@@ -157,6 +157,7 @@ class Claim:
     event_type: str
     alert: Alert
     create_ms: int
+    previous_secret: str = ""  # the secret before a rotation, while it still signs
 
 
 @dataclass(slots=True)
@@ -336,6 +337,18 @@ class BudgetStore:
         )  # fmt: skip
         return bool(answer == "OK")
 
+    async def rotate_secret(
+        self, project_id: str, webhook_id: str, secret: str, previous_until_ms: int
+    ) -> bool:
+        """A new secret; the old one signs too until `previous_until_ms`. False: no such
+        webhook."""
+        partition = self.layout.partition(project_id)
+        answer = await self._webhook_put(
+            keys=[partition.prefix],
+            args=["ROTATE", webhook_id, MAX_WEBHOOKS_PER_PROJECT, secret, previous_until_ms],
+        )
+        return bool(answer == "OK")
+
     async def delete_webhook(self, project_id: str, webhook_id: str) -> bool:
         partition = self.layout.partition(project_id)
         answer = await self._webhook_put(
@@ -383,8 +396,8 @@ class BudgetStore:
         )
         return [
             Claim(shard, str(member), int(attempt), str(url), str(secret), str(event),
-                  str(kind), Alert.decode(str(body)), int(created))
-            for member, attempt, url, secret, event, kind, body, created in rows
+                  str(kind), Alert.decode(str(body)), int(created), str(previous))
+            for member, attempt, url, secret, event, kind, body, created, previous in rows
         ]  # fmt: skip
 
     async def finish(self, claim: Claim, status: str, code: int, error: str, next_ms: int) -> bool:
@@ -433,6 +446,9 @@ class BudgetStorage(Protocol):
         self, streams: RedisClient, project_id: str, after: str, block_ms: int
     ) -> list[Alert]: ...
     async def add_webhook(self, webhook: WebhookRecord, secret: str) -> bool: ...
+    async def rotate_secret(
+        self, project_id: str, webhook_id: str, secret: str, previous_until_ms: int
+    ) -> bool: ...
     async def delete_webhook(self, project_id: str, webhook_id: str) -> bool: ...
     async def webhooks(self, project_id: str) -> list[WebhookRecord]: ...
     async def has_webhook(self, project_id: str, webhook_id: str) -> bool: ...

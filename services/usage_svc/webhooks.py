@@ -254,7 +254,11 @@ class Dispatcher:
             "Agentplane-Event-Type": claim.event_type,
             "Agentplane-Delivery-Attempt": str(claim.attempt),
             "Agentplane-Timestamp": timestamp,
-            "Agentplane-Signature": signature(claim.secret, timestamp, body),
+            "Agentplane-Signature": ",".join(
+                signature(secret, timestamp, body)
+                for secret in (claim.secret, claim.previous_secret)
+                if secret
+            ),
         }
         extensions: dict[str, object] = {}
         if target.host:  # the connection goes to the checked address, named as the URL did

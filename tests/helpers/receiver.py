@@ -16,12 +16,18 @@ class Delivery:
     body: bytes
     answered: int
 
+    @property
+    def signatures(self) -> list[str]:
+        """The header's signatures: one, or two (`v1=<new>,v1=<old>`) after a rotation."""
+        return self.headers["agentplane-signature"].split(",")
+
     def signed_by(self, secret: str) -> bool:
+        """Whether one of the signatures is `secret`'s, as a receiver checks it."""
         timestamp = self.headers["agentplane-timestamp"]
         expected = hmac.new(
             secret.encode(), timestamp.encode() + b"." + self.body, hashlib.sha256
         ).hexdigest()
-        return hmac.compare_digest(self.headers["agentplane-signature"], "v1=" + expected)
+        return any(hmac.compare_digest(s, "v1=" + expected) for s in self.signatures)
 
 
 class Receiver:

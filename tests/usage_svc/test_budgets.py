@@ -475,3 +475,40 @@ async def test_a_crowded_project_scope_names_its_project_and_model_names_take_20
     ):  # fmt: skip
         caught = await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, field=field)
         assert "200" in caught.details()
+
+
+async def test_a_rotated_webhook_secret_signs_beside_the_old_one_for_its_grace(stack) -> None:
+    from google.protobuf import duration_pb2
+
+    usage = stack.usage
+    agent = await spawn(stack.agent, "rotated")
+    receiver = await Receiver().start()
+    made = await usage.CreateWebhook(U.CreateWebhookRequest(project_id="demo", url=receiver.url))
+    hook = made.webhook.webhook_id
+    rotated = await usage.RotateWebhookSecret(U.RotateWebhookSecretRequest(
+        project_id="demo", webhook_id=hook, grace_period=duration_pb2.Duration(seconds=60)))  # fmt: skip
+    assert rotated.secret.startswith("whsec_") and rotated.secret != made.secret
+    assert rotated.previous_secret_expire_time.seconds > 0 and rotated.webhook.webhook_id == hook
+    listed = await usage.ListWebhooks(U.ListWebhooksRequest(project_id="demo"))
+    assert rotated.secret not in str(listed)
+    await create(usage, limit_tokens=100, alert_thresholds=[50, 100])
+    await usage.RecordUsage(record("u1", agent.id, 60))
+    (first,) = await receiver.wait_for(1)
+    assert len(first.signatures) == 2  # v1=<new>,v1=<old>
+    assert first.signed_by(rotated.secret) and first.signed_by(made.secret)
+    # Rotated again with no grace: only the newest secret signs.
+    again = await usage.RotateWebhookSecret(U.RotateWebhookSecretRequest(
+        project_id="demo", webhook_id=hook, grace_period=duration_pb2.Duration(seconds=0)))  # fmt: skip
+    assert not again.HasField("previous_secret_expire_time")
+    await usage.RecordUsage(record("u2", agent.id, 40))
+    second = (await receiver.wait_for(2))[1]
+    assert second.signatures == [second.signatures[0]] and second.signed_by(again.secret)
+    assert not second.signed_by(rotated.secret) and not second.signed_by(made.secret)
+    for bad, code in (
+        (U.RotateWebhookSecretRequest(project_id="demo", webhook_id="nope"), grpc.StatusCode.NOT_FOUND),
+        (U.RotateWebhookSecretRequest(project_id="demo", webhook_id=hook,
+                                      grace_period=duration_pb2.Duration(seconds=8 * 86_400)),
+         grpc.StatusCode.INVALID_ARGUMENT),
+    ):  # fmt: skip
+        await expect_error(usage.RotateWebhookSecret(bad), code)
+    await receiver.stop()

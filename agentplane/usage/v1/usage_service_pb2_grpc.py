@@ -152,6 +152,11 @@ class UsageServiceStub:
                 request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteWebhookRequest.SerializeToString,
                 response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteWebhookResponse.FromString,
                 _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/RotateWebhookSecret',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
         self.ListWebhookDeliveries = channel.unary_unary(
                 '/agentplane.usage.v1.UsageService/ListWebhookDeliveries',
                 request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
@@ -351,6 +356,15 @@ class UsageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateWebhookSecret(self, request, context):
+        """Gives a webhook a new signing secret, shown only in this answer. The old secret keeps
+        signing beside it for the grace period asked for, so receivers can switch over:
+        meanwhile each delivery carries both signatures.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWebhookDeliveries(self, request, context):
         """Lists a webhook's deliveries, newest first.
         """
@@ -511,6 +525,11 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.DeleteWebhook,
                     request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteWebhookRequest.FromString,
                     response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.RotateWebhookSecretResponse.SerializeToString,
             ),
             'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWebhookDeliveries,
@@ -1165,6 +1184,33 @@ class UsageService:
             '/agentplane.usage.v1.UsageService/DeleteWebhook',
             agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteWebhookRequest.SerializeToString,
             agentplane_dot_usage_dot_v1_dot_usage__service__pb2.DeleteWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/RotateWebhookSecret',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.RotateWebhookSecretRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.RotateWebhookSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,6 +85,11 @@ class UsageServiceStub:
     """Lists a project's webhooks (without secrets)."""
     DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.DeleteWebhookRequest, _usage_service_pb2.DeleteWebhookResponse]
     """Deletes a webhook; its pending deliveries are dropped."""
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.RotateWebhookSecretRequest, _usage_service_pb2.RotateWebhookSecretResponse]
+    """Gives a webhook a new signing secret, shown only in this answer. The old secret keeps
+    signing beside it for the grace period asked for, so receivers can switch over:
+    meanwhile each delivery carries both signatures.
+    """
     ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListWebhookDeliveriesRequest, _usage_service_pb2.ListWebhookDeliveriesResponse]
     """Lists a webhook's deliveries, newest first."""
     GetUsageTimeSeries: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageTimeSeriesRequest, _usage_service_pb2.GetUsageTimeSeriesResponse]
@@ -155,6 +160,11 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """Lists a project's webhooks (without secrets)."""
     DeleteWebhook: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.DeleteWebhookRequest, _usage_service_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
     """Deletes a webhook; its pending deliveries are dropped."""
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.RotateWebhookSecretRequest, _usage_service_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """Gives a webhook a new signing secret, shown only in this answer. The old secret keeps
+    signing beside it for the grace period asked for, so receivers can switch over:
+    meanwhile each delivery carries both signatures.
+    """
     ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListWebhookDeliveriesRequest, _usage_service_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
     """Lists a webhook's deliveries, newest first."""
     GetUsageTimeSeries: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageTimeSeriesRequest, _usage_service_pb2.GetUsageTimeSeriesResponse]  # type: ignore[assignment]
@@ -360,6 +370,17 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_service_pb2.DeleteWebhookResponse, _abc.Awaitable[_usage_service_pb2.DeleteWebhookResponse]]:
         """Deletes a webhook; its pending deliveries are dropped."""
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _usage_service_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_usage_service_pb2.RotateWebhookSecretResponse]]:
+        """Gives a webhook a new signing secret, shown only in this answer. The old secret keeps
+        signing beside it for the grace period asked for, so receivers can switch over:
+        meanwhile each delivery carries both signatures.
+        """
 
     @_abc_1.abstractmethod
     def ListWebhookDeliveries(
