@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: lock run test test-fast typecheck protos protos-check protos-lint lint bench bench-churn bench-redis screenshots profile certs clean
+.PHONY: imports lock run test test-fast typecheck protos protos-check protos-lint lint bench bench-churn bench-redis screenshots profile certs clean
 
 LOCK := requirements.lock
 # The tool that writes the lock, itself at a fixed version (only `make lock` uses it).
@@ -53,10 +53,15 @@ protos-check: $(STAMP)
 protos-lint: $(STAMP)
 	$(VENV)/bin/buf lint
 
-## buf lint, ruff (style, imports, complexity ≤ 12), ruff format, mypy (check_untyped_defs).
-lint: $(STAMP) protos-lint typecheck
+## buf lint, the import layers, ruff (style, imports, complexity ≤ 12), ruff format, mypy.
+lint: $(STAMP) protos-lint imports typecheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+## The house's layers (pyproject.toml [tool.importlinter]): generated code, chassis,
+## services side by side, gateway; the SDK imports no service code; no import cycles.
+imports: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 ## mypy over everything but the generated code (CI runs it too).
 typecheck: $(STAMP)

@@ -18,15 +18,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
 from bench.budgets import five_budgets
 from bench.budgets import owner as make_owner
 from bench.gateway import measure_gateway
-from bench.load import BENCH_TOKEN, THREADS, Caller, WorkerResult, run_worker, thread_of
+from bench.load import (
+    BENCH_TOKEN,
+    THREADS,
+    Caller,
+    WorkerResult,
+    run_worker,
+    thread_of,
+    wait_serving,
+)
 from bench.load import channel as channel_to
 from bench.series import series_growth
 from scripts.redis_server import RedisProcess, free_port
@@ -75,21 +80,6 @@ def drive(
         "p99_ms": percentile(latencies, 0.99),
         "errors": sum(r.errors for r in results),
     }
-
-
-async def wait_serving(target: str) -> None:
-    async with channel_to(target) as channel:
-        for _ in range(200):
-            try:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=1
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError("usage service did not start")
 
 
 async def prepare_threads(stub: Any, count: int, prefix: str) -> None:

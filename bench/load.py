@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import duration_pb2
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentplane.usage.v1 import usage_service_pb2 as U
 
@@ -147,3 +147,19 @@ def run_worker(
     return asyncio.run(
         _run(target, kind, worker, count, concurrency, rate, tag, caller, server_pid)
     )
+
+
+async def wait_serving(target: str) -> None:
+    """Until the gRPC server at `target` answers its health check SERVING."""
+    async with channel(target) as opened:
+        for _ in range(200):
+            try:
+                reply = await health_pb2_grpc.HealthStub(opened).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("usage service did not start")

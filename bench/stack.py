@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.load import BENCH_TOKEN
+from bench.load import BENCH_TOKEN, wait_serving
 from scripts.redis_server import RedisProcess, free_port
 from services.common import registry
 
@@ -52,7 +52,6 @@ def running(env: dict[str, str] | None = None, gateway: bool = False) -> Iterato
         _start(f"services.{s.name}_svc", {**base, "GRPC_ADDRESS": addresses[s.name]})
         for s in registry.SERVICES
     ]
-    from bench.__main__ import wait_serving  # (bench.__main__ is also a script)
 
     stack = Stack(redis.url, addresses)
     stack.pids = {s.name: p.pid for s, p in zip(registry.SERVICES, procs, strict=True)}

@@ -23,13 +23,13 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from gateway.compat import COMPAT, Compat, Paging, legacy_paging
 from gateway.openapi import build_openapi
 from gateway.routes import Route, build_routes, match
-from services.agent_svc.client import AgentClient
 from services.common import codec, errors, registry
 from services.common.auth import Authenticator
 from services.common.clients import open_channel
 from services.common.interceptors import STREAM_OPEN_HEADER, TRACE_HEADERS
 from services.common.limits import HTTP_MAX_BODY_BYTES as MAX_BODY_BYTES
 from services.common.logging import access_log, get_logger
+from services.common.peers import AgentClient
 from services.common.settings import Settings
 from services.common.telemetry import server_span
 

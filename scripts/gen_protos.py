@@ -26,7 +26,7 @@ PROTOS = ROOT / "protos"
 OUT_PACKAGE = "agentplane"
 # Hand-written subpackages of `agentplane` (the SDK): kept apart from the generated code,
 # left alone by `make protos` and by the drift check.
-HANDWRITTEN = ["client", "worker", "cli"]
+HANDWRITTEN = ["client", "worker", "cli", "channel_options.py"]
 GOOGLEAPIS = Path(google.api.__path__[0]).parent.parent
 WKT = Path(grpc_tools.__path__[0]) / "_proto"
 VENDORED = [

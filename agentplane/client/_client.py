@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from agentplane.agent.v1 import agent_service_pb2_grpc
+from agentplane.channel_options import CHANNEL_OPTIONS
 from agentplane.thread.v1 import thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2 as U
 from agentplane.usage.v1 import usage_service_pb2_grpc
@@ -25,12 +26,6 @@ from agentplane.usage.v1 import usage_service_pb2_grpc
 log = logging.getLogger("agentplane.client")
 Reply = TypeVar("Reply")
 
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-]
 # Worth another attempt: the service was unreachable, or did not answer in time. Every
 # write the client sends carries its idempotency key, so a repeat never counts twice.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

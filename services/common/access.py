@@ -1,7 +1,7 @@
 """What a principal may do, judged from the principal alone (no storage, no peers).
 
 Whether a caller may see a project or an agent is the agent service's to say: the other
-services ask it through services.agent_svc.client.AgentClient."""
+services ask it through services.common.peers.AgentClient."""
 
 from __future__ import annotations
 

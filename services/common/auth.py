@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from services.common import errors, methods, tuning
+from services.common.rates import Rate
 from services.common.redis import HotScript, RedisClient, load_script
 from services.common.resp import PipelinedRedis
 
@@ -128,12 +129,6 @@ class Authenticator:
         return principal
 
 
-@dataclass(frozen=True, slots=True)
-class Rate:
-    per_minute: int
-    burst: int
-
-
 class RateLimiter:
     """Per principal and method limits; RESOURCE_EXHAUSTED with RetryInfo past them."""
 
@@ -177,27 +172,6 @@ class RateLimiter:
                 subject=f"{principal.label}:{method_name}",
                 retry_after_s=max(0.001, retry_ms / 1000),
             )
-
-
-def parse_rate_limits(text: str) -> dict[str, Rate]:
-    """RATE_LIMITS: "SpawnAgent=20/min,default_read=60/min,RecordUsage=600/min:100"
-    (name=count/min, optionally :burst; the burst defaults to a minute's worth)."""
-    limits = {
-        "SpawnAgent": Rate(20, 20),
-        "default_read": Rate(60, 60),
-        "default_write": Rate(30, 30),
-    }
-    for hot in filter(methods.is_hot, methods.KINDS):
-        limits[hot] = Rate(600, 600)
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, spec = item.partition("=")
-        count, _, rest = spec.partition("/")
-        unit, _, burst = rest.partition(":")
-        if not (name and count.isdigit() and int(count) > 0 and unit == "min"):
-            raise ValueError(f"RATE_LIMITS entry {item!r} must look like Method=20/min[:burst]")
-        per_minute = int(count)
-        limits[name] = Rate(per_minute, int(burst) if burst.isdigit() else per_minute)
-    return limits
 
 
 class Guard:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import grpc
 
 from agentplane.agent.v1 import agent_service_pb2_grpc
-from agentplane.client import CHANNEL_OPTIONS  # the same keep-alives as the SDK's channels
+from agentplane.channel_options import CHANNEL_OPTIONS  # the SDK's keep-alives too
 from agentplane.thread.v1 import thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2_grpc
 from services.common import registry

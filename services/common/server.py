@@ -26,12 +26,12 @@ from services.common.auth import (
     Guard,
     KeyLookup,
     RateLimiter,
-    parse_rate_limits,
 )
 from services.common.clients import PeerClients
 from services.common.interceptors import register
 from services.common.limits import GRPC_MAX_MESSAGE_BYTES
 from services.common.logging import configure_logging, get_logger
+from services.common.rates import parse_rate_limits
 from services.common.redis import RedisClient, create_pipelined, create_redis
 from services.common.reflection import enable_reflection
 from services.common.resp import PipelinedRedis

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from services.common import registry
+from services.common.rates import parse_rate_limits
 
 
 class SettingsError(ValueError):
@@ -114,8 +115,6 @@ def _file(env: Mapping[str, str], name: str) -> str:
 
 
 def _rate_limits(env: Mapping[str, str]) -> str:
-    from services.common.auth import parse_rate_limits
-
     text = env.get("RATE_LIMITS", "")
     try:
         parse_rate_limits(text)

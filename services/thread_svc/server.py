@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import grpc
 
 from agentplane.thread.v1 import thread_service_pb2
-from services.agent_svc.client import AgentClient
 from services.common.partitions import RetentionSweeper
+from services.common.peers import AgentClient
 from services.common.server import Chassis, server_factory
 from services.thread_svc.servicer import ThreadServicer
 from services.thread_svc.store import ThreadStore

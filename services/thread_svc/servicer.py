@@ -16,7 +16,6 @@ from grpc.aio import ServicerContext
 from agentplane.agent.v1 import agent_pb2
 from agentplane.thread.v1 import thread_pb2, thread_service_pb2, thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_service_pb2
-from services.agent_svc.client import AgentClient
 from services.common import enums, errors, tuning
 from services.common.access import require_manager, require_self, require_superuser
 from services.common.clients import PeerClients
@@ -32,6 +31,7 @@ from services.common.limits import (
 )
 from services.common.logging import get_logger
 from services.common.pagination import parse_page
+from services.common.peers import AgentClient
 from services.common.settings import Settings
 from services.thread_svc.store import (
     ALL,

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from grpc.aio import ServicerContext
 
 from agentplane.usage.v1 import usage_pb2, usage_service_pb2
-from services.agent_svc.client import AgentClient
 from services.common import enums, errors, tuning
 from services.common.access import require_manager
 from services.common.auth import AGENT
@@ -37,6 +36,7 @@ from services.common.limits import (
     MAX_URL_LENGTH,
 )
 from services.common.pagination import parse_page
+from services.common.peers import AgentClient
 from services.common.redis import RedisClient
 from services.common.settings import Settings
 from services.usage_svc.budget_store import (

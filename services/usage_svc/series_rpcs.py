@@ -14,13 +14,13 @@ from google.api import httpbody_pb2
 from grpc.aio import ServicerContext
 
 from agentplane.usage.v1 import usage_pb2, usage_service_pb2
-from services.agent_svc.client import AgentClient
 from services.common import codec, errors
 from services.common.access import require_superuser
 from services.common.convert import now_ms, require_id, require_model, require_text, timestamp
 from services.common.interceptors import stream_open
 from services.common.limits import MAX_MODEL_LENGTH, MAX_SERIES_BUCKETS
 from services.common.pagination import parse_page
+from services.common.peers import AgentClient
 from services.usage_svc.messages import totals_message
 from services.usage_svc.pricing import DatedPrice, Price, PriceStore, TooManyPrices
 from services.usage_svc.store import ALL, DAY_MS, HOUR_MS, Counters, SeriesQuery, UsageStorage

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import grpc
 
 from agentplane.usage.v1 import usage_service_pb2
-from services.agent_svc.client import AgentClient
 from services.common import codec
 from services.common.convert import now_ms
 from services.common.partitions import RetentionSweeper
+from services.common.peers import AgentClient
 from services.common.server import Chassis, server_factory
 from services.usage_svc.budget_rpcs import alert_message
 from services.usage_svc.budget_store import BudgetStore, Claim

@@ -10,7 +10,6 @@ from google.rpc import code_pb2, status_pb2
 from grpc.aio import ServicerContext
 
 from agentplane.usage.v1 import usage_pb2, usage_service_pb2, usage_service_pb2_grpc
-from services.agent_svc.client import AgentClient
 from services.common import errors, tuning
 from services.common.access import require_manager, require_self, require_superuser
 from services.common.auth import AGENT
@@ -32,6 +31,7 @@ from services.common.limits import (
 from services.common.limits import MAX_BATCH_RECORDS as MAX_BATCH
 from services.common.limits import MAX_BUDGET_TOKENS as MAX_BUDGET
 from services.common.pagination import parse_page
+from services.common.peers import AgentClient
 from services.common.redis import RedisClient
 from services.common.settings import Settings
 from services.common.telemetry import BUDGET_REJECTIONS, COST_RECORDED, TOKENS_RECORDED

@@ -8,7 +8,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.common import errors
-from services.common.auth import OWNER, Principal, RateLimiter, parse_rate_limits
+from services.common.auth import OWNER, Principal, RateLimiter
+from services.common.rates import parse_rate_limits
 
 
 @pytest.mark.parametrize(("method", "per_minute"), [("SpawnAgent", 20), ("CreateProject", 30)])

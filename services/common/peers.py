@@ -1,4 +1,5 @@
-"""What the other processes ask the agent service, in one place.
+"""The chassis's typed peer client of the agent service: what the other processes ask it,
+in one place.
 
 The thread and usage services and the gateway never read the agent service's keys: they
 ask it, with the caller's own credentials (forwarded by the chassis' client interceptor),
