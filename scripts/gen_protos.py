@@ -108,8 +108,10 @@ def main() -> int:
             print("generated code matches protos/")
             return 0
         for name in HANDWRITTEN:  # carried over untouched
-            if (committed / name).exists():
+            if (committed / name).is_dir():
                 shutil.copytree(committed / name, fresh / name)
+            elif (committed / name).exists():
+                shutil.copy2(committed / name, fresh / name)
         shutil.rmtree(committed, ignore_errors=True)
         shutil.copytree(fresh, committed)
         print(f"generated {sum(1 for _ in committed.rglob('*.py'))} modules into {committed}")

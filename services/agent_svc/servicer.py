@@ -25,7 +25,7 @@ from agentplane.agent.v1 import (
 )
 from agentplane.thread.v1 import thread_pb2, thread_service_pb2
 from agentplane.usage.v1 import usage_pb2, usage_service_pb2
-from services.agent_svc import access, lifecycle
+from services.agent_svc import lifecycle
 from services.agent_svc.records import (
     agent_message,
     key_message,
@@ -44,7 +44,7 @@ from services.agent_svc.store import (
     ProjectRecord,
     TypeRecord,
 )
-from services.common import enums, errors, tuning
+from services.common import access, enums, errors, tuning
 from services.common.auth import AGENT, OWNER, SUPERUSER, Principal, token_hash
 from services.common.clients import PeerClients
 from services.common.context import current_principal
@@ -128,7 +128,11 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         page = parse_page(request.page_size, request.page_token, request.skip, ("projects",))
         if principal.project_id and not principal.is_superuser:  # an agent, a limited key
             own = await self._store.get_project(principal.project_id)
-            shown = [own] if own is not None and access.can_see_project(principal, own) else []
+            shown = (
+                [own]
+                if own is not None and access.can_see_project(principal, own.id, own.owner)
+                else []
+            )
             return agent_service_pb2.ListProjectsResponse(
                 projects=[project_message(r) for r in shown], total_size=len(shown)
             )
@@ -143,7 +147,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def CreateAgentType(
         self, request: agent_service_pb2.CreateAgentTypeRequest, context: ServicerContext
     ) -> agent_type_pb2.AgentType:
-        access.require_superuser(current_principal(), "creating agent types")
+        access.require_superuser("creating agent types")
         agent_type = request.agent_type
         type_id = require_slug("agent_type.id", agent_type.id)
         require_text(
@@ -174,7 +178,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def UpdateAgentType(
         self, request: agent_service_pb2.UpdateAgentTypeRequest, context: ServicerContext
     ) -> agent_type_pb2.AgentType:
-        access.require_superuser(current_principal(), "changing agent types")
+        access.require_superuser("changing agent types")
         type_id = request.agent_type_id or request.agent_type.id
         require_slug("agent_type_id", type_id)
         if request.agent_type.id and request.agent_type.id != type_id:
@@ -198,7 +202,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def SpawnAgent(
         self, request: agent_service_pb2.SpawnAgentRequest, context: ServicerContext
     ) -> agent_pb2.Agent:
-        access.require_manager(current_principal())
+        access.require_manager()
         project_id = require_id("project_id", request.project_id)
         await self._project(project_id)
         agent = request.agent
@@ -248,7 +252,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     ) -> agent_service_pb2.ListAgentsResponse:
         project_id = request.project_id or ALL
         if project_id == ALL:
-            access.require_superuser(current_principal(), "listing agents of every project")
+            access.require_superuser("listing agents of every project")
         else:
             await self._project(project_id)
         status = lifecycle.status_name(request.status) if request.status else ""
@@ -263,7 +267,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def UpdateAgent(
         self, request: agent_service_pb2.UpdateAgentRequest, context: ServicerContext
     ) -> agent_pb2.Agent:
-        access.require_manager(current_principal())
+        access.require_manager()
         agent_id = request.agent_id or request.agent.id
         if request.agent.id and request.agent.id != agent_id:
             raise errors.invalid_argument("agent.id", "does not match agent_id")
@@ -367,7 +371,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def GetOverview(
         self, request: agent_service_pb2.GetOverviewRequest, context: ServicerContext
     ) -> agent_service_pb2.Overview:
-        access.require_superuser(current_principal(), "the cluster overview")
+        access.require_superuser("the cluster overview")
         counters, threads, usage = await asyncio.gather(
             self._store.counters(),
             self._thread_counts(),
@@ -397,7 +401,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     ) -> AsyncIterator[agent_pb2.AgentEvent]:
         project_id = request.project_id or ALL
         if project_id == ALL:
-            access.require_superuser(current_principal(), "watching every project")
+            access.require_superuser("watching every project")
         else:
             await self._project(project_id)
         after = await self._store.last_event_id(project_id)
@@ -434,12 +438,12 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         role = enums.short_name(api_key_pb2.ApiKeyRole, request.role)
         project_id = require_id("project_id", request.project_id) if request.project_id else ""
         if role == SUPERUSER:
-            access.require_superuser(principal, "creating superuser keys")
+            access.require_superuser("creating superuser keys", principal)
             subject = require_text("subject", request.subject, MAX_NAME_LENGTH) or "superuser"
         elif role == OWNER:
             subject = require_slug("subject", request.subject or principal.subject)
             if subject != principal.subject:
-                access.require_superuser(principal, "creating keys for other principals")
+                access.require_superuser("creating keys for other principals", principal)
             project_id = access.project_limit_of_new_key(principal, project_id)
             if project_id and not principal.is_superuser:
                 await self._project(project_id)  # a limit to a project of one's own
@@ -518,7 +522,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
     async def _project(self, project_id: str) -> ProjectRecord:
         record = await self._store.get_project(require_id("project_id", project_id))
-        if record is None or not access.can_see_project(current_principal(), record):
+        if record is None or not access.can_see_project(
+            current_principal(), record.id, record.owner
+        ):
             raise errors.not_found("project", project_id)
         return record
 
@@ -536,7 +542,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         principal = current_principal()
         if not principal.is_superuser:
             project = await self._store.get_project(record.project_id)
-            if project is None or not access.can_see_project(principal, project):
+            if project is None or not access.can_see_project(principal, project.id, project.owner):
                 raise errors.not_found("agent", agent_id)
         return record
 
@@ -552,9 +558,9 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         """A lifecycle move; `by_itself`: an agent's own token may make it (its task
         bookkeeping), otherwise only managers."""
         if by_itself:
-            access.require_manager_or_self(current_principal(), request.agent_id)  # type: ignore[attr-defined]
+            access.require_manager_or_self(request.agent_id)  # type: ignore[attr-defined]
         else:
-            access.require_manager(current_principal())
+            access.require_manager()
         cleared, extra = lifecycle.effects(target, now_ms())
         sets = {**extra, **(set_fields or {})}
         return await self._change(
@@ -607,16 +613,17 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         """
         if not records:
             return []
-        (type_names, project_names), usages = await asyncio.gather(
+        # One call to the usage service for the whole page (it trusts this service's
+        # judgement of what the caller may see: the call carries the internal proof).
+        (type_names, project_names), batch = await asyncio.gather(
             self._store.display_names(
                 (r.agent_type_id for r in records), (r.project_id for r in records)
             ),
-            asyncio.gather(*(
-                self._peer("usage", self._peers.usage.GetAgentUsage,
-                           usage_service_pb2.GetAgentUsageRequest(agent_id=r.id), quiet=True)
-                for r in records
-            )),
+            self._peer("usage", self._peers.usage.BatchGetAgentUsage,
+                       usage_service_pb2.BatchGetAgentUsageRequest(
+                           agent_ids=[r.id for r in records]), quiet=True),
         )  # fmt: skip
+        usages = list(batch.usages) if batch is not None else [None] * len(records)
         agents = []
         for record, usage in zip(records, usages, strict=True):
             agent = agent_message(

@@ -30,7 +30,7 @@ KINDS: dict[str, str] = {
     "RecordUsage": HOT_WRITE, "RecordUsageBatch": HOT_WRITE, "ReserveBudget": HOT_WRITE,
     "ReleaseReservation": HOT_WRITE, "SetThreadBudget": WRITE, "CloseThreadBudget": WRITE,
     "GetThreadBudget": READ, "ListThreadBudgets": READ, "GetUsageOverview": READ,
-    "GetAgentUsage": READ, "GetModelUsage": READ, "ResetUsage": WRITE,
+    "GetAgentUsage": READ, "BatchGetAgentUsage": READ, "GetModelUsage": READ, "ResetUsage": WRITE,
     "CreateBudget": WRITE, "GetBudget": READ, "ListBudgets": READ, "UpdateBudget": WRITE,
     "DeleteBudget": WRITE, "ResetBudget": WRITE, "ListBudgetPeriods": READ,
     "WatchBudgetAlerts": READ, "CreateWebhook": WRITE, "ListWebhooks": READ,

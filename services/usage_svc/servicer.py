@@ -25,6 +25,7 @@ from services.common.limits import (
     DEFAULT_RESERVATION_TTL_MS,
     MAX_COST_USD,
     MAX_LATENCY_MS,
+    MAX_PAGE_SIZE,
     MAX_RESERVATION_TTL_MS,
     MAX_TOKENS_PER_CALL,
 )
@@ -387,11 +388,35 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         self, request: usage_service_pb2.GetAgentUsageRequest, context: ServicerContext
     ) -> usage_pb2.AgentUsage:
         agent_id = require_id("agent_id", request.agent_id)
-        if not current_principal().is_superuser and await self._agents.find_agent(agent_id) is None:
+        trusted = current_principal().is_superuser or current_call_is_internal()
+        if not trusted and await self._agents.find_agent(agent_id) is None:
             # Another project's agent reads as an unknown one: zeros.
             return usage_pb2.AgentUsage(agent_id=agent_id, totals=totals_message(Counters()))
         counters = await self._store.agent_counters(agent_id)
         return usage_pb2.AgentUsage(agent_id=agent_id, totals=totals_message(counters))
+
+    async def BatchGetAgentUsage(
+        self, request: usage_service_pb2.BatchGetAgentUsageRequest, context: ServicerContext
+    ) -> usage_service_pb2.BatchGetAgentUsageResponse:
+        if len(request.agent_ids) > MAX_PAGE_SIZE:
+            raise errors.invalid_argument("agent_ids", f"names more than {MAX_PAGE_SIZE} agents")
+        ids = [require_id(f"agent_ids[{i}]", a) for i, a in enumerate(request.agent_ids)]
+        # The superuser sees all; a call another service makes on its caller's behalf was
+        # judged there (the agent service enriching a page it already filtered): trusted,
+        # so no call goes back to the agent service. Anyone else sees their own agents.
+        if current_principal().is_superuser or current_call_is_internal():
+            visible = set(ids)
+        else:
+            projects = await asyncio.gather(*(self._agents.project_of_agent(a) for a in ids))
+            visible = {a for a, p in zip(ids, projects, strict=True) if p is not None}
+        shown = [a for a in ids if a in visible]
+        counters = dict(zip(shown, await self._store.agents_counters(shown), strict=True))
+        return usage_service_pb2.BatchGetAgentUsageResponse(
+            usages=[
+                usage_pb2.AgentUsage(agent_id=a, totals=totals_message(counters.get(a, Counters())))
+                for a in ids
+            ]
+        )
 
     async def GetModelUsage(
         self, request: usage_service_pb2.GetModelUsageRequest, context: ServicerContext

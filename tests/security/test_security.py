@@ -400,7 +400,7 @@ def _aimed_at(method, ids: dict[str, str]):
         }  # fmt: skip
         if name in aimed:
             value = aimed[name]
-        elif name in ("agent_id", "from_agent", "to_agent", "to", "agent", "subject"):
+        elif name in ("agent_id", "agent_ids", "from_agent", "to_agent", "to", "agent", "subject"):
             value = ids["agent"]
         elif name in ("usage_id", "reservation_id", "request_id", "key_id"):
             value = "probe-1"
@@ -471,10 +471,14 @@ async def test_no_rpc_lets_one_owner_reach_anothers_resources(
             f.name for f in method.input_type.fields if f.name in method.output_type.fields_by_name
         }
         shown = {f.name: v for f, v in reply.ListFields() if f.name not in echoed}
+        if method.name == "BatchGetAgentUsage":  # each entry echoes the id it was asked for
+            shown = {"totals": [u.totals for u in reply.usages]}
         text = str(shown)
         assert not any(value in text for value in ids.values()), (method.full_name, text)
         if method.name == "GetAgentUsage":
             assert reply.totals.total_tokens == 0
+        if method.name == "BatchGetAgentUsage":
+            assert [u.totals.total_tokens for u in reply.usages] == [0]
     agent = await alice.agent.GetAgent(agent_service_pb2.GetAgentRequest(agent_id=a1.id))
     assert agent.status == agent_pb2.AGENT_STATUS_IDLE and agent.name == "one"
     thread = await alice.thread.GetThread(

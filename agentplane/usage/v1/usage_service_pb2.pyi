@@ -496,6 +496,54 @@ class GetAgentUsageRequest(_message.Message):
 Global___GetAgentUsageRequest: _TypeAlias = GetAgentUsageRequest  # noqa: Y015
 
 @_typing.final
+class BatchGetAgentUsageRequest(_message.Message):
+    """Request of BatchGetAgentUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agents, at most 100."""
+
+    def __init__(
+        self,
+        *,
+        agent_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_ids", b"agent_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchGetAgentUsageRequest: _TypeAlias = BatchGetAgentUsageRequest  # noqa: Y015
+
+@_typing.final
+class BatchGetAgentUsageResponse(_message.Message):
+    """Response of BatchGetAgentUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def usages(self) -> _containers.RepeatedCompositeFieldContainer[_usage_pb2.AgentUsage]:
+        """One entry per agent asked for, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        usages: _abc.Iterable[_usage_pb2.AgentUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["usages", b"usages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchGetAgentUsageResponse: _TypeAlias = BatchGetAgentUsageResponse  # noqa: Y015
+
+@_typing.final
 class GetModelUsageRequest(_message.Message):
     """Request of GetModelUsage."""
 

@@ -87,6 +87,11 @@ class UsageServiceStub:
                 request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetAgentUsageRequest.SerializeToString,
                 response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.AgentUsage.FromString,
                 _registered_method=True)
+        self.BatchGetAgentUsage = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/BatchGetAgentUsage',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.BatchGetAgentUsageRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.BatchGetAgentUsageResponse.FromString,
+                _registered_method=True)
         self.GetModelUsage = channel.unary_unary(
                 '/agentplane.usage.v1.UsageService/GetModelUsage',
                 request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetModelUsageRequest.SerializeToString,
@@ -259,6 +264,14 @@ class UsageServiceServicer:
 
     def GetAgentUsage(self, request, context):
         """Gets one agent's usage (zeros for an unknown agent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchGetAgentUsage(self, request, context):
+        """Gets many agents' usage in one call (zeros for unknown agents or ones the caller
+        cannot see), in the order asked: what an agent listing page needs, in one round trip.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -460,6 +473,11 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.GetAgentUsage,
                     request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetAgentUsageRequest.FromString,
                     response_serializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.AgentUsage.SerializeToString,
+            ),
+            'BatchGetAgentUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchGetAgentUsage,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.BatchGetAgentUsageRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.BatchGetAgentUsageResponse.SerializeToString,
             ),
             'GetModelUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelUsage,
@@ -833,6 +851,33 @@ class UsageService:
             '/agentplane.usage.v1.UsageService/GetAgentUsage',
             agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetAgentUsageRequest.SerializeToString,
             agentplane_dot_usage_dot_v1_dot_usage__pb2.AgentUsage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGetAgentUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/BatchGetAgentUsage',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.BatchGetAgentUsageRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.BatchGetAgentUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,10 @@ class UsageServiceStub:
     """Gets the usage of the whole cluster, or of one project."""
     GetAgentUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetAgentUsageRequest, _usage_pb2.AgentUsage]
     """Gets one agent's usage (zeros for an unknown agent)."""
+    BatchGetAgentUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.BatchGetAgentUsageRequest, _usage_service_pb2.BatchGetAgentUsageResponse]
+    """Gets many agents' usage in one call (zeros for unknown agents or ones the caller
+    cannot see), in the order asked: what an agent listing page needs, in one round trip.
+    """
     GetModelUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetModelUsageRequest, _usage_pb2.ModelUsage]
     """Gets one model's usage (zeros for an unknown model)."""
     ResetUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ResetUsageRequest, _usage_service_pb2.ResetUsageResponse]
@@ -132,6 +136,10 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """Gets the usage of the whole cluster, or of one project."""
     GetAgentUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetAgentUsageRequest, _usage_pb2.AgentUsage]  # type: ignore[assignment]
     """Gets one agent's usage (zeros for an unknown agent)."""
+    BatchGetAgentUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.BatchGetAgentUsageRequest, _usage_service_pb2.BatchGetAgentUsageResponse]  # type: ignore[assignment]
+    """Gets many agents' usage in one call (zeros for unknown agents or ones the caller
+    cannot see), in the order asked: what an agent listing page needs, in one round trip.
+    """
     GetModelUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetModelUsageRequest, _usage_pb2.ModelUsage]  # type: ignore[assignment]
     """Gets one model's usage (zeros for an unknown model)."""
     ResetUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ResetUsageRequest, _usage_service_pb2.ResetUsageResponse]  # type: ignore[assignment]
@@ -264,6 +272,16 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_pb2.AgentUsage, _abc.Awaitable[_usage_pb2.AgentUsage]]:
         """Gets one agent's usage (zeros for an unknown agent)."""
+
+    @_abc_1.abstractmethod
+    def BatchGetAgentUsage(
+        self,
+        request: _usage_service_pb2.BatchGetAgentUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.BatchGetAgentUsageResponse, _abc.Awaitable[_usage_service_pb2.BatchGetAgentUsageResponse]]:
+        """Gets many agents' usage in one call (zeros for unknown agents or ones the caller
+        cannot see), in the order asked: what an agent listing page needs, in one round trip.
+        """
 
     @_abc_1.abstractmethod
     def GetModelUsage(
