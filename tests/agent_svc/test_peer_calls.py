@@ -42,5 +42,9 @@ async def test_a_100_agent_page_costs_at_most_two_peer_calls(cluster) -> None:
     assert {a.id: a.tokens_used for a in page.agents}[agents[7].id] == 42  # enriched
     others = {k: v for k, v in calls.items() if "AgentService" not in k[1]}
     assert sum(others.values()) <= 2, calls
-    back = {k: v for k, v in calls.items() if "AgentService" in k[1] and not k[1].endswith("/ListAgents")}
+    back = {
+        k: v
+        for k, v in calls.items()
+        if "AgentService" in k[1] and not k[1].endswith("/ListAgents")
+    }
     assert not back, calls  # nothing loops back to the agent service
