@@ -163,33 +163,7 @@ class BudgetRpcs:
         self, request: usage_service_pb2.UpdateBudgetRequest, context: ServicerContext
     ) -> usage_pb2.Budget:
         current = await self._managed_budget(request.project_id, request.budget_id)
-        paths = list(request.update_mask.paths)
-        for path in paths:
-            if path in FIXED:
-                raise errors.invalid_argument("update_mask", f"{path} is fixed once created")
-            if path not in MUTABLE:
-                raise errors.invalid_argument("update_mask", f"unknown field {path!r}")
-        new = request.budget
-        changes: dict[str, str] = {}
-        limit_tokens, limit_cost = current.spec.limit_tokens, current.spec.limit_cost_micros
-        if "limit_tokens" in paths:
-            limit_tokens = _limit("budget.limit_tokens", new.limit_tokens, MAX_BUDGET_TOKENS)
-            changes["lt"] = str(limit_tokens)
-        if "limit_cost_micros" in paths:
-            limit_cost = _limit(
-                "budget.limit_cost_micros", new.limit_cost_micros, MAX_BUDGET_COST_MICROS
-            )
-            changes["lc"] = str(limit_cost)
-        if not (limit_tokens or limit_cost):
-            raise errors.invalid_argument("budget.limit_tokens", "at least one limit must be set")
-        if "enforcement" in paths:
-            changes["enf"] = _enforcement(new.enforcement)
-        if "alert_thresholds" in paths:
-            changes["th"] = ",".join(map(str, _thresholds(new.alert_thresholds)))
-        if "display_name" in paths:
-            changes["name"] = require_text(
-                "budget.display_name", new.display_name, MAX_TITLE_LENGTH
-            )
+        changes = _budget_changes(current.spec, request.budget, list(request.update_mask.paths))
         if changes and not await self._budgets.update(
             current.project_id, current.budget_id, changes
         ):
@@ -236,16 +210,7 @@ class BudgetRpcs:
 
     async def _check_spec(self, project_id: str, budget: usage_pb2.Budget) -> BudgetSpec:
         scope = _scope(budget.scope, "budget.scope", allow_unset=False)
-        scope_id = budget.scope_id
-        if scope == "PROJECT":
-            if scope_id:
-                raise errors.invalid_argument(
-                    "budget.scope_id", "must be empty for a project budget"
-                )
-        elif scope == "MODEL":
-            scope_id = require_model("budget.scope_id", scope_id)
-        else:
-            scope_id = require_id("budget.scope_id", scope_id)
+        scope_id = _scope_id(scope, budget.scope_id)
         if scope == "AGENT":
             agent = await self._agents.find_agent(scope_id)
             if agent is None or agent.project_id != project_id:
@@ -554,3 +519,44 @@ def delivery_message(d: DeliveryRecord) -> usage_pb2.WebhookDelivery:
         update_time=timestamp(d.update_ms),
     )
     return message
+
+
+def _budget_changes(spec: BudgetSpec, new: usage_pb2.Budget, paths: list[str]) -> dict[str, str]:
+    """The stored fields an UpdateBudget changes, each checked; fixed or unknown paths and
+    a budget left without any limit are INVALID_ARGUMENT."""
+    for path in paths:
+        if path in FIXED:
+            raise errors.invalid_argument("update_mask", f"{path} is fixed once created")
+        if path not in MUTABLE:
+            raise errors.invalid_argument("update_mask", f"unknown field {path!r}")
+    changes: dict[str, str] = {}
+    limit_tokens, limit_cost = spec.limit_tokens, spec.limit_cost_micros
+    if "limit_tokens" in paths:
+        limit_tokens = _limit("budget.limit_tokens", new.limit_tokens, MAX_BUDGET_TOKENS)
+        changes["lt"] = str(limit_tokens)
+    if "limit_cost_micros" in paths:
+        limit_cost = _limit(
+            "budget.limit_cost_micros", new.limit_cost_micros, MAX_BUDGET_COST_MICROS
+        )
+        changes["lc"] = str(limit_cost)
+    if not (limit_tokens or limit_cost):
+        raise errors.invalid_argument("budget.limit_tokens", "at least one limit must be set")
+    if "enforcement" in paths:
+        changes["enf"] = _enforcement(new.enforcement)
+    if "alert_thresholds" in paths:
+        changes["th"] = ",".join(map(str, _thresholds(new.alert_thresholds)))
+    if "display_name" in paths:
+        changes["name"] = require_text("budget.display_name", new.display_name, MAX_TITLE_LENGTH)
+    return changes
+
+
+def _scope_id(scope: str, scope_id: str) -> str:
+    """A budget's scope id as its scope wants it: none for a project, a model name, or an
+    id (agent, API key)."""
+    if scope == "PROJECT":
+        if scope_id:
+            raise errors.invalid_argument("budget.scope_id", "must be empty for a project budget")
+        return ""
+    if scope == "MODEL":
+        return require_model("budget.scope_id", scope_id)
+    return require_id("budget.scope_id", scope_id)

@@ -43,26 +43,8 @@ class SeriesRpcs:
     _stopping: asyncio.Event
 
     async def _series_query(self, request: SeriesRequest) -> SeriesQuery:
-        project_id = request.project_id or ALL
-        if project_id == ALL:
-            require_superuser("the whole installation's usage")
-        else:
-            project_id = require_id("project_id", project_id)
-            if not await self._agents.can_see_project(project_id):
-                raise errors.not_found("project", project_id)
-        if request.granularity == usage_pb2.GRANULARITY_UNSPECIFIED:
-            raise errors.invalid_argument("granularity", "is required (HOUR or DAY)")
-        step = HOUR_MS if request.granularity == usage_pb2.GRANULARITY_HOUR else DAY_MS
-        if not request.HasField("start_time"):
-            raise errors.invalid_argument("start_time", "is required")
-        start = request.start_time.ToMilliseconds() // step * step
-        end = request.end_time.ToMilliseconds() if request.HasField("end_time") else now_ms()
-        if end <= start:
-            raise errors.invalid_argument("end_time", "must be after start_time")
-        if (end - start) / step > MAX_SERIES_BUCKETS:
-            raise errors.invalid_argument(
-                "end_time", f"the range holds more than {MAX_SERIES_BUCKETS} buckets"
-            )
+        project_id = await self._series_project(request.project_id)
+        start, end, step = _series_range(request)
         group = {
             usage_pb2.USAGE_GROUP_BY_AGENT: "agent", usage_pb2.USAGE_GROUP_BY_MODEL: "model"
         }.get(request.group_by, "")  # fmt: skip
@@ -75,6 +57,17 @@ class SeriesRpcs:
                 "agent and model cannot be combined (filter or group by one of them)",
             )
         return SeriesQuery(project_id, start, end, step, group, agent_id, model)
+
+    async def _series_project(self, asked: str) -> str:
+        """The project asked for, if the caller may see it; "-" (everything) for the
+        superuser."""
+        if not asked or asked == ALL:
+            require_superuser("the whole installation's usage")
+            return ALL
+        project_id = require_id("project_id", asked)
+        if not await self._agents.can_see_project(project_id):
+            raise errors.not_found("project", project_id)
+        return project_id
 
     async def GetUsageTimeSeries(
         self, request: usage_service_pb2.GetUsageTimeSeriesRequest, context: ServicerContext
@@ -228,3 +221,21 @@ def _csv(rows: Sequence[Sequence[object]]) -> bytes:
     out = io.StringIO()
     csv.writer(out, lineterminator="\r\n").writerows(rows)
     return out.getvalue().encode()
+
+
+def _series_range(request: SeriesRequest) -> tuple[int, int, int]:
+    """(start, end, bucket length) in ms, the start aligned to its bucket."""
+    if request.granularity == usage_pb2.GRANULARITY_UNSPECIFIED:
+        raise errors.invalid_argument("granularity", "is required (HOUR or DAY)")
+    step = HOUR_MS if request.granularity == usage_pb2.GRANULARITY_HOUR else DAY_MS
+    if not request.HasField("start_time"):
+        raise errors.invalid_argument("start_time", "is required")
+    start = request.start_time.ToMilliseconds() // step * step
+    end = request.end_time.ToMilliseconds() if request.HasField("end_time") else now_ms()
+    if end <= start:
+        raise errors.invalid_argument("end_time", "must be after start_time")
+    if (end - start) / step > MAX_SERIES_BUCKETS:
+        raise errors.invalid_argument(
+            "end_time", f"the range holds more than {MAX_SERIES_BUCKETS} buckets"
+        )
+    return start, end, step

@@ -648,11 +648,7 @@ class UsageStore:
             groups: dict[str, Counters] = {}
             for _ in prefixes:
                 reply = next(replies)
-                items = {wanted: reply} if wanted else reply
-                for name, packed in items.items():
-                    group = query.group_of(name)
-                    if packed is not None and group is not None:
-                        groups.setdefault(group, Counters()).add_bucket(packed)
+                _add_bucket(groups, query, {wanted: reply} if wanted else reply)
             series += [(start, group, groups[group]) for group in sorted(groups)]
         return series
 
@@ -690,6 +686,14 @@ class UsageStore:
             sums.append(total)
             position += len(keys)
         return sums
+
+
+def _add_bucket(groups: dict[str, Counters], query: SeriesQuery, items: dict[str, Any]) -> None:
+    """One bucket hash's fields (or the one field asked for) added to their groups."""
+    for name, packed in items.items():
+        group = query.group_of(name)
+        if packed is not None and group is not None:
+            groups.setdefault(group, Counters()).add_bucket(packed)
 
 
 def _top(ranked_per_shard: Sequence[Sequence[tuple[str, float]]], top: int) -> list[str]:

@@ -19,7 +19,7 @@ import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 import orjson
@@ -101,9 +101,8 @@ async def _resolve(host: str, port: int) -> list[Address]:
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
-async def check_url(url: str, allow_http: bool, allow_private: bool) -> Target:
-    """Where deliveries to `url` go, or UnsafeUrl. Checked when a webhook is created and
-    again before every attempt, whose connection then goes to the address checked."""
+def _parsed(url: str, allow_http: bool) -> tuple[SplitResult, str, int]:
+    """(the URL's parts, its host, its port) once its form is acceptable."""
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -115,28 +114,46 @@ async def check_url(url: str, allow_http: bool, allow_private: bool) -> Target:
         raise UnsafeUrl("must use https (http needs WEBHOOK_ALLOW_HTTP=true)")
     if parts.username or parts.password:
         raise UnsafeUrl("must not carry credentials")
-    host = parts.hostname.rstrip(".").lower()
-    if not allow_private and (
-        host in METADATA_HOSTS or host == "localhost" or host.endswith(".localhost")
-    ):
-        raise UnsafeUrl(f"host {host!r} is not allowed")
+    return parts, parts.hostname.rstrip(".").lower(), port
+
+
+async def _addresses_of(host: str, port: int) -> tuple[list[Address], bool]:
+    """(the addresses `host` stands for, whether it is a name rather than an address)."""
     try:
-        addresses = [ipaddress.ip_address(host)]
-        named = False
+        return [ipaddress.ip_address(host)], False
     except ValueError:
-        named = True
-        try:
-            addresses = await _resolve(host, port)
-        except OSError:
-            raise UnsafeUrl(f"host {host!r} does not resolve") from None
+        pass
+    try:
+        return await _resolve(host, port), True
+    except OSError:
+        raise UnsafeUrl(f"host {host!r} does not resolve") from None
+
+
+def _refuse_name(host: str) -> None:
+    """Names that stand for this machine or a cloud's metadata, before asking a resolver."""
+    if host in METADATA_HOSTS or host == "localhost" or host.endswith(".localhost"):
+        raise UnsafeUrl(f"host {host!r} is not allowed")
+
+
+def _refuse_addresses(addresses: list[Address]) -> None:
+    for address in addresses:
+        if _blocked(address):
+            raise UnsafeUrl(
+                f"resolves to {address}, which is not a globally routable address "
+                "(loopback, private, shared, link-local, metadata...; allowed only "
+                "with WEBHOOK_ALLOW_PRIVATE_NETWORKS=true)"
+            )
+
+
+async def check_url(url: str, allow_http: bool, allow_private: bool) -> Target:
+    """Where deliveries to `url` go, or UnsafeUrl. Checked when a webhook is created and
+    again before every attempt, whose connection then goes to the address checked."""
+    parts, host, port = _parsed(url, allow_http)
     if not allow_private:
-        for address in addresses:
-            if _blocked(address):
-                raise UnsafeUrl(
-                    f"resolves to {address}, which is not a globally routable address "
-                    "(loopback, private, shared, link-local, metadata...; allowed only "
-                    "with WEBHOOK_ALLOW_PRIVATE_NETWORKS=true)"
-                )
+        _refuse_name(host)
+    addresses, named = await _addresses_of(host, port)
+    if not allow_private:
+        _refuse_addresses(addresses)
     if not named or not addresses:
         return Target(url)
     first = addresses[0]
