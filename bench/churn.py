@@ -188,74 +188,96 @@ def main() -> int:
         return churn(running)
 
 
+Samples = list[tuple[float, int, int]]  # (seconds, messages done, used_memory)
+
+
 def churn(running: stack.Stack) -> int:
     client = redis_sync.Redis.from_url(running.redis_url)
-    addresses = running.addresses
-    samples: list[tuple[float, int, int]] = []  # (seconds, messages done, used_memory)
     try:
-        agents = asyncio.run(setup(addresses["agent"]))
-        total = THREADS * PER_THREAD
-        done = multiprocessing.get_context("spawn").Value("q", 0)
-        per = THREADS // WORKERS
-        ctx = multiprocessing.get_context("spawn")
-        procs = [
-            ctx.Process(target=worker, args=(addresses, running.redis_url, agents, w * per,
-                        per if w < WORKERS - 1 else THREADS - w * per, done))
-            for w in range(WORKERS)
-        ]  # fmt: skip
+        agents = asyncio.run(setup(running.addresses["agent"]))
         began = time.monotonic()
         base = used_memory(client)
-        for p in procs:
-            p.start()
-        next_mark = 0.0
-        print(f"{'elapsed s':>9} {'messages':>10} {'used_memory MB':>15}")
-        while any(p.is_alive() for p in procs):
-            time.sleep(1.0)
-            point = (time.monotonic() - began, done.value, used_memory(client))
-            samples.append(point)
-            if point[1] >= next_mark * total:
-                print(f"{point[0]:9.0f} {point[1]:10,} {point[2] / 1e6:15.1f}", flush=True)
-                next_mark += 0.05
-        if any(p.exitcode for p in procs):
-            raise RuntimeError("a load worker failed")
+        samples, done = _load(running, client, agents, began)
         loaded_s = time.monotonic() - began
         at_load_end = used_memory(client)
-        # The last threads ended just now: wait for their retention and a sweep.
-        while True:
-            time.sleep(1.0)
-            samples.append((time.monotonic() - began, done.value, used_memory(client)))
-            left = sum(1 for _ in client.scan_iter(match="ap:thread:{p:churn}:thread:*"))
-            if left == 0 or time.monotonic() - began > loaded_s + 120:
-                break
-        kinds: dict[str, int] = {}
-        for key in client.scan_iter(count=1000):  # a diagnostic, after the run
-            kind = re.sub(r"[0-9A-Z]{26}", "<id>", key.decode())
-            kinds[kind] = kinds.get(kind, 0) + 1
-        at_tenth = next(m for _, n, m in samples if n >= total // 10)
-        end = samples[-1][2]
-        peak = max(m for _, _, m in samples)
-        result = {
-            "via": VIA, "threads": THREADS, "messages": done.value, "retention": RETENTION,
-            "load_seconds": round(loaded_s, 1),
-            "messages_per_s": round(done.value / loaded_s),
-            "used_memory_start_mb": round(base / 1e6, 2),
-            "used_memory_at_10pct_mb": round(at_tenth / 1e6, 2),
-            "used_memory_peak_mb": round(peak / 1e6, 2),
-            "used_memory_when_load_ended_mb": round(at_load_end / 1e6, 2),
-            "load_end_over_10pct": round(at_load_end / at_tenth, 3),
-            "used_memory_end_mb": round(end / 1e6, 2),
-            "end_over_10pct": round(end / at_tenth, 3), "target": TARGET,
-            "threads_left": left, "keys_left": dict(sorted(kinds.items())),
-            "samples": [(round(t, 1), n, m) for t, n, m in samples[:: max(1, len(samples) // 200)]],
-        }  # fmt: skip
+        left = _wait_for_removals(client, samples, done, began, loaded_s)
+        result = _result(client, samples, done, base, loaded_s, at_load_end, left)
         (ROOT / "bench" / "churn.json").write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
-        ok = result["end_over_10pct"] <= TARGET and done.value >= total
+        ok = result["end_over_10pct"] <= TARGET and done >= THREADS * PER_THREAD
         print(f"end / after 10%: {result['end_over_10pct']} (target ≤ {TARGET}) "
               f"{'PASS' if ok else 'FAIL'}")  # fmt: skip
         return 0 if ok else 1
     finally:
         client.close()
+
+
+def _load(running: stack.Stack, client: Any, agents: Any, began: float) -> tuple[Samples, int]:
+    """The load processes, run to their end, with used_memory sampled every second."""
+    total = THREADS * PER_THREAD
+    ctx = multiprocessing.get_context("spawn")
+    done = ctx.Value("q", 0)
+    per = THREADS // WORKERS
+    procs = [
+        ctx.Process(target=worker, args=(running.addresses, running.redis_url, agents, w * per,
+                    per if w < WORKERS - 1 else THREADS - w * per, done))
+        for w in range(WORKERS)
+    ]  # fmt: skip
+    for p in procs:
+        p.start()
+    samples: Samples = []
+    next_mark = 0.0
+    print(f"{'elapsed s':>9} {'messages':>10} {'used_memory MB':>15}")
+    while any(p.is_alive() for p in procs):
+        time.sleep(1.0)
+        point = (time.monotonic() - began, done.value, used_memory(client))
+        samples.append(point)
+        if point[1] >= next_mark * total:
+            print(f"{point[0]:9.0f} {point[1]:10,} {point[2] / 1e6:15.1f}", flush=True)
+            next_mark += 0.05
+    if any(p.exitcode for p in procs):
+        raise RuntimeError("a load worker failed")
+    return samples, int(done.value)
+
+
+def _wait_for_removals(
+    client: Any, samples: Samples, done: int, began: float, loaded_s: float
+) -> int:
+    """The last threads ended just now: wait for their retention and a sweep (at most
+    two minutes); how many threads are left."""
+    while True:
+        time.sleep(1.0)
+        samples.append((time.monotonic() - began, done, used_memory(client)))
+        left = sum(1 for _ in client.scan_iter(match="ap:thread:{p:churn}:thread:*"))
+        if left == 0 or time.monotonic() - began > loaded_s + 120:
+            return left
+
+
+def _result(
+    client: Any, samples: Samples, done: int, base: int, loaded_s: float, at_load_end: int,
+    left: int,
+) -> dict[str, Any]:  # fmt: skip
+    kinds: dict[str, int] = {}
+    for key in client.scan_iter(count=1000):  # a diagnostic, after the run
+        kind = re.sub(r"[0-9A-Z]{26}", "<id>", key.decode())
+        kinds[kind] = kinds.get(kind, 0) + 1
+    at_tenth = next(m for _, n, m in samples if n >= THREADS * PER_THREAD // 10)
+    end = samples[-1][2]
+    peak = max(m for _, _, m in samples)
+    return {
+        "via": VIA, "threads": THREADS, "messages": done, "retention": RETENTION,
+        "load_seconds": round(loaded_s, 1),
+        "messages_per_s": round(done / loaded_s),
+        "used_memory_start_mb": round(base / 1e6, 2),
+        "used_memory_at_10pct_mb": round(at_tenth / 1e6, 2),
+        "used_memory_peak_mb": round(peak / 1e6, 2),
+        "used_memory_when_load_ended_mb": round(at_load_end / 1e6, 2),
+        "load_end_over_10pct": round(at_load_end / at_tenth, 3),
+        "used_memory_end_mb": round(end / 1e6, 2),
+        "end_over_10pct": round(end / at_tenth, 3), "target": TARGET,
+        "threads_left": left, "keys_left": dict(sorted(kinds.items())),
+        "samples": [(round(t, 1), n, m) for t, n, m in samples[:: max(1, len(samples) // 200)]],
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -60,27 +60,7 @@ class Mover:
 def upgrade_agents(m: Mover) -> int:
     r, agents = m.r, 0
     for member in r.zrange(AgentKeys.projects, 0, -1):
-        project = member.split("|", 1)[1]
-        record = AgentKeys.project(project)
-        for agent_id in r.zrange(f"{OLD_AGENT}idx:{project}:ALL", 0, -1):
-            if not m.copy(f"{OLD_AGENT}agent:{agent_id}", AgentKeys.agent(project, agent_id)):
-                continue
-            r.set(directory_key("agent", agent_id), project)
-            status, ended, updated = r.hmget(
-                AgentKeys.agent(project, agent_id), "status", "terminate_ms", "update_ms"
-            )
-            if status == "TERMINATED":
-                r.zadd(AgentKeys.terminated(project), {agent_id: int(ended or updated or 0)})
-            agents += 1
-        for status in ("", *STATUSES):
-            m.copy(f"{OLD_AGENT}idx:{project}:{status or 'ALL'}", AgentKeys.index(project, status))
-        m.copy(f"{OLD_AGENT}names:{project}", f"{AgentKeys.of(project)}names")
-        m.copy(f"{OLD_AGENT}events:{project}", AgentKeys.events(project))
-        counters = dict(zip(COUNTER_FIELDS, r.hmget(record, *COUNTER_FIELDS), strict=True))
-        if any(v is not None for v in counters.values()):
-            r.hset(AgentKeys.stats(project), mapping={k: v for k, v in counters.items() if v})
-            r.hdel(record, *COUNTER_FIELDS)
-        m.done()
+        agents += _upgrade_project_agents(m, member.split("|", 1)[1])
     # Cluster counters of agents are now the sum of the projects' counters.
     r.hdel(AgentKeys.counters, "agents", "tasks_completed", *(f"n_{s}" for s in STATUSES))
     for status in ("ALL", *STATUSES):
@@ -88,35 +68,44 @@ def upgrade_agents(m: Mover) -> int:
     return agents
 
 
+def _upgrade_project_agents(m: Mover, project: str) -> int:
+    """One project's agents, indexes, names, events and counters; how many agents."""
+    r, agents = m.r, 0
+    record = AgentKeys.project(project)
+    for agent_id in r.zrange(f"{OLD_AGENT}idx:{project}:ALL", 0, -1):
+        if not m.copy(f"{OLD_AGENT}agent:{agent_id}", AgentKeys.agent(project, agent_id)):
+            continue
+        r.set(directory_key("agent", agent_id), project)
+        status, ended, updated = r.hmget(
+            AgentKeys.agent(project, agent_id), "status", "terminate_ms", "update_ms"
+        )
+        if status == "TERMINATED":
+            r.zadd(AgentKeys.terminated(project), {agent_id: int(ended or updated or 0)})
+        agents += 1
+    for status in ("", *STATUSES):
+        m.copy(f"{OLD_AGENT}idx:{project}:{status or 'ALL'}", AgentKeys.index(project, status))
+    m.copy(f"{OLD_AGENT}names:{project}", f"{AgentKeys.of(project)}names")
+    m.copy(f"{OLD_AGENT}events:{project}", AgentKeys.events(project))
+    counters = dict(zip(COUNTER_FIELDS, r.hmget(record, *COUNTER_FIELDS), strict=True))
+    if any(v is not None for v in counters.values()):
+        r.hset(AgentKeys.stats(project), mapping={k: v for k, v in counters.items() if v})
+        r.hdel(record, *COUNTER_FIELDS)
+    m.done()
+    return agents
+
+
 def upgrade_threads(m: Mover) -> int:
-    r, threads = m.r, 0
+    r = m.r
     projects: set[str] = set()
     agents: dict[str, str] = {}  # agent id -> project
     thread_projects: dict[str, str] = {}  # thread id -> project
     unacked: dict[tuple[str, str], str] = {}  # (thread id, log entry id) -> inbox entry id
     for member in r.zrange(f"{OLD_THREAD}idx:p:-:ALL", 0, -1):
         thread_id = member.split("|", 1)[1]
-        fields = r.hgetall(f"{OLD_THREAD}thread:{thread_id}")
-        if not fields:
-            continue
-        project = fields["project_id"]
-        keys = ThreadKeys(project)
-        parts = r.smembers(f"{OLD_THREAD}parts:{thread_id}")
-        m.copy(f"{OLD_THREAD}thread:{thread_id}", keys.thread(thread_id))
-        m.copy(f"{OLD_THREAD}parts:{thread_id}", keys.participants(thread_id))
-        m.copy(f"{OLD_THREAD}log:{thread_id}", keys.log(thread_id))
-        for agent_id in parts:
-            agents[agent_id] = project
-            m.copy(f"{OLD_THREAD}tmsgs:{thread_id}:{agent_id}",
-                   keys.thread_messages_of(thread_id, agent_id))  # fmt: skip
-        r.set(directory_key("thread", thread_id), project)
-        thread_projects[thread_id] = project
-        r.zadd(PROJECTS, {project: 0})
-        if fields.get("status") != "ACTIVE":
-            r.zadd(keys.ended, {thread_id: int(fields.get("end_ms") or 0)})
-        projects.add(project)
-        threads += 1
-        m.done()
+        project = _upgrade_thread(m, thread_id, agents)
+        if project:
+            thread_projects[thread_id] = project
+            projects.add(project)
     for project in sorted(projects):
         keys = ThreadKeys(project)
         for status in THREAD_STATUSES:
@@ -124,19 +113,52 @@ def upgrade_threads(m: Mover) -> int:
             m.copy(f"{OLD_THREAD}idx:p:{project}:{status}", new)
         m.done()
     for agent_id, project in sorted(agents.items()):
-        keys = ThreadKeys(project)
-        for status in THREAD_STATUSES:
-            m.copy(f"{OLD_THREAD}idx:a:{agent_id}:{status}",
-                   keys.agent_index(agent_id, "" if status == "ALL" else status))  # fmt: skip
-        m.copy(f"{OLD_THREAD}msgs:{agent_id}", keys.messages_of(agent_id))
-        if m.copy(f"{OLD_THREAD}inbox:{agent_id}", keys.inbox(agent_id)):
-            trim_acknowledged(r, keys.inbox(agent_id))
-            unacked.update(inbox_entries(r, keys.inbox(agent_id)))
-        m.done()
+        unacked.update(_upgrade_agent_threads(m, agent_id, project))
     link_inboxes(r, unacked, thread_projects)
     for status in THREAD_STATUSES:
         r.delete(f"{OLD_THREAD}idx:p:-:{status}")
-    return threads
+    return len(thread_projects)
+
+
+def _upgrade_thread(m: Mover, thread_id: str, agents: dict[str, str]) -> str:
+    """One thread moved into its project (its participants noted in `agents`); its
+    project, or "" when it was gone."""
+    r = m.r
+    fields = r.hgetall(f"{OLD_THREAD}thread:{thread_id}")
+    if not fields:
+        return ""
+    project = fields["project_id"]
+    keys = ThreadKeys(project)
+    parts = r.smembers(f"{OLD_THREAD}parts:{thread_id}")
+    m.copy(f"{OLD_THREAD}thread:{thread_id}", keys.thread(thread_id))
+    m.copy(f"{OLD_THREAD}parts:{thread_id}", keys.participants(thread_id))
+    m.copy(f"{OLD_THREAD}log:{thread_id}", keys.log(thread_id))
+    for agent_id in parts:
+        agents[agent_id] = project
+        m.copy(f"{OLD_THREAD}tmsgs:{thread_id}:{agent_id}",
+               keys.thread_messages_of(thread_id, agent_id))  # fmt: skip
+    r.set(directory_key("thread", thread_id), project)
+    r.zadd(PROJECTS, {project: 0})
+    if fields.get("status") != "ACTIVE":
+        r.zadd(keys.ended, {thread_id: int(fields.get("end_ms") or 0)})
+    m.done()
+    return str(project)
+
+
+def _upgrade_agent_threads(m: Mover, agent_id: str, project: str) -> dict[tuple[str, str], str]:
+    """An agent's thread indexes, messages and inbox moved; its unacknowledged entries."""
+    r = m.r
+    unacked: dict[tuple[str, str], str] = {}
+    keys = ThreadKeys(project)
+    for status in THREAD_STATUSES:
+        m.copy(f"{OLD_THREAD}idx:a:{agent_id}:{status}",
+               keys.agent_index(agent_id, "" if status == "ALL" else status))  # fmt: skip
+    m.copy(f"{OLD_THREAD}msgs:{agent_id}", keys.messages_of(agent_id))
+    if m.copy(f"{OLD_THREAD}inbox:{agent_id}", keys.inbox(agent_id)):
+        trim_acknowledged(r, keys.inbox(agent_id))
+        unacked.update(inbox_entries(r, keys.inbox(agent_id)))
+    m.done()
+    return unacked
 
 
 def trim_acknowledged(r: Any, inbox: str) -> None:
