@@ -18,3 +18,33 @@ def test_the_import_contracts_are_kept() -> None:
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout
+
+
+HAND_WRITTEN = ["services", "gateway", "scripts", "bench", "examples",
+                "agentplane/client", "agentplane/worker", "agentplane/cli"]  # fmt: skip
+
+
+def _functions(blocks):  # type: ignore[no-untyped-def]
+    """Every function radon found: methods and closures included."""
+    for block in blocks:
+        if hasattr(block, "methods"):  # a class
+            yield from _functions(block.methods)
+            yield from _functions(block.inner_classes)
+        else:
+            yield block
+            yield from _functions(block.closures)
+
+
+def test_no_hand_written_function_is_more_complex_than_12() -> None:
+    """Cyclomatic complexity by radon (it counts boolean operators, as ruff's does not)."""
+    from radon.complexity import cc_visit
+
+    over = []
+    for folder in HAND_WRITTEN:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for block in _functions(cc_visit(path.read_text())):
+                if block.complexity > 12:
+                    over.append(
+                        f"{path.relative_to(ROOT)}:{block.lineno} {block.name} {block.complexity}"
+                    )
+    assert len(over) == 0, over
