@@ -457,6 +457,11 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
                         delivery_count=delivery.count,
                     )
         finally:
+            # Deliveries this stream took but nobody acknowledged (an entry read while its
+            # caller was leaving included) go to the agent's live consumers at their next
+            # claim, not after the idle time.
+            idle_ms = int(self._settings.inbox_claim_idle_s * 1000)
+            await self._store.give_back(project_id, agent_id, consumer, idle_ms)
             await self._store.release_lease(project_id, agent_id, consumer, token)
 
     async def AckMessages(

@@ -184,6 +184,9 @@ class ThreadStorage(Protocol):
     async def claim_idle(
         self, project_id: str, agent_id: str, consumer: str, min_idle_ms: int
     ) -> list[Delivery]: ...
+    async def give_back(
+        self, project_id: str, agent_id: str, consumer: str, idle_ms: int
+    ) -> int: ...
     async def ack(self, project_id: str, agent_id: str, ack_ids: Sequence[str]) -> int: ...
 
 
@@ -581,6 +584,29 @@ class ThreadStore:
                 raise
             return []
         return await self._with_counts(inbox, [(e, dict(f)) for e, f in reply[1] if f])
+
+    async def give_back(
+        self, project_id: str, agent_id: str, consumer: str, idle_ms: int
+    ) -> int:
+        """A consumer whose stream ended makes its unacknowledged deliveries look idle
+        for `idle_ms`, so a live consumer of the agent takes them over at its next claim
+        instead of after the idle time (they stay this consumer's, first in line, if it
+        comes back sooner). How many."""
+        inbox = Keys(project_id).inbox(agent_id)
+        try:
+            rows = await self._redis.xpending_range(
+                inbox, GROUP, min="-", max="+", count=1000, consumername=consumer
+            )
+            ids = [row["message_id"] for row in rows]
+            if ids:
+                await self._redis.xclaim(
+                    inbox, GROUP, consumer, 0, ids, idle=idle_ms, justid=True
+                )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return 0
+        return len(ids)
 
     async def _with_counts(
         self, inbox: str, entries: list[tuple[str, dict[str, str]]]
