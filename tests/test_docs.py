@@ -1,4 +1,4 @@
-"""The README's commands work when pasted into a script: no shell aliases (they vanish
+"""The README's and the manual's commands work when pasted into a script: no shell aliases (they vanish
 inside scripts and `timeout`), the token on every call that needs one, no dates written
 out that go stale, and every relative link points at a file that exists."""
 
@@ -30,15 +30,24 @@ def needs_token(command: str) -> bool:
     return False
 
 
-def test_readme_commands_run_as_pasted() -> None:
-    text = (ROOT / "README.md").read_text()
-    lines = commands(text)
+def test_the_commands_of_the_readme_and_the_manual_run_as_pasted() -> None:
+    lines = [c for doc in DOCS for c in commands(doc.read_text())]
     assert len(lines) > 40
     assert not [c for c in lines if c.startswith("alias ")]
     missing = [c for c in lines if needs_token(c) and "authorization: Bearer" not in c]
     assert not missing, missing
     stale = [c for c in lines if re.search(r"\b20\d\d-\d\d-\d\dT", c)]
     assert not stale, stale
+
+
+def test_the_readme_is_a_front_page() -> None:
+    """What it is, the two commands, a tour and links: the manual lives in docs/."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    assert "make run" in text and "make test" in text
+    linked = set(re.findall(r"\]\(docs/([^)#]+)", text))
+    manual = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert manual <= linked, manual - linked  # every page of the manual is reachable
 
 
 def test_every_relative_link_resolves() -> None:

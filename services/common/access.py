@@ -1,4 +1,4 @@
-"""Who may see and change what, in one place (docs: README "Security").
+"""Who may see and change what, in one place (docs/security.md).
 
 - the superuser: everything;
 - an owner: the projects whose `owner` is their principal name, and everything in them;
