@@ -155,6 +155,24 @@ class Overview:
     active_threads: int = 0
 
 
+# What record_usage.lua reads of each record, in order (its header lists the same).
+RECORD_FIELDS = (
+    "fingerprint", "usage id", "prompt", "completion", "cost micros", "latency ms",
+    "unpriced", "reservation id", "agent id", "model", "thread id", "project id",
+    "API key id", "cached prompt", "reasoning",
+)  # fmt: skip
+
+
+def record_fields(r: UsageRecord, project: str) -> str:
+    """One record as record_usage.lua takes it: RECORD_FIELDS joined by '|'."""
+    return (
+        f"{r.fingerprint}|{r.usage_id}|{r.prompt_tokens}|{r.completion_tokens}|"
+        f"{r.cost_micros}|{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|"
+        f"{r.agent_id}|{r.model}|{r.thread_id}|{project}|{r.key_id}|"
+        f"{r.cached_prompt_tokens}|{r.reasoning_tokens}"
+    )
+
+
 Clock = Callable[[], int]  # Unix ms; tests move it instead of sleeping
 
 
@@ -370,12 +388,7 @@ class UsageStore:
             if partition is None:
                 partition = partitions[project] = self.layout.partition(project)
             keys += [partition.prefix, partition.shard.prefix]
-            fields.append(
-                f"{r.fingerprint}|{r.usage_id}|{r.prompt_tokens}|{r.completion_tokens}|"
-                f"{r.cost_micros}|{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|"
-                f"{r.agent_id}|{r.model}|{r.thread_id}|{project}|{r.key_id}|"
-                f"{r.cached_prompt_tokens}|{r.reasoning_tokens}"
-            )
+            fields.append(record_fields(r, project))
         for _ in range(ROLL_ATTEMPTS):
             head = [self._clock(), self._ttl, *self._retention]
             reply = await self._record(keys=keys, args=[*head, *fields])

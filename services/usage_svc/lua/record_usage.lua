@@ -3,11 +3,11 @@
 -- aggregates, the project's aggregates, and every budget covering it (with its alerts).
 --
 -- KEYS, 2 per record: 1 the project's partition prefix P, 2 the shard prefix S
--- ARGV: 1 now (ms), 2 usage-id ttl (s); then one per record, its fields joined by '|'
---   (ids cannot contain '|'): fingerprint, usage id, prompt, completion, cost micros,
---   latency ms,
---   unpriced (0/1), reservation id, agent id, model, thread id, project id ('' for none),
---   API key id
+-- ARGV: 1 now (ms), 2 usage-id ttl (s), 3 hourly buckets kept (s), 4 daily buckets kept
+--   (s); then one per record, its fields joined by '|' (ids cannot contain '|'):
+--   fingerprint, usage id, prompt, completion, cost micros, latency ms, unpriced (0/1),
+--   reservation id, agent id, model, thread id, project id ('' for none), API key id,
+--   cached prompt, reasoning
 -- Returns per record: {outcome, cost, <thread budget state>}, outcome NEW | DUPLICATE |
 -- CONFLICT; or, before writing anything, {{'ROLL', budget keys...}} when a covering
 -- budget's period has ended (the caller opens the new period and calls again).
