@@ -34,27 +34,21 @@ def timestamp(ms: int | str | None) -> timestamp_pb2.Timestamp | None:
     return value
 
 
-def require_id(field: str, value: str) -> str:
-    """A non-empty id of sane length and no control characters."""
+def require_id(field: str, value: str, max_length: int = MAX_ID_LENGTH) -> str:
+    """A non-empty id of sane length, printable, without '|' (a separator in storage)."""
     if not value:
         raise errors.invalid_argument(field, "is required")
-    if len(value) > MAX_ID_LENGTH:
-        raise errors.invalid_argument(field, f"is longer than {MAX_ID_LENGTH} characters")
+    if len(value) > max_length:
+        raise errors.invalid_argument(field, f"is longer than {max_length} characters")
     if not value.isprintable() or "|" in value:
         raise errors.invalid_argument(field, "contains characters that are not allowed")
     return value
 
 
 def require_model(field: str, value: str) -> str:
-    """A model name or price pattern: required, at most MAX_MODEL_LENGTH (200) characters,
-    printable, no '|' (the one limit for every field that names a model)."""
-    if not value:
-        raise errors.invalid_argument(field, "is required")
-    if len(value) > MAX_MODEL_LENGTH:
-        raise errors.invalid_argument(field, f"is longer than {MAX_MODEL_LENGTH} characters")
-    if not value.isprintable() or "|" in value:
-        raise errors.invalid_argument(field, "contains characters that are not allowed")
-    return value
+    """A model name or price pattern: an id of up to MAX_MODEL_LENGTH (200) characters —
+    the one limit for every field that names a model."""
+    return require_id(field, value, MAX_MODEL_LENGTH)
 
 
 def require_client_id(field: str, value: str, default: str | None = None) -> str:
