@@ -65,9 +65,9 @@ async def test_one_trace_spans_gateway_services_and_redis(cluster, spans) -> Non
     names = {s.name for s in in_trace}
     assert "GET /api/v1/agents/{agent_id}" in names  # the gateway continued the caller's trace
     assert "/agentplane.agent.v1.AgentService/GetAgent" in names  # the agent service
-    assert "/agentplane.usage.v1.UsageService/GetAgentUsage" in names  # service → service
+    assert "/agentplane.usage.v1.UsageService/BatchGetAgentUsage" in names  # service → service
     kinds = {(s.name, s.kind) for s in in_trace}
-    assert ("/agentplane.usage.v1.UsageService/GetAgentUsage", trace.SpanKind.CLIENT) in kinds
-    assert ("/agentplane.usage.v1.UsageService/GetAgentUsage", trace.SpanKind.SERVER) in kinds
+    assert ("/agentplane.usage.v1.UsageService/BatchGetAgentUsage", trace.SpanKind.CLIENT) in kinds
+    assert ("/agentplane.usage.v1.UsageService/BatchGetAgentUsage", trace.SpanKind.SERVER) in kinds
     redis_spans = [s for s in in_trace if s.attributes and s.attributes.get("db.system") == "redis"]
     assert redis_spans, names  # and on to Redis
