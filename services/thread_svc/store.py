@@ -585,9 +585,7 @@ class ThreadStore:
             return []
         return await self._with_counts(inbox, [(e, dict(f)) for e, f in reply[1] if f])
 
-    async def give_back(
-        self, project_id: str, agent_id: str, consumer: str, idle_ms: int
-    ) -> int:
+    async def give_back(self, project_id: str, agent_id: str, consumer: str, idle_ms: int) -> int:
         """A consumer whose stream ended makes its unacknowledged deliveries look idle
         for `idle_ms`, so a live consumer of the agent takes them over at its next claim
         instead of after the idle time (they stay this consumer's, first in line, if it
@@ -599,9 +597,7 @@ class ThreadStore:
             )
             ids = [row["message_id"] for row in rows]
             if ids:
-                await self._redis.xclaim(
-                    inbox, GROUP, consumer, 0, ids, idle=idle_ms, justid=True
-                )
+                await self._redis.xclaim(inbox, GROUP, consumer, 0, ids, idle=idle_ms, justid=True)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
