@@ -234,12 +234,10 @@ class BudgetStore:
         replies = await self._refresh(keys=[partition.prefix], args=args)
         return [_pairs(flat) for flat in replies]
 
-    async def open_periods(self, budget_keys: Sequence[str]) -> None:
-        """Open the current period of the budgets (full key names) whose period ended."""
+    async def open_periods(self, stale: Sequence[tuple[Partition, str]]) -> None:
+        """Open the current period of the budgets whose period ended."""
         by_partition: dict[str, tuple[Partition, list[str]]] = {}
-        for key in budget_keys:
-            partition = self.layout.partition_of_key(key)
-            bid = key[len(partition.prefix) + len("budget:") :]
+        for partition, bid in stale:
             by_partition.setdefault(partition.prefix, (partition, []))[1].append(bid)
         for partition, bids in by_partition.values():
             await self._bring_to_present(partition, bids)

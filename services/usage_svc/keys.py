@@ -95,13 +95,6 @@ class Layout:
     def partition(self, project_id: str) -> Partition:
         return Partition(self.shard(project_id), project_id)
 
-    def partition_of_key(self, key: str) -> Partition:
-        """The partition a key inside one belongs to ("ap:usage:{uN}:p:<project>:...")."""
-        tag_end = key.index("}:") + 2
-        shard = next(s for s in self.shards if s.prefix == key[:tag_end])
-        project = key[len(shard.partitions) :].split(":", 1)[0]
-        return Partition(shard, "" if project == NO_PROJECT else project)
-
     @staticmethod
     def thread_directory(thread_id: str) -> str:
         return f"{PREFIX}thread-project:{thread_id}"

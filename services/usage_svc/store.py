@@ -21,7 +21,7 @@ from services.common.convert import now_ms
 from services.common.pagination import Page
 from services.common.redis import HotScript, RedisClient, load_script
 from services.common.resp import PipelinedRedis
-from services.usage_svc.keys import PREFIX, Layout
+from services.usage_svc.keys import PREFIX, Layout, Partition
 
 LUA = Path(__file__).with_name("lua")
 
@@ -216,7 +216,7 @@ class SeriesQuery:
 class PeriodOpener(Protocol):
     """Opens the current period of budgets whose period has ended (the budget store)."""
 
-    async def open_periods(self, budget_keys: Sequence[str]) -> None: ...
+    async def open_periods(self, stale: Sequence[tuple[Partition, str]]) -> None: ...
 
 
 LUA_PRELUDE = LUA / "_prelude.lua"
@@ -394,13 +394,20 @@ class UsageStore:
             reply = await self._record(keys=keys, args=[*head, *fields])
             if not _rolls(reply[0]):
                 return list(reply)
-            await self._open_periods(reply[0][1:])
+            await self._open_periods(reply[0][1:], partitions)
         raise RuntimeError("budget periods kept ending while recording")
 
-    async def _open_periods(self, budget_keys: Sequence[str]) -> None:
+    async def _open_periods(self, stale: Sequence[Any], partitions: dict[str, Any]) -> None:
+        """Open the periods the script named, as (partition prefix, budget id) pairs; the
+        prefixes are those of the partitions this call passed (no key is parsed)."""
         if self._periods is None:
             raise RuntimeError("a budget's period ended but no period opener is configured")
-        await self._periods.open_periods(budget_keys)
+        by_prefix = {p.prefix: p for p in partitions.values()}
+        pairs = [
+            (by_prefix[str(prefix)], str(bid))
+            for prefix, bid in zip(stale[::2], stale[1::2], strict=True)
+        ]
+        await self._periods.open_periods(pairs)
 
     async def reserve(self, hold: Hold) -> BudgetChange:
         """OK | NO_BUDGET | CLOSED | EXHAUSTED | CONFLICT."""
@@ -419,7 +426,7 @@ class UsageStore:
                 outcome, value, state = _budget_reply(hold.thread_id, reply)
                 refused = [str(s) for s in reply[9:]] if outcome == Outcome.EXHAUSTED else []
                 return BudgetChange(outcome, state, expire_ms=value, refused=refused)
-            await self._open_periods(reply[1:])
+            await self._open_periods(reply[1:], {project: partition})
         raise RuntimeError("budget periods kept ending while reserving")
 
     async def release(self, thread_id: str, reservation_id: str) -> BudgetChange:

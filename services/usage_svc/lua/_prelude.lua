@@ -93,13 +93,15 @@ local function covering(P, agent, model, key)
   return ids
 end
 
--- The keys of the budgets among `ids` whose current period has ended (a new one must be
--- opened first).
+-- The budgets among `ids` whose current period has ended (a new one must be opened
+-- first), appended to `into` as pairs: the partition prefix P, the budget id.
 local function ended(P, ids, now, into)
   for _, bid in ipairs(ids) do
-    local key = P .. 'budget:' .. bid
-    local pe = num(redis.call('HGET', key, 'pe'))
-    if pe > 0 and tonumber(now) >= pe then into[#into + 1] = key end
+    local pe = num(redis.call('HGET', P .. 'budget:' .. bid, 'pe'))
+    if pe > 0 and tonumber(now) >= pe then
+      into[#into + 1] = P
+      into[#into + 1] = bid
+    end
   end
   return into
 end

@@ -9,7 +9,7 @@
 --   reservation id, agent id, model, thread id, project id ('' for none), API key id,
 --   cached prompt, reasoning
 -- Returns per record: {outcome, cost, <thread budget state>}, outcome NEW | DUPLICATE |
--- CONFLICT; or, before writing anything, {{'ROLL', budget keys...}} when a covering
+-- CONFLICT; or, before writing anything, {{'ROLL', P, budget id, ...}} when a covering
 -- budget's period has ended (the caller opens the new period and calls again).
 local now, ttl, keep_hour, keep_day = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local FIRST = 5
@@ -35,7 +35,7 @@ for i = 0, #KEYS / 2 - 1 do
 end
 if #stale > 0 then
   local reply = {'ROLL'}
-  for _, key in ipairs(stale) do reply[#reply + 1] = key end
+  for _, item in ipairs(stale) do reply[#reply + 1] = item end
   return {reply}
 end
 

@@ -6,7 +6,7 @@
 -- ARGV: 1 reservation id, 2 thread id, 3 tokens, 4 cost estimate (micros), 5 now (ms),
 --       6 expiry (ms), 7 agent id, 8 model, 9 API key id
 -- Returns {outcome, expiry, <thread budget state>, refusing subjects...}:
---   OK | NO_BUDGET | CLOSED | EXHAUSTED | CONFLICT; or {'ROLL', budget keys...} when a
+--   OK | NO_BUDGET | CLOSED | EXHAUSTED | CONFLICT; or {'ROLL', P, budget id, ...} when a
 --   covering budget's period has ended (nothing written; the caller opens it and retries)
 local P = KEYS[1]
 local rid, thread_id, tokens, cost = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -17,7 +17,7 @@ local ids = covering(P, ARGV[7], ARGV[8], ARGV[9])
 local stale = ended(P, ids, now, {})
 if #stale > 0 then
   local reply = {'ROLL'}
-  for _, key in ipairs(stale) do reply[#reply + 1] = key end
+  for _, item in ipairs(stale) do reply[#reply + 1] = item end
   return reply
 end
 purge_expired(P, now)
