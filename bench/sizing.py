@@ -14,7 +14,8 @@ from scripts.redis_server import RedisProcess
 from services.agent_svc.store import AgentStore
 from services.common.convert import new_id, now_ms
 from services.thread_svc.store import NewMessage, NewThread, ThreadStore
-from services.usage_svc.store import UsageRecord, UsageStore
+from services.usage_svc.store import UsageStore
+from services.usage_svc.usage_types import UsageRecord
 
 N = int(os.environ.get("SIZING_ITEMS", "20000"))
 PAYLOAD = '{"text": "' + "x" * 200 + '"}'  # a short agent message (~215 bytes of JSON)

@@ -41,7 +41,7 @@ def test_every_argv_position_a_script_reads_is_named_in_its_header(path: Path) -
 
 
 def test_record_usage_header_names_the_record_fields_python_sends() -> None:
-    from services.usage_svc.store import RECORD_FIELDS
+    from services.usage_svc.usage_types import RECORD_FIELDS
 
     text = header(ROOT / "services/usage_svc/lua/record_usage.lua")
     listed = text.split("(ids cannot contain '|'):", 1)[1].split("Returns", 1)[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agentplane.usage.v1 import usage_pb2
-from services.usage_svc.store import Counters
+from services.usage_svc.usage_types import Counters
 
 
 def totals_message(counters: Counters) -> usage_pb2.UsageTotals:

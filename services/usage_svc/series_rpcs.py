@@ -23,7 +23,8 @@ from services.common.pagination import parse_page
 from services.common.peers import AgentClient
 from services.usage_svc.messages import totals_message
 from services.usage_svc.pricing import DatedPrice, Price, PriceStore, TooManyPrices
-from services.usage_svc.store import ALL, DAY_MS, HOUR_MS, Counters, SeriesQuery, UsageStorage
+from services.usage_svc.store import UsageStorage
+from services.usage_svc.usage_types import ALL, DAY_MS, HOUR_MS, Counters, SeriesQuery
 
 CSV_COLUMNS = [
     "start_time", "group", "total_tokens", "prompt_tokens", "completion_tokens",

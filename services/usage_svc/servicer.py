@@ -41,14 +41,14 @@ from services.usage_svc.budget_store import BudgetStorage
 from services.usage_svc.messages import totals_message
 from services.usage_svc.pricing import PriceBook, PriceStore
 from services.usage_svc.series_rpcs import SeriesRpcs
-from services.usage_svc.store import (
+from services.usage_svc.store import UsageStorage
+from services.usage_svc.usage_types import (
     BudgetState,
     Counters,
     Hold,
     Outcome,
     RecordOutcome,
     UsageRecord,
-    UsageStorage,
 )
 
 _OK = status_pb2.Status(code=code_pb2.OK)

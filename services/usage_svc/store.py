@@ -1,4 +1,5 @@
-"""Redis storage of usage counters, thread budgets and reservations (key layout: keys.py).
+"""Redis storage of usage counters, thread budgets and reservations (key layout: keys.py;
+the values it reads and writes: usage_types.py).
 
 Every write is one Lua script in one project's partition and its shard, so each is atomic,
 also on Redis Cluster. Reads sum the shards: their cost depends on the shard count, never
@@ -8,11 +9,9 @@ on the number of threads.
 from __future__ import annotations
 
 import asyncio
-import enum
 import heapq
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,195 +21,23 @@ from services.common.pagination import Page
 from services.common.redis import HotScript, RedisClient, load_script
 from services.common.resp import PipelinedRedis
 from services.usage_svc.keys import PREFIX, Layout, Partition
+from services.usage_svc.usage_types import (
+    ALL,
+    HOUR_MS,
+    BudgetChange,
+    BudgetState,
+    Clock,
+    Counters,
+    Hold,
+    Outcome,
+    Overview,
+    RecordOutcome,
+    SeriesQuery,
+    UsageRecord,
+    record_fields,
+)
 
 LUA = Path(__file__).with_name("lua")
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """One checked record, with its cost already resolved."""
-
-    usage_id: str
-    thread_id: str
-    agent_id: str
-    project_id: str
-    model: str
-    prompt_tokens: int
-    completion_tokens: int
-    cost_micros: int
-    latency_ms: int
-    unpriced: bool
-    reservation_id: str
-    fingerprint: str
-    key_id: str = ""  # the API key that recorded it ("" for the admin token)
-    cached_prompt_tokens: int = 0  # part of prompt_tokens
-    reasoning_tokens: int = 0  # part of completion_tokens
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    """A checked reservation request."""
-
-    reservation_id: str
-    thread_id: str
-    tokens: int
-    cost_micros: int  # the estimate cost-limited budgets hold
-    ttl_ms: int
-    agent_id: str = ""
-    model: str = ""
-    key_id: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetState:
-    thread_id: str
-    has_budget: bool
-    max_tokens: int
-    prompt_tokens: int
-    completion_tokens: int
-    reserved_tokens: int
-    closed: bool
-    update_ms: int
-
-    @classmethod
-    def from_reply(cls, thread_id: str, values: Sequence[int]) -> BudgetState:
-        has, max_tokens, prompt, completion, reserved, closed, update_ms = (int(v) for v in values)
-        return cls(
-            thread_id, bool(has), max_tokens, prompt, completion, reserved, bool(closed), update_ms
-        )
-
-
-class Outcome(enum.StrEnum):
-    """What a write script answered (the same words as the Lua scripts return)."""
-
-    NEW = "NEW"  # a record counted for the first time
-    DUPLICATE = "DUPLICATE"  # a record seen before: counted once, first answer again
-    CONFLICT = "CONFLICT"  # a usage or reservation id seen before with another body
-    FOREIGN = "FOREIGN"  # the thread's budget belongs to another project
-    OK = "OK"
-    NO_BUDGET = "NO_BUDGET"
-    CLOSED = "CLOSED"  # the thread's budget is closed: no new reservations
-    EXHAUSTED = "EXHAUSTED"  # the reservation does not fit in the budget
-
-
-@dataclass(frozen=True, slots=True)
-class RecordOutcome:
-    outcome: Outcome  # NEW | DUPLICATE | CONFLICT | FOREIGN
-    cost_micros: int = 0
-    budget: BudgetState | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetChange:
-    """The answer of a budget write (reserve, release, close)."""
-
-    outcome: Outcome
-    state: BudgetState
-    expire_ms: int = 0  # reserve: when the hold lapses
-    released: bool = False  # release: whether a live reservation was given back
-    refused: list[str] = field(default_factory=list)  # reserve: "thread:<id>", "budget:<id>"
-
-
-@dataclass(slots=True)
-class Counters:
-    prompt: int = 0
-    completion: int = 0
-    requests: int = 0
-    cost_micros: int = 0
-    latency_sum_ms: int = 0
-    unpriced: int = 0
-    cached_prompt: int = 0
-    reasoning: int = 0
-
-    def add(self, raw: dict[str, str]) -> Counters:
-        self.prompt += int(raw.get("p", 0))
-        self.completion += int(raw.get("c", 0))
-        self.requests += int(raw.get("n", 0))
-        self.cost_micros += int(raw.get("cost", 0))
-        self.latency_sum_ms += int(raw.get("lat", 0))
-        self.unpriced += int(raw.get("unp", 0))
-        self.cached_prompt += int(raw.get("cp", 0))
-        self.reasoning += int(raw.get("rs", 0))
-        return self
-
-    def add_bucket(self, packed: str) -> Counters:
-        """Add a time-series bucket's counters ("p,c,n,cost,lat,unp,cached,reasoning")."""
-        p, c, n, cost, lat, unp, cached, reasoning = (int(v) for v in packed.split(","))
-        self.prompt += p
-        self.completion += c
-        self.requests += n
-        self.cost_micros += cost
-        self.latency_sum_ms += lat
-        self.unpriced += unp
-        self.cached_prompt += cached
-        self.reasoning += reasoning
-        return self
-
-
-@dataclass(slots=True)
-class Overview:
-    totals: Counters
-    by_agent: list[tuple[str, Counters]] = field(default_factory=list)
-    by_model: list[tuple[str, Counters]] = field(default_factory=list)
-    active_threads: int = 0
-
-
-# What record_usage.lua reads of each record, in order (its header lists the same).
-RECORD_FIELDS = (
-    "fingerprint", "usage id", "prompt", "completion", "cost micros", "latency ms",
-    "unpriced", "reservation id", "agent id", "model", "thread id", "project id",
-    "API key id", "cached prompt", "reasoning",
-)  # fmt: skip
-
-
-def record_fields(r: UsageRecord, project: str) -> str:
-    """One record as record_usage.lua takes it: RECORD_FIELDS joined by '|'."""
-    return (
-        f"{r.fingerprint}|{r.usage_id}|{r.prompt_tokens}|{r.completion_tokens}|"
-        f"{r.cost_micros}|{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|"
-        f"{r.agent_id}|{r.model}|{r.thread_id}|{project}|{r.key_id}|"
-        f"{r.cached_prompt_tokens}|{r.reasoning_tokens}"
-    )
-
-
-Clock = Callable[[], int]  # Unix ms; tests move it instead of sleeping
-
-
-HOUR_MS = 3_600_000
-DAY_MS = 86_400_000
-ALL = "-"  # the whole installation
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesQuery:
-    """A checked time-series request: buckets [start, end) of `step_ms`, grouped by
-    "" (none), "agent" or "model", optionally limited to one agent or one model."""
-
-    project_id: str  # or ALL
-    start_ms: int
-    end_ms: int
-    step_ms: int
-    group_by: str = ""
-    agent_id: str = ""
-    model: str = ""
-
-    def field(self) -> str:
-        """The one bucket field to read, when one is enough."""
-        if self.group_by == "agent":
-            return f"a:{self.agent_id}" if self.agent_id else ""
-        if self.group_by == "model":
-            return f"m:{self.model}" if self.model else ""
-        if self.agent_id:
-            return f"a:{self.agent_id}"
-        return f"m:{self.model}" if self.model else "t"
-
-    def group_of(self, field: str) -> str | None:
-        """The group a bucket field counts in, or None when it is not wanted."""
-        if self.group_by == "agent":
-            return field[2:] if field.startswith("a:") else None
-        if self.group_by == "model":
-            return field[2:] if field.startswith("m:") else None
-        return "" if field == self.field() else None
 
 
 class PeriodOpener(Protocol):

@@ -11,7 +11,8 @@ import pytest
 from services.usage_svc.budget_store import BudgetSpec, BudgetStore
 from services.usage_svc.keys import Layout
 from services.usage_svc.periods import Period
-from services.usage_svc.store import Hold, Outcome, UsageRecord, UsageStore
+from services.usage_svc.store import UsageStore
+from services.usage_svc.usage_types import Hold, Outcome, UsageRecord
 from tests.helpers.servers import store_clients
 
 HOUR_MS = 3_600_000

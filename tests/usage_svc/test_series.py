@@ -21,7 +21,8 @@ from agentplane.usage.v1 import usage_pb2 as B
 from agentplane.usage.v1 import usage_service_pb2 as U
 from services.common.convert import now_ms
 from services.usage_svc.pricing import DatedPrice, Price, PriceBook
-from services.usage_svc.store import DAY_MS, HOUR_MS, SeriesQuery, UsageRecord, UsageStore
+from services.usage_svc.store import UsageStore
+from services.usage_svc.usage_types import DAY_MS, HOUR_MS, SeriesQuery, UsageRecord
 from tests.helpers import ADMIN_TOKEN, expect_error, make_project
 from tests.helpers.servers import serve_gateway, start_cluster, stop_cluster, store_clients
 from tests.usage_svc.test_budget_store import Clock, at

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from services.common.pagination import parse_page
-from services.usage_svc.store import Hold, Outcome, UsageRecord, UsageStorage, UsageStore
+from services.usage_svc.store import UsageStorage, UsageStore
+from services.usage_svc.usage_types import Hold, Outcome, UsageRecord
 from tests.helpers.servers import store_clients
 
 

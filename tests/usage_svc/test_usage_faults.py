@@ -142,7 +142,8 @@ async def test_a_record_whose_caller_gave_up_is_not_written(redis_url) -> None:
     """Group commit and deadlines: a record still queued when its caller's deadline passes
     is dropped, not written after the deadline."""
     from services.common.redis import create_redis
-    from services.usage_svc.store import UsageRecord, UsageStore
+    from services.usage_svc.store import UsageStore
+    from services.usage_svc.usage_types import UsageRecord
 
     settings = make_settings("usage_svc", redis_url)
     redis = create_redis(settings)
