@@ -7,6 +7,7 @@ import asyncio
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from tests.gateway.conftest import API
 from tests.helpers import ADMIN_TOKEN
@@ -27,6 +28,7 @@ async def _open_raw(
     return reader, writer, head
 
 
+@pytest.mark.timeout(180)  # 2 rounds of 400 connections, and a claim-idle wait if a read raced
 async def test_dropped_sse_inbox_clients_end_their_upstream_streams_at_once(
     cluster, seeded
 ) -> None:
