@@ -6,12 +6,14 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+from google.api.field_behavior_pb2 import OUTPUT_ONLY, REQUIRED
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
 from gateway.compat import COMPAT, OFFSET
 from gateway.routes import Route
 from services.common import codec
+from services.common.validate import behaviors
 
 SCALARS: dict[int, dict[str, Any]] = {
     FieldDescriptor.TYPE_STRING: {"type": "string"},
@@ -87,6 +89,10 @@ class _Schemas:
     def _message(self, descriptor: Descriptor) -> dict[str, Any]:
         properties = {f.name: self.field(f) for f in descriptor.fields}
         schema: dict[str, Any] = {"type": "object", "properties": properties}
+        # From the protos' field_behavior: what a client must send, and what only the
+        # server writes (the chassis enforces the first: services/common/validate.py).
+        if required := [f.name for f in descriptor.fields if REQUIRED in behaviors(f)]:
+            schema["required"] = required
         if doc := self.comments.get(descriptor.full_name):
             schema["description"] = doc
         return schema
@@ -103,6 +109,8 @@ class _Schemas:
             schema = self._single(field)
         if doc := self.comments.get(field.full_name):
             schema["description"] = doc
+        if OUTPUT_ONLY in behaviors(field):
+            schema["readOnly"] = True
         return schema
 
     def _single(self, field: FieldDescriptor) -> dict[str, Any]:
@@ -148,9 +156,10 @@ def _query_parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
             continue
         schema = schemas.field(field)
         description = schema.pop("description", "")
-        params.append(
-            {"name": field.name, "in": "query", "schema": schema, "description": description}
-        )
+        param = {"name": field.name, "in": "query", "schema": schema, "description": description}
+        if REQUIRED in behaviors(field):
+            param["required"] = True
+        params.append(param)
     return params
 
 

@@ -31,7 +31,7 @@ GOOGLEAPIS = Path(google.api.__path__[0]).parent.parent
 WKT = Path(grpc_tools.__path__[0]) / "_proto"
 VENDORED = [
     "google/api/annotations.proto", "google/api/http.proto", "google/api/httpbody.proto",
-    "google/rpc/status.proto",
+    "google/api/field_behavior.proto", "google/api/resource.proto", "google/rpc/status.proto",
 ]  # fmt: skip
 
 

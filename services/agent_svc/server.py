@@ -26,8 +26,11 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     # API keys are this service's own data: it checks tokens against its store directly.
     chassis.use_key_lookup(servicer.principal_for_key)
     settings = chassis.settings
-    sweeper = RetentionSweeper(chassis.redis, store, settings.agent_retention_s, "agents")
+    sweeper = RetentionSweeper(
+        chassis.redis, store, settings.agent_retention_s, "agents", due=store.installation
+    )
     chassis.run_in_background(sweeper.every(settings.retention_sweep_s))
+    chassis.run_in_background(store.installation.keeper(store.every_agent, store.placement))
     return [chassis.serve(server, servicer, SERVICE)]
 
 

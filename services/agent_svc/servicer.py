@@ -105,7 +105,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         fields = {
             "id": project_id,
             "display_name": require_text(
-                "project.display_name", project.display_name, MAX_TITLE_LENGTH, required=True
+                "project.display_name", project.display_name, MAX_TITLE_LENGTH
             ),
             "owner": access.owner_of_new_project(
                 current_principal(), require_text("project.owner", project.owner, MAX_TITLE_LENGTH)
@@ -150,9 +150,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         access.require_superuser("creating agent types")
         agent_type = request.agent_type
         type_id = require_slug("agent_type.id", agent_type.id)
-        require_text(
-            "agent_type.display_name", agent_type.display_name, MAX_TITLE_LENGTH, required=True
-        )
+        require_text("agent_type.display_name", agent_type.display_name, MAX_TITLE_LENGTH)
         _check_type_fields(agent_type, "agent_type")
         fields = {"id": type_id, "create_ms": str(now_ms()), **type_fields(agent_type)}
         if not await self._store.create_type(fields):
@@ -190,7 +188,6 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
                 "agent_type.display_name",
                 request.agent_type.display_name,
                 MAX_TITLE_LENGTH,
-                required=True,
             )
         await self._type(type_id)
         stored = type_fields(request.agent_type)
@@ -208,7 +205,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         agent = request.agent
         request_id = require_client_id("request_id", request.request_id, "")
         type_id = require_slug("agent.agent_type_id", agent.agent_type_id)
-        name = require_text("agent.name", agent.name, MAX_NAME_LENGTH, required=True)
+        name = require_text("agent.name", agent.name, MAX_NAME_LENGTH)
         agent_type = await self._store.get_type(type_id)
         if agent_type is None:
             raise errors.not_found("agent_type", type_id)
@@ -296,7 +293,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def StartTask(
         self, request: agent_service_pb2.StartTaskRequest, context: ServicerContext
     ) -> agent_pb2.Agent:
-        task = require_text("task", request.task, MAX_DESCRIPTION_LENGTH, required=True)
+        task = require_text("task", request.task, MAX_DESCRIPTION_LENGTH)
         return await self._move(
             request, lifecycle.WORKING, from_states=(lifecycle.IDLE, lifecycle.WAITING),
             set_fields={"current_task": task}, by_itself=True,
@@ -707,7 +704,7 @@ def _agent_update(
     sets = {f: v for f, v in fields.items() if v != ""}
     new_name = ""
     if "name" in paths:
-        new_name = require_text("agent.name", agent.name, MAX_NAME_LENGTH, required=True)
+        new_name = require_text("agent.name", agent.name, MAX_NAME_LENGTH)
         sets["name"] = new_name
     target = lifecycle.status_name(agent.status) if "status" in paths else ""
     if target:

@@ -5,9 +5,10 @@ hash tag, `ap:agent:{a}:`. Agents live with their project, under the project's h
 `ap:agent:{p:<project>}:` (`services/common/partitions.py`), so each agent write — the
 record with its status indexes, name index, the project's counters and status event — is
 one atomic Lua script in one slot, and on Redis Cluster the projects spread over the
-masters. An agent's project is found from its directory key. Cross-project views merge:
-listings page through every project's index, cluster counters sum the projects'
-counters, and the all-projects event stream gets each event just after its project's.
+masters. An agent's project is found from its directory key. Cross-project views read
+installation-wide indexes kept beside the projects' (`services/common/installation.py`):
+a `-` listing page, the agent counts and a retention pass cost the same at 10 or 10,000
+projects; the all-projects event stream gets each event just after its project's.
 
 A terminated agent waits in its project's removal queue for AGENT_RETENTION, then
 `remove_agent` deletes it and the counters forget it (SPEC §10).
@@ -28,7 +29,8 @@ from typing import Protocol
 
 from services.common import tuning
 from services.common.convert import new_id, now_ms
-from services.common.pagination import Page, read_lex_page, read_merged_lex_page
+from services.common.installation import FINAL, Installation, Placement
+from services.common.pagination import Page, read_lex_page
 from services.common.partitions import Directory, project_prefix
 from services.common.redis import RedisClient, load_script
 
@@ -70,6 +72,7 @@ class Keys:
         return f"{PREFIX}type:{type_id}"
 
     all_events = PREFIX + "events:-"  # every project's status events
+    everywhere = PREFIX + "all:"  # installation-wide indexes (services/common/installation.py)
 
     @staticmethod
     def of(project_id: str) -> str:
@@ -291,6 +294,7 @@ class AgentStore:
         self._update = load_script(redis, LUA / "update_agent.lua")
         self._remove = load_script(redis, LUA / "remove_agent.lua")
         self._directory = Directory(redis, SERVICE)
+        self.installation = Installation(redis, Keys.everywhere, STATUSES)
 
     # Projects and agent types -------------------------------------------------------
 
@@ -327,10 +331,6 @@ class AgentStore:
         projects = await self._projects([m.split("|", 1)[1] for m in members])
         return [p for p in projects if p], token, total
 
-    async def project_ids(self) -> list[str]:
-        """Every project's id (the cross-project views merge over them)."""
-        return [m.split("|", 1)[1] for m in await self._redis.zrange(Keys.projects, 0, -1)]
-
     async def partitions(self) -> AsyncIterator[list[str]]:
         """Every project's id, a bounded chunk at a time (for retention passes)."""
         start = 0
@@ -339,6 +339,12 @@ class AgentStore:
         ):
             yield [m.split("|", 1)[1] for m in chunk]
             start += len(chunk)
+
+    async def every_agent(self) -> AsyncIterator[list[str]]:
+        """Every agent's id, a project at a time (to index an upgraded installation)."""
+        async for chunk in self.partitions():
+            for project_id in chunk:
+                yield list(await self._redis.zrange(Keys.index(project_id), 0, -1))
 
     async def create_type(self, fields: dict[str, str]) -> bool:
         keys = [Keys.agent_type(fields["id"]), Keys.types, Keys.counters]
@@ -400,26 +406,55 @@ class AgentStore:
         await self._directory.place(agent_id, project_id)
         args = [agent_id, fields["name"], request_id, self._request_ttl_s,
                 tuning.AGENT_EVENTS_MAXLEN, *_flat(fields)]  # fmt: skip
+        intent = await self.installation.intend(agent_id, agent_id)
         result = await self._spawn(keys=[Keys.of(project_id)], args=args)
         if result[0] != Outcome.OK or result[1] != agent_id:
             await self._directory.forget(agent_id)  # this id was not used
-        elif int(result[2]):
-            await self._all_events(agent_id, "", "IDLE")
+            await self.installation.apply(await self.placement(agent_id), intent)
+        else:
+            await self.installation.apply(Placement(agent_id, "IDLE", 0), intent)
+            if int(result[2]):
+                await self._all_events(agent_id, "", "IDLE")
         return Change(Outcome(result[0]), result[1] if len(result) > 1 else "")
 
     async def update(self, change: AgentChange, project_id: str) -> Change:
         """Apply a change: OK or BAD_STATE (detail: the state it was in), NOT_FOUND, or
         NAME_TAKEN (detail: the holder). `project_id` is the agent's own."""
-        allowed = "," + ",".join(change.allowed_from) + ","
+        allowed, now = "," + ",".join(change.allowed_from) + ",", now_ms()
         args = [
             change.agent_id, change.project_check, change.target_status, allowed,
-            change.new_name, change.tasks_completed, now_ms(), tuning.AGENT_EVENTS_MAXLEN,
+            change.new_name, change.tasks_completed, now, tuning.AGENT_EVENTS_MAXLEN,
             len(change.delete_fields), *change.delete_fields, *_flat(change.set_fields or {}),
         ]  # fmt: skip
+        if not change.target_status:
+            result = await self._update(keys=[Keys.of(project_id)], args=args)
+            return Change(Outcome(result[0]), result[1] if len(result) > 1 else "")
+        intent = await self.installation.intend(change.agent_id, change.agent_id)
         result = await self._update(keys=[Keys.of(project_id)], args=args)
-        if result[0] == Outcome.OK and change.target_status:
-            await self._all_events(change.agent_id, result[1], change.target_status)
-        return Change(Outcome(result[0]), result[1] if len(result) > 1 else "")
+        if result[0] != Outcome.OK:
+            await self.installation.apply(await self.placement(change.agent_id), intent)
+            return Change(Outcome(result[0]), result[1] if len(result) > 1 else "")
+        terminated = change.target_status == "TERMINATED"
+        await self.installation.apply(
+            Placement(change.agent_id, change.target_status, int(result[2]),
+                      project_id if terminated else "", now if terminated else 0),
+            intent,
+        )  # fmt: skip
+        await self._all_events(change.agent_id, result[1], change.target_status)
+        return Change(Outcome.OK, result[1])
+
+    async def placement(self, agent_id: str) -> Placement:
+        """Where the agent stands now, as its project's record says (for the global
+        indexes: `Installation.heal`)."""
+        project_id = await self._directory.project_of(agent_id, fresh=True)
+        if project_id is not None:
+            status, seq = await self._redis.hmget(Keys.agent(project_id, agent_id), "status", "seq")
+            if status == "TERMINATED":
+                ended = await self._redis.zscore(Keys.terminated(project_id), agent_id)
+                return Placement(agent_id, status, int(seq or 0), project_id, int(ended or 0))
+            if status:
+                return Placement(agent_id, status, int(seq or 0))
+        return Placement(agent_id, "", FINAL)
 
     async def _all_events(self, agent_id: str, previous: str, status: str) -> None:
         """The all-projects event stream, written just after the project's own."""
@@ -454,20 +489,15 @@ class AgentStore:
                 self._redis, Keys.index(project_id, status), page, newest_first=True
             )
             return await self._agents_in([(project_id, m) for m in members]), token, total
-        projects = await self.project_ids()
-        merged, token, total = await read_merged_lex_page(
-            self._redis, [Keys.index(p, status) for p in projects], page, newest_first=True
-        )
-        return await self._agents_in([(projects[i], m) for m, i in merged]), token, total
+        members, token, total = await self.installation.page(status, page)
+        return await self.get_agents(members), token, total
 
     async def counters(self) -> dict[str, int]:
-        """Cluster counters: the global ones, and the agents' summed over the projects."""
+        """Installation counters: projects and types, and agents by status (from the
+        installation-wide indexes: O(statuses), whatever the number of projects)."""
         totals = {k: int(v) for k, v in (await self._redis.hgetall(Keys.counters)).items()}
-        projects = await self.project_ids()
-        for stats in await self._hashes(Keys.stats(p) for p in projects):
-            for field, value in stats.items():
-                name = "agents" if field == "n_total" else field
-                totals[name] = totals.get(name, 0) + int(value)
+        for status, count in (await self.installation.counts()).items():
+            totals[f"n_{status}" if status else "agents"] = count
         return totals
 
     # Retention ----------------------------------------------------------------------
@@ -477,8 +507,11 @@ class AgentStore:
 
     async def remove(self, project_id: str, agent_id: str) -> bool:
         """Remove a terminated agent (False: it is not terminated, and left alone)."""
+        intent = await self.installation.intend(agent_id, agent_id)
         if await self._remove(keys=[Keys.of(project_id)], args=[agent_id]) == "ACTIVE":
+            await self.installation.apply(await self.placement(agent_id), intent)
             return False
+        await self.installation.apply(Placement(agent_id, "", FINAL), intent)
         if await self._directory.project_of(agent_id, fresh=True) == project_id:
             await self._directory.forget(agent_id)
         await self._redis.zrem(Keys.terminated(project_id), agent_id)

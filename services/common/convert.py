@@ -35,9 +35,10 @@ def timestamp(ms: int | str | None) -> timestamp_pb2.Timestamp | None:
 
 
 def require_id(field: str, value: str, max_length: int = MAX_ID_LENGTH) -> str:
-    """A non-empty id of sane length, printable, without '|' (a separator in storage)."""
+    """An id of sane length, printable, without '|' (a separator in storage); never empty
+    (an empty entry of a list of ids; a field that must be set says so in the contract)."""
     if not value:
-        raise errors.invalid_argument(field, "is required")
+        raise errors.invalid_argument(field, "must not be empty")
     if len(value) > max_length:
         raise errors.invalid_argument(field, f"is longer than {max_length} characters")
     if not value.isprintable() or "|" in value:
@@ -58,7 +59,7 @@ def require_client_id(field: str, value: str, default: str | None = None) -> str
     if not value:
         if default is not None:
             return default
-        raise errors.invalid_argument(field, "is required")
+        raise errors.invalid_argument(field, "must not be empty")
     if not CLIENT_ID.match(value) or value in (".", ".."):
         raise errors.invalid_argument(
             field,
@@ -69,7 +70,7 @@ def require_client_id(field: str, value: str, default: str | None = None) -> str
 
 def require_slug(field: str, value: str) -> str:
     if not value:
-        raise errors.invalid_argument(field, "is required")
+        raise errors.invalid_argument(field, "must not be empty")
     if not SLUG.match(value):
         raise errors.invalid_argument(
             field,
@@ -78,9 +79,9 @@ def require_slug(field: str, value: str) -> str:
     return value
 
 
-def require_text(field: str, value: str, max_length: int, *, required: bool = False) -> str:
-    if required and not value.strip():
-        raise errors.invalid_argument(field, "is required")
+def require_text(field: str, value: str, max_length: int) -> str:
+    """Free text of at most `max_length`, without control characters. (Whether it must be
+    set is the contract's to say: `field_behavior` REQUIRED, checked by the chassis.)"""
     if len(value) > max_length:
         raise errors.invalid_argument(field, f"is longer than {max_length} characters")
     if CONTROL.search(value):

@@ -31,6 +31,7 @@ KINDS: dict[str, str] = {
     "ReleaseReservation": HOT_WRITE, "SetThreadBudget": WRITE, "CloseThreadBudget": WRITE,
     "GetThreadBudget": READ, "ListThreadBudgets": READ, "GetUsageOverview": READ,
     "GetAgentUsage": READ, "BatchGetAgentUsage": READ, "GetModelUsage": READ, "ResetUsage": WRITE,
+    "BatchGetThreadBudgets": READ,
     "CreateBudget": WRITE, "GetBudget": READ, "ListBudgets": READ, "UpdateBudget": WRITE,
     "DeleteBudget": WRITE, "ResetBudget": WRITE, "ListBudgetPeriods": READ,
     "WatchBudgetAlerts": READ, "CreateWebhook": WRITE, "ListWebhooks": READ,

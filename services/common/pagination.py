@@ -85,34 +85,3 @@ async def read_lex_page(
         members, total = await pipe.execute()
     next_token = page.token_after(members[page.size - 1]) if len(members) > page.size else ""
     return list(members[: page.size]), next_token, int(total)
-
-
-async def read_merged_lex_page(
-    redis: RedisClient, keys: list[str], page: Page, *, newest_first: bool
-) -> tuple[list[tuple[str, int]], str, int]:
-    """One page across several score-0 sorted sets (e.g. one per project) as though they
-    were one: (members with the index of the key each came from, next token, total).
-
-    Exact like `read_lex_page` (members are unique across the keys and sort by creation
-    time): each key gives at most skip + size + 1 members past the cursor, the merge keeps
-    the first ones, and the total is the sum of the counts. One pipeline, which a cluster
-    client splits by node.
-    """
-    if not keys:
-        return [], "", 0
-    want = page.skip + page.size + 1
-    async with redis.pipeline(transaction=False) as pipe:
-        for key in keys:
-            if newest_first:
-                start = f"({page.cursor}" if page.cursor else "+"
-                pipe.execute_command("ZRANGE", key, start, "-", "BYLEX", "REV", "LIMIT", 0, want)
-            else:
-                start = f"({page.cursor}" if page.cursor else "-"
-                pipe.execute_command("ZRANGE", key, start, "+", "BYLEX", "LIMIT", 0, want)
-            pipe.zcard(key)
-        replies = await pipe.execute()
-    found = [(m, i) for i, members in enumerate(replies[0::2]) for m in members]
-    found.sort(key=lambda pair: pair[0], reverse=newest_first)
-    found = found[page.skip : want]
-    next_token = page.token_after(found[page.size - 1][0]) if len(found) > page.size else ""
-    return found[: page.size], next_token, sum(int(n) for n in replies[1::2])

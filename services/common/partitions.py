@@ -8,11 +8,13 @@ Cluster the projects — and their load — spread over every master.
 - `Directory`: which project an id (an agent's, a thread's) belongs to, a plain key per
   id (`ap:<service>:at:<id>`), cached per replica: the answer never changes while the
   item lives, and a miss after a removal is re-read once.
-- `RetentionSweeper`: every replica runs one; each pass walks the projects and claims
-  the items due in each project's removal queue (a sorted set scored by the time the item
-  ended) under a lease (`claim_due.lua`), so replicas share the work and an item whose
-  remover died is taken again when its lease runs out. Removal itself is the service's,
-  in bounded idempotent steps.
+- `RetentionSweeper`: every replica runs one; each pass visits the partitions that have
+  items due — the projects the service's due index names (`installation.py`: a pass costs
+  O(due projects), not O(projects)), or every one of a fixed set (the usage service's
+  shards) — and claims the items due in each one's removal queue (a sorted set scored by
+  the time the item ended) under a lease (`claim_due.lua`), so replicas share the work
+  and an item whose remover died is taken again when its lease runs out. Removal itself
+  is the service's, in bounded idempotent steps.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Protocol
 
 from services.common import tuning
 from services.common.convert import now_ms
+from services.common.installation import Installation
 from services.common.logging import get_logger
 from services.common.redis import RedisClient, load_script
 
@@ -109,30 +112,65 @@ class Removable(Protocol):
 class RetentionSweeper:
     """Removes what a store's removal queues say is due, on any number of replicas."""
 
-    def __init__(self, redis: RedisClient, store: Removable, retention_s: float, what: str) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        store: Removable,
+        retention_s: float,
+        what: str,
+        due: Installation | None = None,
+    ) -> None:
+        self._redis = redis
         self._store = store
         self._retention_ms = int(retention_s * 1000)
         self._what = what
+        self._due = due  # None: every partition, every pass
         self._claim = load_script(redis, CLAIM)
 
     async def sweep(self, stopping: asyncio.Event | None = None) -> int:
-        """One pass over every partition (until `stopping` is set): how many items were
-        removed."""
+        """One pass over the partitions with items due (until `stopping` is set): how many
+        items were removed."""
+        if self._due is not None:
+            return await self._sweep_due(self._due, stopping)
         removed = 0
         async for chunk in self._store.partitions():
             for partition in chunk:
-                while not (stopping and stopping.is_set()):
-                    due = await self._claim(
-                        keys=[self._store.removal_queue(partition)],
-                        args=[now_ms() - self._retention_ms, tuning.RETENTION_LEASE_MS,
-                              tuning.RETENTION_CLAIM],
-                    )  # fmt: skip
-                    # A claimed batch is removed concurrently: each removal is a few
-                    # round trips, bounded work each (the batch is at most RETENTION_CLAIM).
-                    done = await asyncio.gather(*(self._store.remove(partition, i) for i in due))
-                    removed += sum(done)
-                    if len(due) < tuning.RETENTION_CLAIM:
-                        break
+                removed += await self._sweep_one(partition, stopping)
+        return removed
+
+    async def _sweep_due(self, due: Installation, stopping: asyncio.Event | None) -> int:
+        """The projects the due index names, each settled after its pass (see
+        `Installation.settle`); a project is visited once per pass."""
+        removed, seen = 0, set[str]()
+        while fresh := [
+            p for p in await due.due_projects(now_ms() - self._retention_ms) if p not in seen
+        ]:
+            for project in fresh:
+                if stopping and stopping.is_set():
+                    return removed
+                seen.add(project)
+                marks = await due.mark_count(project)
+                removed += await self._sweep_one(project, stopping)
+                first = await self._redis.zrange(
+                    self._store.removal_queue(project), 0, 0, withscores=True
+                )
+                await due.settle(project, marks, int(first[0][1]) if first else None)
+        return removed
+
+    async def _sweep_one(self, partition: str, stopping: asyncio.Event | None) -> int:
+        removed = 0
+        while not (stopping and stopping.is_set()):
+            due = await self._claim(
+                keys=[self._store.removal_queue(partition)],
+                args=[now_ms() - self._retention_ms, tuning.RETENTION_LEASE_MS,
+                      tuning.RETENTION_CLAIM],
+            )  # fmt: skip
+            # A claimed batch is removed concurrently: each removal is a few round trips,
+            # bounded work each (the batch is at most RETENTION_CLAIM).
+            done = await asyncio.gather(*(self._store.remove(partition, i) for i in due))
+            removed += sum(done)
+            if len(due) < tuning.RETENTION_CLAIM:
+                break
         return removed
 
     def every(self, interval_s: float) -> Callable[[asyncio.Event], Awaitable[None]]:

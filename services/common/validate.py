@@ -1,6 +1,15 @@
 """Checks every request gets before its handler runs, whatever the RPC.
 
-protobuf accepts on the wire what no handler should see: enum numbers the proto does not
+First what the contract says is required: every field annotated
+`(google.api.field_behavior) = REQUIRED` in the protos must be set (a non-blank string, a
+non-zero number or enum, a present message, a non-empty list), in the request and in the
+messages it carries — in an update (a request with `update_mask`), the resource's required
+fields only when the mask names them. Each is INVALID_ARGUMENT "is required" naming the
+field; handlers check no presence themselves, only what a field's value must look like.
+`RecordUsageBatch` checks each of its records with `require_fields` (each is answered on
+its own).
+
+Then what protobuf accepts but no handler should see:enum numbers the proto does not
 define (proto3 enums are open), Durations and Timestamps outside their documented ranges
 or with mixed signs, NaN and ±Infinity in doubles and inside Struct values (which then
 cannot even be written out as JSON), and strings longer than any field takes
@@ -17,6 +26,7 @@ import functools
 import math
 from typing import Any
 
+from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
@@ -79,7 +89,82 @@ def _needs(descriptor: Descriptor) -> bool:
 
 def check_request(message: Message) -> None:
     """INVALID_ARGUMENT naming the first field that protobuf accepted but the API does not."""
+    require_fields(message)
     _check(message, "")
+
+
+def behaviors(field: FieldDescriptor) -> frozenset[int]:
+    """The field's `google.api.field_behavior` annotations (REQUIRED, OUTPUT_ONLY, ...)."""
+    return frozenset(field.GetOptions().Extensions[field_behavior_pb2.field_behavior])
+
+
+def require_fields(message: Message, prefix: str = "") -> None:
+    """INVALID_ARGUMENT naming the first REQUIRED field that is not set, or the update mask
+    when it names a field that is IMMUTABLE or OUTPUT_ONLY (see the module)."""
+    if "update_mask" not in message.DESCRIPTOR.fields_by_name:
+        _require(message, prefix, None, top=True)
+        return
+    paths = frozenset(getattr(message, "update_mask").paths)  # noqa: B009 (typed as Message)
+    for field in _resources(message.DESCRIPTOR):
+        for path in sorted(paths):
+            named = field.message_type.fields_by_name.get(path)
+            if named is not None and behaviors(named) & FIXED:
+                raise errors.invalid_argument(
+                    prefix + "update_mask", f"{path} is fixed once created"
+                )
+    _require(message, prefix, paths, top=True)
+
+
+FIXED = frozenset({field_behavior_pb2.IMMUTABLE, field_behavior_pb2.OUTPUT_ONLY})
+
+
+@functools.cache
+def _resources(descriptor: Descriptor) -> tuple[FieldDescriptor, ...]:
+    """The resource an update request carries: its singular message fields but the mask."""
+    return tuple(
+        f for f in descriptor.fields
+        if f.type == FieldDescriptor.TYPE_MESSAGE and not _repeated(f)
+        and not f.message_type.full_name.startswith("google.")
+    )  # fmt: skip
+
+
+def _require(message: Message, prefix: str, only: frozenset[str] | None, top: bool) -> None:
+    for field, required, inside in _required(message.DESCRIPTOR):
+        path = prefix + field.name
+        present = _present(message, field)
+        if required and not present and (top or only is None or field.name in only):
+            raise errors.invalid_argument(path, "is required")
+        if inside and present:
+            _require(getattr(message, field.name), path + ".", only, top=False)
+
+
+@functools.cache
+def _required(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, bool, bool], ...]:
+    """(field, whether it is REQUIRED, whether to look inside it) for the fields that need
+    either; planned once per message type."""
+    steps = []
+    for field in descriptor.fields:
+        required = field_behavior_pb2.REQUIRED in behaviors(field)
+        inside = (
+            field.type == FieldDescriptor.TYPE_MESSAGE
+            and not _repeated(field)
+            and not field.message_type.full_name.startswith("google.")
+            and bool(_required(field.message_type))
+        )
+        if required or inside:
+            steps.append((field, required, inside))
+    return tuple(steps)
+
+
+def _present(message: Message, field: FieldDescriptor) -> bool:
+    value = getattr(message, field.name)
+    if _repeated(field):
+        return len(value) > 0
+    if field.type == FieldDescriptor.TYPE_MESSAGE or field.has_presence:
+        return message.HasField(field.name)
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return bool(value.strip())
+    return bool(value)
 
 
 def _check(message: Message, prefix: str) -> None:

@@ -28,8 +28,11 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     chassis.use_key_lookup(agents.principal)
     servicer = ThreadServicer(store, chassis.peers, agents, chassis.settings, chassis.stopping)
     settings = chassis.settings
-    sweeper = RetentionSweeper(chassis.redis, store, settings.thread_retention_s, "threads")
+    sweeper = RetentionSweeper(
+        chassis.redis, store, settings.thread_retention_s, "threads", due=store.installation
+    )
     chassis.run_in_background(sweeper.every(settings.retention_sweep_s))
+    chassis.run_in_background(store.installation.keeper(store.every_thread, store.placement))
     return [chassis.serve(server, servicer, SERVICE)]
 
 

@@ -506,21 +506,14 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         return thread_message(record, budgets[record.id])
 
     async def _budgets(self, thread_ids: list[str]) -> dict[str, int]:
-        """Each thread's budget (max_tokens) as the usage service has it now; 0 for none."""
-
-        async def one(thread_id: str) -> int:
-            try:
-                budget = await self._peers.usage.GetThreadBudget(
-                    usage_service_pb2.GetThreadBudgetRequest(thread_id=thread_id)
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    return 0
-                raise
-            return int(budget.max_tokens)
-
-        found = await asyncio.gather(*(one(t) for t in thread_ids))
-        return dict(zip(thread_ids, found, strict=True))
+        """Each thread's budget (max_tokens) as the usage service has it now; 0 for none.
+        One call for the whole page."""
+        if not thread_ids:
+            return {}
+        reply = await self._peers.usage.BatchGetThreadBudgets(
+            usage_service_pb2.BatchGetThreadBudgetsRequest(thread_ids=thread_ids)
+        )
+        return {b.thread_id: int(b.max_tokens) for b in reply.budgets}
 
     async def _thread(self, thread_id: str) -> ThreadRecord:
         found = await self._store.get_thread(require_id("thread_id", thread_id))

@@ -34,14 +34,18 @@ from redis.exceptions import ResponseError
 
 from services.common import tuning
 from services.common.convert import new_id, now_ms
-from services.common.pagination import Page, read_lex_page, read_merged_lex_page
+from services.common.installation import FINAL, Installation, Placement
+from services.common.pagination import Page, read_lex_page
 from services.common.partitions import Directory, project_prefix
 from services.common.redis import RedisClient, load_script
 
 SERVICE = "thread"
 PROJECTS = "ap:thread:{t}:projects"  # the projects that have (had) threads
+EVERYWHERE = "ap:thread:{t}:all:"  # installation-wide indexes (services/common/installation.py)
 ALL = "-"
 ACTIVE = "ACTIVE"
+STATUSES = (ACTIVE, "COMPLETED", "FAILED", "KILLED")
+ACTIVE_SEQ, ENDED_SEQ = 1, 2  # a thread's statuses only move forward: ACTIVE, then ended
 GROUP = "inbox"
 LUA = Path(__file__).with_name("lua")
 
@@ -195,6 +199,7 @@ class Keys:
     names from the prefix."""
 
     def __init__(self, project_id: str) -> None:
+        self.project_id = project_id
         self.prefix = project_prefix(SERVICE, project_id)
 
     def thread(self, thread_id: str) -> str:
@@ -286,6 +291,7 @@ class ThreadStore:
         self._end = load_script(redis, LUA / "end_thread.lua")
         self._ack = load_script(redis, LUA / "ack.lua")
         self._remove = load_script(redis, LUA / "remove_thread.lua", prelude)
+        self.installation = Installation(redis, EVERYWHERE, STATUSES)
 
     async def _keys_of(self, thread_id: str) -> Keys | None:
         """The keys of the thread's project (None: no such thread)."""
@@ -309,7 +315,13 @@ class ThreadStore:
         flat = [item for pair in fields.items() for item in pair]
         args = [thread.id, member, len(thread.participants), *thread.participants, *flat]
         keys = Keys(thread.project_id)
-        return bool(await self._create(keys=[keys.prefix], args=args))
+        intent = await self.installation.intend(thread.id, member)
+        created = bool(await self._create(keys=[keys.prefix], args=args))
+        await self.installation.apply(
+            Placement(member, ACTIVE, ACTIVE_SEQ) if created else await self.placement(thread.id),
+            intent,
+        )
+        return created
 
     async def get_thread(self, thread_id: str) -> ThreadRecord | None:
         project_id = await self._directory.project_of(thread_id)
@@ -342,23 +354,38 @@ class ThreadStore:
         """Newest first: (threads, next page token, total). With an agent, `project_id` is
         the agent's; "-" without one lists every project's."""
         if project_id == ALL:
-            projects = await self.projects()
-            index = [Keys(p) for p in projects]
-            merged, token, total = await read_merged_lex_page(
-                self._redis, [k.project_index(status) for k in index], page, newest_first=True
-            )
-            owners = [index[i] for _, i in merged]
-            members = [m for m, _ in merged]
+            members, token, total = await self.installation.page(status, page)
+            ids = [m.split("|", 1)[1] for m in members]
+            projects = await self._directory.projects_of(ids)
+            placed = [(Keys(p), i) for p, i in zip(projects, ids, strict=True) if p is not None]
         else:
             keys = Keys(project_id)
             key = keys.agent_index(agent_id, status) if agent_id else keys.project_index(status)
             members, token, total = await read_lex_page(self._redis, key, page, newest_first=True)
-            owners = [keys] * len(members)
-        found = await self._get_threads(owners, [m.split("|", 1)[1] for m in members])
+            placed = [(keys, m.split("|", 1)[1]) for m in members]
+        found = await self._get_threads([k for k, _ in placed], [i for _, i in placed])
         return [f for f in found if f is not None], token, total
 
-    async def projects(self) -> list[str]:
-        return list(await self._redis.zrange(PROJECTS, 0, -1))
+    async def placement(self, thread_id: str) -> Placement:
+        """Where the thread stands now, as its project's record says (for the global
+        indexes: `Installation.heal`)."""
+        project_id = await self._directory.project_of(thread_id, fresh=True)
+        if project_id is not None:
+            keys = Keys(project_id)
+            status, member = await self._redis.hmget(keys.thread(thread_id), "status", "member")
+            if status == ACTIVE:
+                return Placement(member, status, ACTIVE_SEQ)
+            if status:
+                ended = await self._redis.zscore(keys.ended, thread_id)
+                return Placement(member, status, ENDED_SEQ, project_id, int(ended or 0))
+        return Placement("", "", FINAL)
+
+    async def every_thread(self) -> AsyncIterator[list[str]]:
+        """Every thread's id, a project at a time (to index an upgraded installation)."""
+        async for chunk in self.partitions():
+            for project_id in chunk:
+                members = await self._redis.zrange(Keys(project_id).project_index(), 0, -1)
+                yield [m.split("|", 1)[1] for m in members]
 
     async def partitions(self) -> AsyncIterator[list[str]]:
         """The projects with threads, a bounded chunk at a time (for retention passes)."""
@@ -379,7 +406,14 @@ class ThreadStore:
         keys = await self._keys_of(thread_id)
         if keys is None:
             return Ended(Outcome.NO_THREAD)
-        reply = await self._end(keys=[keys.prefix], args=[thread_id, target, now_ms(), reason])
+        intent = await self.installation.intend(thread_id, "")
+        now = now_ms()
+        reply = await self._end(keys=[keys.prefix], args=[thread_id, target, now, reason])
+        if reply[0] == Outcome.OK:
+            ended = Placement(reply[2], target, ENDED_SEQ, keys.project_id, now)
+            await self.installation.apply(ended, intent)
+        else:
+            await self.installation.apply(await self.placement(thread_id), intent)
         return Ended(Outcome(reply[0]), reply[1] if len(reply) > 1 else "")
 
     # Retention ----------------------------------------------------------------------
@@ -391,12 +425,16 @@ class ThreadStore:
         """Remove an ended thread with all it left, in bounded steps; True when removed
         (False: it is ACTIVE, and left alone). Safe to repeat and to run concurrently."""
         keys = Keys(project_id)
+        member = await self._redis.hget(keys.thread(thread_id), "member") or ""
+        intent = await self.installation.intend(thread_id, member)
         while (step := await self._remove(
             keys=[keys.prefix], args=[thread_id, tuning.RETENTION_STEP]
         )) == "MORE":  # fmt: skip
             pass
         if step == "ACTIVE":
+            await self.installation.apply(await self.placement(thread_id), intent)
             return False
+        await self.installation.apply(Placement(member, "", FINAL), intent)
         if await self._directory.project_of(thread_id, fresh=True) == project_id:
             await self._directory.forget(thread_id)
         await self._redis.zrem(keys.ended, thread_id)

@@ -58,7 +58,6 @@ DEFAULT_THRESHOLDS = (50, 80, 100)
 MUTABLE = {"limit_tokens", "limit_cost_micros", "enforcement", "alert_thresholds", "display_name"}
 DEFAULT_SECRET_GRACE_MS = 24 * 3_600_000
 MAX_SECRET_GRACE_MS = 7 * 24 * 3_600_000
-FIXED = {"scope", "scope_id", "period", "time_zone", "budget_id", "project_id"}
 
 
 class BudgetRpcs:
@@ -138,7 +137,7 @@ class BudgetRpcs:
         self, request: usage_service_pb2.ListBudgetsRequest, context: ServicerContext
     ) -> usage_service_pb2.ListBudgetsResponse:
         project_id = await self._visible_project(request.project_id)
-        scope = _scope(request.scope, "scope", allow_unset=True)
+        scope = _scope(request.scope, "scope")
         scope_id = request.scope_id
         if scope_id and not scope:
             raise errors.invalid_argument("scope", "is required with scope_id")
@@ -209,7 +208,7 @@ class BudgetRpcs:
         )
 
     async def _check_spec(self, project_id: str, budget: usage_pb2.Budget) -> BudgetSpec:
-        scope = _scope(budget.scope, "budget.scope", allow_unset=False)
+        scope = _scope(budget.scope, "budget.scope")
         scope_id = _scope_id(scope, budget.scope_id)
         if scope == "AGENT":
             agent = await self._agents.find_agent(scope_id)
@@ -223,10 +222,6 @@ class BudgetRpcs:
             raise errors.invalid_argument(
                 "budget.limit_tokens",
                 "at least one of limit_tokens and limit_cost_micros is required",
-            )
-        if budget.period == usage_pb2.BUDGET_PERIOD_UNSPECIFIED:
-            raise errors.invalid_argument(
-                "budget.period", "is required (LIFETIME, DAY, WEEK or MONTH)"
             )
         time_zone = budget.time_zone or "UTC"
         require_text("budget.time_zone", time_zone, MAX_TIME_ZONE_LENGTH)
@@ -275,8 +270,6 @@ class BudgetRpcs:
     ) -> usage_service_pb2.CreateWebhookResponse:
         project_id = await self._managed_project(request.project_id)
         url = require_text("url", request.url, MAX_URL_LENGTH)
-        if not url:
-            raise errors.invalid_argument("url", "is required")
         try:
             await check_url(
                 url,
@@ -373,11 +366,10 @@ def _own_agent_budget(budget: BudgetRecord) -> bool:
     return budget.spec.scope == "AGENT" and budget.spec.scope_id == principal.subject
 
 
-def _scope(value: int, field: str, allow_unset: bool) -> str:
+def _scope(value: int, field: str) -> str:
+    """The scope's name ("" when unset; the contract marks where a scope must be set)."""
     if value == usage_pb2.BUDGET_SCOPE_UNSPECIFIED:
-        if allow_unset:
-            return ""
-        raise errors.invalid_argument(field, "is required (PROJECT, AGENT, API_KEY or MODEL)")
+        return ""
     if value not in usage_pb2.BudgetScope.values():
         raise errors.invalid_argument(field, "is not a known scope")
     return enums.short_name(usage_pb2.BudgetScope, value)
@@ -522,11 +514,10 @@ def delivery_message(d: DeliveryRecord) -> usage_pb2.WebhookDelivery:
 
 
 def _budget_changes(spec: BudgetSpec, new: usage_pb2.Budget, paths: list[str]) -> dict[str, str]:
-    """The stored fields an UpdateBudget changes, each checked; fixed or unknown paths and
-    a budget left without any limit are INVALID_ARGUMENT."""
+    """The stored fields an UpdateBudget changes, each checked; unknown paths and a budget
+    left without any limit are INVALID_ARGUMENT (fixed ones were refused by the chassis:
+    IMMUTABLE and OUTPUT_ONLY in the contract)."""
     for path in paths:
-        if path in FIXED:
-            raise errors.invalid_argument("update_mask", f"{path} is fixed once created")
         if path not in MUTABLE:
             raise errors.invalid_argument("update_mask", f"unknown field {path!r}")
     changes: dict[str, str] = {}

@@ -177,8 +177,6 @@ class SeriesRpcs:
     ) -> usage_service_pb2.DeleteModelPriceResponse:
         require_superuser("deleting prices")
         model = require_model("model", request.model)
-        if not request.HasField("effective_time"):
-            raise errors.invalid_argument("effective_time", "is required")
         if not await self._prices.delete(model, request.effective_time.ToMilliseconds()):
             raise errors.not_found("price", f"{model}@{request.effective_time.ToJsonString()}")
         return usage_service_pb2.DeleteModelPriceResponse()
@@ -226,11 +224,7 @@ def _csv(rows: Sequence[Sequence[object]]) -> bytes:
 
 def _series_range(request: SeriesRequest) -> tuple[int, int, int]:
     """(start, end, bucket length) in ms, the start aligned to its bucket."""
-    if request.granularity == usage_pb2.GRANULARITY_UNSPECIFIED:
-        raise errors.invalid_argument("granularity", "is required (HOUR or DAY)")
     step = HOUR_MS if request.granularity == usage_pb2.GRANULARITY_HOUR else DAY_MS
-    if not request.HasField("start_time"):
-        raise errors.invalid_argument("start_time", "is required")
     start = request.start_time.ToMilliseconds() // step * step
     end = request.end_time.ToMilliseconds() if request.HasField("end_time") else now_ms()
     if end <= start:

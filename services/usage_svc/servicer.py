@@ -36,6 +36,7 @@ from services.common.peers import AgentClient
 from services.common.redis import RedisClient
 from services.common.settings import Settings
 from services.common.telemetry import BUDGET_REJECTIONS, COST_RECORDED, TOKENS_RECORDED
+from services.common.validate import require_fields
 from services.usage_svc.budget_rpcs import BudgetRpcs
 from services.usage_svc.budget_store import BudgetStorage
 from services.usage_svc.messages import totals_message
@@ -126,6 +127,8 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
     def _check_record(
         self, request: usage_service_pb2.RecordUsageRequest, prefix: str, book: PriceBook
     ) -> UsageRecord:
+        if prefix:  # a batch's record (a lone RecordUsage was checked by the chassis)
+            require_fields(request, prefix)
         usage_id = require_client_id(prefix + "usage_id", request.usage_id)
         thread_id = require_id(prefix + "thread_id", request.thread_id)
         agent_id = require_id(prefix + "agent_id", request.agent_id)
@@ -346,6 +349,30 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         if state is None:
             raise _no_budget(thread_id)
         return budget_message(state)
+
+    async def BatchGetThreadBudgets(
+        self, request: usage_service_pb2.BatchGetThreadBudgetsRequest, context: ServicerContext
+    ) -> usage_service_pb2.BatchGetThreadBudgetsResponse:
+        if len(request.thread_ids) > MAX_PAGE_SIZE:
+            raise errors.invalid_argument("thread_ids", f"names more than {MAX_PAGE_SIZE} threads")
+        ids = [require_id(f"thread_ids[{i}]", t) for i, t in enumerate(request.thread_ids)]
+        states = await self._visible_budgets(ids)
+        return usage_service_pb2.BatchGetThreadBudgetsResponse(
+            budgets=[
+                budget_message(s) if s is not None else usage_pb2.ThreadBudget(thread_id=t)
+                for t, s in zip(ids, states, strict=True)
+            ]
+        )
+
+    async def _visible_budgets(self, ids: list[str]) -> list[BudgetState | None]:
+        """As BatchGetAgentUsage: the superuser and a peer enriching a page it filtered see
+        every budget; anyone else the budgets of the projects they may see."""
+        states = await self._store.budgets(ids)
+        if current_principal().is_superuser or current_call_is_internal():
+            return states
+        projects = [await self._store.thread_project(t) for t in ids]
+        seen = {p for p in set(projects) if p and await self._agents.can_see_project(p)}
+        return [s if p in seen else None for s, p in zip(states, projects, strict=True)]
 
     async def ListThreadBudgets(
         self, request: usage_service_pb2.ListThreadBudgetsRequest, context: ServicerContext

@@ -48,3 +48,26 @@ async def test_a_100_agent_page_costs_at_most_two_peer_calls(cluster) -> None:
         if "AgentService" in k[1] and not k[1].endswith("/ListAgents")
     }
     assert not back, calls  # nothing loops back to the agent service
+
+
+async def test_a_100_thread_page_costs_one_peer_call(cluster) -> None:
+    """A ListThreads page gets its budgets in one call (once: one GetThreadBudget call per
+    thread of the page)."""
+    from agentplane.thread.v1 import thread_pb2
+    from agentplane.thread.v1 import thread_service_pb2 as T
+
+    await make_project(cluster.agent)
+    await make_type(cluster.agent)
+    agent = await spawn(cluster.agent, "a")
+    threads = [
+        await cluster.thread.CreateThread(T.CreateThreadRequest(thread=thread_pb2.Thread(
+            project_id="demo", participants=[agent.id], max_tokens=1000 + i)))
+        for i in range(100)
+    ]  # fmt: skip
+    before = served()
+    page = await cluster.thread.ListThreads(T.ListThreadsRequest(project_id="demo", page_size=100))
+    calls = delta(before, served())
+    assert len(page.threads) == 100
+    assert {t.id: t.max_tokens for t in page.threads}[threads[7].id] == 1007  # enriched
+    others = {k: v for k, v in calls.items() if "ThreadService" not in k[1]}
+    assert sum(others.values()) <= 1, calls

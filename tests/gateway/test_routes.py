@@ -221,6 +221,16 @@ async def test_health_readiness_and_openapi(http) -> None:
     assert "/api/v1/projects/{project_id}/agents/{agent_id}" in spec["paths"]
     agent = spec["components"]["schemas"]["agentplane.agent.v1.Agent"]
     assert agent["properties"]["name"]["description"].startswith("Name, unique")
+    # Required and read-only, from the protos' field_behavior annotations.
+    assert agent["required"] == ["agent_type_id", "name"]
+    assert agent["properties"]["create_time"]["readOnly"] is True
+    assert "readOnly" not in agent["properties"]["name"]
+    budget = spec["components"]["schemas"]["agentplane.usage.v1.Budget"]
+    assert set(budget["required"]) == {"scope", "period"}
+    assert budget["properties"]["used_tokens"]["readOnly"] is True
+    series = spec["paths"]["/api/v1/projects/{project_id}/usage:timeSeries"]["get"]
+    given = {p["name"]: p.get("required", False) for p in series["parameters"]}
+    assert given["granularity"] is True and given["agent_id"] is False
     assert (await http.get("/docs")).status_code == 200
 
 

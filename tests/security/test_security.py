@@ -11,7 +11,13 @@ import httpx
 import pytest
 from google.protobuf import field_mask_pb2, message_factory, struct_pb2
 
-from agentplane.agent.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc, api_key_pb2
+from agentplane.agent.v1 import (
+    agent_pb2,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    agent_type_pb2,
+    api_key_pb2,
+)
 from agentplane.thread.v1 import thread_pb2, thread_service_pb2, thread_service_pb2_grpc
 from agentplane.usage.v1 import usage_pb2, usage_service_pb2, usage_service_pb2_grpc
 from scripts.make_certs import write_bundle
@@ -172,7 +178,10 @@ async def test_owners_see_and_change_only_their_projects(stack) -> None:
     for call in (
         bob.agent.ListAgents(agent_service_pb2.ListAgentsRequest(project_id="-")),
         bob.agent.GetOverview(agent_service_pb2.GetOverviewRequest()),
-        bob.agent.CreateAgentType(agent_service_pb2.CreateAgentTypeRequest()),
+        # A well-formed request: the role is what refuses it (an empty one is refused
+        # earlier, by the contract's required fields).
+        bob.agent.CreateAgentType(agent_service_pb2.CreateAgentTypeRequest(
+            agent_type=agent_type_pb2.AgentType(id="bobs", display_name="Bob's"))),
         bob.usage.ResetUsage(usage_service_pb2.ResetUsageRequest()),
         bob.usage.ListThreadBudgets(usage_service_pb2.ListThreadBudgetsRequest()),
         bob.thread.ListThreads(thread_service_pb2.ListThreadsRequest()),
@@ -395,6 +404,7 @@ def _aimed_at(method, ids: dict[str, str]):
             continue
         aimed = {
             "project_id": ids["project"], "thread_id": ids["thread"], "model": "gpt-4o",
+            "thread_ids": ids["thread"],
             "budget_id": ids["budget"], "webhook_id": ids["webhook"],
             "after_alert_id": f"{ids['budget']}.0.50",
         }  # fmt: skip
@@ -473,6 +483,10 @@ async def test_no_rpc_lets_one_owner_reach_anothers_resources(
         shown = {f.name: v for f, v in reply.ListFields() if f.name not in echoed}
         if method.name == "BatchGetAgentUsage":  # each entry echoes the id it was asked for
             shown = {"totals": [u.totals for u in reply.usages]}
+        if method.name == "BatchGetThreadBudgets":  # an entry with only the id asked for
+            assert [b.thread_id for b in reply.budgets] == [ids["thread"]]
+            assert [b.max_tokens for b in reply.budgets] == [0]
+            shown = {}
         text = str(shown)
         assert not any(value in text for value in ids.values()), (method.full_name, text)
         if method.name == "GetAgentUsage":

@@ -86,7 +86,8 @@ async def test_two_replicas_removing_at_once_leave_nothing_and_fail_nothing(
         await one.post(message("kept", "a", "b", 999_999), None)
 
         sweepers = [
-            RetentionSweeper(r, s, 0.0, "threads") for r, s in ((redis1, one), (redis2, two))
+            RetentionSweeper(r, s, 0.0, "threads", due=s.installation)
+            for r, s in ((redis1, one), (redis2, two))
         ]
         removed = await asyncio.gather(*(s.sweep() for s in sweepers))
         assert sum(removed) == len(doomed)  # claimed once each: no double work
@@ -118,10 +119,11 @@ async def test_a_remover_that_dies_half_way_is_taken_over_after_its_lease(
             await self._remove(keys=[Keys(partition).prefix], args=[item_id, 500])
             raise ConnectionError("replica killed mid-removal")
 
+    dying = Dying(redis, 600, streams)
     with pytest.raises(ConnectionError):
-        await RetentionSweeper(redis, Dying(redis, 600, streams), 0.0, "threads").sweep()
+        await RetentionSweeper(redis, dying, 0.0, "threads", due=dying.installation).sweep()
     assert await redis.xlen(Keys("p").log("half")) == 1201 - 500  # half done
-    survivor = RetentionSweeper(redis, store, 0.0, "threads")
+    survivor = RetentionSweeper(redis, store, 0.0, "threads", due=store.installation)
     assert await survivor.sweep() == 0  # still leased to the dead replica
     await asyncio.sleep(0.6)
     assert await survivor.sweep() == 1  # the lease ran out: taken over and finished

@@ -22,25 +22,55 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61gentplane/agent/v1/agent.proto\x12\x13\x61gentplane.agent.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x04\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x15\n\ragent_type_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x30\n\x06status\x18\x06 \x01(\x0e\x32 .agentplane.agent.v1.AgentStatus\x12\x14\n\x0c\x63urrent_task\x18\x07 \x01(\t\x12\x32\n\x11short_term_memory\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1c\n\x14long_term_memory_ref\x18\t \x01(\t\x12\x12\n\nsession_id\x18\n \x01(\t\x12\r\n\x05peers\x18\x0b \x03(\t\x12\x36\n\x12last_activity_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0eterminate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0ftasks_completed\x18\x10 \x01(\x03\x12\x13\n\x0btokens_used\x18\x11 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x12 \x01(\x01\x12\x17\n\x0f\x61gent_type_name\x18\x13 \x01(\t\x12\x14\n\x0cproject_name\x18\x14 \x01(\t\"\xa2\x01\n\nAgentEvent\x12)\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1a.agentplane.agent.v1.Agent\x12\x39\n\x0fprevious_status\x18\x02 \x01(\x0e\x32 .agentplane.agent.v1.AgentStatus\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf6\x01\n\x0c\x41gentMetrics\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .agentplane.agent.v1.AgentStatus\x12\x17\n\x0ftasks_completed\x18\x04 \x01(\x03\x12\x13\n\x0btokens_used\x18\x05 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x07 \x01(\x03\x12\x36\n\x12last_activity_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x02\n\x13ProjectAgentMetrics\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x17\n\x0ftotal_instances\x18\x02 \x01(\x03\x12\x18\n\x10\x61\x63tive_instances\x18\x03 \x01(\x03\x12\x16\n\x0eidle_instances\x18\x04 \x01(\x03\x12\x19\n\x11waiting_instances\x18\x05 \x01(\x03\x12\x18\n\x10paused_instances\x18\x06 \x01(\x03\x12\x1c\n\x14terminated_instances\x18\x07 \x01(\x03\x12\x1d\n\x15total_tasks_completed\x18\x08 \x01(\x03\x12\x19\n\x11total_tokens_used\x18\t \x01(\x03\x12\x16\n\x0etotal_cost_usd\x18\n \x01(\x01*\xac\x01\n\x0b\x41gentStatus\x12\x1c\n\x18\x41GENT_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41GENT_STATUS_IDLE\x10\x01\x12\x18\n\x14\x41GENT_STATUS_WORKING\x10\x02\x12\x18\n\x14\x41GENT_STATUS_WAITING\x10\x03\x12\x17\n\x13\x41GENT_STATUS_PAUSED\x10\x04\x12\x1b\n\x17\x41GENT_STATUS_TERMINATED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61gentplane/agent/v1/agent.proto\x12\x13\x61gentplane.agent.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfb\x05\n\x05\x41gent\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nproject_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\ragent_type_id\x18\x03 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x12\n\x04name\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x30\n\x06status\x18\x06 \x01(\x0e\x32 .agentplane.agent.v1.AgentStatus\x12\x14\n\x0c\x63urrent_task\x18\x07 \x01(\t\x12\x32\n\x11short_term_memory\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1c\n\x14long_term_memory_ref\x18\t \x01(\t\x12\x12\n\nsession_id\x18\n \x01(\t\x12\r\n\x05peers\x18\x0b \x03(\t\x12<\n\x12last_activity_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x38\n\x0eterminate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1d\n\x0ftasks_completed\x18\x10 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0btokens_used\x18\x11 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08\x63ost_usd\x18\x12 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x61gent_type_name\x18\x13 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cproject_name\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03:O\xea\x41L\n\x14\x61gentplane.dev/Agent\x12!projects/{project}/agents/{agent}\x1a\x02id*\x06\x61gents2\x05\x61gent\"\xa2\x01\n\nAgentEvent\x12)\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1a.agentplane.agent.v1.Agent\x12\x39\n\x0fprevious_status\x18\x02 \x01(\x0e\x32 .agentplane.agent.v1.AgentStatus\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf6\x01\n\x0c\x41gentMetrics\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .agentplane.agent.v1.AgentStatus\x12\x17\n\x0ftasks_completed\x18\x04 \x01(\x03\x12\x13\n\x0btokens_used\x18\x05 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x07 \x01(\x03\x12\x36\n\x12last_activity_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x02\n\x13ProjectAgentMetrics\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x17\n\x0ftotal_instances\x18\x02 \x01(\x03\x12\x18\n\x10\x61\x63tive_instances\x18\x03 \x01(\x03\x12\x16\n\x0eidle_instances\x18\x04 \x01(\x03\x12\x19\n\x11waiting_instances\x18\x05 \x01(\x03\x12\x18\n\x10paused_instances\x18\x06 \x01(\x03\x12\x1c\n\x14terminated_instances\x18\x07 \x01(\x03\x12\x1d\n\x15total_tasks_completed\x18\x08 \x01(\x03\x12\x19\n\x11total_tokens_used\x18\t \x01(\x03\x12\x16\n\x0etotal_cost_usd\x18\n \x01(\x01*\xac\x01\n\x0b\x41gentStatus\x12\x1c\n\x18\x41GENT_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41GENT_STATUS_IDLE\x10\x01\x12\x18\n\x14\x41GENT_STATUS_WORKING\x10\x02\x12\x18\n\x14\x41GENT_STATUS_WAITING\x10\x03\x12\x17\n\x13\x41GENT_STATUS_PAUSED\x10\x04\x12\x1b\n\x17\x41GENT_STATUS_TERMINATED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplane.agent.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTSTATUS']._serialized_start=1424
-  _globals['_AGENTSTATUS']._serialized_end=1596
-  _globals['_AGENT']._serialized_start=120
-  _globals['_AGENT']._serialized_end=723
-  _globals['_AGENTEVENT']._serialized_start=726
-  _globals['_AGENTEVENT']._serialized_end=888
-  _globals['_AGENTMETRICS']._serialized_start=891
-  _globals['_AGENTMETRICS']._serialized_end=1137
-  _globals['_PROJECTAGENTMETRICS']._serialized_start=1140
-  _globals['_PROJECTAGENTMETRICS']._serialized_end=1421
+  _globals['_AGENT'].fields_by_name['id']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['id']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['project_id']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['project_id']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['agent_type_id']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['agent_type_id']._serialized_options = b'\342A\002\002\005'
+  _globals['_AGENT'].fields_by_name['name']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_AGENT'].fields_by_name['last_activity_time']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['last_activity_time']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['terminate_time']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['terminate_time']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['create_time']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['update_time']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['tasks_completed']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['tasks_completed']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['tokens_used']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['tokens_used']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['cost_usd']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['cost_usd']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['agent_type_name']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['agent_type_name']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT'].fields_by_name['project_name']._loaded_options = None
+  _globals['_AGENT'].fields_by_name['project_name']._serialized_options = b'\342A\001\003'
+  _globals['_AGENT']._loaded_options = None
+  _globals['_AGENT']._serialized_options = b'\352AL\n\024agentplane.dev/Agent\022!projects/{project}/agents/{agent}\032\002id*\006agents2\005agent'
+  _globals['_AGENTSTATUS']._serialized_start=1644
+  _globals['_AGENTSTATUS']._serialized_end=1816
+  _globals['_AGENT']._serialized_start=180
+  _globals['_AGENT']._serialized_end=943
+  _globals['_AGENTEVENT']._serialized_start=946
+  _globals['_AGENTEVENT']._serialized_end=1108
+  _globals['_AGENTMETRICS']._serialized_start=1111
+  _globals['_AGENTMETRICS']._serialized_end=1357
+  _globals['_PROJECTAGENTMETRICS']._serialized_start=1360
+  _globals['_PROJECTAGENTMETRICS']._serialized_end=1641
 # @@protoc_insertion_point(module_scope)

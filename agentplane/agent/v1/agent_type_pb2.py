@@ -22,16 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$agentplane/agent/v1/agent_type.proto\x12\x13\x61gentplane.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x01\n\tAgentType\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x15\n\rdefault_model\x18\x04 \x01(\t\x12\x11\n\tis_active\x18\x05 \x01(\x08\x12\x14\n\x0cinput_schema\x18\x06 \x01(\t\x12\x0f\n\x07\x65xample\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$agentplane/agent/v1/agent_type.proto\x12\x13\x61gentplane.agent.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x02\n\tAgentType\x12\x11\n\x02id\x18\x01 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x1a\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x15\n\rdefault_model\x18\x04 \x01(\t\x12\x11\n\tis_active\x18\x05 \x01(\x08\x12\x14\n\x0cinput_schema\x18\x06 \x01(\t\x12\x0f\n\x07\x65xample\x18\x07 \x01(\t\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:Q\xea\x41N\n\x18\x61gentplane.dev/AgentType\x12\x17\x61gentTypes/{agent_type}\x1a\x02id*\nagentTypes2\tagentTypeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplane.agent.v1.agent_type_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTTYPE']._serialized_start=95
-  _globals['_AGENTTYPE']._serialized_end=291
+  _globals['_AGENTTYPE'].fields_by_name['id']._loaded_options = None
+  _globals['_AGENTTYPE'].fields_by_name['id']._serialized_options = b'\342A\002\002\005'
+  _globals['_AGENTTYPE'].fields_by_name['display_name']._loaded_options = None
+  _globals['_AGENTTYPE'].fields_by_name['display_name']._serialized_options = b'\342A\001\002'
+  _globals['_AGENTTYPE'].fields_by_name['create_time']._loaded_options = None
+  _globals['_AGENTTYPE'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_AGENTTYPE']._loaded_options = None
+  _globals['_AGENTTYPE']._serialized_options = b'\352AN\n\030agentplane.dev/AgentType\022\027agentTypes/{agent_type}\032\002id*\nagentTypes2\tagentType'
+  _globals['_AGENTTYPE']._serialized_start=155
+  _globals['_AGENTTYPE']._serialized_end=453
 # @@protoc_insertion_point(module_scope)

@@ -22,20 +22,38 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agentplane/agent/v1/api_key.proto\x12\x13\x61gentplane.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12-\n\x04role\x18\x02 \x01(\x0e\x32\x1f.agentplane.agent.v1.ApiKeyRole\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x12\n\nproject_id\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\x12\x12\n\ncreated_by\x18\x07 \x01(\t\"\x89\x01\n\tPrincipal\x12-\n\x04role\x18\x01 \x01(\x0e\x32\x1f.agentplane.agent.v1.ApiKeyRole\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x18\n\x10\x61gent_terminated\x18\x05 \x01(\x08*v\n\nApiKeyRole\x12\x1c\n\x18\x41PI_KEY_ROLE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41PI_KEY_ROLE_SUPERUSER\x10\x01\x12\x16\n\x12\x41PI_KEY_ROLE_OWNER\x10\x02\x12\x16\n\x12\x41PI_KEY_ROLE_AGENT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agentplane/agent/v1/api_key.proto\x12\x13\x61gentplane.agent.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x02\n\x06\x41piKey\x12\x14\n\x06key_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x33\n\x04role\x18\x02 \x01(\x0e\x32\x1f.agentplane.agent.v1.ApiKeyRoleB\x04\xe2\x41\x01\x05\x12\x15\n\x07subject\x18\x03 \x01(\tB\x04\xe2\x41\x01\x05\x12\x18\n\nproject_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x05\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07revoked\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x18\n\ncreated_by\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03:F\xea\x41\x43\n\x15\x61gentplane.dev/ApiKey\x12\x11\x61piKeys/{api_key}\x1a\x06key_id*\x07\x61piKeys2\x06\x61piKey\"\x89\x01\n\tPrincipal\x12-\n\x04role\x18\x01 \x01(\x0e\x32\x1f.agentplane.agent.v1.ApiKeyRole\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x18\n\x10\x61gent_terminated\x18\x05 \x01(\x08*v\n\nApiKeyRole\x12\x1c\n\x18\x41PI_KEY_ROLE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41PI_KEY_ROLE_SUPERUSER\x10\x01\x12\x16\n\x12\x41PI_KEY_ROLE_OWNER\x10\x02\x12\x16\n\x12\x41PI_KEY_ROLE_AGENT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplane.agent.v1.api_key_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APIKEYROLE']._serialized_start=428
-  _globals['_APIKEYROLE']._serialized_end=546
-  _globals['_APIKEY']._serialized_start=92
-  _globals['_APIKEY']._serialized_end=286
-  _globals['_PRINCIPAL']._serialized_start=289
-  _globals['_PRINCIPAL']._serialized_end=426
+  _globals['_APIKEY'].fields_by_name['key_id']._loaded_options = None
+  _globals['_APIKEY'].fields_by_name['key_id']._serialized_options = b'\342A\001\003'
+  _globals['_APIKEY'].fields_by_name['role']._loaded_options = None
+  _globals['_APIKEY'].fields_by_name['role']._serialized_options = b'\342A\001\005'
+  _globals['_APIKEY'].fields_by_name['subject']._loaded_options = None
+  _globals['_APIKEY'].fields_by_name['subject']._serialized_options = b'\342A\001\005'
+  _globals['_APIKEY'].fields_by_name['project_id']._loaded_options = None
+  _globals['_APIKEY'].fields_by_name['project_id']._serialized_options = b'\342A\001\005'
+  _globals['_APIKEY'].fields_by_name['create_time']._loaded_options = None
+  _globals['_APIKEY'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_APIKEY'].fields_by_name['revoked']._loaded_options = None
+  _globals['_APIKEY'].fields_by_name['revoked']._serialized_options = b'\342A\001\003'
+  _globals['_APIKEY'].fields_by_name['created_by']._loaded_options = None
+  _globals['_APIKEY'].fields_by_name['created_by']._serialized_options = b'\342A\001\003'
+  _globals['_APIKEY']._loaded_options = None
+  _globals['_APIKEY']._serialized_options = b'\352AC\n\025agentplane.dev/ApiKey\022\021apiKeys/{api_key}\032\006key_id*\007apiKeys2\006apiKey'
+  _globals['_APIKEYROLE']._serialized_start=602
+  _globals['_APIKEYROLE']._serialized_end=720
+  _globals['_APIKEY']._serialized_start=152
+  _globals['_APIKEY']._serialized_end=460
+  _globals['_PRINCIPAL']._serialized_start=463
+  _globals['_PRINCIPAL']._serialized_end=600
 # @@protoc_insertion_point(module_scope)

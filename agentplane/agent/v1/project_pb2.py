@@ -22,16 +22,28 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agentplane/agent/v1/project.proto\x12\x13\x61gentplane.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"k\n\x07Project\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agentplane/agent/v1/project.proto\x12\x13\x61gentplane.agent.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcb\x01\n\x07Project\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x05\x12\x1a\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05owner\x18\x03 \x01(\tB\x04\xe2\x41\x01\x05\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:F\xea\x41\x43\n\x16\x61gentplane.dev/Project\x12\x12projects/{project}\x1a\x02id*\x08projects2\x07projectb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplane.agent.v1.project_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROJECT']._serialized_start=91
-  _globals['_PROJECT']._serialized_end=198
+  _globals['_PROJECT'].fields_by_name['id']._loaded_options = None
+  _globals['_PROJECT'].fields_by_name['id']._serialized_options = b'\342A\001\005'
+  _globals['_PROJECT'].fields_by_name['display_name']._loaded_options = None
+  _globals['_PROJECT'].fields_by_name['display_name']._serialized_options = b'\342A\001\002'
+  _globals['_PROJECT'].fields_by_name['owner']._loaded_options = None
+  _globals['_PROJECT'].fields_by_name['owner']._serialized_options = b'\342A\001\005'
+  _globals['_PROJECT'].fields_by_name['create_time']._loaded_options = None
+  _globals['_PROJECT'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_PROJECT']._loaded_options = None
+  _globals['_PROJECT']._serialized_options = b'\352AC\n\026agentplane.dev/Project\022\022projects/{project}\032\002id*\010projects2\007project'
+  _globals['_PROJECT']._serialized_start=152
+  _globals['_PROJECT']._serialized_end=355
 # @@protoc_insertion_point(module_scope)

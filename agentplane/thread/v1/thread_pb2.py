@@ -22,21 +22,49 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agentplane/thread/v1/thread.proto\x12\x14\x61gentplane.thread.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfb\x02\n\x06Thread\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x32\n\x06status\x18\x04 \x01(\x0e\x32\".agentplane.thread.v1.ThreadStatus\x12\x14\n\x0cparticipants\x18\x05 \x03(\t\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rmessage_count\x18\x07 \x01(\x03\x12\x12\n\nmax_tokens\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nend_reason\x18\x0c \x01(\t\"\xbf\x01\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\x12\x12\n\nfrom_agent\x18\x03 \x01(\t\x12\x10\n\x08to_agent\x18\x04 \x01(\t\x12\x14\n\x0cpayload_type\x18\x05 \x01(\t\x12(\n\x07payload\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x98\x01\n\x0cThreadStatus\x12\x1d\n\x19THREAD_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14THREAD_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17THREAD_STATUS_COMPLETED\x10\x02\x12\x18\n\x14THREAD_STATUS_FAILED\x10\x03\x12\x18\n\x14THREAD_STATUS_KILLED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!agentplane/thread/v1/thread.proto\x12\x14\x61gentplane.thread.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x04\n\x06Thread\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x05\x12\x19\n\nproject_id\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\r\n\x05title\x18\x03 \x01(\t\x12\x38\n\x06status\x18\x04 \x01(\x0e\x32\".agentplane.thread.v1.ThreadStatusB\x04\xe2\x41\x01\x03\x12\x14\n\x0cparticipants\x18\x05 \x03(\t\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1b\n\rmessage_count\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x12\n\nmax_tokens\x18\x08 \x01(\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x18\n\nend_reason\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03:T\xea\x41Q\n\x15\x61gentplane.dev/Thread\x12#projects/{project}/threads/{thread}\x1a\x02id*\x07threads2\x06thread\"\xbd\x02\n\x07Message\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tthread_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\nfrom_agent\x18\x03 \x01(\t\x12\x10\n\x08to_agent\x18\x04 \x01(\t\x12\x14\n\x0cpayload_type\x18\x05 \x01(\t\x12(\n\x07payload\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:j\xea\x41g\n\x16\x61gentplane.dev/Message\x12\x36projects/{project}/threads/{thread}/messages/{message}\x1a\x02id*\x08messages2\x07message*\x98\x01\n\x0cThreadStatus\x12\x1d\n\x19THREAD_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14THREAD_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17THREAD_STATUS_COMPLETED\x10\x02\x12\x18\n\x14THREAD_STATUS_FAILED\x10\x03\x12\x18\n\x14THREAD_STATUS_KILLED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplane.thread.v1.thread_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_THREADSTATUS']._serialized_start=699
-  _globals['_THREADSTATUS']._serialized_end=851
-  _globals['_THREAD']._serialized_start=123
-  _globals['_THREAD']._serialized_end=502
-  _globals['_MESSAGE']._serialized_start=505
-  _globals['_MESSAGE']._serialized_end=696
+  _globals['_THREAD'].fields_by_name['id']._loaded_options = None
+  _globals['_THREAD'].fields_by_name['id']._serialized_options = b'\342A\001\005'
+  _globals['_THREAD'].fields_by_name['project_id']._loaded_options = None
+  _globals['_THREAD'].fields_by_name['project_id']._serialized_options = b'\342A\002\002\005'
+  _globals['_THREAD'].fields_by_name['status']._loaded_options = None
+  _globals['_THREAD'].fields_by_name['status']._serialized_options = b'\342A\001\003'
+  _globals['_THREAD'].fields_by_name['message_count']._loaded_options = None
+  _globals['_THREAD'].fields_by_name['message_count']._serialized_options = b'\342A\001\003'
+  _globals['_THREAD'].fields_by_name['create_time']._loaded_options = None
+  _globals['_THREAD'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_THREAD'].fields_by_name['update_time']._loaded_options = None
+  _globals['_THREAD'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_THREAD'].fields_by_name['end_time']._loaded_options = None
+  _globals['_THREAD'].fields_by_name['end_time']._serialized_options = b'\342A\001\003'
+  _globals['_THREAD'].fields_by_name['end_reason']._loaded_options = None
+  _globals['_THREAD'].fields_by_name['end_reason']._serialized_options = b'\342A\001\003'
+  _globals['_THREAD']._loaded_options = None
+  _globals['_THREAD']._serialized_options = b'\352AQ\n\025agentplane.dev/Thread\022#projects/{project}/threads/{thread}\032\002id*\007threads2\006thread'
+  _globals['_MESSAGE'].fields_by_name['id']._loaded_options = None
+  _globals['_MESSAGE'].fields_by_name['id']._serialized_options = b'\342A\001\003'
+  _globals['_MESSAGE'].fields_by_name['thread_id']._loaded_options = None
+  _globals['_MESSAGE'].fields_by_name['thread_id']._serialized_options = b'\342A\001\003'
+  _globals['_MESSAGE'].fields_by_name['create_time']._loaded_options = None
+  _globals['_MESSAGE'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_MESSAGE']._loaded_options = None
+  _globals['_MESSAGE']._serialized_options = b'\352Ag\n\026agentplane.dev/Message\0226projects/{project}/threads/{thread}/messages/{message}\032\002id*\010messages2\007message'
+  _globals['_THREADSTATUS']._serialized_start=1020
+  _globals['_THREADSTATUS']._serialized_end=1172
+  _globals['_THREAD']._serialized_start=183
+  _globals['_THREAD']._serialized_end=697
+  _globals['_MESSAGE']._serialized_start=700
+  _globals['_MESSAGE']._serialized_end=1017
 # @@protoc_insertion_point(module_scope)

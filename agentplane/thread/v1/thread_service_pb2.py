@@ -24,16 +24,41 @@ _sym_db = _symbol_database.Default()
 
 from agentplane.thread.v1 import thread_pb2 as agentplane_dot_thread_dot_v1_dot_thread__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)agentplane/thread/v1/thread_service.proto\x12\x14\x61gentplane.thread.v1\x1a!agentplane/thread/v1/thread.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\"V\n\x13\x43reateThreadRequest\x12,\n\x06thread\x18\x01 \x01(\x0b\x32\x1c.agentplane.thread.v1.Thread\x12\x11\n\tthread_id\x18\x02 \x01(\t\"<\n\x10GetThreadRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x15\n\rmessage_limit\x18\x02 \x01(\x05\"r\n\x11GetThreadResponse\x12,\n\x06thread\x18\x01 \x01(\x0b\x32\x1c.agentplane.thread.v1.Thread\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.agentplane.thread.v1.Message\"\xa0\x01\n\x12ListThreadsRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".agentplane.thread.v1.ThreadStatus\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x0c\n\x04skip\x18\x06 \x01(\x05\"q\n\x13ListThreadsResponse\x12-\n\x07threads\x18\x01 \x03(\x0b\x32\x1c.agentplane.thread.v1.Thread\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"l\n\x13ListMessagesRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x0c\n\x04skip\x18\x05 \x01(\x05\"\x8b\x01\n\x14ListMessagesResponse\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.agentplane.thread.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x15\n\rdropped_count\x18\x04 \x01(\x03\"\xa1\x01\n\x12PostMessageRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x12\n\nfrom_agent\x18\x02 \x01(\t\x12\x10\n\x08to_agent\x18\x03 \x01(\t\x12\x14\n\x0cpayload_type\x18\x04 \x01(\t\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x89\x01\n\x14InjectMessageRequest\x12\n\n\x02to\x18\x01 \x01(\t\x12(\n\x07payload\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cpayload_type\x18\x03 \x01(\t\x12\x11\n\tthread_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\">\n\x15InjectMessageResponse\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\"6\n\x11KillThreadRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x15\x43ompleteThreadRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x08\"<\n\x16ReceiveMessagesRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\"q\n\x17ReceiveMessagesResponse\x12.\n\x07message\x18\x01 \x01(\x0b\x32\x1d.agentplane.thread.v1.Message\x12\x0e\n\x06\x61\x63k_id\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65livery_count\x18\x03 \x01(\x03\"7\n\x12\x41\x63kMessagesRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63k_ids\x18\x02 \x03(\t\"*\n\x13\x41\x63kMessagesResponse\x12\x13\n\x0b\x61\x63ked_count\x18\x01 \x01(\x03\"\'\n\x12WatchThreadRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\"\x80\x01\n\x13WatchThreadResponse\x12\x30\n\x07message\x18\x01 \x01(\x0b\x32\x1d.agentplane.thread.v1.MessageH\x00\x12.\n\x06thread\x18\x02 \x01(\x0b\x32\x1c.agentplane.thread.v1.ThreadH\x00\x42\x07\n\x05\x65vent2\x9a\x0c\n\rThreadService\x12x\n\x0c\x43reateThread\x12).agentplane.thread.v1.CreateThreadRequest\x1a\x1c.agentplane.thread.v1.Thread\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x0f/api/v1/threads:\x06thread\x12\x81\x01\n\tGetThread\x12&.agentplane.thread.v1.GetThreadRequest\x1a\'.agentplane.thread.v1.GetThreadResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/api/v1/threads/{thread_id}\x12{\n\x0bListThreads\x12(.agentplane.thread.v1.ListThreadsRequest\x1a).agentplane.thread.v1.ListThreadsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/threads\x12\xa7\x01\n\x0cListMessages\x12).agentplane.thread.v1.ListMessagesRequest\x1a*.agentplane.thread.v1.ListMessagesResponse\"@\x82\xd3\xe4\x93\x02:\x12$/api/v1/threads/{thread_id}/messagesZ\x12\x12\x10/api/v1/messages\x12\x87\x01\n\x0bPostMessage\x12(.agentplane.thread.v1.PostMessageRequest\x1a\x1d.agentplane.thread.v1.Message\"/\x82\xd3\xe4\x93\x02)\"$/api/v1/threads/{thread_id}/messages:\x01*\x12\x83\x01\n\rInjectMessage\x12*.agentplane.thread.v1.InjectMessageRequest\x1a+.agentplane.thread.v1.InjectMessageResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/api/v1/inject:\x01*\x12\x80\x01\n\nKillThread\x12\'.agentplane.thread.v1.KillThreadRequest\x1a\x1c.agentplane.thread.v1.Thread\"+\x82\xd3\xe4\x93\x02%\" /api/v1/threads/{thread_id}/kill:\x01*\x12\x8c\x01\n\x0e\x43ompleteThread\x12+.agentplane.thread.v1.CompleteThreadRequest\x1a\x1c.agentplane.thread.v1.Thread\"/\x82\xd3\xe4\x93\x02)\"$/api/v1/threads/{thread_id}/complete:\x01*\x12\x99\x01\n\x0fReceiveMessages\x12,.agentplane.thread.v1.ReceiveMessagesRequest\x1a-.agentplane.thread.v1.ReceiveMessagesResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/api/v1/agents/{agent_id}/inbox0\x01\x12\x92\x01\n\x0b\x41\x63kMessages\x12(.agentplane.thread.v1.AckMessagesRequest\x1a).agentplane.thread.v1.AckMessagesResponse\".\x82\xd3\xe4\x93\x02(\"#/api/v1/agents/{agent_id}/inbox:ack:\x01*\x12\x90\x01\n\x0bWatchThread\x12(.agentplane.thread.v1.WatchThreadRequest\x1a).agentplane.thread.v1.WatchThreadResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/api/v1/threads/{thread_id}/events0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)agentplane/thread/v1/thread_service.proto\x12\x14\x61gentplane.thread.v1\x1a!agentplane/thread/v1/thread.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\"\\\n\x13\x43reateThreadRequest\x12\x32\n\x06thread\x18\x01 \x01(\x0b\x32\x1c.agentplane.thread.v1.ThreadB\x04\xe2\x41\x01\x02\x12\x11\n\tthread_id\x18\x02 \x01(\t\"B\n\x10GetThreadRequest\x12\x17\n\tthread_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\rmessage_limit\x18\x02 \x01(\x05\"r\n\x11GetThreadResponse\x12,\n\x06thread\x18\x01 \x01(\x0b\x32\x1c.agentplane.thread.v1.Thread\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.agentplane.thread.v1.Message\"\xa0\x01\n\x12ListThreadsRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".agentplane.thread.v1.ThreadStatus\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x0c\n\x04skip\x18\x06 \x01(\x05\"q\n\x13ListThreadsResponse\x12-\n\x07threads\x18\x01 \x03(\x0b\x32\x1c.agentplane.thread.v1.Thread\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"r\n\x13ListMessagesRequest\x12\x17\n\tthread_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x0c\n\x04skip\x18\x05 \x01(\x05\"\x8b\x01\n\x14ListMessagesResponse\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.agentplane.thread.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x15\n\rdropped_count\x18\x04 \x01(\x03\"\xb3\x01\n\x12PostMessageRequest\x12\x17\n\tthread_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nfrom_agent\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08to_agent\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0cpayload_type\x18\x04 \x01(\t\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x8f\x01\n\x14InjectMessageRequest\x12\x10\n\x02to\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x07payload\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cpayload_type\x18\x03 \x01(\t\x12\x11\n\tthread_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\">\n\x15InjectMessageResponse\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\"<\n\x11KillThreadRequest\x12\x17\n\tthread_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06reason\x18\x02 \x01(\t\"@\n\x15\x43ompleteThreadRequest\x12\x17\n\tthread_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x08\"B\n\x16ReceiveMessagesRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\"q\n\x17ReceiveMessagesResponse\x12.\n\x07message\x18\x01 \x01(\x0b\x32\x1d.agentplane.thread.v1.Message\x12\x0e\n\x06\x61\x63k_id\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65livery_count\x18\x03 \x01(\x03\"=\n\x12\x41\x63kMessagesRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07\x61\x63k_ids\x18\x02 \x03(\t\"*\n\x13\x41\x63kMessagesResponse\x12\x13\n\x0b\x61\x63ked_count\x18\x01 \x01(\x03\"-\n\x12WatchThreadRequest\x12\x17\n\tthread_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x80\x01\n\x13WatchThreadResponse\x12\x30\n\x07message\x18\x01 \x01(\x0b\x32\x1d.agentplane.thread.v1.MessageH\x00\x12.\n\x06thread\x18\x02 \x01(\x0b\x32\x1c.agentplane.thread.v1.ThreadH\x00\x42\x07\n\x05\x65vent2\x9a\x0c\n\rThreadService\x12x\n\x0c\x43reateThread\x12).agentplane.thread.v1.CreateThreadRequest\x1a\x1c.agentplane.thread.v1.Thread\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x0f/api/v1/threads:\x06thread\x12\x81\x01\n\tGetThread\x12&.agentplane.thread.v1.GetThreadRequest\x1a\'.agentplane.thread.v1.GetThreadResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/api/v1/threads/{thread_id}\x12{\n\x0bListThreads\x12(.agentplane.thread.v1.ListThreadsRequest\x1a).agentplane.thread.v1.ListThreadsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/threads\x12\xa7\x01\n\x0cListMessages\x12).agentplane.thread.v1.ListMessagesRequest\x1a*.agentplane.thread.v1.ListMessagesResponse\"@\x82\xd3\xe4\x93\x02:\x12$/api/v1/threads/{thread_id}/messagesZ\x12\x12\x10/api/v1/messages\x12\x87\x01\n\x0bPostMessage\x12(.agentplane.thread.v1.PostMessageRequest\x1a\x1d.agentplane.thread.v1.Message\"/\x82\xd3\xe4\x93\x02)\"$/api/v1/threads/{thread_id}/messages:\x01*\x12\x83\x01\n\rInjectMessage\x12*.agentplane.thread.v1.InjectMessageRequest\x1a+.agentplane.thread.v1.InjectMessageResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/api/v1/inject:\x01*\x12\x80\x01\n\nKillThread\x12\'.agentplane.thread.v1.KillThreadRequest\x1a\x1c.agentplane.thread.v1.Thread\"+\x82\xd3\xe4\x93\x02%\" /api/v1/threads/{thread_id}/kill:\x01*\x12\x8c\x01\n\x0e\x43ompleteThread\x12+.agentplane.thread.v1.CompleteThreadRequest\x1a\x1c.agentplane.thread.v1.Thread\"/\x82\xd3\xe4\x93\x02)\"$/api/v1/threads/{thread_id}/complete:\x01*\x12\x99\x01\n\x0fReceiveMessages\x12,.agentplane.thread.v1.ReceiveMessagesRequest\x1a-.agentplane.thread.v1.ReceiveMessagesResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/api/v1/agents/{agent_id}/inbox0\x01\x12\x92\x01\n\x0b\x41\x63kMessages\x12(.agentplane.thread.v1.AckMessagesRequest\x1a).agentplane.thread.v1.AckMessagesResponse\".\x82\xd3\xe4\x93\x02(\"#/api/v1/agents/{agent_id}/inbox:ack:\x01*\x12\x90\x01\n\x0bWatchThread\x12(.agentplane.thread.v1.WatchThreadRequest\x1a).agentplane.thread.v1.WatchThreadResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/api/v1/threads/{thread_id}/events0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentplane.thread.v1.thread_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CREATETHREADREQUEST'].fields_by_name['thread']._loaded_options = None
+  _globals['_CREATETHREADREQUEST'].fields_by_name['thread']._serialized_options = b'\342A\001\002'
+  _globals['_GETTHREADREQUEST'].fields_by_name['thread_id']._loaded_options = None
+  _globals['_GETTHREADREQUEST'].fields_by_name['thread_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTMESSAGESREQUEST'].fields_by_name['thread_id']._loaded_options = None
+  _globals['_LISTMESSAGESREQUEST'].fields_by_name['thread_id']._serialized_options = b'\342A\001\002'
+  _globals['_POSTMESSAGEREQUEST'].fields_by_name['thread_id']._loaded_options = None
+  _globals['_POSTMESSAGEREQUEST'].fields_by_name['thread_id']._serialized_options = b'\342A\001\002'
+  _globals['_POSTMESSAGEREQUEST'].fields_by_name['from_agent']._loaded_options = None
+  _globals['_POSTMESSAGEREQUEST'].fields_by_name['from_agent']._serialized_options = b'\342A\001\002'
+  _globals['_POSTMESSAGEREQUEST'].fields_by_name['to_agent']._loaded_options = None
+  _globals['_POSTMESSAGEREQUEST'].fields_by_name['to_agent']._serialized_options = b'\342A\001\002'
+  _globals['_INJECTMESSAGEREQUEST'].fields_by_name['to']._loaded_options = None
+  _globals['_INJECTMESSAGEREQUEST'].fields_by_name['to']._serialized_options = b'\342A\001\002'
+  _globals['_KILLTHREADREQUEST'].fields_by_name['thread_id']._loaded_options = None
+  _globals['_KILLTHREADREQUEST'].fields_by_name['thread_id']._serialized_options = b'\342A\001\002'
+  _globals['_COMPLETETHREADREQUEST'].fields_by_name['thread_id']._loaded_options = None
+  _globals['_COMPLETETHREADREQUEST'].fields_by_name['thread_id']._serialized_options = b'\342A\001\002'
+  _globals['_RECEIVEMESSAGESREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_RECEIVEMESSAGESREQUEST'].fields_by_name['agent_id']._serialized_options = b'\342A\001\002'
+  _globals['_ACKMESSAGESREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_ACKMESSAGESREQUEST'].fields_by_name['agent_id']._serialized_options = b'\342A\001\002'
+  _globals['_WATCHTHREADREQUEST'].fields_by_name['thread_id']._loaded_options = None
+  _globals['_WATCHTHREADREQUEST'].fields_by_name['thread_id']._serialized_options = b'\342A\001\002'
   _globals['_THREADSERVICE'].methods_by_name['CreateThread']._loaded_options = None
   _globals['_THREADSERVICE'].methods_by_name['CreateThread']._serialized_options = b'\202\323\344\223\002\031\"\017/api/v1/threads:\006thread'
   _globals['_THREADSERVICE'].methods_by_name['GetThread']._loaded_options = None
@@ -56,42 +81,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_THREADSERVICE'].methods_by_name['AckMessages']._serialized_options = b'\202\323\344\223\002(\"#/api/v1/agents/{agent_id}/inbox:ack:\001*'
   _globals['_THREADSERVICE'].methods_by_name['WatchThread']._loaded_options = None
   _globals['_THREADSERVICE'].methods_by_name['WatchThread']._serialized_options = b'\202\323\344\223\002$\022\"/api/v1/threads/{thread_id}/events'
-  _globals['_CREATETHREADREQUEST']._serialized_start=162
-  _globals['_CREATETHREADREQUEST']._serialized_end=248
-  _globals['_GETTHREADREQUEST']._serialized_start=250
-  _globals['_GETTHREADREQUEST']._serialized_end=310
-  _globals['_GETTHREADRESPONSE']._serialized_start=312
-  _globals['_GETTHREADRESPONSE']._serialized_end=426
-  _globals['_LISTTHREADSREQUEST']._serialized_start=429
-  _globals['_LISTTHREADSREQUEST']._serialized_end=589
-  _globals['_LISTTHREADSRESPONSE']._serialized_start=591
-  _globals['_LISTTHREADSRESPONSE']._serialized_end=704
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=706
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=814
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=817
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=956
-  _globals['_POSTMESSAGEREQUEST']._serialized_start=959
-  _globals['_POSTMESSAGEREQUEST']._serialized_end=1120
-  _globals['_INJECTMESSAGEREQUEST']._serialized_start=1123
-  _globals['_INJECTMESSAGEREQUEST']._serialized_end=1260
-  _globals['_INJECTMESSAGERESPONSE']._serialized_start=1262
-  _globals['_INJECTMESSAGERESPONSE']._serialized_end=1324
-  _globals['_KILLTHREADREQUEST']._serialized_start=1326
-  _globals['_KILLTHREADREQUEST']._serialized_end=1380
-  _globals['_COMPLETETHREADREQUEST']._serialized_start=1382
-  _globals['_COMPLETETHREADREQUEST']._serialized_end=1440
-  _globals['_RECEIVEMESSAGESREQUEST']._serialized_start=1442
-  _globals['_RECEIVEMESSAGESREQUEST']._serialized_end=1502
-  _globals['_RECEIVEMESSAGESRESPONSE']._serialized_start=1504
-  _globals['_RECEIVEMESSAGESRESPONSE']._serialized_end=1617
-  _globals['_ACKMESSAGESREQUEST']._serialized_start=1619
-  _globals['_ACKMESSAGESREQUEST']._serialized_end=1674
-  _globals['_ACKMESSAGESRESPONSE']._serialized_start=1676
-  _globals['_ACKMESSAGESRESPONSE']._serialized_end=1718
-  _globals['_WATCHTHREADREQUEST']._serialized_start=1720
-  _globals['_WATCHTHREADREQUEST']._serialized_end=1759
-  _globals['_WATCHTHREADRESPONSE']._serialized_start=1762
-  _globals['_WATCHTHREADRESPONSE']._serialized_end=1890
-  _globals['_THREADSERVICE']._serialized_start=1893
-  _globals['_THREADSERVICE']._serialized_end=3455
+  _globals['_CREATETHREADREQUEST']._serialized_start=195
+  _globals['_CREATETHREADREQUEST']._serialized_end=287
+  _globals['_GETTHREADREQUEST']._serialized_start=289
+  _globals['_GETTHREADREQUEST']._serialized_end=355
+  _globals['_GETTHREADRESPONSE']._serialized_start=357
+  _globals['_GETTHREADRESPONSE']._serialized_end=471
+  _globals['_LISTTHREADSREQUEST']._serialized_start=474
+  _globals['_LISTTHREADSREQUEST']._serialized_end=634
+  _globals['_LISTTHREADSRESPONSE']._serialized_start=636
+  _globals['_LISTTHREADSRESPONSE']._serialized_end=749
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=751
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=865
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=868
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1007
+  _globals['_POSTMESSAGEREQUEST']._serialized_start=1010
+  _globals['_POSTMESSAGEREQUEST']._serialized_end=1189
+  _globals['_INJECTMESSAGEREQUEST']._serialized_start=1192
+  _globals['_INJECTMESSAGEREQUEST']._serialized_end=1335
+  _globals['_INJECTMESSAGERESPONSE']._serialized_start=1337
+  _globals['_INJECTMESSAGERESPONSE']._serialized_end=1399
+  _globals['_KILLTHREADREQUEST']._serialized_start=1401
+  _globals['_KILLTHREADREQUEST']._serialized_end=1461
+  _globals['_COMPLETETHREADREQUEST']._serialized_start=1463
+  _globals['_COMPLETETHREADREQUEST']._serialized_end=1527
+  _globals['_RECEIVEMESSAGESREQUEST']._serialized_start=1529
+  _globals['_RECEIVEMESSAGESREQUEST']._serialized_end=1595
+  _globals['_RECEIVEMESSAGESRESPONSE']._serialized_start=1597
+  _globals['_RECEIVEMESSAGESRESPONSE']._serialized_end=1710
+  _globals['_ACKMESSAGESREQUEST']._serialized_start=1712
+  _globals['_ACKMESSAGESREQUEST']._serialized_end=1773
+  _globals['_ACKMESSAGESRESPONSE']._serialized_start=1775
+  _globals['_ACKMESSAGESRESPONSE']._serialized_end=1817
+  _globals['_WATCHTHREADREQUEST']._serialized_start=1819
+  _globals['_WATCHTHREADREQUEST']._serialized_end=1864
+  _globals['_WATCHTHREADRESPONSE']._serialized_start=1867
+  _globals['_WATCHTHREADRESPONSE']._serialized_end=1995
+  _globals['_THREADSERVICE']._serialized_start=1998
+  _globals['_THREADSERVICE']._serialized_end=3560
 # @@protoc_insertion_point(module_scope)

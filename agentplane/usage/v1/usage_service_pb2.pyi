@@ -544,6 +544,54 @@ class BatchGetAgentUsageResponse(_message.Message):
 Global___BatchGetAgentUsageResponse: _TypeAlias = BatchGetAgentUsageResponse  # noqa: Y015
 
 @_typing.final
+class BatchGetThreadBudgetsRequest(_message.Message):
+    """Request of BatchGetThreadBudgets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def thread_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The threads, at most 100."""
+
+    def __init__(
+        self,
+        *,
+        thread_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["thread_ids", b"thread_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchGetThreadBudgetsRequest: _TypeAlias = BatchGetThreadBudgetsRequest  # noqa: Y015
+
+@_typing.final
+class BatchGetThreadBudgetsResponse(_message.Message):
+    """Response of BatchGetThreadBudgets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[_usage_pb2.ThreadBudget]:
+        """One entry per thread asked for, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        budgets: _abc.Iterable[_usage_pb2.ThreadBudget] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchGetThreadBudgetsResponse: _TypeAlias = BatchGetThreadBudgetsResponse  # noqa: Y015
+
+@_typing.final
 class GetModelUsageRequest(_message.Message):
     """Request of GetModelUsage."""
 

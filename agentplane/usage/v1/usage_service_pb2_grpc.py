@@ -72,6 +72,11 @@ class UsageServiceStub:
                 request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetThreadBudgetRequest.SerializeToString,
                 response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.ThreadBudget.FromString,
                 _registered_method=True)
+        self.BatchGetThreadBudgets = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/BatchGetThreadBudgets',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.BatchGetThreadBudgetsRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.BatchGetThreadBudgetsResponse.FromString,
+                _registered_method=True)
         self.ListThreadBudgets = channel.unary_unary(
                 '/agentplane.usage.v1.UsageService/ListThreadBudgets',
                 request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListThreadBudgetsRequest.SerializeToString,
@@ -243,6 +248,15 @@ class UsageServiceServicer:
 
     def GetThreadBudget(self, request, context):
         """Gets a thread's budget; NOT_FOUND when it has none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchGetThreadBudgets(self, request, context):
+        """Gets many threads' budgets in one call, in the order asked; a thread with no budget,
+        or one the caller cannot see, has an entry with only its `thread_id`: what a thread
+        listing page needs, in one round trip.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -458,6 +472,11 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.GetThreadBudget,
                     request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetThreadBudgetRequest.FromString,
                     response_serializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.ThreadBudget.SerializeToString,
+            ),
+            'BatchGetThreadBudgets': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchGetThreadBudgets,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.BatchGetThreadBudgetsRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.BatchGetThreadBudgetsResponse.SerializeToString,
             ),
             'ListThreadBudgets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListThreadBudgets,
@@ -770,6 +789,33 @@ class UsageService:
             '/agentplane.usage.v1.UsageService/GetThreadBudget',
             agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetThreadBudgetRequest.SerializeToString,
             agentplane_dot_usage_dot_v1_dot_usage__pb2.ThreadBudget.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGetThreadBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/BatchGetThreadBudgets',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.BatchGetThreadBudgetsRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.BatchGetThreadBudgetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

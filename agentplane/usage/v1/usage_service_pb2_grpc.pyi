@@ -51,6 +51,11 @@ class UsageServiceStub:
     """Closes a thread's budget: no new reservations."""
     GetThreadBudget: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetThreadBudgetRequest, _usage_pb2.ThreadBudget]
     """Gets a thread's budget; NOT_FOUND when it has none."""
+    BatchGetThreadBudgets: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.BatchGetThreadBudgetsRequest, _usage_service_pb2.BatchGetThreadBudgetsResponse]
+    """Gets many threads' budgets in one call, in the order asked; a thread with no budget,
+    or one the caller cannot see, has an entry with only its `thread_id`: what a thread
+    listing page needs, in one round trip.
+    """
     ListThreadBudgets: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListThreadBudgetsRequest, _usage_service_pb2.ListThreadBudgetsResponse]
     """Lists thread budgets, hottest (highest `percent_used`) first."""
     GetUsageOverview: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageOverviewRequest, _usage_pb2.UsageOverview]
@@ -130,6 +135,11 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """Closes a thread's budget: no new reservations."""
     GetThreadBudget: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetThreadBudgetRequest, _usage_pb2.ThreadBudget]  # type: ignore[assignment]
     """Gets a thread's budget; NOT_FOUND when it has none."""
+    BatchGetThreadBudgets: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.BatchGetThreadBudgetsRequest, _usage_service_pb2.BatchGetThreadBudgetsResponse]  # type: ignore[assignment]
+    """Gets many threads' budgets in one call, in the order asked; a thread with no budget,
+    or one the caller cannot see, has an entry with only its `thread_id`: what a thread
+    listing page needs, in one round trip.
+    """
     ListThreadBudgets: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListThreadBudgetsRequest, _usage_service_pb2.ListThreadBudgetsResponse]  # type: ignore[assignment]
     """Lists thread budgets, hottest (highest `percent_used`) first."""
     GetUsageOverview: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageOverviewRequest, _usage_pb2.UsageOverview]  # type: ignore[assignment]
@@ -248,6 +258,17 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_pb2.ThreadBudget, _abc.Awaitable[_usage_pb2.ThreadBudget]]:
         """Gets a thread's budget; NOT_FOUND when it has none."""
+
+    @_abc_1.abstractmethod
+    def BatchGetThreadBudgets(
+        self,
+        request: _usage_service_pb2.BatchGetThreadBudgetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.BatchGetThreadBudgetsResponse, _abc.Awaitable[_usage_service_pb2.BatchGetThreadBudgetsResponse]]:
+        """Gets many threads' budgets in one call, in the order asked; a thread with no budget,
+        or one the caller cannot see, has an entry with only its `thread_id`: what a thread
+        listing page needs, in one round trip.
+        """
 
     @_abc_1.abstractmethod
     def ListThreadBudgets(

@@ -1,13 +1,14 @@
 -- Change an agent atomically: existence and project check, lifecycle move (checked
 -- against the allowed "from" states), rename with unique names, field changes, task
 -- count, the indexes and counters of its status, and the status event.
--- A terminated agent joins the project's removal queue.
+-- A terminated agent joins the project's removal queue. Each status move counts in the
+-- record's `seq` (the installation-wide indexes apply moves in that order).
 -- KEYS: 1 the project's prefix P
 -- ARGV: 1 agent id, 2 project to check ('' for none), 3 target status ('' for no move),
 --       4 allowed from-states ",A,B,", 5 new name ('' for none), 6 tasks completed +n,
 --       7 now (ms), 8 events max length, 9 number of fields to delete,
 --       10.. fields to delete, then field/value pairs to set
--- Returns {'OK', from} | {'NOT_FOUND'} | {'BAD_STATE', from} | {'NAME_TAKEN', holder}
+-- Returns {'OK', from, change number (status moves only)} | {'NOT_FOUND'} | {'BAD_STATE', from} | {'NAME_TAKEN', holder}
 local P = KEYS[1]
 local agent, names, stats = P .. 'agent:' .. ARGV[1], P .. 'names', P .. 'stats'
 local current = redis.call('HMGET', agent, 'status', 'project_id', 'name', 'id')
@@ -51,4 +52,5 @@ if target ~= '' then
   redis.call('XADD', P .. 'events', 'MAXLEN', '~', ARGV[8], '*', 'agent_id', id, 'from', from, 'to', target)
 end
 redis.call('HSET', agent, 'last_activity_ms', ARGV[7], 'update_ms', ARGV[7])
+if target ~= '' then return {'OK', from, redis.call('HINCRBY', agent, 'seq', 1)} end
 return {'OK', from}

@@ -2,7 +2,7 @@
 -- is in, a status entry in its log for watchers, and its place in the removal queue.
 -- KEYS: 1 the project's prefix T
 -- ARGV: 1 thread id, 2 target status, 3 now (ms), 4 reason
--- Returns {'OK', from} | {'SAME', status} | {'NOT_ACTIVE', status} | {'NO_THREAD'}
+-- Returns {'OK', from, index member} | {'SAME', status} | {'NOT_ACTIVE', status} | {'NO_THREAD'}
 local T, tid, target, now = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
 local thread = T .. 'thread:' .. tid
 local status = redis.call('HGET', thread, 'status')
@@ -22,4 +22,4 @@ for _, agent in ipairs(redis.call('SMEMBERS', T .. 'parts:' .. tid)) do
 end
 redis.call('XADD', T .. 'log:' .. tid, '*', 'kind', 'status', 'status', target, 'ms', now)
 redis.call('ZADD', T .. 'ended', now, tid)
-return {'OK', status}
+return {'OK', status, member}
