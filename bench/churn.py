@@ -121,9 +121,10 @@ async def _store_worker(
     from agentplane.usage.v1 import usage_service_pb2 as U
     from agentplane.usage.v1 import usage_service_pb2_grpc
     from services.common.convert import new_id
+    from services.common.redis import typed
     from services.thread_svc.store import NewMessage, NewThread, ThreadStore
 
-    redis = Redis.from_url(redis_url, decode_responses=True, max_connections=IN_FLIGHT * 2)
+    redis = typed(Redis.from_url(redis_url, decode_responses=True, max_connections=IN_FLIGHT * 2))
     store = ThreadStore(redis, request_ttl_s=86_400)
     payload = '{"text": "' + "x" * 200 + '"}'  # a typical short agent message
     async with channel_to(addresses["usage"]) as channel:

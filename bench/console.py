@@ -29,6 +29,7 @@ LOADS = 7
 async def populate(running: stack.Stack) -> None:
     from redis.asyncio import Redis
 
+    from services.common.redis import typed
     from services.usage_svc.store import UsageStore
 
     async with channel_to(running.addresses["agent"]) as channel:
@@ -46,7 +47,7 @@ async def populate(running: stack.Stack) -> None:
                 for n in range(start, start + 50)))  # fmt: skip
     # The budgets with the usage service's own store code (100,000 RPCs would take minutes
     # on a small machine and measure nothing the console depends on).
-    redis = Redis.from_url(running.redis_url, decode_responses=True, max_connections=300)
+    redis = typed(Redis.from_url(running.redis_url, decode_responses=True, max_connections=300))
     usage = UsageStore(redis, 8, 86_400)
     for start in range(0, BUDGETS, 250):
         await asyncio.gather(*(usage.set_budget(f"thread-{n}", 100_000, "fleet", True)

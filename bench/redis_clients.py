@@ -26,7 +26,7 @@ from services.common.redis import create_redis
 from services.common.resp import PipelinedRedis
 from services.common.settings import Settings
 from services.usage_svc.store import UsageStore
-from services.usage_svc.store import script as record_script
+from services.usage_svc.thread_budgets import script as record_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLS = int(os.environ.get("BENCH_REDIS_CALLS", "8000"))

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from scripts.redis_server import RedisProcess
 from services.agent_svc.store import AgentStore
 from services.common.convert import new_id, now_ms
+from services.common.redis import RedisClient, typed
 from services.thread_svc.store import NewMessage, NewThread, ThreadStore
 from services.usage_svc.store import UsageStore
 from services.usage_svc.usage_types import UsageRecord
@@ -21,7 +22,7 @@ N = int(os.environ.get("SIZING_ITEMS", "20000"))
 PAYLOAD = '{"text": "' + "x" * 200 + '"}'  # a short agent message (~215 bytes of JSON)
 
 
-async def measure(redis: Redis) -> dict[str, float]:
+async def measure(redis: RedisClient) -> dict[str, float]:
     agents, threads = AgentStore(redis, 86_400), ThreadStore(redis, 86_400)
     usage = UsageStore(redis, 8, 86_400)
     now = str(now_ms())
@@ -81,7 +82,7 @@ def main() -> None:
     try:
 
         async def run() -> dict[str, float]:
-            redis = Redis.from_url(server.url, decode_responses=True, max_connections=1000)
+            redis = typed(Redis.from_url(server.url, decode_responses=True, max_connections=1000))
             try:
                 return await measure(redis)
             finally:

@@ -24,7 +24,6 @@ from redis.cluster import RedisCluster
 from services.agent_svc.store import STATUSES
 from services.agent_svc.store import Keys as AgentKeys
 from services.common.partitions import directory_key
-from services.thread_svc.store import PROJECTS
 from services.thread_svc.store import Keys as ThreadKeys
 from services.usage_svc.keys import Layout
 
@@ -73,22 +72,22 @@ def _upgrade_project_agents(m: Mover, project: str) -> int:
     r, agents = m.r, 0
     record = AgentKeys.project(project)
     for agent_id in r.zrange(f"{OLD_AGENT}idx:{project}:ALL", 0, -1):
-        if not m.copy(f"{OLD_AGENT}agent:{agent_id}", AgentKeys.agent(project, agent_id)):
+        if not m.copy(f"{OLD_AGENT}agent:{agent_id}", AgentKeys(project).agent(agent_id)):
             continue
         r.set(directory_key("agent", agent_id), project)
         status, ended, updated = r.hmget(
-            AgentKeys.agent(project, agent_id), "status", "terminate_ms", "update_ms"
+            AgentKeys(project).agent(agent_id), "status", "terminate_ms", "update_ms"
         )
         if status == "TERMINATED":
-            r.zadd(AgentKeys.terminated(project), {agent_id: int(ended or updated or 0)})
+            r.zadd(AgentKeys(project).terminated, {agent_id: int(ended or updated or 0)})
         agents += 1
     for status in ("", *STATUSES):
-        m.copy(f"{OLD_AGENT}idx:{project}:{status or 'ALL'}", AgentKeys.index(project, status))
-    m.copy(f"{OLD_AGENT}names:{project}", f"{AgentKeys.of(project)}names")
-    m.copy(f"{OLD_AGENT}events:{project}", AgentKeys.events(project))
+        m.copy(f"{OLD_AGENT}idx:{project}:{status or 'ALL'}", AgentKeys(project).index(status))
+    m.copy(f"{OLD_AGENT}names:{project}", f"{AgentKeys(project).prefix}names")
+    m.copy(f"{OLD_AGENT}events:{project}", AgentKeys(project).events)
     counters = dict(zip(COUNTER_FIELDS, r.hmget(record, *COUNTER_FIELDS), strict=True))
     if any(v is not None for v in counters.values()):
-        r.hset(AgentKeys.stats(project), mapping={k: v for k, v in counters.items() if v})
+        r.hset(AgentKeys(project).stats, mapping={k: v for k, v in counters.items() if v})
         r.hdel(record, *COUNTER_FIELDS)
     m.done()
     return agents
@@ -138,7 +137,7 @@ def _upgrade_thread(m: Mover, thread_id: str, agents: dict[str, str]) -> str:
         m.copy(f"{OLD_THREAD}tmsgs:{thread_id}:{agent_id}",
                keys.thread_messages_of(thread_id, agent_id))  # fmt: skip
     r.set(directory_key("thread", thread_id), project)
-    r.zadd(PROJECTS, {project: 0})
+    r.zadd(ThreadKeys.projects, {project: 0})
     if fields.get("status") != "ACTIVE":
         r.zadd(keys.ended, {thread_id: int(fields.get("end_ms") or 0)})
     m.done()

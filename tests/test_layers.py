@@ -48,3 +48,25 @@ def test_no_hand_written_function_is_more_complex_than_12() -> None:
                         f"{path.relative_to(ROOT)}:{block.lineno} {block.name} {block.complexity}"
                     )
     assert len(over) == 0, over
+
+
+def test_store_calls_are_type_checked(tmp_path) -> None:
+    """The Redis client is typed (a Protocol of the commands the stores use), so mypy
+    catches a store that calls a command wrongly or misreads its reply (once the client
+    was `Any`: nothing was checked)."""
+    from mypy import api
+
+    sample = tmp_path / "wrong_store.py"
+    sample.write_text(
+        "from services.common.redis import RedisClient\n\n\n"
+        "async def wrong(redis: RedisClient) -> int:\n"
+        "    found = await redis.hget('key')\n"  # a field is missing
+        "    await redis.zadd('key', ['not', 'a', 'mapping'])\n"
+        "    return await redis.get('key')\n"  # str | None is not int
+    )
+    out, _, status = api.run([str(sample), "--no-incremental", "--follow-imports=silent",
+                              "--ignore-missing-imports", f"--config-file={ROOT / 'pyproject.toml'}"])  # fmt: skip
+    assert status == 1, out
+    assert 'Missing positional argument "key" in call to "hget"' in out, out
+    assert 'Argument 2 to "zadd" of "RedisClient" has incompatible type' in out, out
+    assert 'Incompatible return value type (got "str | None", expected "int")' in out, out

@@ -42,18 +42,21 @@ LUA = Path(__file__).with_name("lua")
 
 
 class Keys:
-    """Key names. Global ones under one tag; a project's under its own (`of`)."""
+    """Key names, as every service describes them: the installation's own under one tag
+    (class attributes and static methods), a project's under the project's tag
+    (`Keys(project_id)`, whose `prefix` the Lua scripts get)."""
 
     counters = PREFIX + "counters"
     projects = PREFIX + "projects"
     types = PREFIX + "types"
     active_types = PREFIX + "types:active"
+    api_keys = PREFIX + "keys"
+    all_events = PREFIX + "events:-"  # every project's status events
+    everywhere = PREFIX + "all:"  # installation-wide indexes (services/common/installation.py)
 
     @staticmethod
     def project(project_id: str) -> str:
         return f"{PREFIX}project:{project_id}"
-
-    api_keys = PREFIX + "keys"
 
     @staticmethod
     def owner_projects(owner: str) -> str:
@@ -71,34 +74,29 @@ class Keys:
     def agent_type(type_id: str) -> str:
         return f"{PREFIX}type:{type_id}"
 
-    all_events = PREFIX + "events:-"  # every project's status events
-    everywhere = PREFIX + "all:"  # installation-wide indexes (services/common/installation.py)
+    def __init__(self, project_id: str) -> None:
+        self.project_id = project_id
+        # The prefix of a project's agents, their indexes, counters, events and queue.
+        self.prefix = project_prefix(SERVICE, project_id)
 
-    @staticmethod
-    def of(project_id: str) -> str:
-        """The prefix of a project's agents, their indexes, counters, events and queue."""
-        return project_prefix(SERVICE, project_id)
+    def agent(self, agent_id: str) -> str:
+        return f"{self.prefix}agent:{agent_id}"
 
-    @staticmethod
-    def agent(project_id: str, agent_id: str) -> str:
-        return f"{Keys.of(project_id)}agent:{agent_id}"
+    def index(self, status: str = "") -> str:
+        return f"{self.prefix}idx:{status or 'ALL'}"
 
-    @staticmethod
-    def stats(project_id: str) -> str:
-        return f"{Keys.of(project_id)}stats"
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}stats"
 
-    @staticmethod
-    def index(project_id: str, status: str = "") -> str:
-        return f"{Keys.of(project_id)}idx:{status or 'ALL'}"
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}events"
 
-    @staticmethod
-    def events(project_id: str) -> str:
-        return Keys.all_events if project_id == ALL else f"{Keys.of(project_id)}events"
-
-    @staticmethod
-    def terminated(project_id: str) -> str:
+    @property
+    def terminated(self) -> str:
         """The removal queue: terminated agents scored by their termination time."""
-        return f"{Keys.of(project_id)}terminated"
+        return f"{self.prefix}terminated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +314,7 @@ class AgentStore:
     async def _projects(self, project_ids: Sequence[str]) -> list[ProjectRecord | None]:
         """Projects: each one's record (global) with its counters (in its own slot)."""
         found = await self._hashes(
-            key for p in project_ids for key in (Keys.project(p), Keys.stats(p))
+            key for p in project_ids for key in (Keys.project(p), Keys(p).stats)
         )
         return [
             ProjectRecord.of({**record, **stats}) if record else None
@@ -344,7 +342,7 @@ class AgentStore:
         """Every agent's id, a project at a time (to index an upgraded installation)."""
         async for chunk in self.partitions():
             for project_id in chunk:
-                yield list(await self._redis.zrange(Keys.index(project_id), 0, -1))
+                yield list(await self._redis.zrange(Keys(project_id).index(), 0, -1))
 
     async def create_type(self, fields: dict[str, str]) -> bool:
         keys = [Keys.agent_type(fields["id"]), Keys.types, Keys.counters]
@@ -407,7 +405,7 @@ class AgentStore:
         args = [agent_id, fields["name"], request_id, self._request_ttl_s,
                 tuning.AGENT_EVENTS_MAXLEN, *_flat(fields)]  # fmt: skip
         intent = await self.installation.intend(agent_id, agent_id)
-        result = await self._spawn(keys=[Keys.of(project_id)], args=args)
+        result = await self._spawn(keys=[Keys(project_id).prefix], args=args)
         if result[0] != Outcome.OK or result[1] != agent_id:
             await self._directory.forget(agent_id)  # this id was not used
             await self.installation.apply(await self.placement(agent_id), intent)
@@ -427,10 +425,10 @@ class AgentStore:
             len(change.delete_fields), *change.delete_fields, *_flat(change.set_fields or {}),
         ]  # fmt: skip
         if not change.target_status:
-            result = await self._update(keys=[Keys.of(project_id)], args=args)
+            result = await self._update(keys=[Keys(project_id).prefix], args=args)
             return Change(Outcome(result[0]), result[1] if len(result) > 1 else "")
         intent = await self.installation.intend(change.agent_id, change.agent_id)
-        result = await self._update(keys=[Keys.of(project_id)], args=args)
+        result = await self._update(keys=[Keys(project_id).prefix], args=args)
         if result[0] != Outcome.OK:
             await self.installation.apply(await self.placement(change.agent_id), intent)
             return Change(Outcome(result[0]), result[1] if len(result) > 1 else "")
@@ -448,9 +446,9 @@ class AgentStore:
         indexes: `Installation.heal`)."""
         project_id = await self._directory.project_of(agent_id, fresh=True)
         if project_id is not None:
-            status, seq = await self._redis.hmget(Keys.agent(project_id, agent_id), "status", "seq")
+            status, seq = await self._redis.hmget(Keys(project_id).agent(agent_id), "status", "seq")
             if status == "TERMINATED":
-                ended = await self._redis.zscore(Keys.terminated(project_id), agent_id)
+                ended = await self._redis.zscore(Keys(project_id).terminated, agent_id)
                 return Placement(agent_id, status, int(seq or 0), project_id, int(ended or 0))
             if status:
                 return Placement(agent_id, status, int(seq or 0))
@@ -478,7 +476,7 @@ class AgentStore:
         )
 
     async def _agents_in(self, placed: Sequence[tuple[str, str]]) -> list[AgentRecord]:
-        found = await self._hashes(Keys.agent(p, a) for p, a in placed)
+        found = await self._hashes(Keys(p).agent(a) for p, a in placed)
         return [AgentRecord.of(a) for a in found if a]
 
     async def list_agents(
@@ -486,7 +484,7 @@ class AgentStore:
     ) -> tuple[list[AgentRecord], str, int]:
         if project_id != ALL:
             members, token, total = await read_lex_page(
-                self._redis, Keys.index(project_id, status), page, newest_first=True
+                self._redis, Keys(project_id).index(status), page, newest_first=True
             )
             return await self._agents_in([(project_id, m) for m in members]), token, total
         members, token, total = await self.installation.page(status, page)
@@ -503,18 +501,18 @@ class AgentStore:
     # Retention ----------------------------------------------------------------------
 
     def removal_queue(self, project_id: str) -> str:
-        return Keys.terminated(project_id)
+        return Keys(project_id).terminated
 
     async def remove(self, project_id: str, agent_id: str) -> bool:
         """Remove a terminated agent (False: it is not terminated, and left alone)."""
         intent = await self.installation.intend(agent_id, agent_id)
-        if await self._remove(keys=[Keys.of(project_id)], args=[agent_id]) == "ACTIVE":
+        if await self._remove(keys=[Keys(project_id).prefix], args=[agent_id]) == "ACTIVE":
             await self.installation.apply(await self.placement(agent_id), intent)
             return False
         await self.installation.apply(Placement(agent_id, "", FINAL), intent)
         if await self._directory.project_of(agent_id, fresh=True) == project_id:
             await self._directory.forget(agent_id)
-        await self._redis.zrem(Keys.terminated(project_id), agent_id)
+        await self._redis.zrem(Keys(project_id).terminated, agent_id)
         return True
 
     # API keys -----------------------------------------------------------------------
@@ -542,13 +540,11 @@ class AgentStore:
     # Status events ------------------------------------------------------------------
 
     async def last_event_id(self, project_id: str) -> str:
-        latest = await self._redis.xrevrange(Keys.events(project_id), count=1)
+        latest = await self._redis.xrevrange(_events(project_id), count=1)
         return latest[0][0] if latest else "0-0"
 
     async def read_events(self, project_id: str, after: str, block_ms: int) -> list[AgentEvent]:
-        reply = await self._streams.xread(
-            {Keys.events(project_id): after}, count=100, block=block_ms
-        )
+        reply = await self._streams.xread({_events(project_id): after}, count=100, block=block_ms)
         return [
             AgentEvent(entry_id, fields["agent_id"], fields.get("from", ""),
                        int(entry_id.split("-")[0]))
@@ -566,6 +562,11 @@ class AgentStore:
             for key in keys:
                 pipe.hgetall(key)
             return list(await pipe.execute())
+
+
+def _events(project_id: str) -> str:
+    """A project's status events, or every project's ("-")."""
+    return Keys.all_events if project_id == ALL else Keys(project_id).events
 
 
 def _flat(fields: dict[str, str]) -> list[str]:

@@ -13,8 +13,10 @@ redis-py's CPU per call.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Protocol, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
@@ -25,9 +27,134 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from services.common.resp import PipelinedRedis
 from services.common.settings import Settings
 
-# Responses are decoded to str (decode_responses=True), which redis-py's bytes|str union
-# types cannot express; the stores treat the client as untyped at that boundary.
-RedisClient: TypeAlias = Any
+Value = str | int | float
+StreamEntries = list[tuple[str, dict[str, str]]]
+
+
+class RedisPipeline(Protocol):
+    """The commands the stores queue in a pipeline (each answers in `execute`)."""
+
+    async def __aenter__(self) -> RedisPipeline: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+    async def execute(self) -> list[Any]: ...
+    def execute_command(self, *args: Value) -> RedisPipeline: ...
+    def get(self, name: str) -> RedisPipeline: ...
+    def hget(self, name: str, key: str) -> RedisPipeline: ...
+    def hgetall(self, name: str) -> RedisPipeline: ...
+    def hmget(self, name: str, keys: Sequence[str], *args: str) -> RedisPipeline: ...
+    def hset(
+        self, name: str, key: str | None = None, value: Value | None = None,
+        mapping: Mapping[str, Value] | None = None,
+    ) -> RedisPipeline: ...  # fmt: skip
+    def zadd(self, name: str, mapping: Mapping[str, Value]) -> RedisPipeline: ...
+    def zrem(self, name: str, *values: str) -> RedisPipeline: ...
+    def smembers(self, name: str) -> RedisPipeline: ...
+    def zcard(self, name: str) -> RedisPipeline: ...
+    def zscore(self, name: str, value: str) -> RedisPipeline: ...
+    def zrange(
+        self, name: str, start: int, end: int, withscores: bool = False
+    ) -> RedisPipeline: ...
+    def zrevrange(
+        self, name: str, start: int, end: int, withscores: bool = False
+    ) -> RedisPipeline: ...
+    def zrangebyscore(
+        self, name: str, min: Value, max: Value, start: int | None = None, num: int | None = None
+    ) -> RedisPipeline: ...
+    def lrange(self, name: str, start: int, end: int) -> RedisPipeline: ...
+    def llen(self, name: str) -> RedisPipeline: ...
+    def xrevrange(
+        self, name: str, max: str = "+", min: str = "-", count: int | None = None
+    ) -> RedisPipeline: ...
+    def xlen(self, name: str) -> RedisPipeline: ...
+    def xrange(
+        self, name: str, min: str = "-", max: str = "+", count: int | None = None
+    ) -> RedisPipeline: ...
+
+
+class RedisClient(Protocol):
+    """The Redis commands the stores use, as this project calls them: with
+    decode_responses=True every reply is `str`, which redis-py's own `bytes | str` unions
+    cannot say. `create_redis` returns a redis-py client (standalone or Cluster) as this
+    type, so every store call is checked against it."""
+
+    async def aclose(self) -> None: ...
+    async def ping(self) -> bool: ...
+    def pipeline(self, transaction: bool = True) -> RedisPipeline: ...
+    def register_script(self, script: str) -> Any: ...
+    async def script_load(self, script: str) -> str: ...
+    async def info(self, section: str | None = None) -> dict[str, Any]: ...
+    def scan_iter(
+        self, match: str | None = None, count: int | None = None
+    ) -> AsyncIterator[str]: ...
+    async def execute_command(self, *args: Value) -> Any: ...
+    # Strings and keys
+    async def get(self, name: str) -> str | None: ...
+    async def set(
+        self, name: str, value: Value, ex: int | None = None, px: int | None = None,
+        nx: bool = False,
+    ) -> bool | None: ...  # fmt: skip
+    async def delete(self, *names: str) -> int: ...
+    async def unlink(self, *names: str) -> int: ...
+    async def exists(self, *names: str) -> int: ...
+    async def pexpire(self, name: str, time: int) -> bool: ...
+    # Hashes
+    async def hget(self, name: str, key: str) -> str | None: ...
+    async def hgetall(self, name: str) -> dict[str, str]: ...
+    async def hmget(self, name: str, keys: Sequence[str], *args: str) -> list[str | None]: ...
+    async def hset(
+        self, name: str, key: str | None = None, value: Value | None = None,
+        mapping: Mapping[str, Value] | None = None,
+    ) -> int: ...  # fmt: skip
+    async def hdel(self, name: str, *keys: str) -> int: ...
+    async def hkeys(self, name: str) -> list[str]: ...
+    async def hexists(self, name: str, key: str) -> bool: ...
+    # Sets and sorted sets
+    async def smembers(self, name: str) -> AbstractSet[str]: ...
+    async def zadd(self, name: str, mapping: Mapping[str, Value]) -> int: ...
+    async def zrem(self, name: str, *values: str) -> int: ...
+    async def zcard(self, name: str) -> int: ...
+    async def zscore(self, name: str, value: str) -> float | None: ...
+    async def zrange(
+        self, name: str, start: Value, end: Value, desc: bool = False,
+        withscores: bool = False, byscore: bool = False, bylex: bool = False,
+        offset: int | None = None, num: int | None = None,
+    ) -> list[Any]: ...  # fmt: skip
+    async def zrevrange(
+        self, name: str, start: int, end: int, withscores: bool = False
+    ) -> list[Any]: ...
+    # Streams
+    async def xadd(
+        self, name: str, fields: Mapping[str, Value], id: str = "*",
+        maxlen: int | None = None, approximate: bool = True,
+    ) -> str: ...  # fmt: skip
+    async def xrange(
+        self, name: str, min: str = "-", max: str = "+", count: int | None = None
+    ) -> StreamEntries: ...
+    async def xrevrange(
+        self, name: str, max: str = "+", min: str = "-", count: int | None = None
+    ) -> StreamEntries: ...
+    async def xread(
+        self, streams: Mapping[str, str], count: int | None = None, block: int | None = None
+    ) -> list[tuple[str, StreamEntries]] | None: ...
+    async def xreadgroup(
+        self, groupname: str, consumername: str, streams: Mapping[str, str],
+        count: int | None = None, block: int | None = None,
+    ) -> list[tuple[str, StreamEntries]] | None: ...  # fmt: skip
+    async def xgroup_create(
+        self, name: str, groupname: str, id: str = "$", mkstream: bool = False
+    ) -> bool: ...
+    async def xautoclaim(
+        self, name: str, groupname: str, consumername: str, min_idle_time: int,
+        start_id: str = "0-0", count: int | None = None,
+    ) -> list[Any]: ...  # fmt: skip
+    async def xclaim(
+        self, name: str, groupname: str, consumername: str, min_idle_time: int,
+        message_ids: Sequence[str], idle: int | None = None, justid: bool = False,
+    ) -> list[Any]: ...  # fmt: skip
+    async def xpending_range(
+        self, name: str, groupname: str, min: str, max: str, count: int,
+        consumername: str | None = None,
+    ) -> list[dict[str, Any]]: ...  # fmt: skip
 
 
 def create_redis(settings: Settings, *, blocking_reads: bool = False) -> RedisClient:
@@ -46,7 +173,7 @@ def create_redis(settings: Settings, *, blocking_reads: bool = False) -> RedisCl
         "health_check_interval": 15,
     }
     if settings.redis_cluster:
-        return RedisCluster.from_url(settings.redis_url, **options)
+        return cast(RedisClient, RedisCluster.from_url(settings.redis_url, **options))
     # A bounded pool: a burst of calls waits briefly for a connection instead of opening
     # hundreds at once (which, on a busy host, is what makes connects time out).
     if blocking_reads:
@@ -60,7 +187,13 @@ def create_redis(settings: Settings, *, blocking_reads: bool = False) -> RedisCl
         timeout=settings.redis_timeout_s,
         **options,
     )
-    return Redis(connection_pool=pool)
+    return cast(RedisClient, Redis(connection_pool=pool))
+
+
+def typed(client: Redis | RedisCluster) -> RedisClient:
+    """A redis-py client made elsewhere (bench, tools), decoding replies to str, as the
+    stores' type."""
+    return cast(RedisClient, client)
 
 
 def load_script(redis: RedisClient, path: Path, prelude: Path | None = None) -> Any:

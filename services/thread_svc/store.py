@@ -40,8 +40,7 @@ from services.common.partitions import Directory, project_prefix
 from services.common.redis import RedisClient, load_script
 
 SERVICE = "thread"
-PROJECTS = "ap:thread:{t}:projects"  # the projects that have (had) threads
-EVERYWHERE = "ap:thread:{t}:all:"  # installation-wide indexes (services/common/installation.py)
+PREFIX = "ap:thread:{t}:"
 ALL = "-"
 ACTIVE = "ACTIVE"
 STATUSES = (ACTIVE, "COMPLETED", "FAILED", "KILLED")
@@ -195,8 +194,12 @@ class ThreadStorage(Protocol):
 
 
 class Keys:
-    """Key names within one project (`Keys(project_id)`); the Lua scripts derive the same
-    names from the prefix."""
+    """Key names, as every service describes them: the installation's own under one tag
+    (class attributes), a project's under the project's tag (`Keys(project_id)`, whose
+    `prefix` the Lua scripts get and derive the same names from)."""
+
+    projects = PREFIX + "projects"  # the projects that have (had) threads
+    everywhere = PREFIX + "all:"  # installation-wide indexes (services/common/installation.py)
 
     def __init__(self, project_id: str) -> None:
         self.project_id = project_id
@@ -291,7 +294,7 @@ class ThreadStore:
         self._end = load_script(redis, LUA / "end_thread.lua")
         self._ack = load_script(redis, LUA / "ack.lua")
         self._remove = load_script(redis, LUA / "remove_thread.lua", prelude)
-        self.installation = Installation(redis, EVERYWHERE, STATUSES)
+        self.installation = Installation(redis, Keys.everywhere, STATUSES)
 
     async def _keys_of(self, thread_id: str) -> Keys | None:
         """The keys of the thread's project (None: no such thread)."""
@@ -304,7 +307,7 @@ class ThreadStore:
         """False when a thread with that id exists already."""
         if not await self._directory.place(thread.id, thread.project_id):
             return False
-        await self._redis.zadd(PROJECTS, {thread.project_id: 0})
+        await self._redis.zadd(Keys.projects, {thread.project_id: 0})
         now = str(now_ms())
         member = f"{new_id()}|{thread.id}"  # index member: sorts by creation time
         fields = {
@@ -374,10 +377,10 @@ class ThreadStore:
             keys = Keys(project_id)
             status, member = await self._redis.hmget(keys.thread(thread_id), "status", "member")
             if status == ACTIVE:
-                return Placement(member, status, ACTIVE_SEQ)
+                return Placement(member or "", status, ACTIVE_SEQ)
             if status:
                 ended = await self._redis.zscore(keys.ended, thread_id)
-                return Placement(member, status, ENDED_SEQ, project_id, int(ended or 0))
+                return Placement(member or "", status, ENDED_SEQ, project_id, int(ended or 0))
         return Placement("", "", FINAL)
 
     async def every_thread(self) -> AsyncIterator[list[str]]:
@@ -392,7 +395,7 @@ class ThreadStore:
         after = "-"
         while True:
             chunk = await self._redis.zrange(
-                PROJECTS, after, "+", bylex=True, offset=0, num=tuning.PROJECTS_CHUNK
+                Keys.projects, after, "+", bylex=True, offset=0, num=tuning.PROJECTS_CHUNK
             )
             if not chunk:
                 return

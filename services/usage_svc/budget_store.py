@@ -16,7 +16,7 @@ from services.common.convert import now_ms
 from services.common.redis import RedisClient
 from services.usage_svc.keys import Layout, Partition, Shard
 from services.usage_svc.periods import HISTORY, Period, bounds
-from services.usage_svc.store import script
+from services.usage_svc.thread_budgets import script
 from services.usage_svc.usage_types import Clock
 
 MAX_BUDGETS_PER_PROJECT = 1000

@@ -11,7 +11,7 @@ from agentplane.agent.v1 import agent_service_pb2 as A
 from agentplane.thread.v1 import thread_service_pb2 as T
 from scripts import upgrade_layout
 from services.common.convert import new_id, now_ms
-from services.thread_svc.store import PROJECTS, Keys
+from services.thread_svc.store import Keys
 from tests.fixtures.layout_v1 import agent_store as old_agent
 from tests.fixtures.layout_v1 import thread_store as old_thread
 from tests.helpers import until
@@ -67,7 +67,7 @@ async def test_old_layout_data_is_served_after_the_upgrade(redis_target) -> None
 
     r = client(redis_target.url, redis_target.cluster)
     old = [k for p in ("ap:agent:{a}:agent:*", "ap:agent:{a}:idx:*", "ap:thread:{t}:*")
-           for k in r.scan_iter(match=p) if k != PROJECTS]  # fmt: skip
+           for k in r.scan_iter(match=p) if k != Keys.projects]  # fmt: skip
     r.close()
     assert old == []
 
