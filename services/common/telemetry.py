@@ -38,7 +38,13 @@ RPC_LATENCY = Histogram(
 )
 TOKENS_RECORDED = Counter("agentplane_tokens_recorded_total", "LLM tokens recorded", ["kind"])
 COST_RECORDED = Counter("agentplane_cost_recorded_micros_total", "Cost recorded, micro-USD")
-BUDGET_REJECTIONS = Counter("agentplane_budget_rejections_total", "Reservations refused")
+BUDGET_REJECTIONS = Counter(
+    "agentplane_budget_rejections_total",
+    "Reservations refused, by what refused them: thread (a thread budget), calendar (a "
+    "day/week/month/lifetime budget), window (a minute/hour window), inflight "
+    "(max_in_flight)",
+    ["reason"],
+)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

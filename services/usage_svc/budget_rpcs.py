@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 
 from grpc.aio import ServicerContext
 
@@ -20,6 +20,7 @@ from services.common.context import current_principal
 from services.common.convert import (
     new_id,
     now_ms,
+    require_client_id,
     require_id,
     require_model,
     require_text,
@@ -28,8 +29,10 @@ from services.common.convert import (
 from services.common.interceptors import stream_open
 from services.common.limits import (
     MAX_BUDGET_COST_MICROS,
+    MAX_BUDGET_REQUESTS,
     MAX_BUDGET_TOKENS,
     MAX_EVENT_TYPE_LENGTH,
+    MAX_IN_FLIGHT,
     MAX_THRESHOLDS,
     MAX_TIME_ZONE_LENGTH,
     MAX_TITLE_LENGTH,
@@ -55,7 +58,8 @@ from services.usage_svc.periods import Period, zone
 from services.usage_svc.webhooks import UnsafeUrl, check_url
 
 DEFAULT_THRESHOLDS = (50, 80, 100)
-MUTABLE = {"limit_tokens", "limit_cost_micros", "enforcement", "alert_thresholds", "display_name"}
+MUTABLE = {"limit_tokens", "limit_cost_micros", "limit_requests", "max_in_flight", "enforcement",
+           "alert_thresholds", "display_name"}  # fmt: skip
 DEFAULT_SECRET_GRACE_MS = 24 * 3_600_000
 MAX_SECRET_GRACE_MS = 7 * 24 * 3_600_000
 
@@ -214,15 +218,7 @@ class BudgetRpcs:
             agent = await self._agents.find_agent(scope_id)
             if agent is None or agent.project_id != project_id:
                 raise errors.not_found("agent", scope_id)
-        limit_tokens = _limit("budget.limit_tokens", budget.limit_tokens, MAX_BUDGET_TOKENS)
-        limit_cost = _limit(
-            "budget.limit_cost_micros", budget.limit_cost_micros, MAX_BUDGET_COST_MICROS
-        )
-        if not (limit_tokens or limit_cost):
-            raise errors.invalid_argument(
-                "budget.limit_tokens",
-                "at least one of limit_tokens and limit_cost_micros is required",
-            )
+        limits = _limits(budget, LIMIT_FIELDS)
         time_zone = budget.time_zone or "UTC"
         require_text("budget.time_zone", time_zone, MAX_TIME_ZONE_LENGTH)
         if zone(time_zone) is None:
@@ -232,8 +228,10 @@ class BudgetRpcs:
         return BudgetSpec(
             scope=scope,
             scope_id=scope_id,
-            limit_tokens=limit_tokens,
-            limit_cost_micros=limit_cost,
+            limit_tokens=limits["limit_tokens"],
+            limit_cost_micros=limits["limit_cost_micros"],
+            limit_requests=limits["limit_requests"],
+            max_in_flight=limits["max_in_flight"],
             period=Period(enums.short_name(usage_pb2.BudgetPeriod, budget.period)),
             time_zone=time_zone,
             enforcement=_enforcement(budget.enforcement),
@@ -387,6 +385,32 @@ def _limit(field: str, value: int, most: int) -> int:
     return value
 
 
+# The limits a budget may set: (hash field, most) each; at least one is set.
+LIMIT_FIELDS = {
+    "limit_tokens": ("lt", MAX_BUDGET_TOKENS),
+    "limit_cost_micros": ("lc", MAX_BUDGET_COST_MICROS),
+    "limit_requests": ("lr", MAX_BUDGET_REQUESTS),
+    "max_in_flight": ("mif", MAX_IN_FLIGHT),
+}
+
+
+def _limits(
+    budget: usage_pb2.Budget, given: Iterable[str], current: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """The budget's limits with the `given` ones taken from `budget`, each checked; at
+    least one must be set (a budget with only max_in_flight may have any period)."""
+    limits = dict(current or dict.fromkeys(LIMIT_FIELDS, 0))
+    for name in given:
+        limits[name] = _limit(f"budget.{name}", getattr(budget, name), LIMIT_FIELDS[name][1])
+    if not any(limits.values()):
+        raise errors.invalid_argument(
+            "budget.limit_tokens",
+            "at least one of limit_tokens, limit_cost_micros, limit_requests and "
+            "max_in_flight is required",
+        )
+    return limits
+
+
 def _thresholds(values: object) -> tuple[int, ...]:
     chosen = sorted(set(values))  # type: ignore[call-overload]
     if len(chosen) > MAX_THRESHOLDS:
@@ -421,11 +445,18 @@ def percent_used(tokens: int, cost: int, limit_tokens: int, limit_cost: int) -> 
     return round(100 * max(shares, default=0.0), 1)
 
 
-def budget_message(b: BudgetRecord) -> usage_pb2.Budget:
+def budget_message(b: BudgetRecord, now: int | None = None) -> usage_pb2.Budget:
+    """The Budget as callers see it; a window's period is the window ending now."""
     spec = b.spec
-    exhausted = (spec.limit_tokens > 0 and b.used_tokens >= spec.limit_tokens) or (
-        spec.limit_cost_micros > 0 and b.used_cost_micros >= spec.limit_cost_micros
+    exhausted = (
+        (spec.limit_tokens > 0 and b.used_tokens >= spec.limit_tokens)
+        or (spec.limit_cost_micros > 0 and b.used_cost_micros >= spec.limit_cost_micros)
+        or (spec.limit_requests > 0 and b.used_requests >= spec.limit_requests)
     )
+    start, end = b.period_start_ms, b.period_end_ms
+    if spec.window_s:
+        end = now_ms() if now is None else now
+        start = end - spec.window_s * 1000
     message = usage_pb2.Budget(
         budget_id=b.budget_id,
         project_id=b.project_id,
@@ -437,15 +468,22 @@ def budget_message(b: BudgetRecord) -> usage_pb2.Budget:
         time_zone=spec.time_zone,
         enforcement=enums.value_of(usage_pb2.BudgetEnforcement, spec.enforcement),
         alert_thresholds=list(spec.thresholds),
-        period_start=timestamp(b.period_start_ms),
-        period_end=timestamp(b.period_end_ms),
+        period_start=timestamp(start),
+        period_end=timestamp(end),
         used_tokens=b.used_tokens,
         used_cost_micros=b.used_cost_micros,
         reserved_tokens=b.reserved_tokens,
         reserved_cost_micros=b.reserved_cost_micros,
-        percent_used=percent_used(
-            b.used_tokens, b.used_cost_micros, spec.limit_tokens, spec.limit_cost_micros
+        percent_used=max(
+            percent_used(
+                b.used_tokens, b.used_cost_micros, spec.limit_tokens, spec.limit_cost_micros
+            ),
+            percent_used(b.used_requests, 0, spec.limit_requests, 0),
         ),
+        limit_requests=spec.limit_requests,
+        max_in_flight=spec.max_in_flight,
+        used_requests=b.used_requests,
+        in_flight=b.in_flight,
         is_exhausted=exhausted,
         create_time=timestamp(b.create_ms),
         update_time=timestamp(b.update_ms),
@@ -520,18 +558,9 @@ def _budget_changes(spec: BudgetSpec, new: usage_pb2.Budget, paths: list[str]) -
     for path in paths:
         if path not in MUTABLE:
             raise errors.invalid_argument("update_mask", f"unknown field {path!r}")
-    changes: dict[str, str] = {}
-    limit_tokens, limit_cost = spec.limit_tokens, spec.limit_cost_micros
-    if "limit_tokens" in paths:
-        limit_tokens = _limit("budget.limit_tokens", new.limit_tokens, MAX_BUDGET_TOKENS)
-        changes["lt"] = str(limit_tokens)
-    if "limit_cost_micros" in paths:
-        limit_cost = _limit(
-            "budget.limit_cost_micros", new.limit_cost_micros, MAX_BUDGET_COST_MICROS
-        )
-        changes["lc"] = str(limit_cost)
-    if not (limit_tokens or limit_cost):
-        raise errors.invalid_argument("budget.limit_tokens", "at least one limit must be set")
+    current = {name: getattr(spec, name) for name in LIMIT_FIELDS}
+    changed = _limits(new, [p for p in LIMIT_FIELDS if p in paths], current)
+    changes = {LIMIT_FIELDS[p][0]: str(changed[p]) for p in LIMIT_FIELDS if p in paths}
     if "enforcement" in paths:
         changes["enf"] = _enforcement(new.enforcement)
     if "alert_thresholds" in paths:
@@ -550,4 +579,6 @@ def _scope_id(scope: str, scope_id: str) -> str:
         return ""
     if scope == "MODEL":
         return require_model("budget.scope_id", scope_id)
+    if scope == "THREAD":
+        return require_client_id("budget.scope_id", scope_id)
     return require_id("budget.scope_id", scope_id)

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from services.common.convert import now_ms
 from services.common.redis import RedisClient
 from services.usage_svc.keys import Layout, Partition, Shard
-from services.usage_svc.periods import HISTORY, Period, bounds
+from services.usage_svc.periods import HISTORY, WINDOW_SECONDS, Period, bounds
 from services.usage_svc.thread_budgets import script
 from services.usage_svc.usage_types import Clock
 
@@ -29,7 +29,7 @@ EVENT_TYPES = ("budget.alert",)
 class BudgetSpec:
     """A budget's settings."""
 
-    scope: str  # PROJECT | AGENT | API_KEY | MODEL
+    scope: str  # PROJECT | THREAD | AGENT | API_KEY | MODEL
     scope_id: str
     limit_tokens: int
     limit_cost_micros: int
@@ -38,11 +38,20 @@ class BudgetSpec:
     enforcement: str  # HARD | SOFT
     thresholds: tuple[int, ...]
     display_name: str = ""
+    limit_requests: int = 0
+    max_in_flight: int = 0
+
+    @property
+    def window_s(self) -> int:
+        """The sliding window's length in seconds; 0 for a calendar period."""
+        return WINDOW_SECONDS.get(self.period, 0)
 
     def fields(self) -> dict[str, str]:
         return {
             "scope": self.scope, "sid": self.scope_id, "lt": str(self.limit_tokens),
-            "lc": str(self.limit_cost_micros), "period": self.period.value, "tz": self.time_zone,
+            "lc": str(self.limit_cost_micros), "lr": str(self.limit_requests),
+            "mif": str(self.max_in_flight), "win": str(self.window_s),
+            "period": self.period.value, "tz": self.time_zone,
             "enf": self.enforcement, "th": ",".join(map(str, self.thresholds)),
             "name": self.display_name,
         }  # fmt: skip
@@ -56,6 +65,7 @@ class BudgetSpec:
             enforcement=f.get("enf", "HARD"),
             thresholds=tuple(int(t) for t in f.get("th", "").split(",") if t),
             display_name=f.get("name", ""),
+            limit_requests=int(f.get("lr", 0)), max_in_flight=int(f.get("mif", 0)),
         )  # fmt: skip
 
 
@@ -74,16 +84,25 @@ class BudgetRecord:
     update_ms: int
     reset_ms: int
     reset_by: str
+    used_requests: int = 0
+    in_flight: int = 0
 
     @classmethod
     def from_fields(cls, project_id: str, budget_id: str, f: dict[str, str]) -> BudgetRecord:
+        """From the budget's hash; a window's figures are its sums over the window (the
+        refresh adds them as wU wH wR wUC wHC)."""
+        w = "w" if "wU" in f else ""
         return cls(
             budget_id=budget_id, project_id=project_id, spec=BudgetSpec.from_fields(f),
             period_start_ms=int(f.get("ps", 0)), period_end_ms=int(f.get("pe", 0)),
-            used_tokens=int(f.get("t", 0)), used_cost_micros=int(f.get("c", 0)),
-            reserved_tokens=int(f.get("rt", 0)), reserved_cost_micros=int(f.get("rc", 0)),
+            used_tokens=int(f.get(f"{w}U" if w else "t", 0)),
+            used_cost_micros=int(f.get(f"{w}UC" if w else "c", 0)),
+            reserved_tokens=int(f.get(f"{w}H" if w else "rt", 0)),
+            reserved_cost_micros=int(f.get(f"{w}HC" if w else "rc", 0)),
             create_ms=int(f.get("ct", 0)), update_ms=int(f.get("ut", 0)),
             reset_ms=int(f.get("rs_at", 0)), reset_by=f.get("rs_by", ""),
+            used_requests=int(f.get(f"{w}R" if w else "r", 0)),
+            in_flight=int(f.get("inf", 0)),
         )  # fmt: skip
 
 

@@ -20,10 +20,14 @@ class Period(enum.StrEnum):
     DAY = "DAY"
     WEEK = "WEEK"
     MONTH = "MONTH"
+    MINUTE = "MINUTE"  # sliding windows: no start, no end, no history
+    HOUR = "HOUR"
 
 
 # How many past periods are kept: at least 13 months of each kind.
-HISTORY = {Period.LIFETIME: 0, Period.DAY: 400, Period.WEEK: 58, Period.MONTH: 14}
+HISTORY = {Period.LIFETIME: 0, Period.DAY: 400, Period.WEEK: 58, Period.MONTH: 14,
+           Period.MINUTE: 0, Period.HOUR: 0}  # fmt: skip
+WINDOW_SECONDS = {Period.MINUTE: 60, Period.HOUR: 3600}  # the sliding windows' lengths
 
 
 @lru_cache(maxsize=512)
@@ -63,8 +67,9 @@ def _local_midnight_ms(day: date, tz: ZoneInfo) -> int:
 
 
 def bounds(period: Period, tz_name: str, now_ms: int, created_ms: int) -> tuple[int, int]:
-    """(start, end) in Unix ms of the period holding `now_ms`; end 0 for LIFETIME."""
-    if period == Period.LIFETIME:
+    """(start, end) in Unix ms of the period holding `now_ms`; end 0 for LIFETIME and the
+    windows (which slide: they never end, nor start again)."""
+    if period in (Period.LIFETIME, Period.MINUTE, Period.HOUR):
         return created_ms, 0
     tz = zone(tz_name)
     if tz is None:

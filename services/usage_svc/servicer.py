@@ -49,6 +49,7 @@ from services.usage_svc.usage_types import (
     Hold,
     Outcome,
     RecordOutcome,
+    Refusal,
     UsageRecord,
 )
 
@@ -518,23 +519,40 @@ def _no_budget(thread_id: str) -> errors.ServiceError:
     return errors.not_found("thread_budget", thread_id)
 
 
-def _refused(hold: Hold, refused: list[str], thread: usage_pb2.ThreadBudget) -> errors.ServiceError:
-    """RESOURCE_EXHAUSTED naming, in its QuotaFailure, every budget that refused."""
-    BUDGET_REJECTIONS.inc()
+def _refused(
+    hold: Hold, refused: list[Refusal], thread: usage_pb2.ThreadBudget
+) -> errors.ServiceError:
+    """RESOURCE_EXHAUSTED naming, in its QuotaFailure, every budget that refused; with a
+    RetryInfo saying when room frees only when every refusal was a window or
+    max_in_flight that waiting helps (a thread or calendar budget: waiting does not)."""
     violations = []
-    for subject in refused:
-        if subject.startswith("thread:"):
-            text = (
-                f"thread {hold.thread_id!r} budget exhausted: requested {hold.tokens} tokens, "
-                f"{thread.remaining} of {thread.max_tokens} remain"
-            )
-        else:
-            budget_id = subject.removeprefix("budget:")
-            text = f"budget {budget_id!r} has no room for {hold.tokens} tokens"
-        violations.append((subject, text))
-    only_thread = refused == [f"thread:{hold.thread_id}"]
+    for r in refused:
+        BUDGET_REJECTIONS.labels(reason=r.kind).inc()
+        violations.append((r.subject, _refusal_text(r, hold, thread)))
+    only_thread = [r.kind for r in refused] == ["thread"]
+    waits = [r.wait_ms for r in refused]
     return errors.resource_exhausted(
         "; ".join(text for _, text in violations),
         "THREAD_BUDGET_EXHAUSTED" if only_thread else "BUDGET_EXHAUSTED",
         violations=violations,
+        retry_after_s=None if min(waits) < 0 else max(waits) / 1000,
     )
+
+
+def _refusal_text(r: Refusal, hold: Hold, thread: usage_pb2.ThreadBudget) -> str:
+    budget = f"budget {r.subject.removeprefix('budget:')!r}"
+    if r.kind == "thread":
+        return (
+            f"thread {hold.thread_id!r} budget exhausted: requested {hold.tokens} tokens, "
+            f"{thread.remaining} of {thread.max_tokens} remain"
+        )
+    if r.kind == "inflight":
+        return f"{budget} has its max_in_flight reservations open; retry in 1 s"
+    if r.kind == "window" and r.wait_ms >= 0:
+        return (
+            f"{budget}: its window has no room for {hold.tokens} tokens and a request; "
+            f"room in {r.wait_ms / 1000:.3f} s"
+        )
+    if r.kind == "window":
+        return f"{budget}: {hold.tokens} tokens are more than its window allows"
+    return f"{budget} has no room for {hold.tokens} tokens"

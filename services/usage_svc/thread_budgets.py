@@ -16,7 +16,14 @@ from services.common.redis import RedisClient, load_script
 from services.usage_svc.aggregates import Aggregates
 from services.usage_svc.keys import Layout, Partition
 from services.usage_svc.thread_directory import ThreadDirectory
-from services.usage_svc.usage_types import BudgetChange, BudgetState, Clock, Hold, Outcome
+from services.usage_svc.usage_types import (
+    BudgetChange,
+    BudgetState,
+    Clock,
+    Hold,
+    Outcome,
+    Refusal,
+)
 
 LUA = Path(__file__).with_name("lua")
 LUA_PRELUDE = LUA / "_prelude.lua"
@@ -82,7 +89,11 @@ class ThreadBudgets(Aggregates):
             )  # fmt: skip
             if not rolls(reply):
                 outcome, value, state = _budget_reply(hold.thread_id, reply)
-                refused = [str(s) for s in reply[9:]] if outcome == Outcome.EXHAUSTED else []
+                refused = (
+                    [Refusal.from_reply(str(s)) for s in reply[9:]]
+                    if outcome == Outcome.EXHAUSTED
+                    else []
+                )
                 return BudgetChange(outcome, state, expire_ms=value, refused=refused)
             await self._open_periods(reply[1:], {project: partition})
         raise RuntimeError("budget periods kept ending while reserving")

@@ -84,6 +84,23 @@ class RecordOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why one budget refused a reservation."""
+
+    subject: str  # "thread:<id>" or "budget:<id>"
+    kind: str  # thread | calendar | window | inflight
+    wait_ms: int  # until room frees; -1 when waiting does not help
+
+    @classmethod
+    def from_reply(cls, item: str) -> Refusal:
+        """From reserve.lua's 'thread:<id>' or 'budget:<id>|<kind>|<ms>'."""
+        if item.startswith("thread:"):
+            return cls(item, "thread", -1)
+        subject, kind, wait = item.split("|")
+        return cls(subject, kind, int(wait))
+
+
+@dataclass(frozen=True, slots=True)
 class BudgetChange:
     """The answer of a budget write (reserve, release, close)."""
 
@@ -91,7 +108,7 @@ class BudgetChange:
     state: BudgetState
     expire_ms: int = 0  # reserve: when the hold lapses
     released: bool = False  # release: whether a live reservation was given back
-    refused: list[str] = field(default_factory=list)  # reserve: "thread:<id>", "budget:<id>"
+    refused: list[Refusal] = field(default_factory=list)  # reserve: who refused, and why
 
 
 @dataclass(slots=True)

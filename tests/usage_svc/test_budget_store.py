@@ -117,7 +117,7 @@ async def test_reservations_hold_every_hard_budget_and_give_back_exactly(world) 
     assert await used(budgets, "soft") == (0, 0, 60)  # held, though a SOFT budget never refuses
     refused = await usage.reserve(hold("r2", 50, cost=500))
     assert refused.outcome == Outcome.EXHAUSTED
-    assert sorted(refused.refused) == ["budget:cost", "budget:hard"]  # each refusing budget
+    assert sorted(r.subject for r in refused.refused) == ["budget:cost", "budget:hard"]
     assert await used(budgets, "hard") == (0, 0, 60)  # a refusal holds nothing anywhere
     # Settling gives back exactly what was held; the usage is charged instead.
     await usage.record([record("u1", 40, reservation_id="r1")])

@@ -38,6 +38,8 @@ class _BudgetScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetSco
     """
     BUDGET_SCOPE_MODEL: _BudgetScope.ValueType  # 4
     """The records of one model in the project (`scope_id` = model name)."""
+    BUDGET_SCOPE_THREAD: _BudgetScope.ValueType  # 5
+    """The records and reservations of one thread (`scope_id` = thread id)."""
 
 class BudgetScope(_BudgetScope, metaclass=_BudgetScopeEnumTypeWrapper):
     """What a budget caps."""
@@ -54,6 +56,8 @@ agent's key.
 """
 BUDGET_SCOPE_MODEL: BudgetScope.ValueType  # 4
 """The records of one model in the project (`scope_id` = model name)."""
+BUDGET_SCOPE_THREAD: BudgetScope.ValueType  # 5
+"""The records and reservations of one thread (`scope_id` = thread id)."""
 Global___BudgetScope: _TypeAlias = BudgetScope  # noqa: Y015
 
 class _BudgetPeriod:
@@ -72,6 +76,12 @@ class _BudgetPeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetPe
     """From Monday 00:00 to Monday 00:00."""
     BUDGET_PERIOD_MONTH: _BudgetPeriod.ValueType  # 4
     """From the 1st 00:00 to the next 1st 00:00."""
+    BUDGET_PERIOD_MINUTE: _BudgetPeriod.ValueType  # 5
+    """A sliding window of the last 60 whole seconds (one-second resolution): no 60
+    consecutive seconds admit more than the limits. No alerts, no history.
+    """
+    BUDGET_PERIOD_HOUR: _BudgetPeriod.ValueType  # 6
+    """A sliding window of the last 3,600 whole seconds."""
 
 class BudgetPeriod(_BudgetPeriod, metaclass=_BudgetPeriodEnumTypeWrapper):
     """The calendar period a budget's usage is counted over."""
@@ -86,6 +96,12 @@ BUDGET_PERIOD_WEEK: BudgetPeriod.ValueType  # 3
 """From Monday 00:00 to Monday 00:00."""
 BUDGET_PERIOD_MONTH: BudgetPeriod.ValueType  # 4
 """From the 1st 00:00 to the next 1st 00:00."""
+BUDGET_PERIOD_MINUTE: BudgetPeriod.ValueType  # 5
+"""A sliding window of the last 60 whole seconds (one-second resolution): no 60
+consecutive seconds admit more than the limits. No alerts, no history.
+"""
+BUDGET_PERIOD_HOUR: BudgetPeriod.ValueType  # 6
+"""A sliding window of the last 3,600 whole seconds."""
 Global___BudgetPeriod: _TypeAlias = BudgetPeriod  # noqa: Y015
 
 class _BudgetEnforcement:
@@ -481,6 +497,10 @@ class Budget(_message.Message):
     RESET_TIME_FIELD_NUMBER: _builtins.int
     RESET_BY_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    LIMIT_REQUESTS_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    USED_REQUESTS_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
     budget_id: _builtins.str
     """Server-made id."""
     project_id: _builtins.str
@@ -488,11 +508,13 @@ class Budget(_message.Message):
     scope: Global___BudgetScope.ValueType
     """What it caps."""
     scope_id: _builtins.str
-    """The agent id, API key id or model name; empty for a project budget."""
+    """The agent id, API key id, model name or thread id; empty for a project budget."""
     limit_tokens: _builtins.int
     """Token limit per period; 0 = no token limit."""
     limit_cost_micros: _builtins.int
-    """Cost limit per period in micro-USD; 0 = no cost limit. At least one limit is set."""
+    """Cost limit per period in micro-USD; 0 = no cost limit. At least one of the limits
+    (tokens, cost, requests, max_in_flight) is set.
+    """
     period: Global___BudgetPeriod.ValueType
     """The period usage is counted over."""
     time_zone: _builtins.str
@@ -515,6 +537,18 @@ class Budget(_message.Message):
     """Who reset it (principal label)."""
     display_name: _builtins.str
     """A name for people; optional."""
+    limit_requests: _builtins.int
+    """Most requests (reservations admitted, and records made without one) per period or
+    window; 0 = no limit.
+    """
+    max_in_flight: _builtins.int
+    """Most reservations open at once at this scope (until settled, released or expired);
+    0 = no limit. Any period: it is not counted over time.
+    """
+    used_requests: _builtins.int
+    """Requests counted in the current period or window."""
+    in_flight: _builtins.int
+    """Reservations open now at this scope."""
     @_builtins.property
     def alert_thresholds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Percentages of the limit at which alerts are raised; default [50, 80, 100]."""
@@ -565,10 +599,14 @@ class Budget(_message.Message):
         reset_time: _timestamp_pb2.Timestamp | None = ...,
         reset_by: _builtins.str = ...,
         display_name: _builtins.str = ...,
+        limit_requests: _builtins.int = ...,
+        max_in_flight: _builtins.int = ...,
+        used_requests: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "period_end", b"period_end", "period_start", b"period_start", "reset_time", b"reset_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_thresholds", b"alert_thresholds", "budget_id", b"budget_id", "create_time", b"create_time", "display_name", b"display_name", "enforcement", b"enforcement", "is_exhausted", b"is_exhausted", "limit_cost_micros", b"limit_cost_micros", "limit_tokens", b"limit_tokens", "percent_used", b"percent_used", "period", b"period", "period_end", b"period_end", "period_start", b"period_start", "project_id", b"project_id", "reserved_cost_micros", b"reserved_cost_micros", "reserved_tokens", b"reserved_tokens", "reset_by", b"reset_by", "reset_time", b"reset_time", "scope", b"scope", "scope_id", b"scope_id", "time_zone", b"time_zone", "update_time", b"update_time", "used_cost_micros", b"used_cost_micros", "used_tokens", b"used_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_thresholds", b"alert_thresholds", "budget_id", b"budget_id", "create_time", b"create_time", "display_name", b"display_name", "enforcement", b"enforcement", "in_flight", b"in_flight", "is_exhausted", b"is_exhausted", "limit_cost_micros", b"limit_cost_micros", "limit_requests", b"limit_requests", "limit_tokens", b"limit_tokens", "max_in_flight", b"max_in_flight", "percent_used", b"percent_used", "period", b"period", "period_end", b"period_end", "period_start", b"period_start", "project_id", b"project_id", "reserved_cost_micros", b"reserved_cost_micros", "reserved_tokens", b"reserved_tokens", "reset_by", b"reset_by", "reset_time", b"reset_time", "scope", b"scope", "scope_id", b"scope_id", "time_zone", b"time_zone", "update_time", b"update_time", "used_cost_micros", b"used_cost_micros", "used_requests", b"used_requests", "used_tokens", b"used_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,11 +8,16 @@
 -- P..'thread:<id>'   hash: usage counters (p prompt, c completion, n requests, cost
 --                    micro-USD, lat latency sum, unp unpriced) and, with a budget,
 --                    max_tokens, reserved, closed, update_ms
--- P..'res'           hash '<thread>|<reservation>' -> 'tokens|cost|expiry|b1,b2..'
+-- P..'res'           hash '<thread>|<reservation>' -> 'tokens|cost|expiry|b1,b2..|second'
+--                    (the second it was admitted in: where a window counts it)
 -- P..'resexp'        zset of the same fields by expiry (ms)
 -- P..'cover'         hash '<SCOPE>|<scope id>' -> budget ids covering it (space-separated)
--- P..'budget:<id>'   hash: settings (scope sid lt lc period tz enf th name ct ut) and the
---                    current period (ps pe t c rt rc fired gen rs_at rs_by)
+-- P..'budget:<id>'   hash: settings (scope sid lt lc lr mif win period tz enf th name ct
+--                    ut), open reservations (inf), and the current period (ps pe t c r
+--                    rt rc fired gen rs_at rs_by); `win` > 0 (60, 3600): a sliding window
+-- P..'win:<id>'      a window's buckets: '<second>' -> 'used,held,requests,used cost,held
+--                    cost', and their sums U H R UC HC
+-- P..'winz:<id>'     zset of the seconds that have a bucket
 -- P..'alerts'        stream of alerts; P..'alert:<alert id>' -> its entry id
 -- P..'webhooks'      hash webhook id -> event types it takes (space-separated, '*' all)
 -- S..'due'           zset '<project>|<delivery id>' -> when its next attempt is due (ms)
@@ -48,19 +53,107 @@ local function with_state(head, thread_key)
   return head
 end
 
--- Give a reservation back to its thread and to every budget it holds (still existing).
-local function give_back(P, field, entry)
+-- Sliding windows ---------------------------------------------------------------------
+local WIN_SUMS = {'U', 'H', 'R', 'UC', 'HC'}
+
+-- Drop the buckets that have left the window ending at second `sec` (amortised: each
+-- bucket is dropped once), taking them out of the sums.
+local function window_slide(P, bid, win, sec)
+  local z = P .. 'winz:' .. bid
+  local old = redis.call('ZRANGEBYSCORE', z, '-inf', sec - win)
+  if #old == 0 then return end
+  local h = P .. 'win:' .. bid
+  local gone = {0, 0, 0, 0, 0}
+  for _, b in ipairs(redis.call('HMGET', h, unpack(old))) do
+    if b then
+      local v = split(b, ',')
+      for j = 1, 5 do gone[j] = gone[j] + num(v[j]) end
+    end
+  end
+  redis.call('HDEL', h, unpack(old))
+  redis.call('ZREMRANGEBYSCORE', z, '-inf', sec - win)
+  for j = 1, 5 do
+    if gone[j] ~= 0 then redis.call('HINCRBY', h, WIN_SUMS[j], -gone[j]) end
+  end
+end
+
+-- A window's sums: used, held, requests, used cost, held cost.
+local function window_sums(P, bid)
+  local v = redis.call('HMGET', P .. 'win:' .. bid, 'U', 'H', 'R', 'UC', 'HC')
+  return {num(v[1]), num(v[2]), num(v[3]), num(v[4]), num(v[5])}
+end
+
+-- Add `delta` (used, held, requests, used cost, held cost) to second `sec`'s bucket;
+-- nothing when that second has already left the window. The keys expire a little after
+-- the window has passed without writes, so an idle budget holds no buckets.
+local function window_add(P, bid, win, sec, now_sec, delta)
+  if sec <= now_sec - win then return end
+  local h, z = P .. 'win:' .. bid, P .. 'winz:' .. bid
+  local current = redis.call('HGET', h, tostring(sec))
+  local v = {0, 0, 0, 0, 0}
+  if current then
+    local parts = split(current, ',')
+    for j = 1, 5 do v[j] = num(parts[j]) end
+  end
+  for j = 1, 5 do
+    if delta[j] ~= 0 then
+      v[j] = v[j] + delta[j]
+      redis.call('HINCRBY', h, WIN_SUMS[j], string.format('%d', delta[j]))
+    end
+  end
+  redis.call('HSET', h, tostring(sec), string.format('%d,%d,%d,%d,%d', unpack(v)))
+  if not current then redis.call('ZADD', z, sec, sec) end
+  redis.call('EXPIRE', h, win + 5)
+  redis.call('EXPIRE', z, win + 5)
+end
+
+-- How long (ms) until the window has room for `need` (tokens, cost) and one request under
+-- the limits lt, lr, lc: the time its oldest buckets take to leave it. -1: never (the
+-- call alone is over a limit).
+local function window_wait(P, bid, win, now_ms, lt, lr, lc, need, need_cost)
+  if (lt > 0 and need > lt) or (lc > 0 and need_cost > lc) or (lr > 0 and 1 > lr) then
+    return -1
+  end
+  local s = window_sums(P, bid)
+  local over_t, over_r, over_c = s[1] + s[2] + need - lt, s[3] + 1 - lr, s[4] + s[5] + need_cost - lc
+  local seconds = redis.call('ZRANGE', P .. 'winz:' .. bid, 0, -1)
+  local buckets = #seconds > 0 and redis.call('HMGET', P .. 'win:' .. bid, unpack(seconds)) or {}
+  for i, sec in ipairs(seconds) do
+    if (lt <= 0 or over_t <= 0) and (lr <= 0 or over_r <= 0) and (lc <= 0 or over_c <= 0) then break end
+    local v = split(buckets[i] or '0,0,0,0,0', ',')
+    over_t, over_r, over_c = over_t - num(v[1]) - num(v[2]), over_r - num(v[3]), over_c - num(v[4]) - num(v[5])
+    if (lt <= 0 or over_t <= 0) and (lr <= 0 or over_r <= 0) and (lc <= 0 or over_c <= 0) then
+      return math.max(1, (tonumber(sec) + win) * 1000 - tonumber(now_ms))
+    end
+  end
+  return 1000  -- (held reservations that a settle or release will free)
+end
+
+-- Give a reservation back to its thread and to every budget it holds (still existing):
+-- its slot, and its tokens and cost — into a window's bucket of the second it was
+-- admitted in as `actual` (tokens, cost) when it is settled, else out of it.
+local function give_back(P, field, entry, now, actual)
   local thread = split(field, '|')[1]
   local r = split(entry, '|')
-  local tokens, cost = num(r[1]), num(r[2])
+  local tokens, cost, admitted = num(r[1]), num(r[2]), num(r[5])
+  local now_sec = math.floor(tonumber(now) / 1000)
   -- (never HINCRBY by -0: Lua prints it "-0", which Redis does not take as an integer)
   if tokens ~= 0 then redis.call('HINCRBY', P .. 'thread:' .. thread, 'reserved', -tokens) end
   if r[4] and r[4] ~= '' then
     for _, bid in ipairs(split(r[4], ',')) do
       local key = P .. 'budget:' .. bid
-      if redis.call('EXISTS', key) == 1 then
-        if tokens ~= 0 then redis.call('HINCRBY', key, 'rt', -tokens) end
-        if cost ~= 0 then redis.call('HINCRBY', key, 'rc', -cost) end
+      local f = redis.call('HMGET', key, 'win', 'inf', 'scope')
+      if f[3] then
+        if num(f[2]) > 0 then redis.call('HINCRBY', key, 'inf', -1) end
+        local win = num(f[1])
+        if win > 0 then
+          local used, used_cost = 0, 0
+          if actual then used, used_cost = actual[1], actual[2] end
+          window_add(P, bid, win, admitted, now_sec, {used, -tokens, 0, used_cost, -cost})
+        else
+          if tokens ~= 0 then redis.call('HINCRBY', key, 'rt', -tokens) end
+          if cost ~= 0 then redis.call('HINCRBY', key, 'rc', -cost) end
+        end
       end
     end
   end
@@ -73,14 +166,15 @@ local function purge_expired(P, now)
   local expired = redis.call('ZRANGEBYSCORE', P .. 'resexp', '-inf', now, 'LIMIT', 0, 200)
   for _, field in ipairs(expired) do
     local entry = redis.call('HGET', P .. 'res', field)
-    if entry then give_back(P, field, entry) else redis.call('ZREM', P .. 'resexp', field) end
+    if entry then give_back(P, field, entry, now) else redis.call('ZREM', P .. 'resexp', field) end
   end
 end
 
--- The ids of the budgets covering a call: the project's, the agent's, the model's and
--- the API key's.
-local function covering(P, agent, model, key)
+-- The ids of the budgets covering a call: the project's, the thread's, the agent's, the
+-- model's and the API key's.
+local function covering(P, agent, model, key, thread)
   local fields = {'PROJECT|'}
+  if thread and thread ~= '' then fields[#fields + 1] = 'THREAD|' .. thread end
   if agent ~= '' then fields[#fields + 1] = 'AGENT|' .. agent end
   if model ~= '' then fields[#fields + 1] = 'MODEL|' .. model end
   if key ~= '' then fields[#fields + 1] = 'API_KEY|' .. key end

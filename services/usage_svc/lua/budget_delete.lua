@@ -19,5 +19,5 @@ else
 end
 redis.call('ZREM', P .. 'budgets', bid)
 redis.call('ZREM', P .. 'budgets:' .. f[1], bid)
-redis.call('DEL', key, key .. ':periods')
+redis.call('DEL', key, key .. ':periods', P .. 'win:' .. bid, P .. 'winz:' .. bid)
 return 'OK'

@@ -1,6 +1,8 @@
 -- Record LLM calls: for each record, atomically, the idempotency check, settling its
 -- reservation, the thread's counters and hotness, the shard's cluster/agent/model
--- aggregates, the project's aggregates, and every budget covering it (with its alerts).
+-- aggregates, the project's aggregates, and every budget covering it: a calendar budget's
+-- period (with its alerts), a window's bucket — the second its reservation was admitted
+-- in, corrected to the actual usage, or this second for a record made without one.
 --
 -- KEYS, 2 per record: 1 the project's partition prefix P, 2 the shard prefix S
 -- ARGV: 1 now (ms), 2 usage-id ttl (s), 3 hourly buckets kept (s), 4 daily buckets kept
@@ -23,10 +25,10 @@ for i = 0, #KEYS / 2 - 1 do
   local P, S = KEYS[2 * i + 1], KEYS[2 * i + 2]
   local ids = {}
   if r[12] ~= '' then
-    local who = P .. '|' .. r[9] .. '|' .. r[10] .. '|' .. r[13]
+    local who = P .. '|' .. r[9] .. '|' .. r[10] .. '|' .. r[13] .. '|' .. r[11]
     ids = covers[who]
     if not ids then
-      ids = covering(P, r[9], r[10], r[13])
+      ids = covering(P, r[9], r[10], r[13], r[11])
       covers[who] = ids
       ended(P, ids, now, stale)  -- (the same budgets need no second look)
     end
@@ -40,6 +42,21 @@ if #stale > 0 then
 end
 
 local cached, reasoning = '0', '0'  -- of the record being written
+local now_sec = math.floor(tonumber(now) / 1000)
+
+-- Each covering budget's window length (0: a calendar budget), read once per call; a
+-- window is slid when first seen, so its buckets stay within it.
+local windows = {}
+local function window_of(P, bid)
+  local key = P .. 'budget:' .. bid
+  local win = windows[key]
+  if win == nil then
+    win = num(redis.call('HGET', key, 'win'))
+    windows[key] = win
+    if win > 0 then window_slide(P, bid, win, now_sec) end
+  end
+  return win
+end
 
 local function add(key, prompt, completion, cost, latency, unpriced)
   redis.call('HINCRBY', key, 'p', prompt)
@@ -89,16 +106,17 @@ end
 -- fires once, in this same atomic step).
 local charges, charges_order = {}, {}
 
-local function charge_later(P, S, project, bid, tokens, cost)
+local function charge_later(P, S, project, bid, tokens, cost, requests)
   local key = P .. 'budget:' .. bid
   local entry = charges[key]
   if not entry then
-    entry = {P = P, S = S, project = project, bid = bid, tokens = 0, cost = 0}
+    entry = {P = P, S = S, project = project, bid = bid, tokens = 0, cost = 0, requests = 0}
     charges[key] = entry
     charges_order[#charges_order + 1] = key
   end
   entry.tokens = entry.tokens + tokens
   entry.cost = entry.cost + cost
+  entry.requests = entry.requests + requests
 end
 
 local function flush_charges()
@@ -106,6 +124,7 @@ local function flush_charges()
     local e = charges[key]
     redis.call('HINCRBY', key, 't', string.format('%d', e.tokens))
     if e.cost ~= 0 then redis.call('HINCRBY', key, 'c', string.format('%d', e.cost)) end
+    if e.requests ~= 0 then redis.call('HINCRBY', key, 'r', e.requests) end
     check_alerts(e.P, e.S, e.project, e.bid, now)
   end
 end
@@ -201,12 +220,16 @@ for _, item in ipairs(records) do
       purged[P] = true
     end
     local thread = P .. 'thread:' .. thread_id
+    local tokens = tonumber(prompt) + tonumber(completion)
+    local settled = {}  -- the budgets whose reservation this record settles
     if rid ~= '' then
       local field = thread_id .. '|' .. rid
       local held = redis.call('HGET', P .. 'res', field)
-      if held then give_back(P, field, held) end
+      if held then
+        for _, bid in ipairs(split(split(held, '|')[4] or '', ',')) do settled[bid] = true end
+        give_back(P, field, held, now, {tokens, tonumber(cost)})
+      end
     end
-    local tokens = tonumber(prompt) + tonumber(completion)
     add(thread, prompt, completion, cost, latency, unpriced)
     local counters = {tonumber(prompt), tonumber(completion), 1, tonumber(cost),
       tonumber(latency), tonumber(unpriced), tonumber(cached), tonumber(reasoning)}
@@ -222,7 +245,12 @@ for _, item in ipairs(records) do
       add_later(P .. 'totals', counters)
       rank_later(P .. 'rank:agents', agent, tokens)
       for _, bid in ipairs(item.ids) do
-        charge_later(P, S, project, bid, tokens, tonumber(cost))
+        local win = window_of(P, bid)
+        if win == 0 then
+          charge_later(P, S, project, bid, tokens, tonumber(cost), settled[bid] and 0 or 1)
+        elseif not settled[bid] then
+          window_add(P, bid, win, now_sec, now_sec, {tokens, 0, 1, tonumber(cost), 0})
+        end
       end
     end
     local state = budget_state(thread)

@@ -9,6 +9,6 @@ if redis.call('HEXISTS', thread, 'max_tokens') == 0 then return {'NO_BUDGET', 0}
 local field = ARGV[2] .. '|' .. ARGV[1]
 local held = redis.call('HGET', P .. 'res', field)
 if not held then return with_state({'OK', 0}, thread) end
-give_back(P, field, held)
+give_back(P, field, held, ARGV[3])
 redis.call('HSET', thread, 'update_ms', ARGV[3])
 return with_state({'OK', 1}, thread)

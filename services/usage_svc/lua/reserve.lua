@@ -1,19 +1,24 @@
 -- Reserve tokens before an LLM call: accepted only when the thread's budget and every
--- HARD budget covering the call (its agent, model, API key and project) have room:
--- used + reserved + requested <= limit, in tokens and, for cost-limited budgets, in the
--- estimated cost. A retry with the same reservation id and tokens is answered again.
+-- HARD budget covering the call (its project, thread, agent, model and API key) have
+-- room, all checked and taken in this one step: a calendar budget while used + reserved +
+-- asked <= limit (tokens, estimated cost, and a request), a MINUTE or HOUR window while
+-- what its last 60 (3,600) whole seconds admitted + asked <= limit, and `max_in_flight`
+-- while fewer reservations than it are open. A refusal takes nothing. A retry with the
+-- same reservation id and tokens is answered again.
 -- KEYS: 1 the project's partition prefix P
 -- ARGV: 1 reservation id, 2 thread id, 3 tokens, 4 cost estimate (micros), 5 now (ms),
 --       6 expiry (ms), 7 agent id, 8 model, 9 API key id
--- Returns {outcome, expiry, <thread budget state>, refusing subjects...}:
---   OK | NO_BUDGET | CLOSED | EXHAUSTED | CONFLICT; or {'ROLL', P, budget id, ...} when a
---   covering budget's period has ended (nothing written; the caller opens it and retries)
+-- Returns {outcome, expiry, <thread budget state>, refusals...}: OK | NO_BUDGET | CLOSED |
+--   EXHAUSTED (each refusal 'thread:<id>' or 'budget:<id>|<calendar|window|inflight>|<ms
+--   until room, -1 never>') | CONFLICT; or {'ROLL', P, budget id, ...} when a covering
+--   budget's period has ended (nothing written; the caller opens it and retries)
 local P = KEYS[1]
 local rid, thread_id, tokens, cost = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now, expiry = ARGV[5], ARGV[6]
+local sec = math.floor(tonumber(now) / 1000)
 local thread = P .. 'thread:' .. thread_id
 local field = thread_id .. '|' .. rid
-local ids = covering(P, ARGV[7], ARGV[8], ARGV[9])
+local ids = covering(P, ARGV[7], ARGV[8], ARGV[9], thread_id)
 local stale = ended(P, ids, now, {})
 if #stale > 0 then
   local reply = {'ROLL'}
@@ -30,16 +35,38 @@ if held then
   return with_state({'OK', tonumber(r[3])}, thread)
 end
 if b[6] == 1 then return with_state({'CLOSED', 0}, thread) end
+
+-- Why budget `bid` (its fields f) refuses, or nil: (kind, ms until room or -1).
+local function refusal(bid, f)
+  local lt, lc, lr, mif, win = num(f[2]), num(f[3]), num(f[8]), num(f[9]), num(f[11])
+  local kind, wait = nil, 0
+  if win > 0 then
+    local s = window_sums(P, bid)
+    if (lt > 0 and s[1] + s[2] + tokens > lt) or (lr > 0 and s[3] + 1 > lr)
+        or (lc > 0 and s[4] + s[5] + cost > lc) then
+      kind, wait = 'window', window_wait(P, bid, win, now, lt, lr, lc, tokens, cost)
+    end
+  elseif (lt > 0 and num(f[4]) + num(f[6]) + tokens > lt)
+      or (lc > 0 and num(f[5]) + num(f[7]) + cost > lc) or (lr > 0 and num(f[12]) + 1 > lr) then
+    return 'calendar', -1
+  end
+  if mif > 0 and num(f[10]) + 1 > mif and (kind == nil or (wait >= 0 and wait < 1000)) then
+    kind, wait = 'inflight', 1000
+  end
+  return kind, wait
+end
+
 local refused = {}
 if b[3] + b[4] + b[5] + tokens > b[2] then refused[#refused + 1] = 'thread:' .. thread_id end
+local budgets = {}
 for _, bid in ipairs(ids) do
-  local f = redis.call('HMGET', P .. 'budget:' .. bid, 'enf', 'lt', 'lc', 't', 'c', 'rt', 'rc')
+  local f = redis.call('HMGET', P .. 'budget:' .. bid,
+    'enf', 'lt', 'lc', 't', 'c', 'rt', 'rc', 'lr', 'mif', 'inf', 'win', 'r')
+  budgets[#budgets + 1] = {bid = bid, win = num(f[11])}
+  if num(f[11]) > 0 then window_slide(P, bid, num(f[11]), sec) end
   if f[1] == 'HARD' then
-    local lt, lc = num(f[2]), num(f[3])
-    if (lt > 0 and num(f[4]) + num(f[6]) + tokens > lt)
-        or (lc > 0 and num(f[5]) + num(f[7]) + cost > lc) then
-      refused[#refused + 1] = 'budget:' .. bid
-    end
+    local kind, wait = refusal(bid, f)
+    if kind then refused[#refused + 1] = 'budget:' .. bid .. '|' .. kind .. '|' .. wait end
   end
 end
 if #refused > 0 then
@@ -47,12 +74,20 @@ if #refused > 0 then
   for _, subject in ipairs(refused) do reply[#reply + 1] = subject end
   return reply
 end
-redis.call('HSET', P .. 'res', field, tokens .. '|' .. cost .. '|' .. expiry .. '|' .. table.concat(ids, ','))
+redis.call('HSET', P .. 'res', field,
+  tokens .. '|' .. cost .. '|' .. expiry .. '|' .. table.concat(ids, ',') .. '|' .. sec)
 redis.call('ZADD', P .. 'resexp', expiry, field)
 redis.call('HINCRBY', thread, 'reserved', tokens)
 redis.call('HSET', thread, 'update_ms', now)
-for _, bid in ipairs(ids) do
-  redis.call('HINCRBY', P .. 'budget:' .. bid, 'rt', tokens)
-  if cost ~= 0 then redis.call('HINCRBY', P .. 'budget:' .. bid, 'rc', cost) end
+for _, budget in ipairs(budgets) do
+  local key = P .. 'budget:' .. budget.bid
+  redis.call('HINCRBY', key, 'inf', 1)
+  if budget.win > 0 then
+    window_add(P, budget.bid, budget.win, sec, sec, {0, tokens, 1, 0, cost})
+  else
+    redis.call('HINCRBY', key, 'rt', tokens)
+    if cost ~= 0 then redis.call('HINCRBY', key, 'rc', cost) end
+    redis.call('HINCRBY', key, 'r', 1)
+  end
 end
 return with_state({'OK', tonumber(expiry)}, thread)
