@@ -190,12 +190,14 @@ def print_before_after(results: dict[str, Any]) -> None:
 
 def _phases_on_their_own_stacks(results: dict[str, Any]) -> None:
     from bench.console import overview_load  # gateway and three services
+    from bench.limits import reservation_limits
     from bench.projects import cross_project_views
     from bench.sdk import sdk_batching
 
     results["console_overview"] = overview_load()
     results["sdk_batching"] = sdk_batching()
     results["cross_project_views"] = cross_project_views()
+    results["reservation_limits"] = reservation_limits()
 
 
 def _targets(results: dict[str, Any]) -> dict[str, bool]:
@@ -219,6 +221,9 @@ def _targets(results: dict[str, Any]) -> dict[str, bool]:
         <= 2,
     }
     targets["SDK batched recording ≥ 5x one RPC per record"] = sdk["ratio"] >= 5
+    targets["a reservation passing three limits within 10% of calendar budgets alone"] = (
+        results["reservation_limits"]["limits_vs_calendar"] >= 0.9
+    )
     targets["cross-project views within 2x from 100 to 10,000 projects"] = all(
         v <= 2 for v in views["growth"].values()
     )
@@ -431,6 +436,12 @@ def main() -> int:
                       ("ListThreads(-) page of 100", "list_threads_all_page_p50_ms")):  # fmt: skip
         figures = " / ".join(f"{views[n][key]:.1f}" for n in sizes)
         rows.append((f"{name} p50 at {' / '.join(sizes)} projects (ms)", figures))
+    limits = results["reservation_limits"]
+    rows.append((
+        "ReserveBudget: calendar only / + 3 limits (per s)",
+        f"{limits['calendar_only_reservations_per_s']:.0f} / "
+        f"{limits['with_three_limits_reservations_per_s']:.0f}",
+    ))  # fmt: skip
     for label, value in rows:
         print(f"{label:48} {value:>14}")
     print_before_after(results)

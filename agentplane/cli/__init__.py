@@ -46,7 +46,8 @@ from agentplane.usage.v1 import usage_service_pb2 as U
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 MAX_SINCE_S = 400 * 86_400  # daily buckets are kept 400 days
-MAX_LIMIT_TOKENS = 10**12  # the API's own bound on a budget's tokens
+MAX_LIMIT_TOKENS = 10**12  # the API's own bound on a budget's tokens (and requests)
+MAX_IN_FLIGHT = 100_000  # and on its reservations open at once
 
 
 class UsageError(Exception):
@@ -148,13 +149,15 @@ def parser() -> argparse.ArgumentParser:
     command(budgets, "list").add_argument("--project", required=True)
     create = command(budgets, "create")
     create.add_argument("--project", required=True)
-    create.add_argument("--scope", type=_upper, choices=["PROJECT", "AGENT", "MODEL", "API_KEY"],
-                        default="PROJECT")  # fmt: skip
+    create.add_argument("--scope", type=_upper, default="PROJECT",
+                        choices=["PROJECT", "AGENT", "MODEL", "API_KEY", "THREAD"])  # fmt: skip
     create.add_argument("--scope-id", default="")
     create.add_argument("--limit-tokens", type=_whole(MAX_LIMIT_TOKENS), default=0)
     create.add_argument("--limit-usd", type=_finite, default=0.0)
-    create.add_argument("--period", type=_upper, choices=["DAY", "WEEK", "MONTH", "LIFETIME"],
-                        default="DAY")  # fmt: skip
+    create.add_argument("--limit-requests", type=_whole(MAX_LIMIT_TOKENS), default=0)
+    create.add_argument("--max-in-flight", type=_whole(MAX_IN_FLIGHT), default=0)
+    create.add_argument("--period", type=_upper, default="DAY",
+                        choices=["DAY", "WEEK", "MONTH", "LIFETIME", "MINUTE", "HOUR"])  # fmt: skip
     create.add_argument("--time-zone", default="UTC")
     create.add_argument("--enforcement", type=_upper, choices=["HARD", "SOFT"], default="HARD")
     create.add_argument("--alerts", default="50,80,100", help="thresholds in percent")
@@ -472,6 +475,10 @@ class Commands:
                     "limit_tokens",
                     "used_usd",
                     "limit_usd",
+                    "used_requests",
+                    "limit_requests",
+                    "in_flight",
+                    "max_in_flight",
                     "percent_used",
                 ),
             )
@@ -494,6 +501,7 @@ class Commands:
             budget = UP.Budget(
                 scope=UP.BudgetScope.Value(f"BUDGET_SCOPE_{args.scope}"), scope_id=args.scope_id,
                 limit_tokens=args.limit_tokens, limit_cost_micros=round(args.limit_usd * 1e6),
+                limit_requests=args.limit_requests, max_in_flight=args.max_in_flight,
                 period=UP.BudgetPeriod.Value(f"BUDGET_PERIOD_{args.period}"),
                 time_zone=args.time_zone,
                 enforcement=UP.BudgetEnforcement.Value(f"BUDGET_ENFORCEMENT_{args.enforcement}"),

@@ -213,12 +213,21 @@ function card(title, figure, note, id) {
   return h("section", { class: "card" }, h("h2", {}, title), h("div", { class: "figure", id }, figure),
     h("div", { class: "muted" }, note));
 }
+const WINDOWS = { minute: "the last minute", hour: "the last hour" };
 function budgetBar(b) {
-  const limit = Number(b.limit_tokens) ? num(b.used_tokens) + " / " + num(b.limit_tokens) + " tokens"
-    : usd(b.used_cost_micros / 1e6) + " / " + usd(b.limit_cost_micros / 1e6);
+  // A window (minute, hour) shows what its last 60 / 3,600 seconds admitted: used and
+  // still held by open reservations; a calendar budget its period's use.
+  const windowed = WINDOWS[String(b.period).toLowerCase()];
+  const taken = (used, held) => Number(used) + (windowed ? Number(held || 0) : 0);
+  const parts = [];
+  if (Number(b.limit_tokens)) parts.push(num(taken(b.used_tokens, b.reserved_tokens)) + " / " + num(b.limit_tokens) + " tokens");
+  if (Number(b.limit_cost_micros)) parts.push(usd(taken(b.used_cost_micros, b.reserved_cost_micros) / 1e6) + " / " + usd(b.limit_cost_micros / 1e6));
+  if (Number(b.limit_requests)) parts.push(num(b.used_requests) + " / " + num(b.limit_requests) + " requests");
+  const text = (windowed ? "used in " + windowed + ": " : "") + parts.join(", ");
+  const flight = Number(b.max_in_flight) ? h("span", { class: "muted in-flight" }, " · in flight " + num(b.in_flight || 0) + " / " + num(b.max_in_flight)) : "";
   return h("div", { class: "budget" }, h("strong", {}, b.display_name || up(b.scope) + (b.scope_id ? " " + b.scope_id : "")),
-    " ", h("span", { class: "muted" }, up(b.period) + ", " + up(b.enforcement)), bar(b.percent_used, b.alert_thresholds || []),
-    h("span", { class: "muted" }, limit + " (" + Number(b.percent_used).toFixed(1) + "%)"));
+    " ", h("span", { class: "muted" }, up(b.period) + ", " + up(b.enforcement)), bar(b.percent_used, windowed ? [] : b.alert_thresholds || []),
+    h("span", { class: "muted" }, text + (parts.length ? " (" + Number(b.percent_used).toFixed(1) + "%)" : "")), flight);
 }
 
 // Agents ----------------------------------------------------------------------------
@@ -457,11 +466,13 @@ async function budgetsPage(root) {
   };
   const field = (label, input) => h("div", {}, h("label", { for: input.id }, label), input);
   const form = h("form", { class: "inline card", id: "budget-form" },
-    field("Scope", h("select", { id: "b-scope" }, ["PROJECT", "AGENT", "MODEL", "API_KEY"].map((s) => h("option", { value: "BUDGET_SCOPE_" + s }, s)))),
+    field("Scope", h("select", { id: "b-scope" }, ["PROJECT", "AGENT", "MODEL", "API_KEY", "THREAD"].map((s) => h("option", { value: "BUDGET_SCOPE_" + s }, s)))),
     field("Scope id", h("input", { id: "b-scope-id", placeholder: "agent id, model…" })),
     field("Token limit", h("input", { id: "b-tokens", type: "number", min: 0 })),
     field("Cost limit (USD)", h("input", { id: "b-cost", type: "number", min: 0, step: "0.01" })),
-    field("Period", h("select", { id: "b-period" }, ["DAY", "WEEK", "MONTH", "LIFETIME"].map((s) => h("option", { value: "BUDGET_PERIOD_" + s }, s)))),
+    field("Requests limit", h("input", { id: "b-requests", type: "number", min: 0 })),
+    field("Max in flight", h("input", { id: "b-in-flight", type: "number", min: 0 })),
+    field("Period", h("select", { id: "b-period" }, ["DAY", "WEEK", "MONTH", "LIFETIME", "MINUTE", "HOUR"].map((s) => h("option", { value: "BUDGET_PERIOD_" + s }, s)))),
     field("Time zone", h("input", { id: "b-zone", value: "UTC" })),
     field("Enforcement", h("select", { id: "b-enforcement" }, ["HARD", "SOFT"].map((s) => h("option", { value: "BUDGET_ENFORCEMENT_" + s }, s)))),
     field("Alerts at (%)", h("input", { id: "b-thresholds", value: "50,80,100" })),
@@ -471,7 +482,8 @@ async function budgetsPage(root) {
     const v = (id) => document.getElementById(id).value;
     try {
       await api("POST", base + "/budgets", { scope: v("b-scope"), scope_id: v("b-scope-id"), limit_tokens: v("b-tokens") || "0",
-        limit_cost_micros: String(Math.round(Number(v("b-cost") || 0) * 1e6)), period: v("b-period"), time_zone: v("b-zone"),
+        limit_cost_micros: String(Math.round(Number(v("b-cost") || 0) * 1e6)), limit_requests: v("b-requests") || "0",
+        max_in_flight: Number(v("b-in-flight") || 0), period: v("b-period"), time_zone: v("b-zone"),
         enforcement: v("b-enforcement"), alert_thresholds: v("b-thresholds").split(",").filter(Boolean).map(Number) });
       flash("Budget created");
       form.reset();

@@ -36,7 +36,7 @@ if not (CHROMIUM and DRIVER):
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 PAGES = ["overview", "agents", "threads", "usage", "budgets"]
 
@@ -246,6 +246,33 @@ async def test_a_budget_made_in_the_console_alerts_live_on_the_overview(browser,
     await run(wait, browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#alerts li[data-alert]"))
     assert "50%" in await run(text, browser, "#alerts")
     assert "PROJECT" in await run(text, browser, "#budget-bars")
+
+
+async def test_a_minute_window_shows_the_last_minute_and_calls_in_flight(browser, world) -> None:
+    url, cluster, thread = world["url"], world["cluster"], world["thread"]
+    await run(sign_in, browser, url)
+    await run(open_page, browser, url, "budgets")
+
+    def create() -> None:
+        browser.find_element(By.ID, "b-scope-id").clear()
+        Select(browser.find_element(By.ID, "b-scope")).select_by_visible_text("THREAD")
+        browser.find_element(By.ID, "b-scope-id").send_keys(thread.id)
+        browser.find_element(By.ID, "b-tokens").send_keys("5000")
+        browser.find_element(By.ID, "b-requests").send_keys("60")
+        browser.find_element(By.ID, "b-in-flight").send_keys("2")
+        Select(browser.find_element(By.ID, "b-period")).select_by_visible_text("MINUTE")
+        browser.find_element(By.CSS_SELECTOR, "#budget-form button[type=submit]").click()
+
+    await run(create)
+    await run(wait, browser, lambda d: "Budget created" in text(d, "#flash"))
+    await cluster.usage.ReserveBudget(U.ReserveBudgetRequest(
+        reservation_id="console-window", thread_id=thread.id, tokens=1200))  # fmt: skip
+    await run(open_page, browser, url, "overview")
+    await run(wait, browser, lambda d: "in flight 1 / 2" in text(d, "#budget-bars"))
+    bars = await run(text, browser, "#budget-bars")
+    assert "used in the last minute: 1,200 / 5,000 tokens, 1 / 60 requests" in bars
+    await cluster.usage.ReleaseReservation(U.ReleaseReservationRequest(
+        reservation_id="console-window", thread_id=thread.id))  # fmt: skip
 
 
 async def test_every_page_fits_a_phone_and_charts_draw(browser, world) -> None:

@@ -27,7 +27,8 @@ async def start(redis_url: str, replicas: int, **env: str):  # type: ignore[no-u
     folder = tempfile.mkdtemp(prefix="ap-")
     agent_address = f"unix:{folder}/agent.sock"
     usage_addresses = [f"unix:{folder}/usage-{i}.sock" for i in range(replicas)]
-    agent = start_service("services.agent_svc", redis_url, GRPC_ADDRESS=agent_address)
+    agent = start_service("services.agent_svc", redis_url, GRPC_ADDRESS=agent_address,
+                          REDIS_CLUSTER=env.get("REDIS_CLUSTER", "false"))  # fmt: skip
     usages = [
         start_service("services.usage_svc", redis_url, GRPC_ADDRESS=address,
                       AGENT_SVC_ADDR=agent_address, **env)

@@ -113,3 +113,31 @@ async def test_a_kills_reason_is_kept_and_shown(http) -> None:
     completed = await http.post(f"{API}/threads/{done['id']}/complete", json={})
     assert completed.status_code == 200, completed.text
     assert completed.json()["end_reason"] == ""
+
+
+async def test_a_window_refusal_is_429_with_retry_after(http) -> None:
+    """A minute window made over REST refuses with 429 and says when to come back; the
+    budget shows what the last minute used and what is in flight."""
+    thread = (
+        await http.post(f"{API}/threads", json={"project_id": "demo", "max_tokens": 10**6})
+    ).json()
+    made = await http.post(
+        f"{API}/projects/demo/budgets",
+        json={"scope": "PROJECT", "period": "MINUTE", "limit_tokens": 100, "limit_requests": 50,
+              "max_in_flight": 8, "display_name": "tpm"},
+    )  # fmt: skip
+    assert made.status_code == 200, made.text
+    budget = made.json()
+    assert budget["period"] == "minute" and budget["max_in_flight"] == 8
+    held = await http.post(
+        f"{API}/usage/threads/{thread['id']}:reserve", json={"reservation_id": "a", "tokens": 80}
+    )
+    assert held.status_code == 200, held.text
+    refused = await http.post(
+        f"{API}/usage/threads/{thread['id']}:reserve", json={"reservation_id": "b", "tokens": 30}
+    )
+    assert refused.status_code == 429, refused.text
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    shown = (await http.get(f"{API}/projects/demo/budgets/{budget['budget_id']}")).json()
+    assert shown["reserved_tokens"] == 80 and shown["in_flight"] == 1
+    assert shown["used_requests"] == 1

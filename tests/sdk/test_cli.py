@@ -64,6 +64,15 @@ async def test_every_command_against_the_cluster(cluster) -> None:
     assert code == 0 and budget_id in out and "SOFT" in out
     code, out, _ = await cli(cluster, "--json", "budgets", "reset", "--project", "demo", budget_id)
     assert code == 0 and json.loads(out)["budget_id"] == budget_id
+    # Limits per minute and calls in flight, as the operator types them.
+    code, out, _ = await cli(cluster, "--json", "budgets", "create", "--project", "demo",
+                             "--period", "minute", "--limit-tokens", "100000",
+                             "--limit-requests", "600", "--max-in-flight", "8")  # fmt: skip
+    made = json.loads(out)
+    assert code == 0 and made["period"] == "BUDGET_PERIOD_MINUTE"
+    assert (made["limit_requests"], made["max_in_flight"]) == (600, 8)
+    code, out, _ = await cli(cluster, "budgets", "list", "--project", "demo")
+    assert code == 0 and "MAX_IN_FLIGHT" in out.upper() and "600" in out
 
     code, out, _ = await cli(cluster, "agents", "terminate", alpha.id)
     assert code == 0 and "TERMINATED" in out

@@ -85,7 +85,7 @@ end
 
 -- Add `delta` (used, held, requests, used cost, held cost) to second `sec`'s bucket;
 -- nothing when that second has already left the window. The keys expire a little after
--- the window has passed without writes, so an idle budget holds no buckets.
+-- the window has passed without a new bucket, so an idle budget holds none.
 local function window_add(P, bid, win, sec, now_sec, delta)
   if sec <= now_sec - win then return end
   local h, z = P .. 'win:' .. bid, P .. 'winz:' .. bid
@@ -102,9 +102,11 @@ local function window_add(P, bid, win, sec, now_sec, delta)
     end
   end
   redis.call('HSET', h, tostring(sec), string.format('%d,%d,%d,%d,%d', unpack(v)))
-  if not current then redis.call('ZADD', z, sec, sec) end
-  redis.call('EXPIRE', h, win + 5)
-  redis.call('EXPIRE', z, win + 5)
+  if not current then  -- (a new second: at most one per second, so the expiry stays fresh)
+    redis.call('ZADD', z, sec, sec)
+    redis.call('EXPIRE', h, win + 5)
+    redis.call('EXPIRE', z, win + 5)
+  end
 end
 
 -- How long (ms) until the window has room for `need` (tokens, cost) and one request under
