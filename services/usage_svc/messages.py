@@ -20,4 +20,6 @@ def totals_message(counters: Counters) -> usage_pb2.UsageTotals:
         if counters.requests
         else 0.0,
         unpriced_request_count=counters.unpriced,
+        cache_write_tokens=counters.cache_write,
+        estimated_request_count=counters.estimated,
     )

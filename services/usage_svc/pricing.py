@@ -45,6 +45,7 @@ class Price:
     completion_per_million: float
     cached_prompt_per_million: float | None = None  # None: the prompt price
     per_request: float = 0.0
+    cache_write_per_million: float | None = None  # None: the prompt price
 
     @property
     def cached(self) -> float:
@@ -54,14 +55,25 @@ class Price:
             else self.cached_prompt_per_million
         )
 
+    @property
+    def cache_write(self) -> float:
+        return (
+            self.prompt_per_million
+            if self.cache_write_per_million is None
+            else self.cache_write_per_million
+        )
+
     def encode(self) -> str:
         return json.dumps([self.prompt_per_million, self.completion_per_million,
-                           self.cached_prompt_per_million, self.per_request])  # fmt: skip
+                           self.cached_prompt_per_million, self.per_request,
+                           self.cache_write_per_million])  # fmt: skip
 
     @classmethod
     def decode(cls, text: str) -> Price:
-        p, c, cp, r = json.loads(text)
-        return cls(float(p), float(c), None if cp is None else float(cp), float(r))
+        p, c, cp, r, *rest = json.loads(text)  # (prices stored before cache writes: four)
+        cw = rest[0] if rest else None
+        return cls(float(p), float(c), None if cp is None else float(cp), float(r),
+                   None if cw is None else float(cw))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,15 +163,18 @@ class PriceBook:
         return self._by_model[name][at - 1][1] if at else None
 
     def cost_micros(
-        self, model: str, prompt: int, completion: int, cached: int, at_ms: int
-    ) -> int | None:
-        """Cost in micro-USD, or None when the model has no price then."""
+        self, model: str, prompt: int, completion: int, cached: int, at_ms: int,
+        cache_write: int = 0,
+    ) -> int | None:  # fmt: skip
+        """Cost in micro-USD, or None when the model has no price then. Cache reads and
+        writes are parts of `prompt`, each at its own price."""
         price = self.price(model, at_ms)
         if price is None:
             return None
         return round(
-            (prompt - cached) * price.prompt_per_million
+            (prompt - cached - cache_write) * price.prompt_per_million
             + cached * price.cached
+            + cache_write * price.cache_write
             + completion * price.completion_per_million
             + price.per_request * 1_000_000
         )
@@ -170,7 +185,8 @@ class PriceBook:
         price = self.price(model, at_ms)
         if price is None:
             return 0
-        per_token = max(price.prompt_per_million, price.completion_per_million, price.cached)
+        per_token = max(price.prompt_per_million, price.completion_per_million, price.cached,
+                        price.cache_write)  # fmt: skip
         return math.ceil(tokens * per_token + price.per_request * 1_000_000)
 
 

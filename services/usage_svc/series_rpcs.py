@@ -131,8 +131,9 @@ class SeriesRpcs:
             "completion_per_million_usd": given.completion_per_million_usd,
             "per_request_usd": given.per_request_usd,
         }
-        if given.HasField("cached_prompt_per_million_usd"):
-            values["cached_prompt_per_million_usd"] = given.cached_prompt_per_million_usd
+        for optional in ("cached_prompt_per_million_usd", "cache_write_per_million_usd"):
+            if given.HasField(optional):
+                values[optional] = getattr(given, optional)
         for name, value in values.items():
             most = MAX_PRICE_PER_REQUEST if name == "per_request_usd" else MAX_PRICE_PER_MILLION
             if not 0 <= value <= most:  # NaN fails this too
@@ -145,6 +146,7 @@ class SeriesRpcs:
             given.completion_per_million_usd,
             values.get("cached_prompt_per_million_usd"),
             given.per_request_usd,
+            values.get("cache_write_per_million_usd"),
         )
         try:
             await self._prices.set(DatedPrice(model, effective, price), now_ms())
@@ -191,8 +193,9 @@ def price_message(dated: DatedPrice) -> usage_pb2.ModelPrice:
         per_request_usd=price.per_request,
     )
     message.effective_time.FromMilliseconds(dated.effective_ms)
-    # The price in force for cached tokens: the prompt price when none was set.
+    # The prices in force for cache reads and writes: the prompt price when none was set.
     message.cached_prompt_per_million_usd = price.cached
+    message.cache_write_per_million_usd = price.cache_write
     return message
 
 

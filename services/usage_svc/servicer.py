@@ -159,6 +159,8 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
             completion_tokens=request.completion_tokens,
             cached_prompt_tokens=request.cached_prompt_tokens,
             reasoning_tokens=request.reasoning_tokens,
+            cache_write_tokens=request.cache_write_tokens,
+            estimated=request.estimated,
             cost_micros=cost,
             latency_ms=request.latency_ms,
             unpriced=unpriced,
@@ -491,6 +493,13 @@ def _check_counts(request: usage_service_pb2.RecordUsageRequest, prefix: str) ->
                         ("reasoning_tokens", "completion_tokens")):  # fmt: skip
         if not 0 <= getattr(request, part) <= getattr(request, whole):
             raise errors.invalid_argument(prefix + part, f"must be between 0 and {whole}")
+    cache_read, cache_write = request.cached_prompt_tokens, request.cache_write_tokens
+    if not 0 <= cache_write <= request.prompt_tokens - cache_read:
+        raise errors.invalid_argument(
+            prefix + "cache_write_tokens",
+            "must be between 0 and prompt_tokens less cached_prompt_tokens (both are parts "
+            "of prompt_tokens)",
+        )
     if not 0 <= request.latency_ms <= MAX_LATENCY_MS:
         raise errors.invalid_argument(
             prefix + "latency_ms", f"must be between 0 and {MAX_LATENCY_MS}"
@@ -510,7 +519,7 @@ def _cost(
         return round(request.cost_usd * 1_000_000), False
     priced = book.cost_micros(
         model, request.prompt_tokens, request.completion_tokens, request.cached_prompt_tokens,
-        now_ms(),
+        now_ms(), cache_write=request.cache_write_tokens,
     )  # fmt: skip
     return (0, True) if priced is None else (priced, False)
 

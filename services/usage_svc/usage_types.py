@@ -28,6 +28,8 @@ class UsageRecord:
     key_id: str = ""  # the API key that recorded it ("" for the admin token)
     cached_prompt_tokens: int = 0  # part of prompt_tokens
     reasoning_tokens: int = 0  # part of completion_tokens
+    cache_write_tokens: int = 0  # part of prompt_tokens
+    estimated: bool = False  # the counts are an estimate (no usage from the provider)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,8 @@ class Counters:
     unpriced: int = 0
     cached_prompt: int = 0
     reasoning: int = 0
+    cache_write: int = 0
+    estimated: int = 0  # records whose counts are an estimate
 
     def add(self, raw: dict[str, str]) -> Counters:
         self.prompt += int(raw.get("p", 0))
@@ -131,11 +135,17 @@ class Counters:
         self.unpriced += int(raw.get("unp", 0))
         self.cached_prompt += int(raw.get("cp", 0))
         self.reasoning += int(raw.get("rs", 0))
+        self.cache_write += int(raw.get("cw", 0))
+        self.estimated += int(raw.get("est", 0))
         return self
 
     def add_bucket(self, packed: str) -> Counters:
-        """Add a time-series bucket's counters ("p,c,n,cost,lat,unp,cached,reasoning")."""
-        p, c, n, cost, lat, unp, cached, reasoning = (int(v) for v in packed.split(","))
+        """Add a time-series bucket's counters ("p,c,n,cost,lat,unp,cached,reasoning,
+        cache write,estimated"; buckets written before the last two have eight)."""
+        values = [int(v) for v in packed.split(",")] + [0, 0]
+        p, c, n, cost, lat, unp, cached, reasoning, cache_write, estimated = values[:10]
+        self.cache_write += cache_write
+        self.estimated += estimated
         self.prompt += p
         self.completion += c
         self.requests += n
@@ -159,7 +169,7 @@ class Overview:
 RECORD_FIELDS = (
     "fingerprint", "usage id", "prompt", "completion", "cost micros", "latency ms",
     "unpriced", "reservation id", "agent id", "model", "thread id", "project id",
-    "API key id", "cached prompt", "reasoning",
+    "API key id", "cached prompt", "reasoning", "cache write", "estimated",
 )  # fmt: skip
 
 
@@ -169,7 +179,7 @@ def record_fields(r: UsageRecord, project: str) -> str:
         f"{r.fingerprint}|{r.usage_id}|{r.prompt_tokens}|{r.completion_tokens}|"
         f"{r.cost_micros}|{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|"
         f"{r.agent_id}|{r.model}|{r.thread_id}|{project}|{r.key_id}|"
-        f"{r.cached_prompt_tokens}|{r.reasoning_tokens}"
+        f"{r.cached_prompt_tokens}|{r.reasoning_tokens}|{r.cache_write_tokens}|{int(r.estimated)}"
     )
 
 

@@ -305,3 +305,36 @@ async def test_reset_usage_erases_everything(usage_stub) -> None:
         usage_stub.GetThreadBudget(U.GetThreadBudgetRequest(thread_id="t1")),
         grpc.StatusCode.NOT_FOUND,
     )
+
+
+async def test_cache_writes_and_estimates_are_counted_and_priced(usage_stub) -> None:
+    """Every token kind a provider bills: cache reads and writes as parts of the prompt,
+    each at its own price (a cache write at the prompt price unless one is set); an
+    estimated record counts as one in `estimated_request_count`."""
+    from agentplane.usage.v1 import usage_pb2 as B
+
+    await usage_stub.SetModelPrice(U.SetModelPriceRequest(price=B.ModelPrice(
+        model="claude-test", prompt_per_million_usd=3.0, completion_per_million_usd=15.0,
+        cached_prompt_per_million_usd=0.3, cache_write_per_million_usd=3.75)))  # fmt: skip
+    done = await usage_stub.RecordUsage(record(
+        "cw1", model="claude-test", prompt_tokens=10_000, cached_prompt_tokens=6_000,
+        cache_write_tokens=2_000, completion_tokens=1_000, reasoning_tokens=100))  # fmt: skip
+    # 2,000 plain x 3 + 6,000 read x 0.3 + 2,000 written x 3.75 + 1,000 out x 15 (per M)
+    assert done.cost_micros == 6_000 + 1_800 + 7_500 + 15_000
+    await usage_stub.RecordUsage(record("cw2", model="claude-test", prompt_tokens=40,
+                                        completion_tokens=60, estimated=True))  # fmt: skip
+    totals = (await usage_stub.GetModelUsage(U.GetModelUsageRequest(model="claude-test"))).totals
+    assert (totals.cache_write_tokens, totals.cached_prompt_tokens) == (2_000, 6_000)
+    assert (totals.request_count, totals.estimated_request_count) == (2, 1)
+    listed = await usage_stub.ListModelPrices(U.ListModelPricesRequest(model="claude-test"))
+    assert listed.prices[0].cache_write_per_million_usd == 3.75
+    # gpt-4o has no cache-write price: the prompt price stands in.
+    plain = await usage_stub.RecordUsage(record("cw3", prompt_tokens=1000, cache_write_tokens=1000,
+                                                completion_tokens=0))  # fmt: skip
+    assert plain.cost_micros == 2_500
+    for bad in ({"cache_write_tokens": 9_000, "cached_prompt_tokens": 2_000},
+                {"cache_write_tokens": -1}):  # fmt: skip
+        await expect_error(
+            usage_stub.RecordUsage(record("cw-bad", prompt_tokens=10_000, **bad)),
+            grpc.StatusCode.INVALID_ARGUMENT, field="cache_write_tokens",
+        )  # fmt: skip

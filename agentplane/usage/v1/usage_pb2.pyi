@@ -224,6 +224,8 @@ class UsageTotals(_message.Message):
     UNPRICED_REQUEST_COUNT_FIELD_NUMBER: _builtins.int
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_REQUEST_COUNT_FIELD_NUMBER: _builtins.int
     total_tokens: _builtins.int
     """Prompt plus completion tokens."""
     prompt_tokens: _builtins.int
@@ -244,6 +246,10 @@ class UsageTotals(_message.Message):
     """Prompt tokens served from the provider's prompt cache (part of `prompt_tokens`)."""
     reasoning_tokens: _builtins.int
     """Reasoning tokens (part of `completion_tokens`)."""
+    cache_write_tokens: _builtins.int
+    """Of `prompt_tokens`, those written to a provider's prompt cache."""
+    estimated_request_count: _builtins.int
+    """Of `request_count`, the records whose counts are an estimate."""
     def __init__(
         self,
         *,
@@ -257,10 +263,12 @@ class UsageTotals(_message.Message):
         unpriced_request_count: _builtins.int = ...,
         cached_prompt_tokens: _builtins.int = ...,
         reasoning_tokens: _builtins.int = ...,
+        cache_write_tokens: _builtins.int = ...,
+        estimated_request_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_latency_ms", b"avg_latency_ms", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "request_count", b"request_count", "total_cost_micros", b"total_cost_micros", "total_cost_usd", b"total_cost_usd", "total_tokens", b"total_tokens", "unpriced_request_count", b"unpriced_request_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_latency_ms", b"avg_latency_ms", "cache_write_tokens", b"cache_write_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "estimated_request_count", b"estimated_request_count", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "request_count", b"request_count", "total_cost_micros", b"total_cost_micros", "total_cost_usd", b"total_cost_usd", "total_tokens", b"total_tokens", "unpriced_request_count", b"unpriced_request_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -886,6 +894,7 @@ class ModelPrice(_message.Message):
     CACHED_PROMPT_PER_MILLION_USD_FIELD_NUMBER: _builtins.int
     PER_REQUEST_USD_FIELD_NUMBER: _builtins.int
     EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_PER_MILLION_USD_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """An exact model name, or a pattern ending in "*" (the longest match wins)."""
     prompt_per_million_usd: _builtins.float
@@ -896,6 +905,10 @@ class ModelPrice(_message.Message):
     """USD per million cached prompt tokens; unset means the prompt price."""
     per_request_usd: _builtins.float
     """USD per call, on top of the tokens."""
+    cache_write_per_million_usd: _builtins.float
+    """USD per million prompt tokens written to the provider's prompt cache; unset: the
+    prompt price.
+    """
     @_builtins.property
     def effective_time(self) -> _timestamp_pb2.Timestamp:
         """From when this price applies: the price in force for a record is the newest whose
@@ -911,13 +924,19 @@ class ModelPrice(_message.Message):
         cached_prompt_per_million_usd: _builtins.float | None = ...,
         per_request_usd: _builtins.float = ...,
         effective_time: _timestamp_pb2.Timestamp | None = ...,
+        cache_write_per_million_usd: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cached_prompt_per_million_usd", b"_cached_prompt_per_million_usd", "cached_prompt_per_million_usd", b"cached_prompt_per_million_usd", "effective_time", b"effective_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_write_per_million_usd", b"_cache_write_per_million_usd", "_cached_prompt_per_million_usd", b"_cached_prompt_per_million_usd", "cache_write_per_million_usd", b"cache_write_per_million_usd", "cached_prompt_per_million_usd", b"cached_prompt_per_million_usd", "effective_time", b"effective_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cached_prompt_per_million_usd", b"_cached_prompt_per_million_usd", "cached_prompt_per_million_usd", b"cached_prompt_per_million_usd", "completion_per_million_usd", b"completion_per_million_usd", "effective_time", b"effective_time", "model", b"model", "per_request_usd", b"per_request_usd", "prompt_per_million_usd", b"prompt_per_million_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_write_per_million_usd", b"_cache_write_per_million_usd", "_cached_prompt_per_million_usd", b"_cached_prompt_per_million_usd", "cache_write_per_million_usd", b"cache_write_per_million_usd", "cached_prompt_per_million_usd", b"cached_prompt_per_million_usd", "completion_per_million_usd", b"completion_per_million_usd", "effective_time", b"effective_time", "model", b"model", "per_request_usd", b"per_request_usd", "prompt_per_million_usd", b"prompt_per_million_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cache_write_per_million_usd: _TypeAlias = _typing.Literal["cache_write_per_million_usd"]  # noqa: Y015
+    _WhichOneofArgType__cache_write_per_million_usd: _TypeAlias = _typing.Literal["_cache_write_per_million_usd", b"_cache_write_per_million_usd"]  # noqa: Y015
     _WhichOneofReturnType__cached_prompt_per_million_usd: _TypeAlias = _typing.Literal["cached_prompt_per_million_usd"]  # noqa: Y015
     _WhichOneofArgType__cached_prompt_per_million_usd: _TypeAlias = _typing.Literal["_cached_prompt_per_million_usd", b"_cached_prompt_per_million_usd"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cache_write_per_million_usd) -> _WhichOneofReturnType__cache_write_per_million_usd | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cached_prompt_per_million_usd) -> _WhichOneofReturnType__cached_prompt_per_million_usd | None: ...
 
 Global___ModelPrice: _TypeAlias = ModelPrice  # noqa: Y015

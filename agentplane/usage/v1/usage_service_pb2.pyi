@@ -41,6 +41,8 @@ class RecordUsageRequest(_message.Message):
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_FIELD_NUMBER: _builtins.int
     usage_id: _builtins.str
     """Client-chosen id of this call's usage; the idempotency key."""
     thread_id: _builtins.str
@@ -65,6 +67,14 @@ class RecordUsageRequest(_message.Message):
     """Of the prompt tokens, how many the provider served from its prompt cache."""
     reasoning_tokens: _builtins.int
     """Of the completion tokens, how many were reasoning tokens."""
+    cache_write_tokens: _builtins.int
+    """Of `prompt_tokens`, those written to the provider's prompt cache (Anthropic's
+    `cache_creation_input_tokens`), priced by the model's cache-write price.
+    """
+    estimated: _builtins.bool
+    """The counts are an estimate (the provider never reported usage: a cut stream, a
+    timeout, a reservation charged at its expiry), counted in `estimated_request_count`.
+    """
     def __init__(
         self,
         *,
@@ -80,10 +90,12 @@ class RecordUsageRequest(_message.Message):
         reservation_id: _builtins.str = ...,
         cached_prompt_tokens: _builtins.int = ...,
         reasoning_tokens: _builtins.int = ...,
+        cache_write_tokens: _builtins.int = ...,
+        estimated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd", "cost_usd", b"cost_usd"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd", "agent_id", b"agent_id", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "latency_ms", b"latency_ms", "model", b"model", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "reservation_id", b"reservation_id", "thread_id", b"thread_id", "usage_id", b"usage_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd", "agent_id", b"agent_id", "cache_write_tokens", b"cache_write_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "estimated", b"estimated", "latency_ms", b"latency_ms", "model", b"model", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "reservation_id", b"reservation_id", "thread_id", b"thread_id", "usage_id", b"usage_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cost_usd: _TypeAlias = _typing.Literal["cost_usd"]  # noqa: Y015
     _WhichOneofArgType__cost_usd: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd"]  # noqa: Y015

@@ -9,7 +9,7 @@
 --   (s); then one per record, its fields joined by '|' (ids cannot contain '|'):
 --   fingerprint, usage id, prompt, completion, cost micros, latency ms, unpriced (0/1),
 --   reservation id, agent id, model, thread id, project id ('' for none), API key id,
---   cached prompt, reasoning
+--   cached prompt, reasoning, cache write, estimated (0/1)
 -- Returns per record: {outcome, cost, <thread budget state>}, outcome NEW | DUPLICATE |
 -- CONFLICT; or, before writing anything, {{'ROLL', P, budget id, ...}} when a covering
 -- budget's period has ended (the caller opens the new period and calls again).
@@ -41,7 +41,7 @@ if #stale > 0 then
   return {reply}
 end
 
-local cached, reasoning = '0', '0'  -- of the record being written
+local cached, reasoning, cache_write, estimated = '0', '0', '0', '0'  -- of the record being written
 local now_sec = math.floor(tonumber(now) / 1000)
 
 -- Each covering budget's window length (0: a calendar budget), read once per call; a
@@ -67,22 +67,25 @@ local function add(key, prompt, completion, cost, latency, unpriced)
   if unpriced ~= '0' then redis.call('HINCRBY', key, 'unp', 1) end
   if cached ~= '0' then redis.call('HINCRBY', key, 'cp', cached) end
   if reasoning ~= '0' then redis.call('HINCRBY', key, 'rs', reasoning) end
+  if cache_write ~= '0' then redis.call('HINCRBY', key, 'cw', cache_write) end
+  if estimated ~= '0' then redis.call('HINCRBY', key, 'est', 1) end
 end
 
 -- Aggregates (the shard's and the project's totals, per agent, per model, and the ranks)
 -- nobody reads during this call: summed here per key and written once at the end, so a
 -- batch pays a few commands per distinct key instead of a dozen per record.
 local sums, sums_order = {}, {}
-local COUNTER_FIELDS = {'p', 'c', 'n', 'cost', 'lat', 'unp', 'cp', 'rs'}
+local COUNTER_FIELDS = {'p', 'c', 'n', 'cost', 'lat', 'unp', 'cp', 'rs', 'cw', 'est'}
+local N = #COUNTER_FIELDS
 
 local function add_later(key, counters)
   local entry = sums[key]
   if not entry then
-    entry = {0, 0, 0, 0, 0, 0, 0, 0}
+    entry = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
     sums[key] = entry
     sums_order[#sums_order + 1] = key
   end
-  for j = 1, 8 do entry[j] = entry[j] + counters[j] end
+  for j = 1, N do entry[j] = entry[j] + counters[j] end
 end
 
 local ranks, ranks_order = {}, {}
@@ -132,7 +135,7 @@ end
 local function flush_sums()
   for _, key in ipairs(sums_order) do
     local entry = sums[key]
-    for j = 1, 8 do
+    for j = 1, N do
       -- p, c and n are always written (as `add` does); the others only when not zero
       if j <= 3 or entry[j] ~= 0 then
         redis.call('HINCRBY', key, COUNTER_FIELDS[j], string.format('%d', entry[j]))
@@ -162,11 +165,11 @@ local function pend(key, fields, counters, expire_at)
   for _, field in ipairs(fields) do
     local sums = entry.fields[field]
     if not sums then
-      sums = {0, 0, 0, 0, 0, 0, 0, 0}
+      sums = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
       entry.fields[field] = sums
       entry.order[#entry.order + 1] = field
     end
-    for j = 1, 8 do sums[j] = sums[j] + counters[j] end
+    for j = 1, N do sums[j] = sums[j] + counters[j] end
   end
 end
 
@@ -186,10 +189,10 @@ local function flush_buckets()
       local v = entry.fields[field]
       if current[i + 1] then
         local parts = split(current[i + 1], ',')
-        for j = 1, 8 do v[j] = v[j] + (tonumber(parts[j]) or 0) end
+        for j = 1, N do v[j] = v[j] + (tonumber(parts[j]) or 0) end
       end
       out[#out + 1] = field
-      out[#out + 1] = string.format('%d,%d,%d,%d,%d,%d,%d,%d', unpack(v))
+      out[#out + 1] = string.format('%d,%d,%d,%d,%d,%d,%d,%d,%d,%d', unpack(v))
     end
     redis.call('HSET', key, unpack(out))
     if not current[1] then redis.call('EXPIREAT', key, entry.expire_at) end
@@ -202,7 +205,7 @@ for _, item in ipairs(records) do
   local r, P, S = item.r, item.P, item.S
   local fp, prompt, completion, cost, latency, unpriced = r[1], r[3], r[4], r[5], r[6], r[7]
   local rid, agent, model, thread_id, project = r[8], r[9], r[10], r[11], r[12]
-  cached, reasoning = r[14] or '0', r[15] or '0'
+  cached, reasoning, cache_write, estimated = r[14] or '0', r[15] or '0', r[16] or '0', r[17] or '0'
   local usage_key = P .. 'usage:' .. thread_id .. ':' .. r[2]
   local prior = redis.call('GET', usage_key)
   if prior then
@@ -232,7 +235,8 @@ for _, item in ipairs(records) do
     end
     add(thread, prompt, completion, cost, latency, unpriced)
     local counters = {tonumber(prompt), tonumber(completion), 1, tonumber(cost),
-      tonumber(latency), tonumber(unpriced), tonumber(cached), tonumber(reasoning)}
+      tonumber(latency), tonumber(unpriced), tonumber(cached), tonumber(reasoning),
+      tonumber(cache_write), tonumber(estimated)}
     add_later(S .. 'totals', counters)
     add_later(S .. 'agent:' .. agent, counters)
     add_later(S .. 'model:' .. model, counters)
