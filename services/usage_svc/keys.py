@@ -32,6 +32,9 @@ class Shard:
         self.models_rank = self.prefix + "rank:models"
         self.due = self.prefix + "due"
         self.closed = self.prefix + "closed"  # closed thread budgets, by closing time
+        self.expiring = self.prefix + "expiring"  # projects with holds, by earliest expiry
+        self.charge = self.prefix + "charge"  # expired holds to record in full, by expiry
+        self.charge_entries = self.prefix + "charge:e"  # their reservation entries
 
     def agent(self, agent_id: str) -> str:
         return f"{self.prefix}agent:{agent_id}"

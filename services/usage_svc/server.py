@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import grpc
@@ -14,6 +15,7 @@ from services.common.peers import AgentClient
 from services.common.server import Chassis, server_factory
 from services.usage_svc.budget_rpcs import alert_message
 from services.usage_svc.budget_store import BudgetStore, Claim
+from services.usage_svc.expiry import ExpiredHolds
 from services.usage_svc.keys import Layout
 from services.usage_svc.pricing import PriceStore, file_prices
 from services.usage_svc.servicer import UsageServicer
@@ -49,6 +51,8 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     chassis.run_in_background(dispatcher.run)
     sweeper = RetentionSweeper(chassis.redis, store, settings.thread_retention_s, "budgets")
     chassis.run_in_background(sweeper.every(settings.retention_sweep_s))
+    holds = ExpiredHolds(chassis.redis, store)  # lapsed holds freed (or charged) on time
+    chassis.run_in_background(functools.partial(holds.run, interval_s=settings.retention_sweep_s))
     return [chassis.serve(server, servicer, SERVICE)]
 
 

@@ -131,7 +131,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         if prefix:  # a batch's record (a lone RecordUsage was checked by the chassis)
             require_fields(request, prefix)
         usage_id = require_client_id(prefix + "usage_id", request.usage_id)
-        thread_id = require_id(prefix + "thread_id", request.thread_id)
+        thread_id = require_id(prefix + "thread_id", request.thread_id) if request.thread_id else ""
         agent_id = require_id(prefix + "agent_id", request.agent_id)
         project_id = (
             require_id(prefix + "project_id", request.project_id) if request.project_id else ""
@@ -233,7 +233,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
     ) -> usage_pb2.Reservation:
         hold = await self._check_hold(request)
         held = await self._store.reserve(hold)
-        if held.outcome == Outcome.NO_BUDGET:
+        if held.outcome == Outcome.NO_BUDGET:  # (a thread named, without a budget)
             raise _no_budget(hold.thread_id)
         if held.outcome == Outcome.CLOSED:
             raise errors.failed_precondition(
@@ -258,10 +258,13 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
 
     async def _check_hold(self, request: usage_service_pb2.ReserveBudgetRequest) -> Hold:
         reservation_id = require_client_id("reservation_id", request.reservation_id)
-        thread_id = require_id("thread_id", request.thread_id)
+        thread_id = require_id("thread_id", request.thread_id) if request.thread_id else ""
         agent_id = require_id("agent_id", request.agent_id) if request.agent_id else ""
         model = require_model("model", request.model) if request.model else ""
-        project_id = await self._thread_access(thread_id)
+        if thread_id:
+            project_id = await self._thread_access(thread_id)
+        else:
+            project_id = await self._threadless_project(request.project_id)
         if not 0 < request.tokens <= MAX_TOKENS_PER_CALL:
             raise errors.invalid_argument("tokens", f"must be between 1 and {MAX_TOKENS_PER_CALL}")
         ttl_ms = DEFAULT_RESERVATION_TTL_MS
@@ -286,17 +289,43 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
             agent_id=agent_id,
             model=model,
             key_id=principal.key_id,
+            project_id="" if thread_id else project_id,
+            charge_on_expiry=request.on_expiry == usage_service_pb2.EXPIRY_ACTION_CHARGE,
         )
+
+    async def _threadless_project(self, given: str) -> str:
+        """The project of a reservation without a thread: an agent token's own; else the
+        one named, which the caller must be able to see."""
+        principal = current_principal()
+        if principal.role == AGENT:
+            if given and given != principal.project_id:
+                raise errors.permission_denied(
+                    f"an agent token reserves only in its project ({principal.project_id})",
+                    "NOT_SELF",
+                )
+            return principal.project_id
+        if not given:
+            raise errors.invalid_argument(
+                "project_id", "is required for a reservation without a thread_id"
+            )
+        project_id = require_id("project_id", given)
+        if not principal.is_superuser and not await self._agents.can_see_project(project_id):
+            raise errors.not_found("project", project_id)
+        return project_id
 
     async def ReleaseReservation(
         self,
         request: usage_service_pb2.ReleaseReservationRequest,
         context: ServicerContext,
     ) -> usage_service_pb2.ReleaseReservationResponse:
-        thread_id = require_id("thread_id", request.thread_id)
         reservation_id = require_id("reservation_id", request.reservation_id)
-        await self._thread_access(thread_id)
-        change = await self._store.release(thread_id, reservation_id)
+        if request.thread_id:
+            thread_id = require_id("thread_id", request.thread_id)
+            await self._thread_access(thread_id)
+            project_id = ""
+        else:
+            thread_id, project_id = "", await self._threadless_project(request.project_id)
+        change = await self._store.release(thread_id, reservation_id, project_id)
         if change.outcome == Outcome.NO_BUDGET:
             raise _no_budget(thread_id)
         return usage_service_pb2.ReleaseReservationResponse(

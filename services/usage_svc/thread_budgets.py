@@ -58,6 +58,10 @@ class ThreadBudgets(Aggregates):
         self._close_budget = script(redis, "close_budget")
         self._forget_thread = script(redis, "forget_thread")
 
+    def now(self) -> int:
+        """The store's clock (Unix ms)."""
+        return self._clock()
+
     async def thread_project(self, thread_id: str, fresh: bool = True) -> str | None:
         """The project of a thread with a budget, or None (see ThreadDirectory)."""
         return await self.directory.project_of(thread_id, fresh)
@@ -75,17 +79,20 @@ class ThreadBudgets(Aggregates):
         await self._periods.open_periods(pairs)
 
     async def reserve(self, hold: Hold) -> BudgetChange:
-        """OK | NO_BUDGET | CLOSED | EXHAUSTED | CONFLICT."""
-        project = await self.thread_project(hold.thread_id)
+        """OK | NO_BUDGET (a thread without a budget) | CLOSED | EXHAUSTED | CONFLICT. A
+        hold without a thread is covered by its project's budgets alone."""
+        project = await self.thread_project(hold.thread_id) if hold.thread_id else hold.project_id
         if project is None:
             return BudgetChange(Outcome.NO_BUDGET, _empty_state(hold.thread_id))
         partition = self.layout.partition(project)
+        on_expiry = "CHARGE" if hold.charge_on_expiry else ""
         for _ in range(ROLL_ATTEMPTS):
             now = self._clock()
             reply = await self._reserve(
                 keys=[partition.prefix],
                 args=[hold.reservation_id, hold.thread_id, hold.tokens, hold.cost_micros, now,
-                      now + hold.ttl_ms, hold.agent_id, hold.model, hold.key_id],
+                      now + hold.ttl_ms, hold.agent_id, hold.model, hold.key_id, on_expiry,
+                      project],
             )  # fmt: skip
             if not rolls(reply):
                 outcome, value, state = _budget_reply(hold.thread_id, reply)
@@ -98,9 +105,11 @@ class ThreadBudgets(Aggregates):
             await self._open_periods(reply[1:], {project: partition})
         raise RuntimeError("budget periods kept ending while reserving")
 
-    async def release(self, thread_id: str, reservation_id: str) -> BudgetChange:
-        """OK | NO_BUDGET."""
-        project = await self.thread_project(thread_id)
+    async def release(
+        self, thread_id: str, reservation_id: str, project_id: str = ""
+    ) -> BudgetChange:
+        """OK | NO_BUDGET. Without a thread, `project_id` says where the hold is."""
+        project = await self.thread_project(thread_id) if thread_id else project_id
         if project is None:
             return BudgetChange(Outcome.NO_BUDGET, _empty_state(thread_id))
         reply = await self._release(

@@ -44,6 +44,8 @@ class Hold:
     agent_id: str = ""
     model: str = ""
     key_id: str = ""
+    project_id: str = ""  # the covering budgets' project when there is no thread
+    charge_on_expiry: bool = False  # recorded in full (estimated) if it expires unsettled
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,7 +144,7 @@ def test_no_handler_checks_presence_by_hand() -> None:
 
     root = Path(__file__).resolve().parents[2] / "services"
     conditional = ("is required with", "is required for", "is required to", "is required when",
-                   "is required)", "limit_cost_micros is required")  # fmt: skip
+                   "is required)", "max_in_flight is required")  # fmt: skip
     found = []
     for path in root.rglob("*.py"):
         for number, line in enumerate(path.read_text().splitlines(), 1):

@@ -64,6 +64,8 @@ def snapshot(url: str) -> dict[str, object]:
             continue
         if kind == "hash":
             value = {f: v for f, v in client.hgetall(key).items() if f not in VOLATILE}
+        elif kind == "zset" and key.endswith(":expiring"):
+            value = client.zrange(key, 0, -1)  # when to look again: a time, not usage
         elif kind == "zset":
             value = client.zrange(key, 0, -1, withscores=True)
         elif kind == "string":

@@ -238,7 +238,7 @@ BAD_RECORDS = [
     ({"prompt_tokens": -1}, "prompt_tokens"),
     ({"completion_tokens": 10**9}, "completion_tokens"),
     ({"usage_id": ""}, "usage_id"),
-    ({"thread": ""}, "thread_id"),
+    ({"thread": "a|b"}, "thread_id"),
     ({"agent": ""}, "agent_id"),
     ({"model": ""}, "model"),
     ({"latency_ms": -5}, "latency_ms"),
@@ -338,3 +338,79 @@ async def test_cache_writes_and_estimates_are_counted_and_priced(usage_stub) -> 
             usage_stub.RecordUsage(record("cw-bad", prompt_tokens=10_000, **bad)),
             grpc.StatusCode.INVALID_ARGUMENT, field="cache_write_tokens",
         )  # fmt: skip
+
+
+async def test_a_call_outside_any_thread_is_reserved_and_recorded(cluster) -> None:
+    """A call without a thread (what the model gateway makes for an agent that names
+    none): its project's budgets cover the reservation, and the record counts in every
+    total but no thread's."""
+    from agentplane.usage.v1 import usage_pb2 as B
+    from tests.helpers import make_project, make_type, spawn
+
+    usage_stub = cluster.usage
+    await make_project(cluster.agent)
+    await make_type(cluster.agent)
+    agent = await spawn(cluster.agent, "a1")
+
+    cap = await usage_stub.CreateBudget(U.CreateBudgetRequest(project_id="demo", budget=B.Budget(
+        scope=B.BUDGET_SCOPE_PROJECT, limit_tokens=1_000, period=B.BUDGET_PERIOD_DAY)))  # fmt: skip
+    held = await usage_stub.ReserveBudget(U.ReserveBudgetRequest(
+        reservation_id="free-1", project_id="demo", tokens=800, agent_id=agent.id))  # fmt: skip
+    assert held.thread_id == "" and held.tokens == 800
+    await expect_error(
+        usage_stub.ReserveBudget(
+            U.ReserveBudgetRequest(reservation_id="free-2", project_id="demo", tokens=300)
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    await expect_error(
+        usage_stub.ReserveBudget(U.ReserveBudgetRequest(reservation_id="x", tokens=3)),
+        grpc.StatusCode.INVALID_ARGUMENT, field="project_id",
+    )  # fmt: skip
+    await usage_stub.RecordUsage(record("free-u1", thread="", reservation_id="free-1", agent=agent.id,
+                                        prompt_tokens=100, completion_tokens=20))  # fmt: skip
+    budget = await usage_stub.GetBudget(
+        U.GetBudgetRequest(project_id="demo", budget_id=cap.budget_id)
+    )
+    assert (budget.used_tokens, budget.reserved_tokens) == (120, 0)
+    assert (await overview(usage_stub, "demo")).totals.total_tokens == 120
+    again = await usage_stub.RecordUsage(record("free-u1", thread="", agent=agent.id, prompt_tokens=100,
+                                                completion_tokens=20, reservation_id="free-1"))  # fmt: skip
+    assert again.duplicate
+    gone = await usage_stub.ReleaseReservation(U.ReleaseReservationRequest(
+        reservation_id="free-1", project_id="demo"))  # fmt: skip
+    assert not gone.released  # settled already
+
+
+async def test_a_hold_charged_on_expiry_is_recorded_in_full_once(usage_stub, redis_target) -> None:
+    """A caller that dies mid-call: its hold, made with on_expiry=CHARGE, is recorded in
+    full as estimated usage when its ttl passes, even when nothing else touches the
+    project; a second pass (another replica) counts it once."""
+    from services.common.redis import create_redis
+    from services.usage_svc.expiry import ExpiredHolds
+    from services.usage_svc.store import UsageStore
+    from tests.helpers.servers import make_settings
+
+    await usage_stub.SetThreadBudget(
+        U.SetThreadBudgetRequest(project_id="demo", thread_id="dies", max_tokens=10_000)
+    )
+    await usage_stub.ReserveBudget(U.ReserveBudgetRequest(
+        reservation_id="dying", thread_id="dies", tokens=700, agent_id="a1", model="gpt-4o",
+        ttl=duration_pb2.Duration(nanos=200_000_000),
+        on_expiry=U.EXPIRY_ACTION_CHARGE))  # fmt: skip
+    await usage_stub.ReserveBudget(U.ReserveBudgetRequest(
+        reservation_id="released", project_id="demo", tokens=50,
+        ttl=duration_pb2.Duration(nanos=200_000_000)))  # fmt: skip
+    await asyncio.sleep(0.3)
+    redis = create_redis(make_settings("usage_svc", redis_target.url, redis_target.cluster))
+    try:
+        replicas = [ExpiredHolds(redis, UsageStore(redis, 8, 600)) for _ in range(2)]
+        charged = await asyncio.gather(*(r.sweep() for r in replicas))
+        assert sum(charged) == 1
+    finally:
+        await redis.aclose()
+    budget = await usage_stub.GetThreadBudget(U.GetThreadBudgetRequest(thread_id="dies"))
+    assert (budget.prompt_tokens, budget.reserved_tokens) == (700, 0)
+    totals = (await overview(usage_stub, "demo")).totals
+    assert (totals.prompt_tokens, totals.request_count, totals.estimated_request_count) == (
+        700, 1, 1)  # fmt: skip

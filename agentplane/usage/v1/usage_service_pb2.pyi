@@ -11,6 +11,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
@@ -22,6 +23,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ExpiryAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExpiryActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExpiryAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXPIRY_ACTION_UNSPECIFIED: _ExpiryAction.ValueType  # 0
+    """Not set: RELEASE."""
+    EXPIRY_ACTION_RELEASE: _ExpiryAction.ValueType  # 1
+    """Give the reservation back."""
+    EXPIRY_ACTION_CHARGE: _ExpiryAction.ValueType  # 2
+    """Record it in full as usage flagged `estimated`."""
+
+class ExpiryAction(_ExpiryAction, metaclass=_ExpiryActionEnumTypeWrapper):
+    """What an unsettled reservation does when its ttl passes."""
+
+EXPIRY_ACTION_UNSPECIFIED: ExpiryAction.ValueType  # 0
+"""Not set: RELEASE."""
+EXPIRY_ACTION_RELEASE: ExpiryAction.ValueType  # 1
+"""Give the reservation back."""
+EXPIRY_ACTION_CHARGE: ExpiryAction.ValueType  # 2
+"""Record it in full as usage flagged `estimated`."""
+Global___ExpiryAction: _TypeAlias = ExpiryAction  # noqa: Y015
 
 @_typing.final
 class RecordUsageRequest(_message.Message):
@@ -46,7 +71,9 @@ class RecordUsageRequest(_message.Message):
     usage_id: _builtins.str
     """Client-chosen id of this call's usage; the idempotency key."""
     thread_id: _builtins.str
-    """Thread the call was made in."""
+    """Thread the call was made in; empty for a call outside any thread (it counts in every
+    total but no thread's; its idempotency scope is then the project).
+    """
     agent_id: _builtins.str
     """Agent that made the call."""
     project_id: _builtins.str
@@ -233,10 +260,12 @@ class ReserveBudgetRequest(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    ON_EXPIRY_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """Client-chosen id of the reservation; a retry with the same id is idempotent."""
     thread_id: _builtins.str
-    """The thread."""
+    """The thread, if the call belongs to one: its budget must have room too."""
     tokens: _builtins.int
     """Tokens to hold (more than 0)."""
     agent_id: _builtins.str
@@ -244,6 +273,15 @@ class ReserveBudgetRequest(_message.Message):
     model: _builtins.str
     """The model that will be called: its model budgets must have room too, and
     cost-limited budgets hold the tokens priced at its higher per-token price.
+    """
+    project_id: _builtins.str
+    """The project whose budgets cover a call made without a thread (an agent token's own
+    project when empty); with a thread, the thread's project decides.
+    """
+    on_expiry: Global___ExpiryAction.ValueType
+    """What happens when the reservation expires unsettled: RELEASE (the default) gives it
+    back; CHARGE records it in full as usage flagged `estimated` (for a caller that may
+    die mid-call: spending is never undercounted).
     """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
@@ -258,10 +296,12 @@ class ReserveBudgetRequest(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         agent_id: _builtins.str = ...,
         model: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        on_expiry: Global___ExpiryAction.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "model", b"model", "reservation_id", b"reservation_id", "thread_id", b"thread_id", "tokens", b"tokens", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "model", b"model", "on_expiry", b"on_expiry", "project_id", b"project_id", "reservation_id", b"reservation_id", "thread_id", b"thread_id", "tokens", b"tokens", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -275,19 +315,23 @@ class ReleaseReservationRequest(_message.Message):
 
     THREAD_ID_FIELD_NUMBER: _builtins.int
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
     thread_id: _builtins.str
-    """The thread."""
+    """The thread of the reservation (empty for one made without a thread)."""
     reservation_id: _builtins.str
     """The reservation to give back."""
+    project_id: _builtins.str
+    """The project of a reservation made without a thread."""
     def __init__(
         self,
         *,
         thread_id: _builtins.str = ...,
         reservation_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation_id", b"reservation_id", "thread_id", b"thread_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id", "reservation_id", b"reservation_id", "thread_id", b"thread_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -219,7 +219,8 @@ class UsageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReserveBudget(self, request, context):
-        """Reserves tokens of a thread's budget before an LLM call.
+        """Reserves tokens before an LLM call: of a thread's budget (and every budget covering
+        the call), or, for a call without a thread, of the project's covering budgets.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

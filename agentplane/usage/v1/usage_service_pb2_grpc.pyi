@@ -42,7 +42,9 @@ class UsageServiceStub:
     RecordUsageBatch: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.RecordUsageBatchRequest, _usage_service_pb2.RecordUsageBatchResponse]
     """Records up to 1,000 calls, each answered on its own."""
     ReserveBudget: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ReserveBudgetRequest, _usage_pb2.Reservation]
-    """Reserves tokens of a thread's budget before an LLM call."""
+    """Reserves tokens before an LLM call: of a thread's budget (and every budget covering
+    the call), or, for a call without a thread, of the project's covering budgets.
+    """
     ReleaseReservation: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ReleaseReservationRequest, _usage_service_pb2.ReleaseReservationResponse]
     """Gives a reservation back before its ttl."""
     SetThreadBudget: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.SetThreadBudgetRequest, _usage_pb2.ThreadBudget]
@@ -126,7 +128,9 @@ class UsageServiceAsyncStub(UsageServiceStub):
     RecordUsageBatch: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.RecordUsageBatchRequest, _usage_service_pb2.RecordUsageBatchResponse]  # type: ignore[assignment]
     """Records up to 1,000 calls, each answered on its own."""
     ReserveBudget: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ReserveBudgetRequest, _usage_pb2.Reservation]  # type: ignore[assignment]
-    """Reserves tokens of a thread's budget before an LLM call."""
+    """Reserves tokens before an LLM call: of a thread's budget (and every budget covering
+    the call), or, for a call without a thread, of the project's covering budgets.
+    """
     ReleaseReservation: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ReleaseReservationRequest, _usage_service_pb2.ReleaseReservationResponse]  # type: ignore[assignment]
     """Gives a reservation back before its ttl."""
     SetThreadBudget: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.SetThreadBudgetRequest, _usage_pb2.ThreadBudget]  # type: ignore[assignment]
@@ -225,7 +229,9 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _usage_service_pb2.ReserveBudgetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_usage_pb2.Reservation, _abc.Awaitable[_usage_pb2.Reservation]]:
-        """Reserves tokens of a thread's budget before an LLM call."""
+        """Reserves tokens before an LLM call: of a thread's budget (and every budget covering
+        the call), or, for a call without a thread, of the project's covering budgets.
+        """
 
     @_abc_1.abstractmethod
     def ReleaseReservation(

@@ -8,8 +8,11 @@
 -- P..'thread:<id>'   hash: usage counters (p prompt, c completion, n requests, cost
 --                    micro-USD, lat latency sum, unp unpriced) and, with a budget,
 --                    max_tokens, reserved, closed, update_ms
--- P..'res'           hash '<thread>|<reservation>' -> 'tokens|cost|expiry|b1,b2..|second'
---                    (the second it was admitted in: where a window counts it)
+-- P..'res'           hash '<thread>|<reservation>' -> 'tokens|cost|expiry|b1,b2..|second|
+--                    on expiry|agent|model|API key|project' (second: the one it was
+--                    admitted in, where a window counts it; on expiry: 'CHARGE' or '')
+-- S..'charge'        zset '<project>|<thread>|<reservation>' -> when it expired: holds to
+--                    record in full (estimated), S..'charge:e' their entries
 -- P..'resexp'        zset of the same fields by expiry (ms)
 -- P..'cover'         hash '<SCOPE>|<scope id>' -> budget ids covering it (space-separated)
 -- P..'budget:<id>'   hash: settings (scope sid lt lc lr mif win period tz enf th name ct
@@ -140,7 +143,9 @@ local function give_back(P, field, entry, now, actual)
   local tokens, cost, admitted = num(r[1]), num(r[2]), num(r[5])
   local now_sec = math.floor(tonumber(now) / 1000)
   -- (never HINCRBY by -0: Lua prints it "-0", which Redis does not take as an integer)
-  if tokens ~= 0 then redis.call('HINCRBY', P .. 'thread:' .. thread, 'reserved', -tokens) end
+  if tokens ~= 0 and thread ~= '' then
+    redis.call('HINCRBY', P .. 'thread:' .. thread, 'reserved', -tokens)
+  end
   if r[4] and r[4] ~= '' then
     for _, bid in ipairs(split(r[4], ',')) do
       local key = P .. 'budget:' .. bid
@@ -163,12 +168,24 @@ local function give_back(P, field, entry, now, actual)
   redis.call('ZREM', P .. 'resexp', field)
 end
 
--- Give back the reservations of the project whose ttl has passed.
+-- Give back the reservations of the project whose ttl has passed; one made to be charged
+-- on expiry is queued in its shard for the service to record in full (estimated).
 local function purge_expired(P, now)
   local expired = redis.call('ZRANGEBYSCORE', P .. 'resexp', '-inf', now, 'LIMIT', 0, 200)
   for _, field in ipairs(expired) do
     local entry = redis.call('HGET', P .. 'res', field)
-    if entry then give_back(P, field, entry, now) else redis.call('ZREM', P .. 'resexp', field) end
+    if entry then
+      local r = split(entry, '|')
+      if r[6] == 'CHARGE' then
+        local S = string.match(P, '^(.-}:)')  -- the shard's prefix: the same hash tag
+        local member = (r[10] or '') .. '|' .. field
+        redis.call('ZADD', S .. 'charge', now, member)
+        redis.call('HSET', S .. 'charge:e', member, entry)
+      end
+      give_back(P, field, entry, now)
+    else
+      redis.call('ZREM', P .. 'resexp', field)
+    end
   end
 end
 

@@ -8,7 +8,8 @@
 -- ARGV: 1 now (ms), 2 usage-id ttl (s), 3 hourly buckets kept (s), 4 daily buckets kept
 --   (s); then one per record, its fields joined by '|' (ids cannot contain '|'):
 --   fingerprint, usage id, prompt, completion, cost micros, latency ms, unpriced (0/1),
---   reservation id, agent id, model, thread id, project id ('' for none), API key id,
+--   reservation id, agent id, model, thread id ('' for none: it counts in every total but
+--   no thread's), project id ('' for none), API key id,
 --   cached prompt, reasoning, cache write, estimated (0/1)
 -- Returns per record: {outcome, cost, <thread budget state>}, outcome NEW | DUPLICATE |
 -- CONFLICT; or, before writing anything, {{'ROLL', P, budget id, ...}} when a covering
@@ -233,7 +234,7 @@ for _, item in ipairs(records) do
         give_back(P, field, held, now, {tokens, tonumber(cost)})
       end
     end
-    add(thread, prompt, completion, cost, latency, unpriced)
+    if thread_id ~= '' then add(thread, prompt, completion, cost, latency, unpriced) end
     local counters = {tonumber(prompt), tonumber(completion), 1, tonumber(cost),
       tonumber(latency), tonumber(unpriced), tonumber(cached), tonumber(reasoning),
       tonumber(cache_write), tonumber(estimated)}
@@ -258,7 +259,7 @@ for _, item in ipairs(records) do
       end
     end
     local state = budget_state(thread)
-    if state[1] == 1 then
+    if state[1] == 1 and thread_id ~= '' then
       redis.call('HSET', thread, 'update_ms', now)
       state[7] = tonumber(now)
       local hot = state[2] > 0 and (state[3] + state[4]) / state[2] or 0

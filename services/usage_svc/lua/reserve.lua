@@ -1,4 +1,5 @@
--- Reserve tokens before an LLM call: accepted only when the thread's budget and every
+-- Reserve tokens before an LLM call: accepted only when the thread's budget (if the call
+-- has a thread: a call without one is covered by its project's budgets alone) and every
 -- HARD budget covering the call (its project, thread, agent, model and API key) have
 -- room, all checked and taken in this one step: a calendar budget while used + reserved +
 -- asked <= limit (tokens, estimated cost, and a request), a MINUTE or HOUR window while
@@ -6,8 +7,9 @@
 -- while fewer reservations than it are open. A refusal takes nothing. A retry with the
 -- same reservation id and tokens is answered again.
 -- KEYS: 1 the project's partition prefix P
--- ARGV: 1 reservation id, 2 thread id, 3 tokens, 4 cost estimate (micros), 5 now (ms),
---       6 expiry (ms), 7 agent id, 8 model, 9 API key id
+-- ARGV: 1 reservation id, 2 thread id ('' for none), 3 tokens, 4 cost estimate (micros),
+--       5 now (ms), 6 expiry (ms), 7 agent id, 8 model, 9 API key id, 10 'CHARGE' to record
+--       it in full when it expires unsettled ('' to give it back), 11 project id
 -- Returns {outcome, expiry, <thread budget state>, refusals...}: OK | NO_BUDGET | CLOSED |
 --   EXHAUSTED (each refusal 'thread:<id>' or 'budget:<id>|<calendar|window|inflight>|<ms
 --   until room, -1 never>') | CONFLICT; or {'ROLL', P, budget id, ...} when a covering
@@ -27,7 +29,7 @@ if #stale > 0 then
 end
 purge_expired(P, now)
 local b = budget_state(thread)
-if b[1] == 0 then return {'NO_BUDGET', 0} end
+if b[1] == 0 and thread_id ~= '' then return {'NO_BUDGET', 0} end
 local held = redis.call('HGET', P .. 'res', field)
 if held then
   local r = split(held, '|')
@@ -57,7 +59,9 @@ local function refusal(bid, f)
 end
 
 local refused = {}
-if b[3] + b[4] + b[5] + tokens > b[2] then refused[#refused + 1] = 'thread:' .. thread_id end
+if b[1] == 1 and b[3] + b[4] + b[5] + tokens > b[2] then
+  refused[#refused + 1] = 'thread:' .. thread_id
+end
 local budgets = {}
 for _, bid in ipairs(ids) do
   local f = redis.call('HMGET', P .. 'budget:' .. bid,
@@ -74,11 +78,16 @@ if #refused > 0 then
   for _, subject in ipairs(refused) do reply[#reply + 1] = subject end
   return reply
 end
-redis.call('HSET', P .. 'res', field,
-  tokens .. '|' .. cost .. '|' .. expiry .. '|' .. table.concat(ids, ',') .. '|' .. sec)
+redis.call('HSET', P .. 'res', field, table.concat({tokens, cost, expiry, table.concat(ids, ','),
+  sec, ARGV[10], ARGV[7], ARGV[8], ARGV[9], ARGV[11]}, '|'))
 redis.call('ZADD', P .. 'resexp', expiry, field)
-redis.call('HINCRBY', thread, 'reserved', tokens)
-redis.call('HSET', thread, 'update_ms', now)
+-- The shard's index of projects with holds, by the earliest expiry: a pass gives them
+-- back (or charges them) at expiry even when nothing else touches the project.
+redis.call('ZADD', string.match(P, '^(.-}:)') .. 'expiring', 'LT', expiry, ARGV[11])
+if thread_id ~= '' then
+  redis.call('HINCRBY', thread, 'reserved', tokens)
+  redis.call('HSET', thread, 'update_ms', now)
+end
 for _, budget in ipairs(budgets) do
   local key = P .. 'budget:' .. budget.bid
   redis.call('HINCRBY', key, 'inf', 1)
