@@ -267,11 +267,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
             project_id = await self._threadless_project(request.project_id)
         if not 0 < request.tokens <= MAX_TOKENS_PER_CALL:
             raise errors.invalid_argument("tokens", f"must be between 1 and {MAX_TOKENS_PER_CALL}")
-        ttl_ms = DEFAULT_RESERVATION_TTL_MS
-        if request.HasField("ttl"):
-            ttl_ms = request.ttl.ToMilliseconds()
-            if not 0 < ttl_ms <= MAX_RESERVATION_TTL_MS:
-                raise errors.invalid_argument("ttl", "must be more than 0 and at most 1 hour")
+        ttl_ms = _ttl_ms(request)
         principal = current_principal()
         if principal.role == AGENT:  # an agent reserves as itself: its budgets cover the call
             agent_id = agent_id or principal.subject
@@ -509,6 +505,15 @@ def budget_message(state: BudgetState) -> usage_pb2.ThreadBudget:
         is_closed=state.closed,
         update_time=timestamp(state.update_ms),
     )
+
+
+def _ttl_ms(request: usage_service_pb2.ReserveBudgetRequest) -> int:
+    if not request.HasField("ttl"):
+        return DEFAULT_RESERVATION_TTL_MS
+    ttl_ms = request.ttl.ToMilliseconds()
+    if not 0 < ttl_ms <= MAX_RESERVATION_TTL_MS:
+        raise errors.invalid_argument("ttl", "must be more than 0 and at most 1 hour")
+    return ttl_ms
 
 
 def _check_counts(request: usage_service_pb2.RecordUsageRequest, prefix: str) -> None:
