@@ -38,6 +38,7 @@ KINDS: dict[str, str] = {
     "DeleteWebhook": WRITE, "ListWebhookDeliveries": READ, "RotateWebhookSecret": WRITE,
     "GetUsageTimeSeries": READ, "ExportUsage": READ, "SetModelPrice": WRITE,
     "ListModelPrices": READ, "DeleteModelPrice": WRITE,
+    "LogModelCall": HOT_WRITE, "ListModelCalls": READ,
 }  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from services.common.peers import AgentClient
 from services.common.server import Chassis, server_factory
 from services.usage_svc.budget_rpcs import alert_message
 from services.usage_svc.budget_store import BudgetStore, Claim
+from services.usage_svc.call_log import CallLog, CallLogPolicy
 from services.usage_svc.expiry import ExpiredHolds
 from services.usage_svc.keys import Layout
 from services.usage_svc.pricing import PriceStore, file_prices
@@ -34,7 +35,7 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
         chassis.redis, settings.usage_shards, settings.idempotency_ttl_s, periods=budgets,
         retention_s=(settings.hourly_retention_days * 86_400,
                      settings.daily_retention_days * 86_400),
-        pipe=chassis.hot_redis,
+        pipe=chassis.hot_redis, call_log=CallLogPolicy.from_settings(settings),
     )  # fmt: skip
     agents = AgentClient(chassis.peers.agent_channel, settings.auth_cache_s)
     chassis.use_key_lookup(agents.principal)
@@ -46,6 +47,7 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
         settings,
         chassis.stream_redis,
         chassis.stopping,
+        CallLog(chassis.redis, layout, CallLogPolicy.from_settings(settings)),
     )
     dispatcher = Dispatcher(budgets, layout, settings, claim_json, now_ms)
     chassis.run_in_background(dispatcher.run)

@@ -39,6 +39,14 @@ from services.common.telemetry import BUDGET_REJECTIONS, COST_RECORDED, TOKENS_R
 from services.common.validate import require_fields
 from services.usage_svc.budget_rpcs import BudgetRpcs
 from services.usage_svc.budget_store import BudgetStorage
+from services.usage_svc.call_log import (
+    CallLog,
+    CallLogPolicy,
+    CallLogRpcs,
+    call_member,
+    require_call,
+)
+from services.usage_svc.keys import Layout
 from services.usage_svc.messages import totals_message
 from services.usage_svc.pricing import PriceBook, PriceStore
 from services.usage_svc.series_rpcs import SeriesRpcs
@@ -58,7 +66,9 @@ PROMPT_TOKENS = TOKENS_RECORDED.labels("prompt")
 COMPLETION_TOKENS = TOKENS_RECORDED.labels("completion")
 
 
-class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceServicer):
+class UsageServicer(
+    BudgetRpcs, SeriesRpcs, CallLogRpcs, usage_service_pb2_grpc.UsageServiceServicer
+):
     def __init__(
         self,
         store: UsageStorage,
@@ -68,6 +78,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         settings: Settings,
         streams: RedisClient,
         stopping: asyncio.Event,
+        calls: CallLog | None = None,
     ) -> None:
         self._store = store
         self._budgets = budgets
@@ -77,6 +88,8 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         self._settings = settings
         self._streams = streams
         self._stopping = stopping
+        self._call_policy = CallLogPolicy.from_settings(settings)
+        self._calls = calls or CallLog(streams, Layout(settings.usage_shards), self._call_policy)
 
     # Recording ----------------------------------------------------------------------
 
@@ -147,6 +160,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         )
         _check_counts(request, prefix)
         cost, unpriced = _cost(request, prefix, model, book)
+        call = _checked_call(request, prefix, agent_id, project_id)
         body = request.SerializeToString(deterministic=True)
         return UsageRecord(
             key_id=principal.key_id,
@@ -166,6 +180,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
             unpriced=unpriced,
             reservation_id=reservation_id,
             fingerprint=hashlib.blake2b(body, digest_size=12).hexdigest(),
+            call=call,
         )
 
     async def _may_record(self, record: UsageRecord, prefix: str) -> None:
@@ -251,7 +266,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         return usage_pb2.Reservation(
             reservation_id=hold.reservation_id,
             thread_id=hold.thread_id,
-            tokens=hold.tokens,
+            tokens=held.tokens,
             expire_time=timestamp(held.expire_ms),
             budget=budget_message(held.state),
         )
@@ -268,6 +283,8 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
         if not 0 < request.tokens <= MAX_TOKENS_PER_CALL:
             raise errors.invalid_argument("tokens", f"must be between 1 and {MAX_TOKENS_PER_CALL}")
         ttl_ms = _ttl_ms(request)
+        if not 0 <= request.min_tokens <= request.tokens:
+            raise errors.invalid_argument("min_tokens", "must be between 0 and tokens")
         principal = current_principal()
         if principal.role == AGENT:  # an agent reserves as itself: its budgets cover the call
             agent_id = agent_id or principal.subject
@@ -287,6 +304,7 @@ class UsageServicer(BudgetRpcs, SeriesRpcs, usage_service_pb2_grpc.UsageServiceS
             key_id=principal.key_id,
             project_id="" if thread_id else project_id,
             charge_on_expiry=request.on_expiry == usage_service_pb2.EXPIRY_ACTION_CHARGE,
+            least_tokens=request.min_tokens,
         )
 
     async def _threadless_project(self, given: str) -> str:
@@ -599,3 +617,18 @@ def _refusal_text(r: Refusal, hold: Hold, thread: usage_pb2.ThreadBudget) -> str
     if r.kind == "window":
         return f"{budget}: {hold.tokens} tokens are more than its window allows"
     return f"{budget} has no room for {hold.tokens} tokens"
+
+
+def _checked_call(
+    request: usage_service_pb2.RecordUsageRequest, prefix: str, agent_id: str, project_id: str
+) -> str:
+    """The call-log entry a record carries ('' for none): the record's own call, in its
+    project, of its agent."""
+    if not request.HasField("call"):
+        return ""
+    require_call(request.call, prefix + "call")
+    if request.call.agent_id != agent_id or (project_id and request.call.project_id != project_id):
+        raise errors.invalid_argument(
+            prefix + "call", "must name the record's agent_id and project_id"
+        )
+    return call_member(request.call)

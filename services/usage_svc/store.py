@@ -18,6 +18,7 @@ from services.common.convert import now_ms
 from services.common.pagination import Page
 from services.common.redis import HotScript, RedisClient
 from services.common.resp import PipelinedRedis
+from services.usage_svc.call_log import DEFAULT_CALL_LOG, CallLogPolicy
 from services.usage_svc.group_commit import GroupCommit
 from services.usage_svc.keys import PREFIX, Layout
 from services.usage_svc.thread_budgets import (
@@ -52,8 +53,10 @@ class UsageStore(ThreadBudgets):
         clock: Clock = now_ms,
         retention_s: tuple[int, int] = (35 * 86_400, 400 * 86_400),
         pipe: PipelinedRedis | None = None,
+        call_log: CallLogPolicy = DEFAULT_CALL_LOG,
     ) -> None:
         super().__init__(redis, Layout(shards), periods, clock)
+        self._call_log = call_log
         self._retention = retention_s  # hourly, daily buckets
         self._ttl = usage_id_ttl_s
         self._commits: GroupCommit[UsageRecord, RecordOutcome] = GroupCommit(
@@ -118,7 +121,9 @@ class UsageStore(ThreadBudgets):
             keys += [partition.prefix, partition.shard.prefix]
             fields.append(record_fields(r, project))
         for _ in range(ROLL_ATTEMPTS):
-            head = [self._clock(), self._ttl, *self._retention]
+            now = self._clock()
+            head = [now, self._ttl, *self._retention, self._call_log.cutoff(now),
+                    self._call_log.most]  # fmt: skip
             reply = await self._record(keys=keys, args=[*head, *fields])
             if not rolls(reply[0]):
                 return list(reply)

@@ -92,7 +92,7 @@ class ThreadBudgets(Aggregates):
                 keys=[partition.prefix],
                 args=[hold.reservation_id, hold.thread_id, hold.tokens, hold.cost_micros, now,
                       now + hold.ttl_ms, hold.agent_id, hold.model, hold.key_id, on_expiry,
-                      project],
+                      project, hold.least_tokens],
             )  # fmt: skip
             if not rolls(reply):
                 outcome, value, state = _budget_reply(hold.thread_id, reply)
@@ -101,7 +101,8 @@ class ThreadBudgets(Aggregates):
                     if outcome == Outcome.EXHAUSTED
                     else []
                 )
-                return BudgetChange(outcome, state, expire_ms=value, refused=refused)
+                held = int(reply[9]) if outcome == Outcome.OK else 0
+                return BudgetChange(outcome, state, value, tokens=held, refused=refused)
             await self._open_periods(reply[1:], {project: partition})
         raise RuntimeError("budget periods kept ending while reserving")
 

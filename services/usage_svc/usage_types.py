@@ -30,6 +30,7 @@ class UsageRecord:
     reasoning_tokens: int = 0  # part of completion_tokens
     cache_write_tokens: int = 0  # part of prompt_tokens
     estimated: bool = False  # the counts are an estimate (no usage from the provider)
+    call: str = ""  # the model gateway's call-log entry ('<ulid>|<base64>'), if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,7 @@ class Hold:
     key_id: str = ""
     project_id: str = ""  # the covering budgets' project when there is no thread
     charge_on_expiry: bool = False  # recorded in full (estimated) if it expires unsettled
+    least_tokens: int = 0  # > 0: hold as many as fit, at most `tokens`, at least this
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,7 @@ class BudgetChange:
     outcome: Outcome
     state: BudgetState
     expire_ms: int = 0  # reserve: when the hold lapses
+    tokens: int = 0  # reserve: the tokens held
     released: bool = False  # release: whether a live reservation was given back
     refused: list[Refusal] = field(default_factory=list)  # reserve: who refused, and why
 
@@ -171,7 +174,8 @@ class Overview:
 RECORD_FIELDS = (
     "fingerprint", "usage id", "prompt", "completion", "cost micros", "latency ms",
     "unpriced", "reservation id", "agent id", "model", "thread id", "project id",
-    "API key id", "cached prompt", "reasoning", "cache write", "estimated",
+    "API key id", "cached prompt", "reasoning", "cache write", "estimated", "call ulid",
+    "call",
 )  # fmt: skip
 
 
@@ -182,6 +186,7 @@ def record_fields(r: UsageRecord, project: str) -> str:
         f"{r.cost_micros}|{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|"
         f"{r.agent_id}|{r.model}|{r.thread_id}|{project}|{r.key_id}|"
         f"{r.cached_prompt_tokens}|{r.reasoning_tokens}|{r.cache_write_tokens}|{int(r.estimated)}"
+        + (f"|{r.call}" if r.call else "")
     )
 
 

@@ -143,3 +143,32 @@ async def test_a_settled_reservation_counts_its_actual_usage_in_its_admission_se
     clock.ms += 30_000  # the admission second of "big" leaves: its 25 tokens with it
     now = await state(budgets, "tpm")
     assert (now.used_tokens, now.used_requests) == (0, 1)  # "small" still counts as a request
+
+
+async def test_a_flexible_hold_takes_what_the_tightest_budget_has_room_for(world) -> None:  # noqa: F811
+    """`least_tokens` (ReserveBudget.min_tokens): the model gateway asks for its ceiling and
+    accepts less, down to a minimal answer; the hold is what the tightest HARD budget has
+    room for — a window, a calendar budget or the thread's — and the cost estimate scales."""
+    usage, budgets, clock, _ = world
+    await make(budgets, "tpm", spec(limit_tokens=100, period=Period.MINUTE))
+    await make(budgets, "day", spec(limit_tokens=250, period=Period.DAY))
+    wide = Hold("f1", "t1", 500, 5_000, 600_000, agent_id="a1", model="m", least_tokens=16)
+    first = await usage.reserve(wide)
+    assert (first.outcome, first.tokens) == (Outcome.OK, 100)  # the minute window's room
+    assert (await state(budgets, "tpm")).reserved_tokens == 100
+    again = await usage.reserve(wide)  # a retry answers the same hold
+    assert (again.outcome, again.tokens) == (Outcome.OK, 100)
+    refused = await usage.reserve(Hold("f2", "t1", 500, 0, 600_000, least_tokens=16))
+    assert refused.outcome == Outcome.EXHAUSTED  # not even 16 fit in the window
+    clock.ms += 60_000
+    second = await usage.reserve(Hold("f3", "t1", 500, 0, 600_000, least_tokens=16))
+    assert (second.outcome, second.tokens) == (Outcome.OK, 100)
+    clock.ms += 60_000
+    third = await usage.reserve(Hold("f4", "t1", 500, 0, 600_000, least_tokens=16))
+    assert (third.outcome, third.tokens) == (Outcome.OK, 50)  # the day's 250 - 200 held
+    exact = await usage.reserve(Hold("f5", "t1", 500, 0, 600_000))  # least 0: all or nothing
+    assert exact.outcome == Outcome.EXHAUSTED
+    await usage.set_budget("t2", 40, "p", create=True)  # the thread's own budget is tighter
+    clock.ms += 86_400_000
+    fourth = await usage.reserve(Hold("f6", "t2", 500, 0, 600_000, least_tokens=16))
+    assert (fourth.outcome, fourth.tokens) == (Outcome.OK, 40)

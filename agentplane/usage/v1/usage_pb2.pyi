@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -207,6 +208,42 @@ USAGE_GROUP_BY_AGENT: UsageGroupBy.ValueType  # 2
 USAGE_GROUP_BY_MODEL: UsageGroupBy.ValueType  # 3
 """One series per model."""
 Global___UsageGroupBy: _TypeAlias = UsageGroupBy  # noqa: Y015
+
+class _ModelCallOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelCallOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelCallOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_CALL_OUTCOME_UNSPECIFIED: _ModelCallOutcome.ValueType  # 0
+    """Not set."""
+    MODEL_CALL_OUTCOME_OK: _ModelCallOutcome.ValueType  # 1
+    """The provider answered (the whole stream, for a streamed call)."""
+    MODEL_CALL_OUTCOME_REFUSED: _ModelCallOutcome.ValueType  # 2
+    """Refused before anything went upstream (identity, state, budget or limit)."""
+    MODEL_CALL_OUTCOME_UPSTREAM_ERROR: _ModelCallOutcome.ValueType  # 3
+    """The provider answered with an error, or the connection to it failed."""
+    MODEL_CALL_OUTCOME_CANCELLED: _ModelCallOutcome.ValueType  # 4
+    """The client went away before the answer was complete."""
+    MODEL_CALL_OUTCOME_TIMEOUT: _ModelCallOutcome.ValueType  # 5
+    """The provider did not answer in time (connect, first byte or between events)."""
+
+class ModelCallOutcome(_ModelCallOutcome, metaclass=_ModelCallOutcomeEnumTypeWrapper):
+    """How a call through the model gateway ended."""
+
+MODEL_CALL_OUTCOME_UNSPECIFIED: ModelCallOutcome.ValueType  # 0
+"""Not set."""
+MODEL_CALL_OUTCOME_OK: ModelCallOutcome.ValueType  # 1
+"""The provider answered (the whole stream, for a streamed call)."""
+MODEL_CALL_OUTCOME_REFUSED: ModelCallOutcome.ValueType  # 2
+"""Refused before anything went upstream (identity, state, budget or limit)."""
+MODEL_CALL_OUTCOME_UPSTREAM_ERROR: ModelCallOutcome.ValueType  # 3
+"""The provider answered with an error, or the connection to it failed."""
+MODEL_CALL_OUTCOME_CANCELLED: ModelCallOutcome.ValueType  # 4
+"""The client went away before the answer was complete."""
+MODEL_CALL_OUTCOME_TIMEOUT: ModelCallOutcome.ValueType  # 5
+"""The provider did not answer in time (connect, first byte or between events)."""
+Global___ModelCallOutcome: _TypeAlias = ModelCallOutcome  # noqa: Y015
 
 @_typing.final
 class UsageTotals(_message.Message):
@@ -940,3 +977,109 @@ class ModelPrice(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cached_prompt_per_million_usd) -> _WhichOneofReturnType__cached_prompt_per_million_usd | None: ...
 
 Global___ModelPrice: _TypeAlias = ModelPrice  # noqa: Y015
+
+@_typing.final
+class ModelCall(_message.Message):
+    """One LLM call through the model gateway: metadata only, never prompts or answers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
+    MODEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    ESTIMATED_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    TIME_TO_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    USAGE_ID_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    """The call's id: a ULID the gateway makes when the call arrives (its time is the
+    call's start, which orders the log).
+    """
+    project_id: _builtins.str
+    """The project (the caller's)."""
+    agent_id: _builtins.str
+    """The agent whose key made the call."""
+    thread_id: _builtins.str
+    """The thread the call was tied to (`Agentplane-Thread`), if any."""
+    api_key_id: _builtins.str
+    """The API key that made the call."""
+    model_requested: _builtins.str
+    """The model the request named."""
+    model: _builtins.str
+    """The model that answered (as the provider reported it)."""
+    provider: _builtins.str
+    """The configured provider that served the call."""
+    outcome: Global___ModelCallOutcome.ValueType
+    """How the call ended."""
+    reason: _builtins.str
+    """Why a call was refused: a machine-readable code (`budget_exceeded`, `rate_limited`,
+    `agent_paused`, ...) and, for budgets, the refusing budgets.
+    """
+    http_status: _builtins.int
+    """The HTTP status the caller got."""
+    estimated: _builtins.bool
+    """The usage is the gateway's estimate: the provider never reported it."""
+    usage_id: _builtins.str
+    """The usage record of the call (empty when it has none)."""
+    operation: _builtins.str
+    """The API operation: `chat.completions`, `responses`, `embeddings` or `messages`."""
+    stream: _builtins.bool
+    """Whether the answer was streamed."""
+    @_builtins.property
+    def usage(self) -> Global___UsageTotals:
+        """The call's usage (empty for a call that recorded none)."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the call arrived."""
+
+    @_builtins.property
+    def time_to_first_token(self) -> _duration_pb2.Duration:
+        """From arrival to the first byte of the answer sent to the caller."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """From arrival to the end of the answer."""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        thread_id: _builtins.str = ...,
+        api_key_id: _builtins.str = ...,
+        model_requested: _builtins.str = ...,
+        model: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        outcome: Global___ModelCallOutcome.ValueType = ...,
+        reason: _builtins.str = ...,
+        http_status: _builtins.int = ...,
+        usage: Global___UsageTotals | None = ...,
+        estimated: _builtins.bool = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        time_to_first_token: _duration_pb2.Duration | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        usage_id: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        stream: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "start_time", b"start_time", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "api_key_id", b"api_key_id", "call_id", b"call_id", "duration", b"duration", "estimated", b"estimated", "http_status", b"http_status", "model", b"model", "model_requested", b"model_requested", "operation", b"operation", "outcome", b"outcome", "project_id", b"project_id", "provider", b"provider", "reason", b"reason", "start_time", b"start_time", "stream", b"stream", "thread_id", b"thread_id", "time_to_first_token", b"time_to_first_token", "usage", b"usage", "usage_id", b"usage_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelCall: _TypeAlias = ModelCall  # noqa: Y015

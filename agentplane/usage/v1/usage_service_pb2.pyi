@@ -68,6 +68,7 @@ class RecordUsageRequest(_message.Message):
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_TOKENS_FIELD_NUMBER: _builtins.int
     ESTIMATED_FIELD_NUMBER: _builtins.int
+    CALL_FIELD_NUMBER: _builtins.int
     usage_id: _builtins.str
     """Client-chosen id of this call's usage; the idempotency key."""
     thread_id: _builtins.str
@@ -102,6 +103,12 @@ class RecordUsageRequest(_message.Message):
     """The counts are an estimate (the provider never reported usage: a cut stream, a
     timeout, a reservation charged at its expiry), counted in `estimated_request_count`.
     """
+    @_builtins.property
+    def call(self) -> _usage_pb2.ModelCall:
+        """The model gateway's log entry of the call this record settles: written in the same
+        atomic step as the record, and only when the record is new.
+        """
+
     def __init__(
         self,
         *,
@@ -119,10 +126,11 @@ class RecordUsageRequest(_message.Message):
         reasoning_tokens: _builtins.int = ...,
         cache_write_tokens: _builtins.int = ...,
         estimated: _builtins.bool = ...,
+        call: _usage_pb2.ModelCall | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd", "cost_usd", b"cost_usd"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd", "call", b"call", "cost_usd", b"cost_usd"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd", "agent_id", b"agent_id", "cache_write_tokens", b"cache_write_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "estimated", b"estimated", "latency_ms", b"latency_ms", "model", b"model", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "reservation_id", b"reservation_id", "thread_id", b"thread_id", "usage_id", b"usage_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd", "agent_id", b"agent_id", "cache_write_tokens", b"cache_write_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "call", b"call", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "estimated", b"estimated", "latency_ms", b"latency_ms", "model", b"model", "project_id", b"project_id", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "reservation_id", b"reservation_id", "thread_id", b"thread_id", "usage_id", b"usage_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cost_usd: _TypeAlias = _typing.Literal["cost_usd"]  # noqa: Y015
     _WhichOneofArgType__cost_usd: _TypeAlias = _typing.Literal["_cost_usd", b"_cost_usd"]  # noqa: Y015
@@ -262,6 +270,7 @@ class ReserveBudgetRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     ON_EXPIRY_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """Client-chosen id of the reservation; a retry with the same id is idempotent."""
     thread_id: _builtins.str
@@ -283,6 +292,12 @@ class ReserveBudgetRequest(_message.Message):
     back; CHARGE records it in full as usage flagged `estimated` (for a caller that may
     die mid-call: spending is never undercounted).
     """
+    min_tokens: _builtins.int
+    """When more than 0, the caller accepts fewer tokens than `tokens`, down to this: the
+    reservation holds as many as the tightest covering budget has room for (its
+    `tokens` says how many), and is refused only when not even `min_tokens` fit. The
+    model gateway lowers a call's output cap to what its reservation holds.
+    """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """How long the hold lasts unless settled; default 60 s, at most 1 h."""
@@ -298,10 +313,11 @@ class ReserveBudgetRequest(_message.Message):
         model: _builtins.str = ...,
         project_id: _builtins.str = ...,
         on_expiry: Global___ExpiryAction.ValueType = ...,
+        min_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "model", b"model", "on_expiry", b"on_expiry", "project_id", b"project_id", "reservation_id", b"reservation_id", "thread_id", b"thread_id", "tokens", b"tokens", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "min_tokens", b"min_tokens", "model", b"model", "on_expiry", b"on_expiry", "project_id", b"project_id", "reservation_id", b"reservation_id", "thread_id", b"thread_id", "tokens", b"tokens", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1570,3 +1586,115 @@ class ExportUsageRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportUsageRequest: _TypeAlias = ExportUsageRequest  # noqa: Y015
+
+@_typing.final
+class LogModelCallRequest(_message.Message):
+    """Request of LogModelCall."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def call(self) -> _usage_pb2.ModelCall:
+        """The call (`call_id` and `project_id` required)."""
+
+    def __init__(
+        self,
+        *,
+        call: _usage_pb2.ModelCall | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogModelCallRequest: _TypeAlias = LogModelCallRequest  # noqa: Y015
+
+@_typing.final
+class ListModelCallsRequest(_message.Message):
+    """Request of ListModelCalls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project."""
+    agent_id: _builtins.str
+    """Only calls of this agent."""
+    thread_id: _builtins.str
+    """Only calls tied to this thread."""
+    model: _builtins.str
+    """Only calls that named this model."""
+    outcome: _usage_pb2.ModelCallOutcome.ValueType
+    """Only calls that ended this way."""
+    page_size: _builtins.int
+    """Page size: default 50, maximum 100."""
+    page_token: _builtins.str
+    """Token from a previous response's `next_page_token`."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only calls that started at or after this time."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only calls that started before this time."""
+
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        thread_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        outcome: _usage_pb2.ModelCallOutcome.ValueType = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "end_time", b"end_time", "model", b"model", "outcome", b"outcome", "page_size", b"page_size", "page_token", b"page_token", "project_id", b"project_id", "start_time", b"start_time", "thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelCallsRequest: _TypeAlias = ListModelCallsRequest  # noqa: Y015
+
+@_typing.final
+class ListModelCallsResponse(_message.Message):
+    """Response of ListModelCalls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty at the end. A filtered page may hold fewer calls than
+    asked for while more follow.
+    """
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[_usage_pb2.ModelCall]:
+        """The page of calls, newest first."""
+
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[_usage_pb2.ModelCall] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelCallsResponse: _TypeAlias = ListModelCallsResponse  # noqa: Y015

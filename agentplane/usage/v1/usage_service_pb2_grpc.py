@@ -117,6 +117,16 @@ class UsageServiceStub:
                 request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetBudgetRequest.SerializeToString,
                 response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.FromString,
                 _registered_method=True)
+        self.LogModelCall = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/LogModelCall',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.LogModelCallRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.ModelCall.FromString,
+                _registered_method=True)
+        self.ListModelCalls = channel.unary_unary(
+                '/agentplane.usage.v1.UsageService/ListModelCalls',
+                request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListModelCallsRequest.SerializeToString,
+                response_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListModelCallsResponse.FromString,
+                _registered_method=True)
         self.ListBudgets = channel.unary_unary(
                 '/agentplane.usage.v1.UsageService/ListBudgets',
                 request_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListBudgetsRequest.SerializeToString,
@@ -320,6 +330,22 @@ class UsageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LogModelCall(self, request, context):
+        """Logs a model-gateway call that has no usage record (a refusal, an upstream error
+        that reported none); a call with usage is logged by its RecordUsage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModelCalls(self, request, context):
+        """Lists a project's model-gateway calls, newest first; filter by agent, thread, model,
+        outcome and time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListBudgets(self, request, context):
         """Lists a project's budgets, oldest first; filter by scope and scope id.
         """
@@ -518,6 +544,16 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.GetBudget,
                     request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetBudgetRequest.FromString,
                     response_serializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.SerializeToString,
+            ),
+            'LogModelCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogModelCall,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.LogModelCallRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__pb2.ModelCall.SerializeToString,
+            ),
+            'ListModelCalls': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModelCalls,
+                    request_deserializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListModelCallsRequest.FromString,
+                    response_serializer=agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListModelCallsResponse.SerializeToString,
             ),
             'ListBudgets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBudgets,
@@ -1033,6 +1069,60 @@ class UsageService:
             '/agentplane.usage.v1.UsageService/GetBudget',
             agentplane_dot_usage_dot_v1_dot_usage__service__pb2.GetBudgetRequest.SerializeToString,
             agentplane_dot_usage_dot_v1_dot_usage__pb2.Budget.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogModelCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/LogModelCall',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.LogModelCallRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__pb2.ModelCall.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModelCalls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.usage.v1.UsageService/ListModelCalls',
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListModelCallsRequest.SerializeToString,
+            agentplane_dot_usage_dot_v1_dot_usage__service__pb2.ListModelCallsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,6 +76,14 @@ class UsageServiceStub:
     """Creates a budget in a project."""
     GetBudget: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetBudgetRequest, _usage_pb2.Budget]
     """Gets a budget with the state of its current period."""
+    LogModelCall: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.LogModelCallRequest, _usage_pb2.ModelCall]
+    """Logs a model-gateway call that has no usage record (a refusal, an upstream error
+    that reported none); a call with usage is logged by its RecordUsage.
+    """
+    ListModelCalls: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListModelCallsRequest, _usage_service_pb2.ListModelCallsResponse]
+    """Lists a project's model-gateway calls, newest first; filter by agent, thread, model,
+    outcome and time.
+    """
     ListBudgets: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListBudgetsRequest, _usage_service_pb2.ListBudgetsResponse]
     """Lists a project's budgets, oldest first; filter by scope and scope id."""
     UpdateBudget: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.UpdateBudgetRequest, _usage_pb2.Budget]
@@ -162,6 +170,14 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """Creates a budget in a project."""
     GetBudget: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetBudgetRequest, _usage_pb2.Budget]  # type: ignore[assignment]
     """Gets a budget with the state of its current period."""
+    LogModelCall: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.LogModelCallRequest, _usage_pb2.ModelCall]  # type: ignore[assignment]
+    """Logs a model-gateway call that has no usage record (a refusal, an upstream error
+    that reported none); a call with usage is logged by its RecordUsage.
+    """
+    ListModelCalls: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListModelCallsRequest, _usage_service_pb2.ListModelCallsResponse]  # type: ignore[assignment]
+    """Lists a project's model-gateway calls, newest first; filter by agent, thread, model,
+    outcome and time.
+    """
     ListBudgets: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListBudgetsRequest, _usage_service_pb2.ListBudgetsResponse]  # type: ignore[assignment]
     """Lists a project's budgets, oldest first; filter by scope and scope id."""
     UpdateBudget: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.UpdateBudgetRequest, _usage_pb2.Budget]  # type: ignore[assignment]
@@ -341,6 +357,26 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_pb2.Budget, _abc.Awaitable[_usage_pb2.Budget]]:
         """Gets a budget with the state of its current period."""
+
+    @_abc_1.abstractmethod
+    def LogModelCall(
+        self,
+        request: _usage_service_pb2.LogModelCallRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.ModelCall, _abc.Awaitable[_usage_pb2.ModelCall]]:
+        """Logs a model-gateway call that has no usage record (a refusal, an upstream error
+        that reported none); a call with usage is logged by its RecordUsage.
+        """
+
+    @_abc_1.abstractmethod
+    def ListModelCalls(
+        self,
+        request: _usage_service_pb2.ListModelCallsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ListModelCallsResponse, _abc.Awaitable[_usage_service_pb2.ListModelCallsResponse]]:
+        """Lists a project's model-gateway calls, newest first; filter by agent, thread, model,
+        outcome and time.
+        """
 
     @_abc_1.abstractmethod
     def ListBudgets(

@@ -23,6 +23,7 @@
 -- P..'winz:<id>'     zset of the seconds that have a bucket
 -- P..'alerts'        stream of alerts; P..'alert:<alert id>' -> its entry id
 -- P..'webhooks'      hash webhook id -> event types it takes (space-separated, '*' all)
+-- P..'calls'         zset of the model gateway's call log (see log_call)
 -- S..'due'           zset '<project>|<delivery id>' -> when its next attempt is due (ms)
 
 local ALERT_KEEP_MS = 7 * 24 * 3600 * 1000
@@ -278,4 +279,15 @@ local function check_alerts(P, S, project, bid, now)
     end
   end
   if raised then redis.call('HSET', key, 'fired', fired) end
+end
+
+-- The model gateway's call log of a project: one sorted set, members '<call ulid>|<the
+-- ModelCall, base64>' at score 0, so lexical order is time order; entries older than
+-- `cutoff` (a ULID's time prefix) and past the newest `most` are dropped as calls arrive.
+local function log_call(P, member, cutoff, most)
+  local key = P .. 'calls'
+  redis.call('ZADD', key, 0, member)
+  redis.call('ZREMRANGEBYLEX', key, '-', '(' .. cutoff)
+  local n = redis.call('ZCARD', key)
+  if n > most then redis.call('ZREMRANGEBYRANK', key, 0, n - most - 1) end
 end

@@ -6,16 +6,20 @@
 --
 -- KEYS, 2 per record: 1 the project's partition prefix P, 2 the shard prefix S
 -- ARGV: 1 now (ms), 2 usage-id ttl (s), 3 hourly buckets kept (s), 4 daily buckets kept
---   (s); then one per record, its fields joined by '|' (ids cannot contain '|'):
+--   (s), 5 the call log's cutoff (a ULID time prefix), 6 the most calls a project keeps;
+--   then one per record, its fields joined by '|' (ids cannot contain '|'):
 --   fingerprint, usage id, prompt, completion, cost micros, latency ms, unpriced (0/1),
 --   reservation id, agent id, model, thread id ('' for none: it counts in every total but
 --   no thread's), project id ('' for none), API key id,
---   cached prompt, reasoning, cache write, estimated (0/1)
+--   cached prompt, reasoning, cache write, estimated (0/1), call ulid (a model-gateway
+--   call's log entry: logged with a new record only; absent for none), call (the
+--   ModelCall in base64)
 -- Returns per record: {outcome, cost, <thread budget state>}, outcome NEW | DUPLICATE |
 -- CONFLICT; or, before writing anything, {{'ROLL', P, budget id, ...}} when a covering
 -- budget's period has ended (the caller opens the new period and calls again).
 local now, ttl, keep_hour, keep_day = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local FIRST = 5
+local call_cutoff, call_most = ARGV[5], tonumber(ARGV[6])
+local FIRST = 7
 local hour = tonumber(now) - tonumber(now) % 3600000
 local day = tonumber(now) - tonumber(now) % 86400000
 local records = {}
@@ -268,6 +272,9 @@ for _, item in ipairs(records) do
     local reply = {'NEW', tonumber(cost)}
     for _, v in ipairs(state) do reply[#reply + 1] = v end
     redis.call('SET', usage_key, fp .. '|' .. table.concat(reply, '|', 2), 'EX', ttl)
+    if r[18] and r[18] ~= '' and project ~= '' then
+      log_call(P, r[18] .. '|' .. r[19], call_cutoff, call_most)
+    end
     replies[#replies + 1] = reply
   end
 end

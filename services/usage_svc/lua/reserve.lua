@@ -9,14 +9,18 @@
 -- KEYS: 1 the project's partition prefix P
 -- ARGV: 1 reservation id, 2 thread id ('' for none), 3 tokens, 4 cost estimate (micros),
 --       5 now (ms), 6 expiry (ms), 7 agent id, 8 model, 9 API key id, 10 'CHARGE' to record
---       it in full when it expires unsettled ('' to give it back), 11 project id
--- Returns {outcome, expiry, <thread budget state>, refusals...}: OK | NO_BUDGET | CLOSED |
+--       it in full when it expires unsettled ('' to give it back), 11 project id, 12 the
+--       fewest tokens the caller accepts (0: exactly ARGV 3; else as many as the tightest
+--       budget has room for, at most ARGV 3, at least this, the cost estimate scaled alike)
+-- Returns {outcome, expiry, <thread budget state>, refusals... | tokens held (OK)}: OK |
+--   NO_BUDGET | CLOSED |
 --   EXHAUSTED (each refusal 'thread:<id>' or 'budget:<id>|<calendar|window|inflight>|<ms
 --   until room, -1 never>') | CONFLICT; or {'ROLL', P, budget id, ...} when a covering
 --   budget's period has ended (nothing written; the caller opens it and retries)
 local P = KEYS[1]
 local rid, thread_id, tokens, cost = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now, expiry = ARGV[5], ARGV[6]
+local least = tonumber(ARGV[12] or '0') or 0
 local sec = math.floor(tonumber(now) / 1000)
 local thread = P .. 'thread:' .. thread_id
 local field = thread_id .. '|' .. rid
@@ -33,8 +37,13 @@ if b[1] == 0 and thread_id ~= '' then return {'NO_BUDGET', 0} end
 local held = redis.call('HGET', P .. 'res', field)
 if held then
   local r = split(held, '|')
-  if tonumber(r[1]) ~= tokens then return with_state({'CONFLICT', 0}, thread) end
-  return with_state({'OK', tonumber(r[3])}, thread)
+  local had = tonumber(r[1])
+  if had ~= tokens and not (least > 0 and had >= least and had <= tokens) then
+    return with_state({'CONFLICT', 0}, thread)
+  end
+  local reply = with_state({'OK', tonumber(r[3])}, thread)
+  reply[#reply + 1] = had
+  return reply
 end
 if b[6] == 1 then return with_state({'CLOSED', 0}, thread) end
 
@@ -58,19 +67,55 @@ local function refusal(bid, f)
   return kind, wait
 end
 
-local refused = {}
-if b[1] == 1 and b[3] + b[4] + b[5] + tokens > b[2] then
-  refused[#refused + 1] = 'thread:' .. thread_id
-end
 local budgets = {}
 for _, bid in ipairs(ids) do
   local f = redis.call('HMGET', P .. 'budget:' .. bid,
     'enf', 'lt', 'lc', 't', 'c', 'rt', 'rc', 'lr', 'mif', 'inf', 'win', 'r')
-  budgets[#budgets + 1] = {bid = bid, win = num(f[11])}
+  budgets[#budgets + 1] = {bid = bid, win = num(f[11]), f = f}
   if num(f[11]) > 0 then window_slide(P, bid, num(f[11]), sec) end
-  if f[1] == 'HARD' then
-    local kind, wait = refusal(bid, f)
-    if kind then refused[#refused + 1] = 'budget:' .. bid .. '|' .. kind .. '|' .. wait end
+end
+
+-- The room the tightest HARD budget has, in tokens (its cost limit converted at this
+-- call's estimated price per token).
+local function room()
+  local least_room = tokens
+  if b[1] == 1 then least_room = math.min(least_room, b[2] - b[3] - b[4] - b[5]) end
+  for _, budget in ipairs(budgets) do
+    local f = budget.f
+    if f[1] == 'HARD' then
+      local lt, lc = num(f[2]), num(f[3])
+      local used_t, used_c = num(f[4]) + num(f[6]), num(f[5]) + num(f[7])
+      if budget.win > 0 then
+        local s = window_sums(P, budget.bid)
+        used_t, used_c = s[1] + s[2], s[4] + s[5]
+      end
+      if lt > 0 then least_room = math.min(least_room, lt - used_t) end
+      if lc > 0 and cost > 0 then
+        least_room = math.min(least_room, math.floor((lc - used_c) * tokens / cost))
+      end
+    end
+  end
+  return least_room
+end
+
+if least > 0 and least < tokens then
+  local grant = math.max(least, room())
+  if grant < tokens then
+    cost = math.ceil(cost * grant / tokens)
+    tokens = grant
+  end
+end
+
+local refused = {}
+if b[1] == 1 and b[3] + b[4] + b[5] + tokens > b[2] then
+  refused[#refused + 1] = 'thread:' .. thread_id
+end
+for _, budget in ipairs(budgets) do
+  if budget.f[1] == 'HARD' then
+    local kind, wait = refusal(budget.bid, budget.f)
+    if kind then
+      refused[#refused + 1] = 'budget:' .. budget.bid .. '|' .. kind .. '|' .. wait
+    end
   end
 end
 if #refused > 0 then
@@ -99,4 +144,6 @@ for _, budget in ipairs(budgets) do
     redis.call('HINCRBY', key, 'r', 1)
   end
 end
-return with_state({'OK', tonumber(expiry)}, thread)
+local reply = with_state({'OK', tonumber(expiry)}, thread)
+reply[#reply + 1] = tokens
+return reply
