@@ -25,6 +25,7 @@ AGENT = Process("agent", "agent_svc", "services.agent_svc", 50051, 9101, "AGENT_
 THREAD = Process("thread", "thread_svc", "services.thread_svc", 50052, 9102, "THREAD_SVC_ADDR")
 USAGE = Process("usage", "usage_svc", "services.usage_svc", 50053, 9103, "USAGE_SVC_ADDR")
 GATEWAY = Process("gateway", "gateway", "gateway", 8080, 9104)
+MODELS = Process("models", "model_gateway", "gateway.models", 8090, 9105)
 
 SERVICES = (AGENT, THREAD, USAGE)  # the gRPC services, in the order they start
 PROCESSES = (*SERVICES, GATEWAY)

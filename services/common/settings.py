@@ -206,6 +206,13 @@ class Settings:
     thread_retention_s: float = 7 * 86_400.0
     agent_retention_s: float = 30 * 86_400.0
     thread_max_messages: int = 10_000
+    model_http_port: int = 8090
+    model_providers_file: str = ""
+    min_output_tokens: int = 16
+    model_max_body_bytes: int = 32 * 1024 * 1024
+    model_call_max_s: float = 600.0
+    model_image_tokens: int = 4_000
+    model_state_cache_s: float = 1.0
     call_log_retention_s: float = 7 * 86_400.0
     call_log_max: int = 50_000
     retention_sweep_s: float = 10.0
@@ -314,6 +321,15 @@ class Settings:
                 env, "AGENT_RETENTION", 30 * 86_400.0, 1, 10 * 365 * 86_400
             ),
             thread_max_messages=_int(env, "THREAD_MAX_MESSAGES", 10_000, 10, 10_000_000),
+            model_http_port=_int(env, "MODEL_HTTP_PORT", 8090, 0, 65535),
+            model_providers_file=env.get("MODEL_PROVIDERS_FILE", ""),
+            min_output_tokens=_int(env, "MIN_OUTPUT_TOKENS", 16, 1, 100_000),
+            model_max_body_bytes=_int(
+                env, "MODEL_MAX_BODY_BYTES", 32 * 1024 * 1024, 1024, 1024 * 1024 * 1024
+            ),
+            model_call_max_s=_duration(env, "MODEL_CALL_MAX_DURATION", 600.0, 1, 3600),
+            model_image_tokens=_int(env, "MODEL_IMAGE_TOKENS", 4_000, 1, 1_000_000),
+            model_state_cache_s=_duration(env, "MODEL_STATE_CACHE", 1.0, 0, 2),
             call_log_retention_s=_duration(
                 env, "CALL_LOG_RETENTION", 7 * 86_400.0, 1, 10 * 365 * 86_400
             ),

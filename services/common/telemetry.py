@@ -46,6 +46,37 @@ BUDGET_REJECTIONS = Counter(
     ["reason"],
 )
 
+# The model gateway (SPEC §14). `model` is a configured model's name ("-" for a call
+# refused before its model was known, or naming no configured model).
+MODEL_CALLS = Counter(
+    "agentplane_model_calls_total", "Model gateway calls, by model and outcome", ["model", "outcome"]
+)
+MODEL_TOKENS = Counter(
+    "agentplane_model_tokens_total",
+    "Tokens of model gateway calls, by model and kind (prompt, completion, cached, "
+    "cache_write, reasoning; estimated counts included)",
+    ["model", "kind"],
+)
+MODEL_COST = Counter(
+    "agentplane_model_cost_micros_total", "Cost of model gateway calls, micro-USD", ["model"]
+)
+MODEL_REFUSALS = Counter(
+    "agentplane_model_refusals_total",
+    "Model gateway calls refused before going upstream, by code (invalid_api_key, "
+    "agent_paused, budget_exceeded, rate_limited, ...)",
+    ["reason"],
+)
+_CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+MODEL_TTFT = Histogram(
+    "agentplane_model_time_to_first_token_seconds",
+    "From a call's arrival to the first byte of its answer sent to the caller",
+    ["model"], buckets=_CALL_BUCKETS,
+)  # fmt: skip
+MODEL_DURATION = Histogram(
+    "agentplane_model_call_duration_seconds", "Model gateway calls, arrival to the end",
+    ["model"], buckets=_CALL_BUCKETS,
+)  # fmt: skip
+
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -89,6 +120,7 @@ def recording() -> bool:
 
 class Span(Protocol):
     def fail(self, message: str) -> None: ...
+    def set(self, attributes: dict[str, str | int | bool]) -> None: ...
     def end(self) -> None: ...
     def abandon(self) -> None: ...
 
@@ -106,6 +138,9 @@ class _RecordedSpan:
 
     def fail(self, message: str) -> None:
         self._span.set_status(trace.Status(trace.StatusCode.ERROR, message))
+
+    def set(self, attributes: dict[str, str | int | bool]) -> None:
+        self._span.set_attributes(attributes)
 
     def end(self) -> None:
         self._manager.__exit__(None, None, None)
@@ -130,6 +165,9 @@ class _TraceIds:
         self._token = otel_context.attach(trace.set_span_in_context(span))
 
     def fail(self, message: str) -> None:
+        pass
+
+    def set(self, attributes: dict[str, str | int | bool]) -> None:
         pass
 
     def end(self) -> None:

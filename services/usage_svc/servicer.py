@@ -160,7 +160,7 @@ class UsageServicer(
         )
         _check_counts(request, prefix)
         cost, unpriced = _cost(request, prefix, model, book)
-        call = _checked_call(request, prefix, agent_id, project_id)
+        call = _checked_call(request, prefix, agent_id, project_id, cost)
         body = request.SerializeToString(deterministic=True)
         return UsageRecord(
             key_id=principal.key_id,
@@ -620,10 +620,11 @@ def _refusal_text(r: Refusal, hold: Hold, thread: usage_pb2.ThreadBudget) -> str
 
 
 def _checked_call(
-    request: usage_service_pb2.RecordUsageRequest, prefix: str, agent_id: str, project_id: str
+    request: usage_service_pb2.RecordUsageRequest, prefix: str, agent_id: str, project_id: str,
+    cost_micros: int,
 ) -> str:
     """The call-log entry a record carries ('' for none): the record's own call, in its
-    project, of its agent."""
+    project, of its agent; its usage is the record's, priced."""
     if not request.HasField("call"):
         return ""
     require_call(request.call, prefix + "call")
@@ -631,4 +632,16 @@ def _checked_call(
         raise errors.invalid_argument(
             prefix + "call", "must name the record's agent_id and project_id"
         )
-    return call_member(request.call)
+    call = usage_pb2.ModelCall()
+    call.CopyFrom(request.call)
+    call.usage_id, call.estimated = request.usage_id, request.estimated
+    call.usage.CopyFrom(usage_pb2.UsageTotals(
+        total_tokens=request.prompt_tokens + request.completion_tokens,
+        prompt_tokens=request.prompt_tokens, completion_tokens=request.completion_tokens,
+        request_count=1, total_cost_micros=cost_micros, total_cost_usd=cost_micros / 1e6,
+        cached_prompt_tokens=request.cached_prompt_tokens,
+        reasoning_tokens=request.reasoning_tokens,
+        cache_write_tokens=request.cache_write_tokens,
+        estimated_request_count=int(request.estimated),
+    ))  # fmt: skip
+    return call_member(call)

@@ -121,19 +121,13 @@ async def stop_cluster(cluster: Cluster) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serve_gateway(cluster: Cluster, **overrides: object) -> AsyncIterator[str]:
-    """The real gateway app and HTTP server on port 0, wired to `cluster`; yields its URL."""
-    from gateway.app import create_app
+async def serve_http(settings: Settings, app: Any) -> AsyncIterator[str]:
+    """An ASGI app on the gateways' real HTTP server, port 0; yields its URL."""
     from gateway.server import listen, make_server
 
-    settings = make_settings(
-        "gateway", cluster.redis_url, cluster.redis_cluster,
-        agent_svc_addr=cluster.address("agent"), thread_svc_addr=cluster.address("thread"),
-        usage_svc_addr=cluster.address("usage"), bind_host="127.0.0.1", **overrides,
-    )  # fmt: skip
     sock = listen(settings, 0)
     port = sock.getsockname()[1]
-    server = make_server(settings, create_app(settings))
+    server = make_server(settings, app)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:  # uvicorn offers no event for this
         if task.done():
@@ -144,6 +138,34 @@ async def serve_gateway(cluster: Cluster, **overrides: object) -> AsyncIterator[
     finally:
         server.should_exit = True
         await task
+
+
+def gateway_settings(cluster: Cluster, name: str, **overrides: object) -> Settings:
+    return make_settings(
+        name, cluster.redis_url, cluster.redis_cluster,
+        agent_svc_addr=cluster.address("agent"), thread_svc_addr=cluster.address("thread"),
+        usage_svc_addr=cluster.address("usage"), bind_host="127.0.0.1", **overrides,
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def serve_gateway(cluster: Cluster, **overrides: object) -> AsyncIterator[str]:
+    """The real gateway app and HTTP server on port 0, wired to `cluster`; yields its URL."""
+    from gateway.app import create_app
+
+    settings = gateway_settings(cluster, "gateway", **overrides)
+    async with serve_http(settings, create_app(settings)) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def serve_models(cluster: Cluster, catalog: Any, **overrides: object) -> AsyncIterator[str]:
+    """The real model gateway and HTTP server on port 0, wired to `cluster`; yields its URL."""
+    from gateway.models.app import ModelsApp
+
+    settings = gateway_settings(cluster, "model_gateway", **overrides)
+    async with serve_http(settings, ModelsApp(settings, catalog)) as url:
+        yield url
 
 
 @contextlib.asynccontextmanager
