@@ -188,6 +188,18 @@ class ModelGateway:
             metadata += ((INTERNAL_HEADER, proof),)
         return Caller(principal, metadata)
 
+    async def who(self, headers: dict[str, str]) -> Caller:
+        """The caller, an agent that may spend (neither PAUSED nor TERMINATED)."""
+        caller = await self.identify(headers)
+        await self.may_spend(caller)
+        return caller
+
+    async def may_spend(self, caller: Caller) -> None:
+        try:
+            await self.check_agent(caller)
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal(exc, "") from None
+
     async def _state(
         self, kind: str, key: str, fetch: Callable[[], Awaitable[tuple[int, str]]]
     ) -> tuple[int, str]:
@@ -258,12 +270,9 @@ class ModelGateway:
             on_expiry=usage_service_pb2.EXPIRY_ACTION_CHARGE,
             ttl=duration_pb2.Duration(seconds=int(self.settings.model_call_max_s) + 30),
         )  # fmt: skip
-        try:
-            held = await self.usage.ReserveBudget(
-                reserve, metadata=caller.metadata, timeout=self.settings.peer_timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _refusal(exc, call.thread_id) from None
+        held = await self.usage.ReserveBudget(
+            reserve, metadata=caller.metadata, timeout=self.settings.peer_timeout_s
+        )
         call.reserved = True
         call.cap = held.tokens - request.prompt_bound
 
@@ -279,11 +288,11 @@ class ModelGateway:
         watcher: asyncio.Task[None] | None = None
         try:
             call.caller = await self.identify(headers)
-            await self.check_agent(call.caller)
+            await self.may_spend(call.caller)
             raw = await _read_body(receive, headers, self.settings.model_max_body_bytes)
             watcher = asyncio.create_task(_watch(receive, call, task))
             await self._prepare(call, raw, headers)
-            await self.admit(call)
+            await self._admitted(call)
             await self._forward(call, headers, send)
         except Refused as exc:
             call.outcome, call.reason, call.status = (
@@ -322,6 +331,13 @@ class ModelGateway:
             self._settling.add(settle)
             settle.add_done_callback(self._settling.discard)
 
+    async def _admitted(self, call: Call) -> None:
+        """Admission, with the services' refusals as the client's."""
+        try:
+            await self.admit(call)
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal(exc, call.thread_id) from None
+
     async def _prepare(self, call: Call, raw: bytes, headers: dict[str, str]) -> None:
         try:
             call.request = wire.parse(
@@ -338,7 +354,10 @@ class ModelGateway:
         call.thread_id = headers.get(THREAD_HEADER, "").strip()
         if call.thread_id:
             assert call.caller is not None
-            await self.check_thread(call.caller, call.thread_id)
+            try:
+                await self.check_thread(call.caller, call.thread_id)
+            except grpc.aio.AioRpcError as exc:
+                raise _refusal(exc, call.thread_id) from None
 
     async def _forward(self, call: Call, headers: dict[str, str], send: Send) -> None:
         request, provider = call.request, call.provider
@@ -580,6 +599,8 @@ def _refusal(exc: grpc.aio.AioRpcError, thread_id: str) -> Refused:
         return Refused(404, "thread_not_found", exc.details() or "not found", THREAD_HEADER)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return Refused(400, "invalid_request", exc.details() or "invalid request")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Refused(401, "invalid_api_key", exc.details() or "unknown or revoked key")
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return Refused(403, "permission_denied", exc.details() or "permission denied")
     return Refused(503, "unavailable", "budgets cannot be checked now; nothing was sent upstream")
@@ -699,8 +720,7 @@ class ModelsApp:
         headers = _headers(scope)
         api = wire.ANTHROPIC if headers.get("anthropic-version") else wire.OPENAI
         try:
-            caller = await self.gateway.identify(headers)
-            await self.gateway.check_agent(caller)
+            await self.gateway.who(headers)
         except Refused as exc:
             body = wire.error_body(api, exc.status, exc.code, exc.message)
             await _send_plain(send, exc.status, body, b"application/json")

@@ -111,10 +111,10 @@ class FakeProvider:
             self.billed.append(Billed(operation, usage, request.cap, True))
             await _whole(send, 200, answer)
             return
-        await self._stream(send, answer, request, usage)
+        await self._stream(receive, send, answer, request, usage)
 
     async def _stream(
-        self, send: Any, events: list[bytes], request: wire.Request, usage: wire.Usage
+        self, receive: Any, send: Any, events: list[bytes], request: wire.Request, usage: wire.Usage
     ) -> None:
         b = self.behaviour
         if not b.report_usage:  # a provider that never says what it used
@@ -126,10 +126,13 @@ class FakeProvider:
         self.open_streams += 1
         pieces_sent = 0
         complete = False
+        gone = asyncio.ensure_future(_disconnect(receive))  # a client that leaves stops it
         try:
             for n, event in enumerate(events):
                 if b.cut_after is not None and n >= b.cut_after:
                     raise ConnectionAbortedError("cut by the fake provider")
+                if gone.done():
+                    return
                 if b.delay_s:
                     await asyncio.sleep(b.delay_s)
                 await send({"type": "http.response.body", "body": event, "more_body": True})
@@ -138,10 +141,16 @@ class FakeProvider:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             complete = True
         finally:
+            gone.cancel()
             self.open_streams -= 1
             billed = usage if complete else wire.Usage(usage.prompt, min(pieces_sent, usage.completion),
                                                        usage.cached, usage.cache_write)  # fmt: skip
             self.billed.append(Billed(request.operation, billed, request.cap, complete))
+
+
+async def _disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _pieces_in(event: bytes) -> int:

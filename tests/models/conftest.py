@@ -25,6 +25,12 @@ class Stack:
     url: str  # the model gateway's root
     agent_id: str
     token: str  # the agent's key
+    clients: list = dataclasses.field(default_factory=list)  # type: ignore[type-arg]
+
+    def keep(self, client):  # type: ignore[no-untyped-def]
+        """A client closed when the test ends."""
+        self.clients.append(client)
+        return client
 
     async def calls(self, **filters: object) -> list:  # type: ignore[type-arg]
         reply = await self.cluster.usage.ListModelCalls(
@@ -64,6 +70,11 @@ async def stack(redis_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
             fake_provider() as fake,
             serve_models(cluster, catalog_for(fake, tmp_path)) as url,
         ):
-            yield Stack(cluster, fake, url, agent_id, token)
+            stack = Stack(cluster, fake, url, agent_id, token)
+            try:
+                yield stack
+            finally:
+                for client in stack.clients:
+                    await client.close()
     finally:
         await stop_cluster(cluster)

@@ -11,13 +11,16 @@ import openai
 import pytest
 
 from agentplane.usage.v1 import usage_pb2 as P
+from tests.helpers import until
 from tests.helpers.fake_provider import PROVIDER_KEY
 
 HELLO = [{"role": "user", "content": "hello there model"}]
 
 
 def oai(stack, **kw):  # type: ignore[no-untyped-def]
-    return openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=stack.token, max_retries=0, **kw)
+    return stack.keep(
+        openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=stack.token, max_retries=0, **kw)
+    )
 
 
 def sync_oai(stack):  # type: ignore[no-untyped-def]
@@ -25,15 +28,19 @@ def sync_oai(stack):  # type: ignore[no-untyped-def]
 
 
 def anth(stack):  # type: ignore[no-untyped-def]
-    return anthropic.AsyncAnthropic(base_url=stack.url, api_key=stack.token, max_retries=0)
+    return stack.keep(
+        anthropic.AsyncAnthropic(base_url=stack.url, api_key=stack.token, max_retries=0)
+    )
 
 
 async def settled(stack, n: int):  # type: ignore[no-untyped-def]
     """The call log once `n` calls are in it (streams settle just after their last event)."""
-    async with asyncio.timeout(10):
-        while len(found := await stack.calls()) < n:
-            await asyncio.sleep(0.02)
-    return found
+
+    async def enough() -> list:  # type: ignore[type-arg]
+        found = await stack.calls()
+        return found if len(found) >= n else []
+
+    return await until(enough)
 
 
 async def test_chat_non_streaming_sync_and_async_record_the_providers_usage(stack) -> None:
