@@ -1,4 +1,5 @@
-"""`make run`: Redis, the three services and the gateway, in the foreground.
+"""`make run`: Redis, the three services, the gateway and the model gateway, in the
+foreground.
 
 Logs of all processes go to this terminal; one Ctrl-C (or SIGTERM) stops them all
 cleanly, services first and Redis last. An already-running Redis at REDIS_URL is reused.
@@ -31,7 +32,9 @@ BIND_HOST = os.environ.get("BIND_HOST", "127.0.0.1")
 
 
 def _ports(process: registry.Process) -> dict[str, int]:
-    port_variable = "HTTP_PORT" if process is registry.GATEWAY else "GRPC_PORT"
+    port_variable = {registry.GATEWAY: "HTTP_PORT", registry.MODELS: "MODEL_HTTP_PORT"}.get(
+        process, "GRPC_PORT"
+    )
     return {port_variable: process.port + OFFSET, "METRICS_PORT": process.metrics_port + OFFSET}
 
 
@@ -75,6 +78,8 @@ def banner(redis_url: str, started: list[str]) -> str:
             continue
         if "GRPC_PORT" in ports:
             where = f"grpc {host}:{ports['GRPC_PORT']}"
+        elif "MODEL_HTTP_PORT" in ports:
+            where = f"http://{host}:{ports['MODEL_HTTP_PORT']}/v1   (OpenAI and Anthropic SDKs)"
         else:
             where = f"http://{host}:{ports['HTTP_PORT']}   console http://{host}:{ports['HTTP_PORT']}/ui/"
         rows.append(f"  {name:<9} {where}   (metrics :{ports['METRICS_PORT']})")
@@ -115,6 +120,10 @@ def start_processes(redis_url: str) -> list[Child]:
         # A developer's webhook receiver is usually plain HTTP on this machine.
         "WEBHOOK_ALLOW_HTTP": os.environ.get("WEBHOOK_ALLOW_HTTP", "true"),
         "WEBHOOK_ALLOW_PRIVATE_NETWORKS": os.environ.get("WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true"),
+        # The model gateway's providers: the built-in echo model unless told otherwise.
+        "MODEL_PROVIDERS_FILE": os.environ.get(
+            "MODEL_PROVIDERS_FILE", str(ROOT / "examples" / "providers.yaml")
+        ),
         **PEERS,
     }
     children: list[Child] = []

@@ -28,5 +28,5 @@ GATEWAY = Process("gateway", "gateway", "gateway", 8080, 9104)
 MODELS = Process("models", "model_gateway", "gateway.models", 8090, 9105)
 
 SERVICES = (AGENT, THREAD, USAGE)  # the gRPC services, in the order they start
-PROCESSES = (*SERVICES, GATEWAY)
+PROCESSES = (*SERVICES, GATEWAY, MODELS)
 REDIS_PORT = 6379

@@ -85,6 +85,7 @@ async def test_make_run_starts_everything_and_one_ctrl_c_stops_it() -> None:
         ) as http:
             organism = await http.get("/api/v1/organism")
             assert organism.status_code == 200 and organism.json()["unavailable_sources"] == []
+            await _the_readme_tour(http, offset)
         # Redis moved with the offset, and it holds this cluster's data.
         with redis_sync.Redis(port=registry.REDIS_PORT + offset) as client:
             assert client.ping()
@@ -105,6 +106,36 @@ async def test_make_run_starts_everything_and_one_ctrl_c_stops_it() -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+async def _the_readme_tour(http: httpx.AsyncClient, offset: int) -> None:
+    """The README's five-minute tour: an agent key, then the three-line `openai` example
+    against the echo model, and the call's tokens and cost in the usage and the call log."""
+    import openai
+
+    assert (await http.post("/api/v1/projects", json={"display_name": "Tour", "id": "tour"})).is_success
+    kind = {"id": "helper", "display_name": "Helper", "is_active": True}
+    assert (await http.post("/api/v1/capabilities", json=kind)).is_success
+    agent = (await http.post("/api/v1/projects/tour/agents",
+                             json={"agent_type_id": "helper", "name": "first"})).json()  # fmt: skip
+    key = (await http.post("/api/v1/apiKeys", json={"role": "AGENT", "subject": agent["id"]})).json()
+    client = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{registry.MODELS.port + offset}/v1", api_key=key["token"]
+    )
+    answer = await client.chat.completions.create(
+        model="echo-1", messages=[{"role": "user", "content": "hello agentplane"}]
+    )
+    await client.close()
+    assert answer.choices[0].message.content == "echo: hello agentplane"
+    for _ in range(50):
+        usage = (await http.get("/api/v1/usage", params={"project_id": "tour"})).json()
+        calls = (await http.get("/api/v1/projects/tour/calls")).json()
+        if calls.get("calls"):
+            break
+        await asyncio.sleep(0.1)
+    totals = usage["usage"]["totals"]
+    assert int(totals["total_tokens"]) == answer.usage.total_tokens and totals["total_cost_micros"]
+    assert calls["calls"][0]["model_requested"] == "echo-1"
 
 
 def _is_zombie(pid: int) -> bool:
