@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ OK, REFUSED = usage_pb2.MODEL_CALL_OUTCOME_OK, usage_pb2.MODEL_CALL_OUTCOME_REFU
 UPSTREAM_ERROR = usage_pb2.MODEL_CALL_OUTCOME_UPSTREAM_ERROR
 CANCELLED, TIMEOUT = usage_pb2.MODEL_CALL_OUTCOME_CANCELLED, usage_pb2.MODEL_CALL_OUTCOME_TIMEOUT
 SETTLE_ATTEMPTS = 6
+SETTLE_GRACE_S = 10.0
 THREAD_HEADER = "agentplane-thread"
 
 
@@ -115,6 +117,7 @@ class Call:
     streamed: int = 0
     model: str = ""
     first_byte: float = 0.0
+    head_sent: bool = False  # the answer's status line went out
     finished: bool = False
     settled: bool = False
     extra: dict[str, str] = field(default_factory=dict)
@@ -134,6 +137,9 @@ class ModelGateway:
         self.channels: list[grpc.aio.Channel] = []
         self._states: dict[tuple[str, str], tuple[float, int, str]] = {}
         self._settling: set[asyncio.Task[int | None]] = set()
+        # A call's hold outlives its longest run (MODEL_CALL_MAX_DURATION, then cut) by
+        # SETTLE_GRACE_S to settle in; unsettled by then, it is charged in full.
+        self.hold_s = settings.model_call_max_s + SETTLE_GRACE_S
 
     async def open(self) -> None:
         """Channels, stubs and upstream clients, on the serving event loop."""
@@ -268,7 +274,7 @@ class ModelGateway:
             tokens=request.prompt_bound + wanted, min_tokens=request.prompt_bound + least,
             agent_id=caller.agent, model=request.model, project_id=caller.project,
             on_expiry=usage_service_pb2.EXPIRY_ACTION_CHARGE,
-            ttl=duration_pb2.Duration(seconds=int(self.settings.model_call_max_s) + 30),
+            ttl=duration_pb2.Duration(seconds=int(self.hold_s)),
         )  # fmt: skip
         held = await self.usage.ReserveBudget(
             reserve, metadata=caller.metadata, timeout=self.settings.peer_timeout_s
@@ -360,6 +366,21 @@ class ModelGateway:
                 raise _refusal(exc, call.thread_id) from None
 
     async def _forward(self, call: Call, headers: dict[str, str], send: Send) -> None:
+        """Forward within MODEL_CALL_MAX_DURATION: a call still running then is cut (its
+        hold must not lapse while it runs)."""
+        try:
+            async with asyncio.timeout(self.settings.model_call_max_s):
+                await self._upstream(call, headers, send)
+        except TimeoutError:
+            call.outcome, call.reason = TIMEOUT, "max_duration"
+            if call.head_sent:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                limit = self.settings.model_call_max_s
+                message = f"the call ran past MODEL_CALL_MAX_DURATION ({limit:g} s)"
+                await _send_error(send, call, Refused(504, "upstream_timeout", message))
+
+    async def _upstream(self, call: Call, headers: dict[str, str], send: Send) -> None:
         request, provider = call.request, call.provider
         assert request and provider
         body = request.upstream_body(call.cap if request.operation != wire.EMBEDDINGS else None)
@@ -442,6 +463,7 @@ class ModelGateway:
             )
             return
         meter = wire.StreamMeter(request)
+        call.head_sent = True
         await send({
             "type": "http.response.start", "status": 200,
             "headers": [(b"content-type", (content_type or "text/event-stream").encode()),
@@ -485,7 +507,7 @@ class ModelGateway:
                         reservation_id=call.call_id if call.reserved else "", call=logged,
                     ),
                     metadata=caller.metadata, timeout=self.settings.peer_timeout_s,
-                ))  # fmt: skip
+                ), until=call.started + self.hold_s - 1)  # fmt: skip
                 call.settled = True
                 self._count(call, usage, reply.cost_micros)
                 return int(reply.cost_micros)
@@ -606,8 +628,9 @@ def _refusal(exc: grpc.aio.AioRpcError, thread_id: str) -> Refused:
     return Refused(503, "unavailable", "budgets cannot be checked now; nothing was sent upstream")
 
 
-async def _retrying(make: Callable[[], Awaitable[Any]]) -> Any:
-    """A settling RPC, tried again while the service is unreachable (each is idempotent)."""
+async def _retrying(make: Callable[[], Awaitable[Any]], until: float = math.inf) -> Any:
+    """A settling RPC, tried again while the service is unreachable (each is idempotent),
+    but not past `until` (perf_counter): the hold has lapsed then and is charged in full."""
     delay = 0.05
     for attempt in range(SETTLE_ATTEMPTS):
         try:
@@ -617,7 +640,8 @@ async def _retrying(make: Callable[[], Awaitable[Any]]) -> Any:
                 grpc.StatusCode.UNAVAILABLE,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
             )
-            if not transient or attempt + 1 == SETTLE_ATTEMPTS:
+            late = time.perf_counter() + delay > until
+            if not transient or attempt + 1 == SETTLE_ATTEMPTS or late:
                 raise
             await asyncio.sleep(delay)
             delay = min(delay * 3, 2.0)
@@ -669,7 +693,7 @@ async def _watch(receive: Receive, call: Call, task: asyncio.Task[Any]) -> None:
 async def _send_whole(
     send: Send, call: Call, status: int, body: bytes, headers: dict[str, str]
 ) -> None:
-    call.status = status
+    call.status, call.head_sent = status, True
     call.first_byte = call.first_byte or time.perf_counter()
     await send({
         "type": "http.response.start", "status": status,

@@ -44,6 +44,7 @@ class Billed:
     usage: wire.Usage
     cap: int | None
     complete: bool
+    model: str = ""
 
 
 @dataclass
@@ -108,7 +109,7 @@ class FakeProvider:
                 data = orjson.loads(answer)
                 data.pop("usage", None)
                 answer = orjson.dumps(data)
-            self.billed.append(Billed(operation, usage, request.cap, True))
+            self.billed.append(Billed(operation, usage, request.cap, True, request.model))
             await _whole(send, 200, answer)
             return
         await self._stream(receive, send, answer, request, usage)
@@ -145,7 +146,7 @@ class FakeProvider:
             self.open_streams -= 1
             billed = usage if complete else wire.Usage(usage.prompt, min(pieces_sent, usage.completion),
                                                        usage.cached, usage.cache_write)  # fmt: skip
-            self.billed.append(Billed(request.operation, billed, request.cap, complete))
+            self.billed.append(Billed(request.operation, billed, request.cap, complete, request.model))
 
 
 async def _disconnect(receive: Any) -> None:
