@@ -122,6 +122,14 @@ class Call:
     settled: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
+    def end(
+        self, outcome: usage_pb2.ModelCallOutcome.ValueType, reason: str, status: int,
+        only_if_ok: bool = False,
+    ) -> None:  # fmt: skip
+        if only_if_ok and (self.finished or self.outcome != OK):
+            return
+        self.outcome, self.reason, self.status = outcome, reason, status
+
     @property
     def label(self) -> str:
         """The model as a metric label: configured models only (bounded cardinality)."""
@@ -287,55 +295,54 @@ class ModelGateway:
         operation, api = wire.OPERATIONS[scope["path"]]
         call = Call(str(ULID()), operation, api, time.perf_counter(), time.time_ns() // 1_000_000)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        carrier = {k: v for k, v in headers.items() if k in TRACE_HEADERS}
-        span = server_span(f"{operation}", carrier)
+        span = server_span(operation, {k: v for k, v in headers.items() if k in TRACE_HEADERS})
         task = asyncio.current_task()
         assert task is not None
-        watcher: asyncio.Task[None] | None = None
+        watcher: list[asyncio.Task[None]] = []
         try:
-            call.caller = await self.identify(headers)
-            await self.may_spend(call.caller)
-            raw = await _read_body(receive, headers, self.settings.model_max_body_bytes)
-            watcher = asyncio.create_task(_watch(receive, call, task))
-            await self._prepare(call, raw, headers)
-            await self._admitted(call)
-            await self._forward(call, headers, send)
+            await self._run(call, headers, receive, send, watcher)
         except Refused as exc:
-            call.outcome, call.reason, call.status = (
-                REFUSED,
-                exc.code,
-                exc.status,
-            )
+            call.end(REFUSED, exc.code, exc.status)
             MODEL_REFUSALS.labels(exc.code).inc()
             await _send_error(send, call, exc)
-        except asyncio.CancelledError:
-            if not call.finished and call.outcome == OK:
-                call.outcome, call.reason, call.status = (
-                    CANCELLED,
-                    "client_disconnected",
-                    499,
-                )
+        except asyncio.CancelledError:  # the client left (see _watch)
+            call.end(CANCELLED, "client_disconnected", 499, only_if_ok=True)
             task.uncancel()
         except Exception as exc:  # nothing unexpected reaches the caller as a trace
             log.error("model gateway error", exc_info=exc, call_id=call.call_id)
-            call.outcome, call.reason, call.status = (
-                UPSTREAM_ERROR,
-                "internal",
-                500,
-            )
+            call.end(UPSTREAM_ERROR, "internal", 500)
             with contextlib.suppress(Exception):
-                await _send_error(
-                    send, call, Refused(500, "internal", f"internal error (call {call.call_id})")
-                )
+                message = f"internal error (call {call.call_id})"
+                await _send_error(send, call, Refused(500, "internal", message))
         finally:
             call.finished = True
-            if watcher is not None:
-                watcher.cancel()
+            for running in watcher:
+                running.cancel()
             self._observe(call, span)
-        if call.caller is not None and call.caller.project:
-            settle = asyncio.create_task(self._settle(call))
-            self._settling.add(settle)
-            settle.add_done_callback(self._settling.discard)
+        self._settle_later(call)
+
+    async def _run(
+        self, call: Call, headers: dict[str, str], receive: Receive, send: Send,
+        watcher: list[asyncio.Task[None]],
+    ) -> None:  # fmt: skip
+        call.caller = await self.identify(headers)
+        await self.may_spend(call.caller)
+        raw = await _read_body(receive, headers, self.settings.model_max_body_bytes)
+        task = asyncio.current_task()
+        assert task is not None
+        watcher.append(asyncio.create_task(_watch(receive, call, task)))
+        await self._prepare(call, raw, headers)
+        await self._admitted(call)
+        await self._forward(call, headers, send)
+
+    def _settle_later(self, call: Call) -> None:
+        """Settle in the background (a finished response does not wait for it), held
+        until done; a call of no known project has nothing to settle."""
+        if call.caller is None or not call.caller.project:
+            return
+        settle = asyncio.create_task(self._settle(call))
+        self._settling.add(settle)
+        settle.add_done_callback(self._settling.discard)
 
     async def _admitted(self, call: Call) -> None:
         """Admission, with the services' refusals as the client's."""
@@ -447,22 +454,28 @@ class ModelGateway:
     async def _answer(self, call: Call, answer: Any, send: Send, content_type: str | None) -> None:
         """Send the provider's answer: a whole body (settled first, so that its headers
         can carry the usage id and cost), or a stream, event by event."""
-        request = call.request
-        assert request
         if isinstance(answer, bytes):
-            data = _json(answer)
-            call.usage = wire.usage_of(request.operation, data)
-            call.model = str(data.get("model") or "") if isinstance(data, dict) else ""
-            cost = await self._settle(call) if call.usage else None
-            extra = {"agentplane-usage-id": call.call_id}
-            if cost is not None:
-                extra["agentplane-cost-micros"] = str(cost)
-            call.extra = extra
-            await _send_whole(
-                send, call, 200, answer, {"content-type": "application/json", **extra}
-            )
-            return
-        meter = wire.StreamMeter(request)
+            await self._answer_whole(call, answer, send)
+        else:
+            await self._answer_stream(call, answer, send, content_type)
+
+    async def _answer_whole(self, call: Call, answer: bytes, send: Send) -> None:
+        assert call.request
+        data = _json(answer)
+        call.usage = wire.usage_of(call.request.operation, data)
+        call.model = str(data.get("model") or "") if isinstance(data, dict) else ""
+        cost = await self._settle(call) if call.usage else None
+        extra = {"agentplane-usage-id": call.call_id}
+        if cost is not None:
+            extra["agentplane-cost-micros"] = str(cost)
+        call.extra = extra
+        await _send_whole(send, call, 200, answer, {"content-type": "application/json", **extra})
+
+    async def _answer_stream(
+        self, call: Call, answer: Any, send: Send, content_type: str | None
+    ) -> None:
+        assert call.request
+        meter = wire.StreamMeter(call.request)
         call.head_sent = True
         await send({
             "type": "http.response.start", "status": 200,
@@ -602,9 +615,19 @@ class ModelGateway:
 
 
 # Helpers ----------------------------------------------------------------------------
+# A service's refusal as the client's: (HTTP status, code, the field at fault).
+REFUSALS = {
+    grpc.StatusCode.FAILED_PRECONDITION: (403, "thread_ended", None),
+    grpc.StatusCode.NOT_FOUND: (404, "thread_not_found", THREAD_HEADER),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request", None),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_api_key", None),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_denied", None),
+}
+
+
 def _refusal(exc: grpc.aio.AioRpcError, thread_id: str) -> Refused:
-    """A ReserveBudget error as the client's refusal: 429 naming the budgets (rate_limited
-    when waiting helps, with Retry-After; else budget_exceeded)."""
+    """A service's error as the client's refusal: for budgets, 429 naming them
+    (rate_limited when waiting helps, with Retry-After; else budget_exceeded)."""
     code = exc.code()
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         budgets, retry = [], None
@@ -615,16 +638,10 @@ def _refusal(exc: grpc.aio.AioRpcError, thread_id: str) -> Refused:
                 retry = detail.retry_delay.ToNanoseconds() / 1e9
         kind = "rate_limited" if retry is not None else "budget_exceeded"
         return Refused(429, kind, f"{exc.details()} (refused by {', '.join(budgets)})", None, retry)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return Refused(403, "thread_ended", f"thread {thread_id!r}: {exc.details()}")
-    if code == grpc.StatusCode.NOT_FOUND:
-        return Refused(404, "thread_not_found", exc.details() or "not found", THREAD_HEADER)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return Refused(400, "invalid_request", exc.details() or "invalid request")
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return Refused(401, "invalid_api_key", exc.details() or "unknown or revoked key")
-    if code == grpc.StatusCode.PERMISSION_DENIED:
-        return Refused(403, "permission_denied", exc.details() or "permission denied")
+    if code in REFUSALS:
+        status, reason, param = REFUSALS[code]
+        where = f"thread {thread_id!r}: " if thread_id else ""
+        return Refused(status, reason, f"{where}{exc.details() or reason}", param)
     return Refused(503, "unavailable", "budgets cannot be checked now; nothing was sent upstream")
 
 
@@ -731,12 +748,15 @@ class ModelsApp:
         elif path in ("/healthz", "/readyz") and method in ("GET", "HEAD"):
             await _send_plain(send, 200, b"ok\n")
         else:
-            api = wire.ANTHROPIC if _headers(scope).get("anthropic-version") else wire.OPENAI
-            status = 405 if path in wire.OPERATIONS or path == "/v1/models" else 404
-            code = "not_found" if status == 404 else "method_not_allowed"
-            body = wire.error_body(api, status, code,
-                                   f"no route {method} {path}")  # fmt: skip
-            await _send_plain(send, status, body, b"application/json")
+            await self._no_route(scope, send)
+
+    async def _no_route(self, scope: dict[str, Any], send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        api = wire.ANTHROPIC if _headers(scope).get("anthropic-version") else wire.OPENAI
+        status = 405 if path in wire.OPERATIONS or path == "/v1/models" else 404
+        code = "not_found" if status == 404 else "method_not_allowed"
+        body = wire.error_body(api, status, code, f"no route {method} {path}")
+        await _send_plain(send, status, body, b"application/json")
 
     async def _models(self, scope: dict[str, Any], send: Send) -> None:
         """The models this key may call, in the format of the SDK that asks (Anthropic's

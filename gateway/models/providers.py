@@ -114,6 +114,14 @@ def _provider(entry: Any, i: int, env: Mapping[str, str]) -> Provider:
     base_url = str(entry.get("base_url") or "").rstrip("/")
     if api != "echo" and not base_url.startswith(("http://", "https://")):
         raise ProvidersError(f"{where}.base_url: an http(s) URL is required for api {api}")
+    return Provider(
+        name=name, api=api, base_url=base_url, models=_models(entry, where),
+        max_output_tokens=_cap(entry, where),
+        timeouts=_timeouts(entry.get("timeouts") or {}, where), api_key=_key(entry, where, env),
+    )  # fmt: skip
+
+
+def _models(entry: dict[str, Any], where: str) -> tuple[str, ...]:
     models = entry.get("models")
     if (
         not isinstance(models, list)
@@ -121,19 +129,24 @@ def _provider(entry: Any, i: int, env: Mapping[str, str]) -> Provider:
         or not all(isinstance(m, str) and m for m in models)
     ):
         raise ProvidersError(f"{where}.models: a non-empty list of model names or patterns")
-    key = ""
-    if entry.get("api_key_env"):
-        variable = str(entry["api_key_env"])
-        key = env.get(variable, "")
-        if not key:
-            raise ProvidersError(f"{where}.api_key_env: the variable {variable} is not set")
+    return tuple(models)
+
+
+def _key(entry: dict[str, Any], where: str, env: Mapping[str, str]) -> str:
+    if not entry.get("api_key_env"):
+        return ""
+    variable = str(entry["api_key_env"])
+    key = env.get(variable, "")
+    if not key:
+        raise ProvidersError(f"{where}.api_key_env: the variable {variable} is not set")
+    return key
+
+
+def _cap(entry: dict[str, Any], where: str) -> int:
     cap = entry.get("max_output_tokens", 4096)
-    if not isinstance(cap, int) or not 1 <= cap <= 1_000_000:
+    if not isinstance(cap, int) or isinstance(cap, bool) or not 1 <= cap <= 1_000_000:
         raise ProvidersError(f"{where}.max_output_tokens: an integer from 1 to 1,000,000")
-    return Provider(
-        name=name, api=api, base_url=base_url, models=tuple(models), max_output_tokens=cap,
-        timeouts=_timeouts(entry.get("timeouts") or {}, where), api_key=key,
-    )  # fmt: skip
+    return cap
 
 
 def _text(entry: dict[str, Any], key: str, where: str) -> str:

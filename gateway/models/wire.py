@@ -93,6 +93,18 @@ def parse(operation: str, api: str, raw: bytes, image_tokens: int) -> Request:
     stream = body.get("stream", False)
     if not isinstance(stream, bool) or (stream and operation == EMBEDDINGS):
         raise WireError(400, "invalid_request", "stream: must be a boolean", "stream")
+    options = body.get("stream_options")
+    wants_usage = (
+        operation == CHAT and isinstance(options, dict) and options.get("include_usage") is True
+    )
+    return Request(
+        operation, api, body, model, stream, prompt_bound(raw, body, image_tokens),
+        _cap(operation, body), wants_usage,
+    )  # fmt: skip
+
+
+def _cap(operation: str, body: dict[str, Any]) -> int | None:
+    """The output cap a request names (the least, if it names two), or None."""
     cap = None
     for name in CAP_FIELDS[operation]:
         if name in body:
@@ -102,14 +114,7 @@ def parse(operation: str, api: str, raw: bytes, image_tokens: int) -> Request:
             cap = value if cap is None else min(cap, value)
     if operation == MESSAGES and cap is None:
         raise WireError(400, "invalid_request", "max_tokens: required", "max_tokens")
-    wants_usage = False
-    if operation == CHAT and stream:
-        options = body.get("stream_options")
-        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-    return Request(
-        operation, api, body, model, stream, prompt_bound(raw, body, image_tokens), cap,
-        wants_usage,
-    )  # fmt: skip
+    return cap
 
 
 def prompt_bound(raw: bytes, body: dict[str, Any], image_tokens: int) -> int:
