@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # fault injection, fuzzing, manifests: left out o
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ["dev", "prod"]
-PROCESSES = {"agent", "thread", "usage", "gateway"}
+PROCESSES = {"agent", "thread", "usage", "gateway", "models"}
 
 
 def kubectl() -> str:
@@ -62,7 +62,7 @@ def test_each_process_is_deployed_like_production(rendered) -> None:
         spec = deployment["spec"]["template"]["spec"]
         (container,) = spec["containers"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            kind = "httpGet" if name == "gateway" else "grpc"
+            kind = "httpGet" if name in ("gateway", "models") else "grpc"
             assert kind in container[probe], (name, probe)
         assert container["resources"]["requests"] and container["resources"]["limits"]
         security = container["securityContext"]
@@ -91,6 +91,10 @@ def test_network_policies_and_redis(rendered) -> None:
     redis_from = policies["redis-from-services"]["spec"]["ingress"][0]["from"][0]["podSelector"]
     assert set(redis_from["matchExpressions"][0]["values"]) == {"agent", "thread", "usage"}
     assert "from" not in policies["gateway-from-anywhere"]["spec"]["ingress"][0]
+    # The model gateway talks to DNS, the services and public HTTPS only.
+    egress = policies["models-egress"]["spec"]["egress"]
+    assert [rule["ports"][0]["port"] for rule in egress] == [53, 50051, 443]
+    assert "10.0.0.0/8" in egress[2]["to"][0]["ipBlock"]["except"]
     redis = of_kind(docs, "StatefulSet")["redis"]
     assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
     conf = of_kind(docs, "ConfigMap")["redis-config"]["data"]["redis.conf"]
@@ -134,5 +138,7 @@ def test_every_variable_set_is_read_and_every_required_one_is_set(rendered) -> N
             f"{deployment['metadata']['name']} sets variables nothing reads: {unknown}"
         )
         assert {"AGENTPLANE_ADMIN_TOKEN", "REDIS_URL"} <= names
-        port = "HTTP_PORT" if deployment["metadata"]["name"] == "gateway" else "GRPC_PORT"
+        port = {"gateway": "HTTP_PORT", "models": "MODEL_HTTP_PORT"}.get(
+            deployment["metadata"]["name"], "GRPC_PORT"
+        )
         assert port in names
