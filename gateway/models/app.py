@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -65,6 +67,7 @@ UPSTREAM_ERROR = usage_pb2.MODEL_CALL_OUTCOME_UPSTREAM_ERROR
 CANCELLED, TIMEOUT = usage_pb2.MODEL_CALL_OUTCOME_CANCELLED, usage_pb2.MODEL_CALL_OUTCOME_TIMEOUT
 SETTLE_ATTEMPTS = 6
 SETTLE_GRACE_S = 10.0
+SETTLE_CONCURRENCY = 64
 THREAD_HEADER = "agentplane-thread"
 
 
@@ -136,6 +139,31 @@ class Call:
         return self.request.model if self.request and self.provider else "-"
 
 
+class HeapTrim:
+    """Gives freed memory back to the system once the calls that held it are gone (checked
+    every few seconds): after thousands of streams end at once, glibc keeps the pages
+    they freed unless asked (`malloc_trim`), and the replica would stay at its peak."""
+
+    def __init__(self) -> None:
+        self.due = False
+        try:
+            self._trim: Callable[[int], int] | None = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            self._trim = None
+
+    def idle(self) -> None:
+        self.due = True
+
+    async def run(self, gateway: ModelGateway, every_s: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            if self.due and not gateway.open_calls and not gateway.settling:
+                self.due = False
+                gc.collect()
+                if self._trim is not None:
+                    self._trim(0)
+
+
 class ModelGateway:
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
@@ -144,7 +172,12 @@ class ModelGateway:
         self.upstreams: dict[str, Upstream] = {}
         self.channels: list[grpc.aio.Channel] = []
         self._states: dict[tuple[str, str], tuple[float, int, str]] = {}
+        self._fetching: dict[tuple[str, str], asyncio.Future[tuple[int, str]]] = {}
         self._settling: set[asyncio.Task[int | None]] = set()
+        self._settle_slots = asyncio.Semaphore(SETTLE_CONCURRENCY)
+        self.open_calls = 0
+        self.memory = HeapTrim()
+        self._trimmer: asyncio.Task[None] | None = None
         # A call's hold outlives its longest run (MODEL_CALL_MAX_DURATION, then cut) by
         # SETTLE_GRACE_S to settle in; unsettled by then, it is charged in full.
         self.hold_s = settings.model_call_max_s + SETTLE_GRACE_S
@@ -162,12 +195,19 @@ class ModelGateway:
         self.auth = Authenticator(
             s.admin_token, AgentClient(agent, s.auth_cache_s).principal, s.auth_cache_s
         )
+        self._trimmer = asyncio.create_task(self.memory.run(self))
         self.upstreams = {
             p.name: Upstream(p, s.http_max_connections) for p in self.catalog.providers
             if p.api != "echo"
         }  # fmt: skip
 
+    @property
+    def settling(self) -> int:
+        return len(self._settling)
+
     async def close(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         if self._settling:  # calls being settled finish first (bounded by the grace period)
             await asyncio.wait(self._settling, timeout=self.settings.grace_period_s)
         for upstream in self.upstreams.values():
@@ -221,7 +261,12 @@ class ModelGateway:
         cached = self._states.get((kind, key))
         if cached is not None and cached[0] > now:
             return cached[1], cached[2]
-        value = await fetch()
+        pending = self._fetching.get((kind, key))  # one fetch at a time per item
+        if pending is None:
+            pending = asyncio.ensure_future(fetch())
+            self._fetching[(kind, key)] = pending
+            pending.add_done_callback(lambda _: self._fetching.pop((kind, key), None))
+        value = await asyncio.shield(pending)
         if len(self._states) > 100_000:
             self._states.clear()
         self._states[(kind, key)] = (now + self.settings.model_state_cache_s, *value)
@@ -299,6 +344,7 @@ class ModelGateway:
         task = asyncio.current_task()
         assert task is not None
         watcher: list[asyncio.Task[None]] = []
+        self.open_calls += 1
         try:
             await self._run(call, headers, receive, send, watcher)
         except Refused as exc:
@@ -316,9 +362,12 @@ class ModelGateway:
                 await _send_error(send, call, Refused(500, "internal", message))
         finally:
             call.finished = True
+            self.open_calls -= 1
             for running in watcher:
                 running.cancel()
             self._observe(call, span)
+            if not self.open_calls:
+                self.memory.idle()
         self._settle_later(call)
 
     async def _run(
@@ -340,7 +389,7 @@ class ModelGateway:
         until done; a call of no known project has nothing to settle."""
         if call.caller is None or not call.caller.project:
             return
-        settle = asyncio.create_task(self._settle(call))
+        settle = asyncio.create_task(self._settle_queued(call))
         self._settling.add(settle)
         settle.add_done_callback(self._settling.discard)
 
@@ -498,6 +547,13 @@ class ModelGateway:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     # Settling -------------------------------------------------------------------------
+    async def _settle_queued(self, call: Call) -> int | None:
+        """Settle when one of SETTLE_CONCURRENCY slots is free: thousands of calls ending
+        at once (a fleet dropping its streams) queue here instead of timing out at the
+        usage service."""
+        async with self._settle_slots:
+            return await self._settle(call)
+
     async def _settle(self, call: Call) -> int | None:
         """Record the call's usage (and log it) exactly once, or log it alone and give
         its hold back. Returns the cost in micro-USD when usage was recorded. Safe to call

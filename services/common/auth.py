@@ -14,6 +14,7 @@ writes are refused (UNAVAILABLE): a limiter must not be a way around itself for 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
@@ -103,15 +104,28 @@ class Authenticator:
         self._lookup = lookup
         self._cache_s = cache_s
         self._cache: dict[str, tuple[float, Principal]] = {}
+        self._pending: dict[str, asyncio.Future[Principal]] = {}
 
     async def authenticate(self, authorization: str | None) -> Principal:
         # A header seen within AUTH_CACHE_SECONDS answers from the cache at once: keyed by
         # the header itself (the process holds the tokens it is sent anyway), so a hot
         # caller costs one dictionary lookup, not a parse and a hash per call.
         cached = self._cache.get(authorization) if authorization else None
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        if not authorization:
+            raise unauthenticated("missing authorization: send 'authorization: Bearer <token>'")
+        # One lookup per header at a time: a thousand calls arriving together with a key
+        # not yet cached wait for one answer instead of each asking (and timing out).
+        pending = self._pending.get(authorization)
+        if pending is None:
+            pending = asyncio.ensure_future(self._resolve(authorization))
+            self._pending[authorization] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(authorization, None))
+        return await asyncio.shield(pending)
+
+    async def _resolve(self, authorization: str) -> Principal:
+        now = time.monotonic()
         token = bearer_token(authorization)
         if self._admin and hmac.compare_digest(token.encode(), self._admin.encode()):
             return ADMIN
@@ -119,7 +133,6 @@ class Authenticator:
         if match is None and self._admin:
             raise unauthenticated("malformed or unknown token")
         principal = await self._lookup(match.group(1) if match else "", token)
-        assert authorization is not None  # bearer_token refused a missing header
         if principal is None:
             self._cache.pop(authorization, None)
             raise unauthenticated("unknown or revoked token")

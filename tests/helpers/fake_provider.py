@@ -134,7 +134,7 @@ class FakeProvider:
                     raise ConnectionAbortedError("cut by the fake provider")
                 if gone.done():
                     return
-                if b.delay_s:
+                if b.delay_s and n:  # the first event at once, the rest spaced
                     await asyncio.sleep(b.delay_s)
                 await send({"type": "http.response.body", "body": event, "more_body": True})
                 log.append((time.perf_counter(), event))
@@ -146,7 +146,9 @@ class FakeProvider:
             self.open_streams -= 1
             billed = usage if complete else wire.Usage(usage.prompt, min(pieces_sent, usage.completion),
                                                        usage.cached, usage.cache_write)  # fmt: skip
-            self.billed.append(Billed(request.operation, billed, request.cap, complete, request.model))
+            self.billed.append(
+                Billed(request.operation, billed, request.cap, complete, request.model)
+            )
 
 
 async def _disconnect(receive: Any) -> None:
@@ -199,3 +201,39 @@ def providers_yaml(
     models: ["echo-1"]
     max_output_tokens: 256
 """
+
+
+class FakeProviderProcess(FakeProvider):
+    """The fake provider as a process of its own (`python -m tests.helpers.fake_provider`):
+    its behaviour from FAKE_* variables, its tally at `GET /tally`."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/tally":
+            total = self.tally()
+            body = orjson.dumps({"calls": len(self.billed), "open_streams": self.open_streams,
+                                 "prompt": total.prompt, "completion": total.completion})  # fmt: skip
+            await _whole(send, 200, body)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def main() -> None:
+    import os
+
+    from gateway.server import listen, make_server
+
+    fake = FakeProviderProcess(Behaviour(
+        pieces=int(os.environ.get("FAKE_PIECES", "5")),
+        delay_s=float(os.environ.get("FAKE_DELAY_S", "0")),
+    ))  # fmt: skip
+    settings = make_settings(
+        "fake_provider", "redis://127.0.0.1:1/0", bind_host="127.0.0.1",
+        http_max_connections=int(os.environ.get("FAKE_MAX_CONNECTIONS", "20000")),
+    )  # fmt: skip
+    sock = listen(settings, 0)
+    print(orjson.dumps({"event": "listening", "port": sock.getsockname()[1]}).decode(), flush=True)
+    make_server(settings, fake).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()
