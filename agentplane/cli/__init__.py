@@ -5,6 +5,7 @@
     agentplane inject AGENT JSON
     agentplane usage [--by model|agent] [--since 24h]
     agentplane budgets list|create|reset
+    agentplane calls list --project P [--agent A] [--thread T] [--model M] [--outcome O]
 
 Tables by default, `--json` for scripts (the API's message: every field, 64-bit numbers as
 numbers, `[]` for an empty list). Options go before or after the command. Where the
@@ -164,6 +165,16 @@ def parser() -> argparse.ArgumentParser:
     reset = command(budgets, "reset")
     reset.add_argument("--project", required=True)
     reset.add_argument("budget_id")
+
+    calls = verbs("calls")
+    listing = command(calls, "list")
+    listing.add_argument("--project", required=True)
+    listing.add_argument("--agent", default="")
+    listing.add_argument("--thread", default="")
+    listing.add_argument("--model", default="")
+    outcomes = ["OK", "REFUSED", "UPSTREAM_ERROR", "CANCELLED", "TIMEOUT"]
+    listing.add_argument("--outcome", type=_upper, default=None, choices=outcomes)
+    listing.add_argument("--limit", type=_whole(100), default=50)
     return top
 
 
@@ -448,6 +459,9 @@ class Commands:
             (args.by, "tokens", "requests", "cost_usd"),
         )
 
+    async def calls(self, args: argparse.Namespace) -> None:
+        await _calls_list(self, args)
+
     async def budgets(self, args: argparse.Namespace) -> None:
         c = self.client
         if args.verb == "list":
@@ -512,6 +526,31 @@ class Commands:
                 U.CreateBudgetRequest(project_id=args.project, budget=budget),
             )
             self.show(as_dict(made))
+
+
+async def _calls_list(commands: Commands, args: argparse.Namespace) -> None:
+    """The model gateway's call log, newest first."""
+    c = commands.client
+    outcome = UP.ModelCallOutcome.Value(f"MODEL_CALL_OUTCOME_{args.outcome or 'UNSPECIFIED'}")
+    reply = as_dict(await c.call(c.usage_service.ListModelCalls, U.ListModelCallsRequest(
+        project_id=args.project, agent_id=args.agent, thread_id=args.thread, model=args.model,
+        outcome=outcome, page_size=args.limit,
+    )))  # fmt: skip
+    rows = [
+        {**call, "tokens": call.get("usage", {}).get("total_tokens", 0),
+         "cost_usd": call.get("usage", {}).get("total_cost_micros", 0) / 1e6,
+         "ttft_ms": _millis(call.get("time_to_first_token", "")),
+         "duration_ms": _millis(call.get("duration", ""))}
+        for call in reply["calls"]
+    ]  # fmt: skip
+    commands.show(reply, rows, ("start_time", "agent_id", "model_requested", "outcome", "reason",
+                                "http_status", "tokens", "cost_usd", "estimated", "ttft_ms",
+                                "duration_ms"))  # fmt: skip
+
+
+def _millis(duration: str) -> int:
+    """'1.250s' (a Duration in JSON) as whole milliseconds."""
+    return round(float(duration.removesuffix("s")) * 1000) if duration else 0
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -184,3 +184,37 @@ async def test_a_closed_pipe_ends_the_cli_quietly(cluster) -> None:
     finally:
         os.close(write_end)
     assert code == 141 and err == "", err
+
+
+async def test_calls_list_shows_the_model_gateways_call_log(cluster) -> None:
+    from google.protobuf import timestamp_pb2
+    from ulid import ULID
+
+    from agentplane.usage.v1 import usage_pb2 as P
+
+    await make_project(cluster.agent)
+    await make_type(cluster.agent)
+    alpha = await spawn(cluster.agent, "alpha")
+    start = timestamp_pb2.Timestamp()
+    start.GetCurrentTime()
+    call = P.ModelCall(
+        call_id=str(ULID()), project_id="demo", agent_id=alpha.id, model_requested="gpt-4o",
+        model="gpt-4o-2026", provider="openai-main", outcome=P.MODEL_CALL_OUTCOME_OK,
+        http_status=200, start_time=start, operation="chat.completions",
+    )  # fmt: skip
+    await cluster.usage.RecordUsage(U.RecordUsageRequest(
+        usage_id=call.call_id, agent_id=alpha.id, project_id="demo", model="gpt-4o",
+        prompt_tokens=1000, completion_tokens=100, call=call))  # fmt: skip
+    refused = P.ModelCall(call_id=str(ULID()), project_id="demo", agent_id=alpha.id,
+                          model_requested="gpt-4o", outcome=P.MODEL_CALL_OUTCOME_REFUSED,
+                          reason="budget_exceeded", http_status=429)  # fmt: skip
+    await cluster.usage.LogModelCall(U.LogModelCallRequest(call=refused))
+    code, out, _ = await cli(cluster, "calls", "list", "--project", "demo")
+    assert code == 0 and out.startswith("START_TIME") and "budget_exceeded" in out and "1100" in out
+    code, out, _ = await cli(
+        cluster, "--json", "calls", "list", "--project", "demo", "--outcome", "ok"
+    )
+    (only,) = json.loads(out)["calls"]
+    assert only["call_id"] == call.call_id and only["usage"]["total_tokens"] == 1100
+    code, _, err = await cli(cluster, "calls", "list", "--project", "demo", "--outcome", "nope")
+    assert code == 2 and "--outcome" in err
