@@ -286,7 +286,9 @@ async function agentPage(root, id) {
     h("section", { class: "card", style: "margin-top:12px" }, h("table", {},
       [["Id", a.id], ["Project", a.project_id], ["Type", a.agent_type_id], ["Current task", a.current_task || "—"],
         ["Peers", (a.peers || []).join(", ") || "—"], ["Last activity", when(a.last_activity_time)], ["Created", when(a.create_time)]]
-        .map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v))))));
+        .map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v))))),
+    h("h2", {}, "Last model calls"),
+    h("section", { class: "card" }, await callsTable(a.project_id, { agent_id: a.id }, 10, "agent-calls")));
   root.dataset.ready = "1";
 }
 
@@ -377,12 +379,39 @@ async function usagePage(root) {
     return "CSV exported";
   }, { class: "secondary" });
   for (const el of [gran, group, metric]) el.addEventListener("change", () => draw().catch((e) => flash(e.message, false)));
+  const calls = p === "-" ? h("p", { class: "muted" }, "Choose a project to see its calls.")
+    : await callsTable(p, {}, 20, "calls-table");
   root.replaceChildren(h("h1", {}, "Usage over time"),
     h("div", { class: "toolbar inline" }, h("label", { for: "usage-granularity" }, "Buckets"), gran,
       h("label", { for: "usage-group" }, "Split"), group, h("label", { for: "usage-metric" }, "Show"), metric, exportCsv),
-    h("section", { class: "card" }, chart));
+    h("section", { class: "card" }, chart),
+    h("h2", {}, "Model calls"), h("section", { class: "card" }, calls));
   await draw();
 }
+// The model gateway's call log: newest first, metadata only (never prompts or answers).
+const secs = (d) => (d ? Math.round(parseFloat(d) * 1000) + " ms" : "—");
+async function callsTable(projectId, filters, pageSize, id) {
+  const body = h("tbody");
+  const pages = pager(async (pageToken) => {
+    const data = await get(`/api/v1/projects/${enc(projectId)}/calls` + qs({ ...filters, page_size: pageSize, page_token: pageToken }));
+    body.replaceChildren(...(data.calls || []).map((c) => {
+      const u = c.usage || {};
+      return h("tr", {}, h("td", {}, when(c.start_time)), h("td", {}, h("a", { href: "#/agents/" + enc(c.agent_id) }, c.agent_id)),
+        h("td", {}, c.model_requested), h("td", {}, status(String(c.outcome || "").replace("MODEL_CALL_OUTCOME_", ""))),
+        h("td", {}, c.reason || ""), h("td", { class: "num" }, num(u.total_tokens) + (c.estimated ? " (est.)" : "")),
+        h("td", { class: "num" }, usd(u.total_cost_usd)), h("td", { class: "num" }, secs(c.time_to_first_token)),
+        h("td", { class: "num" }, secs(c.duration)));
+    }));
+    if (!(data.calls || []).length) body.append(h("tr", {}, h("td", { colspan: 9, class: "muted" }, "No calls through the model gateway yet.")));
+    return data.next_page_token || "";
+  });
+  const table = h("table", { id },
+    h("thead", {}, h("tr", {}, ["Started", "Agent", "Model", "Outcome", "Reason", "Tokens", "Cost", "First token", "Duration"].map((t) => h("th", {}, t)))),
+    body);
+  await pages.show();
+  return h("div", {}, h("div", { class: "scroll" }, table), pages.box);
+}
+
 function stackedBars(buckets, field, start, step) {
   // Every bucket of the range gets its place, empty or not, so time reads left to right.
   const first = Math.floor(Date.parse(start) / step) * step;

@@ -275,6 +275,38 @@ async def test_a_minute_window_shows_the_last_minute_and_calls_in_flight(browser
         reservation_id="console-window", thread_id=thread.id))  # fmt: skip
 
 
+async def test_the_usage_page_and_an_agents_page_list_model_calls(browser, world) -> None:
+    from google.protobuf import timestamp_pb2
+    from ulid import ULID
+
+    from agentplane.usage.v1 import usage_pb2 as P
+
+    url, cluster, alpha = world["url"], world["cluster"], world["alpha"]
+    start = timestamp_pb2.Timestamp()
+    start.GetCurrentTime()
+    call = P.ModelCall(
+        call_id=str(ULID()), project_id="demo", agent_id=alpha.id, model_requested="gpt-4o",
+        outcome=P.MODEL_CALL_OUTCOME_OK, http_status=200, start_time=start,
+    )  # fmt: skip
+    call.time_to_first_token.FromMilliseconds(42)
+    await cluster.usage.RecordUsage(U.RecordUsageRequest(
+        usage_id=call.call_id, agent_id=alpha.id, project_id="demo", model="gpt-4o",
+        prompt_tokens=3000, completion_tokens=21, call=call, estimated=True))  # fmt: skip
+    refused = P.ModelCall(call_id=str(ULID()), project_id="demo", agent_id=alpha.id, start_time=start,
+                          model_requested="gpt-4o", outcome=P.MODEL_CALL_OUTCOME_REFUSED,
+                          reason="budget_exceeded", http_status=429)  # fmt: skip
+    await cluster.usage.LogModelCall(U.LogModelCallRequest(call=refused))
+    await run(sign_in, browser, url)
+    await run(browser.execute_script, "sessionStorage.setItem('agentplane.project', 'demo')")
+    await run(open_page, browser, url, "usage")
+    calls = await run(text, browser, "#calls-table")
+    assert "budget_exceeded" in calls and "REFUSED" in calls
+    assert "3,021 (est.)" in calls and "42 ms" in calls
+    await run(open_page, browser, url, f"agents/{alpha.id}")
+    assert "3,021 (est.)" in await run(text, browser, "#agent-calls")
+    await run(shoot, browser, "agent")
+
+
 async def test_every_page_fits_a_phone_and_charts_draw(browser, world) -> None:
     url = world["url"]
     await run(sign_in, browser, url)
