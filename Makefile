@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: imports lock run test test-fast typecheck protos protos-check protos-lint lint bench bench-churn bench-redis screenshots profile certs clean
+.PHONY: imports lock run test test-fast typecheck protos protos-check protos-lint lint bench bench-churn bench-peers bench-redis screenshots profile certs clean
 
 LOCK := requirements.lock
 # The tool that writes the lock, itself at a fixed version (only `make lock` uses it).
@@ -84,6 +84,14 @@ profile: $(STAMP)
 	$(PY) -m bench.profile
 
 ## One EVALSHA of the usage script through each Redis client (docs/performance.md).
+## The model gateway beside the LiteLLM proxy (in a venv of its own, .run/litellm) in
+## front of the same fake provider, measured in the same rounds (SPEC §19).
+LITELLM_VERSION := 1.108.7
+bench-peers: $(STAMP)
+	@test -x .run/litellm/bin/litellm || (python3 -m venv .run/litellm && \
+	  .run/litellm/bin/pip install -q "litellm[proxy]==$(LITELLM_VERSION)")
+	$(PY) -m bench.models --peers
+
 bench-redis: $(STAMP)
 	$(PY) -m pip install -q "coredis>=4" "valkey-glide>=1"
 	$(PY) -m bench.redis_clients

@@ -198,6 +198,9 @@ def _phases_on_their_own_stacks(results: dict[str, Any]) -> None:
     results["sdk_batching"] = sdk_batching()
     results["cross_project_views"] = cross_project_views()
     results["reservation_limits"] = reservation_limits()
+    from bench.models import model_gateway
+
+    results["model_gateway"] = model_gateway()
 
 
 def _targets(results: dict[str, Any]) -> dict[str, bool]:
@@ -226,6 +229,14 @@ def _targets(results: dict[str, Any]) -> dict[str, bool]:
     )
     targets["cross-project views within 2x from 100 to 10,000 projects"] = all(
         v <= 2 for v in views["growth"].values()
+    )
+    models = results["model_gateway"]["agentplane"]
+    targets["model gateway: sequential p50 added <= 2 ms"] = models["added_p50_ms"] <= 2
+    targets["model gateway: first streamed event p50 added <= 2 ms"] = (
+        models["added_first_event_ms"] <= 2
+    )
+    targets["model gateway: 64 concurrent streams >= 0.5x direct"] = (
+        models["throughput_vs_direct"] >= 0.5
     )
     if "p50_ms" in console:
         targets["console Overview drawn within 1 s (1k agents, 100k budgets)"] = (

@@ -113,12 +113,16 @@ async def _the_readme_tour(http: httpx.AsyncClient, offset: int) -> None:
     against the echo model, and the call's tokens and cost in the usage and the call log."""
     import openai
 
-    assert (await http.post("/api/v1/projects", json={"display_name": "Tour", "id": "tour"})).is_success
+    assert (
+        await http.post("/api/v1/projects", json={"display_name": "Tour", "id": "tour"})
+    ).is_success
     kind = {"id": "helper", "display_name": "Helper", "is_active": True}
     assert (await http.post("/api/v1/capabilities", json=kind)).is_success
     agent = (await http.post("/api/v1/projects/tour/agents",
                              json={"agent_type_id": "helper", "name": "first"})).json()  # fmt: skip
-    key = (await http.post("/api/v1/apiKeys", json={"role": "AGENT", "subject": agent["id"]})).json()
+    key = (
+        await http.post("/api/v1/apiKeys", json={"role": "AGENT", "subject": agent["id"]})
+    ).json()
     client = openai.AsyncOpenAI(
         base_url=f"http://127.0.0.1:{registry.MODELS.port + offset}/v1", api_key=key["token"]
     )

@@ -1,5 +1,5 @@
 """The model gateway as real processes (SPEC §14): two model-gateway replicas in front of
-two usage-service replicas, 3 agents × 32 concurrent streams through the official
+two usage-service replicas, 3 agents x 32 concurrent streams through the official
 `openai` SDK against tight HARD budgets — by the fake provider's own tally no budget is
 ever passed, and what is recorded equals that tally; then a replica SIGKILLed mid-stream
 leaves its call charged in full at its hold's expiry, flagged as an estimate."""
