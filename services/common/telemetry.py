@@ -49,7 +49,9 @@ BUDGET_REJECTIONS = Counter(
 # The model gateway (SPEC §14). `model` is a configured model's name ("-" for a call
 # refused before its model was known, or naming no configured model).
 MODEL_CALLS = Counter(
-    "agentplane_model_calls_total", "Model gateway calls, by model and outcome", ["model", "outcome"]
+    "agentplane_model_calls_total",
+    "Model gateway calls, by model and outcome",
+    ["model", "outcome"],
 )
 MODEL_TOKENS = Counter(
     "agentplane_model_tokens_total",

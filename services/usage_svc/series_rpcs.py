@@ -164,14 +164,17 @@ class SeriesRpcs:
         )
         book = await self._prices.book()
         entries = [e for e in book.entries() if not model or e.model == model]
-        # sorted as entries are (effective times from year 1 on are positive past 10**15)
-        keys = [f"{e.model}|{e.effective_ms + 10**15:020d}" for e in entries]
-        start = bisect.bisect_right(keys, page.cursor) if page.cursor else 0
+        # (model, time) in the entries' own order: a text key such as "gpt-4o|<time>" does
+        # not sort like the entries ("gpt-4o-mini|" < "gpt-4o|"), which once repeated and
+        # skipped prices across pages.
+        keys = [(e.model, e.effective_ms) for e in entries]
+        start = bisect.bisect_right(keys, _price_cursor(page.cursor)) if page.cursor else 0
         shown = entries[start : start + page.size]
         more = start + page.size < len(entries)
+        last = keys[start + page.size - 1] if more else ("", 0)
         return usage_service_pb2.ListModelPricesResponse(
             prices=[price_message(p) for p in shown],
-            next_page_token=page.token_after(keys[start + page.size - 1]) if more else "",
+            next_page_token=page.token_after(f"{last[0]}|{last[1]}") if more else "",
         )
 
     async def DeleteModelPrice(
@@ -182,6 +185,14 @@ class SeriesRpcs:
         if not await self._prices.delete(model, request.effective_time.ToMilliseconds()):
             raise errors.not_found("price", f"{model}@{request.effective_time.ToJsonString()}")
         return usage_service_pb2.DeleteModelPriceResponse()
+
+
+def _price_cursor(cursor: str) -> tuple[str, int]:
+    model, _, at = cursor.rpartition("|")
+    try:
+        return model, int(at)
+    except ValueError:
+        raise errors.invalid_argument("page_token", "malformed page token") from None
 
 
 def price_message(dated: DatedPrice) -> usage_pb2.ModelPrice:

@@ -1,4 +1,4 @@
-"""10,000 streams open through the model gateway (four replicas, real processes, a fake
+"""10,000 streams open through the model gateway (two replicas, real processes, a fake
 provider process) and then dropped at once, as an unlucky fleet restart would: no
 replica crashes, every upstream request is cancelled, each call is settled (as an
 estimate: the provider never reported usage), each replica still serves, and its memory
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 
 from agentplane.agent.v1 import agent_service_pb2 as A
 from agentplane.agent.v1 import agent_service_pb2_grpc, api_key_pb2
@@ -24,7 +25,7 @@ from tests.helpers import authed_channel, make_project, make_type, spawn, until
 from tests.helpers.fake_provider import PROVIDER_KEY, providers_yaml
 from tests.helpers.processes import ServiceProcess
 
-STREAMS, REPLICAS = 10_000, 4
+STREAMS, REPLICAS = 10_000, 2
 
 
 def rss_mb(pid: int) -> float:
@@ -61,6 +62,7 @@ async def open_stream(port: int, token: str, n: int) -> asyncio.StreamWriter:
     return writer
 
 
+@pytest.mark.timeout(300)
 async def test_ten_thousand_open_streams_dropped_at_once(redis_url: str, tmp_path: Path) -> None:
     streams = streams_that_fit()
     agent_proc, agent_address, usages, addresses = await start(redis_url, 1)
@@ -89,7 +91,7 @@ async def test_ten_thousand_open_streams_dropped_at_once(redis_url: str, tmp_pat
                 USAGE_SVC_ADDR=addresses[0],
                 MODEL_PROVIDERS_FILE=str(providers),
                 FAKE_PROVIDER_KEY=PROVIDER_KEY,
-                HTTP_MAX_CONNECTIONS="8000",
+                HTTP_MAX_CONNECTIONS="12000",
                 LOG_RPC_RATE="10",
             )
             for _ in range(REPLICAS)
@@ -138,9 +140,9 @@ async def test_ten_thousand_open_streams_dropped_at_once(redis_url: str, tmp_pat
         for gateway in gateways:
             assert gateway.process.poll() is None, gateway.output()[-3000:]
         after = [rss_mb(g.process.pid) for g in gateways]
-        # A second storm, half the size: served from what the first freed (a leak of what
-        # each stream takes would add ~60 MB a replica).
-        writers = await asyncio.gather(*(one(n) for n in range(streams // 2)))
+        # A second storm, a fifth the size: served from what the first freed (a leak of
+        # what each stream takes would add ~48 MB a replica).
+        writers = await asyncio.gather(*(one(n) for n in range(streams // 5)))
         for writer in writers:
             writer.transport.abort()
         again = [rss_mb(g.process.pid) for g in gateways]

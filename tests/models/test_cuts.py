@@ -100,3 +100,29 @@ async def test_a_provider_that_reports_no_usage_is_estimated_never_zero(stack) -
     assert all(c.usage.total_tokens >= b.usage.prompt + b.usage.completion
                for c, b in zip(calls, reversed(stack.fake.billed), strict=True))  # fmt: skip
     assert (await stack.totals()).estimated_request_count == 2
+
+
+async def test_a_provider_that_cannot_be_reached_costs_nothing(stack, tmp_path) -> None:
+    """The connection failed before the request left: 502, the hold given back, no usage
+    (the request was tried again once, as it was never sent)."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    fake_url, stack.fake.url = stack.fake.url, dead
+    catalog = catalog_for(stack.fake, tmp_path)
+    stack.fake.url = fake_url
+    async with serve_models(stack.cluster, catalog) as url:
+        client = stack.keep(
+            openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=stack.token, max_retries=0)
+        )
+        try:
+            await client.chat.completions.create(model="gpt-4o", messages=HELLO)
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 502 and exc.code == "upstream_failed"
+        else:
+            raise AssertionError("no error")
+        (call,) = await settled(stack, 1)
+    assert call.outcome == P.MODEL_CALL_OUTCOME_UPSTREAM_ERROR and not call.usage.request_count
+    assert (await stack.totals()).request_count == 0

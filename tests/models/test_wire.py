@@ -168,3 +168,16 @@ async def test_the_echo_provider_answers_offline_in_both_formats(stack) -> None:
     assert reply.content[0].text == "echo: hello"
     await settled(stack, 2)
     assert (await stack.totals()).request_count == 2
+
+
+async def test_the_sync_anthropic_client_streams_too(stack) -> None:
+    def call() -> str:
+        client = anthropic.Anthropic(base_url=stack.url, api_key=stack.token, max_retries=0)
+        with client.messages.stream(model="claude-x", max_tokens=4, messages=HELLO) as stream:
+            text = "".join(stream.text_stream)
+        client.close()
+        return text
+
+    assert await asyncio.to_thread(call) == " w0 w1 w2 w3"
+    (entry,) = await settled(stack, 1)
+    assert entry.usage.completion_tokens == 4 and entry.stream and not entry.estimated
