@@ -20,6 +20,7 @@ from opentelemetry import propagate, trace
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 
+from gateway import otlp
 from gateway.compat import COMPAT, Compat, Paging, legacy_paging
 from gateway.openapi import build_openapi
 from gateway.routes import Route, build_routes, match
@@ -269,7 +270,17 @@ class Gateway:
             data["update_mask"] = ",".join(body.keys())
 
     async def _body(self, request: Request) -> Any:
-        """The JSON body, read only up to the limit: a declared Content-Length past it is
+        """The JSON body, read only up to the limit."""
+        raw = await self._raw(request)
+        if not raw.strip():
+            return {}
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise errors.invalid_argument("body", f"malformed JSON: {exc}") from None
+
+    async def _raw(self, request: Request) -> bytes:
+        """The body, read only up to the limit: a declared Content-Length past it is
         refused before any byte is read, a chunked body as soon as it passes it."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -281,13 +292,44 @@ class Gateway:
             if size > MAX_BODY_BYTES:
                 raise BodyTooLarge(MAX_BODY_BYTES)
             chunks.append(chunk)
-        raw = b"".join(chunks)
-        if not raw.strip():
-            return {}
+        return b"".join(chunks)
+
+    async def traces(self, request: Request) -> Response:
+        """`POST /v1/traces`: an OTLP/HTTP export, counted by the usage service
+        (gateway/otlp.py)."""
+        started = time.perf_counter()
+        carrier = {k: v for k, v in request.headers.items() if k in TRACE_HEADERS}
+        span = server_span("POST /v1/traces", carrier)
         try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise errors.invalid_argument("body", f"malformed JSON: {exc}") from None
+            response = await self._traces(request)
+        except BodyTooLarge as exc:
+            error = {"code": 413, "status": "INVALID_ARGUMENT", "message": str(exc), "details": []}
+            response = json_response({"error": error}, 413)
+        except errors.ServiceError as exc:
+            response = self._error(*service_error_parts(exc))
+        except grpc.aio.AioRpcError as exc:
+            response = self._error(*rpc_error_parts(exc))
+        finally:
+            span.end()
+        access_log.write(
+            "http", response.status_code < 400, time.perf_counter() - started,
+            method="POST", route="/v1/traces", status=response.status_code,
+        )  # fmt: skip
+        return response
+
+    async def _traces(self, request: Request) -> Response:
+        authorization = request.headers.get("authorization")
+        await self.auth.authenticate(authorization)
+        content_type = request.headers.get("content-type", "")
+        encoding = request.headers.get("content-encoding", "")
+        export = otlp.decode(await self._raw(request), content_type, encoding, MAX_BODY_BYTES)
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)  # this request's span, for the service's
+        metadata = [*carrier.items(), ("authorization", authorization or "")]
+        stub = otlp.TraceServiceStub(self.channels["usage"])
+        reply = await stub.Export(export, metadata=metadata, timeout=self.settings.peer_timeout_s)
+        body, kind = otlp.encode(reply, content_type)
+        return Response(body, 200, media_type=kind)
 
     async def _opened(self, stream: Any) -> None:
         """Wait until the service has accepted the stream: a refusal known before the first
@@ -541,6 +583,8 @@ class GatewayApp:
         fixed = self._fixed.get(scope["path"])
         if fixed is not None and scope["method"] in ("GET", "HEAD"):
             response = await fixed(request)
+        elif scope["path"] == "/v1/traces" and scope["method"] == "POST":
+            response = await self.gateway.traces(request)
         elif scope["path"].startswith("/ui") and scope["method"] in ("GET", "HEAD"):
             response = await self.console.serve(request)
         else:

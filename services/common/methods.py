@@ -39,6 +39,8 @@ KINDS: dict[str, str] = {
     "GetUsageTimeSeries": READ, "ExportUsage": READ, "SetModelPrice": WRITE,
     "ListModelPrices": READ, "DeleteModelPrice": WRITE,
     "LogModelCall": HOT_WRITE, "ListModelCalls": READ,
+    # opentelemetry.proto.collector.trace.v1.TraceService (on the usage service)
+    "Export": HOT_WRITE,
 }  # fmt: skip
 
 

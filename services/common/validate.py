@@ -88,7 +88,12 @@ def _needs(descriptor: Descriptor) -> bool:
 
 
 def check_request(message: Message) -> None:
-    """INVALID_ARGUMENT naming the first field that protobuf accepted but the API does not."""
+    """INVALID_ARGUMENT naming the first field that protobuf accepted but the API does not.
+    Agentplane's own messages only: a foreign protocol served beside them (OTLP, whose
+    values nest without end and whose strings are anything a program logged) is checked
+    by its handler."""
+    if not message.DESCRIPTOR.full_name.startswith("agentplane."):
+        return
     require_fields(message)
     _check(message, "")
 

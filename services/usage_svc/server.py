@@ -6,6 +6,7 @@ import functools
 from collections.abc import Sequence
 
 import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from agentplane.usage.v1 import usage_service_pb2
 from services.common import codec
@@ -18,6 +19,7 @@ from services.usage_svc.budget_store import BudgetStore, Claim
 from services.usage_svc.call_log import CallLog, CallLogPolicy
 from services.usage_svc.expiry import ExpiredHolds
 from services.usage_svc.keys import Layout
+from services.usage_svc.otlp import TraceIngest
 from services.usage_svc.pricing import PriceStore, file_prices
 from services.usage_svc.servicer import UsageServicer
 from services.usage_svc.store import UsageStore
@@ -25,6 +27,7 @@ from services.usage_svc.webhooks import Dispatcher
 
 SERVICE = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"]
 SERVICE_NAME = SERVICE.full_name
+TRACES = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"]
 
 
 def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
@@ -55,7 +58,11 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     chassis.run_in_background(sweeper.every(settings.retention_sweep_s))
     holds = ExpiredHolds(chassis.redis, store)  # lapsed holds freed (or charged) on time
     chassis.run_in_background(functools.partial(holds.run, interval_s=settings.retention_sweep_s))
-    return [chassis.serve(server, servicer, SERVICE)]
+    # OTLP trace exports of GenAI spans, counted through the same path (SPEC §16).
+    return [
+        chassis.serve(server, servicer, SERVICE),
+        chassis.serve(server, TraceIngest(servicer), TRACES),
+    ]
 
 
 def claim_json(claim: Claim) -> dict[str, object]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+from collections.abc import Sequence
 
 from google.rpc import code_pb2, status_pb2
 from grpc.aio import ServicerContext
@@ -109,11 +110,26 @@ class UsageServicer(
     ) -> usage_service_pb2.RecordUsageBatchResponse:
         if len(request.requests) > MAX_BATCH:
             raise errors.invalid_argument("requests", f"holds more than {MAX_BATCH} records")
+        answers, errors_at = await self.record_many(request.requests)
+        response = usage_service_pb2.RecordUsageBatchResponse()
+        for position, item in enumerate(request.requests):
+            error = errors_at.get(position)
+            if error is None:
+                response.results.add(usage_id=item.usage_id, response=answers[position], status=_OK)
+            else:
+                response.results.add(usage_id=item.usage_id, status=error.to_proto())
+        return response
+
+    async def record_many(
+        self, requests: Sequence[usage_service_pb2.RecordUsageRequest]
+    ) -> tuple[dict[int, usage_service_pb2.RecordUsageResponse], dict[int, errors.ServiceError]]:
+        """Check and record a batch in one store call: (answers, errors) by position. The
+        one path for RecordUsageBatch and usage from OpenTelemetry spans."""
         errors_at: dict[int, errors.ServiceError] = {}
         valid: list[tuple[int, UsageRecord]] = []
         book = await self._prices.book()
         superuser = current_principal().is_superuser
-        for position, item in enumerate(request.requests):
+        for position, item in enumerate(requests):
             prefix = f"requests[{position}]."
             try:
                 record = self._check_record(item, prefix, book)
@@ -129,14 +145,7 @@ class UsageServicer(
                 answers[position] = self._record_answer(record, outcome)
             except errors.ServiceError as exc:
                 errors_at[position] = exc
-        response = usage_service_pb2.RecordUsageBatchResponse()
-        for position, item in enumerate(request.requests):
-            error = errors_at.get(position)
-            if error is None:
-                response.results.add(usage_id=item.usage_id, response=answers[position], status=_OK)
-            else:
-                response.results.add(usage_id=item.usage_id, status=error.to_proto())
-        return response
+        return answers, errors_at
 
     def _check_record(
         self, request: usage_service_pb2.RecordUsageRequest, prefix: str, book: PriceBook
@@ -620,7 +629,10 @@ def _refusal_text(r: Refusal, hold: Hold, thread: usage_pb2.ThreadBudget) -> str
 
 
 def _checked_call(
-    request: usage_service_pb2.RecordUsageRequest, prefix: str, agent_id: str, project_id: str,
+    request: usage_service_pb2.RecordUsageRequest,
+    prefix: str,
+    agent_id: str,
+    project_id: str,
     cost_micros: int,
 ) -> str:
     """The call-log entry a record carries ('' for none): the record's own call, in its

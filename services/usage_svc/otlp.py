@@ -1,0 +1,168 @@
+"""Usage from OpenTelemetry (SPEC §16): `TraceService/Export` on the usage service's gRPC
+port takes OTLP trace exports of agents whose LLM calls bypass the model gateway, and
+counts the usage in their GenAI spans exactly once, through the same recording path as
+`RecordUsageBatch` (budgets, alerts, buckets, prices).
+
+A span counts when it carries `gen_ai.usage.input_tokens` or
+`gen_ai.usage.output_tokens` (the GenAI conventions of opentelemetry-semantic-conventions
+0.66b2; the older `gen_ai.usage.prompt_tokens` / `completion_tokens` are read too), with
+`gen_ai.usage.cache_read.input_tokens`, `gen_ai.usage.cache_creation.input_tokens` and
+`gen_ai.usage.reasoning.output_tokens`. Its usage id is `otel-<trace id>-<span id>`, so a
+re-exported span counts once. The model is `gen_ai.response.model`, else
+`gen_ai.request.model`; the agent is the API key's (an owner key names one of its
+project's agents in `gen_ai.agent.id`); the thread is `agentplane.thread_id`. Spans of
+calls made through this installation's model gateway (they carry `agentplane.call_id`)
+are skipped — the gateway metered them; spans without GenAI usage are dropped without a
+word. A span that cannot be counted is reported in `partial_success` with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpc.aio import ServicerContext
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from agentplane.usage.v1 import usage_service_pb2
+from services.common.auth import AGENT, Principal
+from services.common.context import current_principal
+from services.common.limits import MAX_LATENCY_MS
+
+INPUT = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
+OUTPUT = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")
+CACHE_READ, CACHE_WRITE = (
+    "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.cache_creation.input_tokens",
+)
+REASONING = "gen_ai.usage.reasoning.output_tokens"
+GATEWAY_MARK = "agentplane.call_id"  # set on every span of the model gateway's calls
+USAGE_KEYS = frozenset(INPUT + OUTPUT)
+MAX_REASONS = 5  # reasons spelled out in partial_success (the count has them all)
+MAX_SPANS = 10_000  # spans counted per export
+
+
+class SpanRejected(Exception):
+    """A GenAI span that cannot be counted; the message says why."""
+
+
+def _value(any_value: common_pb2.AnyValue | None) -> Any:
+    if any_value is None:
+        return None
+    kind = any_value.WhichOneof("value")
+    return getattr(any_value, kind) if kind else None
+
+
+def _count(attributes: dict[str, common_pb2.AnyValue], *keys: str) -> int:
+    for key in keys:
+        value = _value(attributes.get(key))
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise SpanRejected(f"{key} must be a whole number, got {value!r}")
+        if value < 0:
+            raise SpanRejected(f"{key} must not be negative, got {value}")
+        return int(value)
+    return 0
+
+
+@dataclass
+class Converted:
+    requests: list[usage_service_pb2.RecordUsageRequest] = field(default_factory=list)
+    rejected: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def reject(self, reason: str) -> None:
+        self.rejected += 1
+        if len(self.reasons) < MAX_REASONS:
+            self.reasons.append(reason)
+
+
+def usage_requests(
+    export: trace_service_pb2.ExportTraceServiceRequest, principal: Principal
+) -> Converted:
+    """The RecordUsage requests of an export's GenAI spans, and the spans rejected."""
+    converted = Converted()
+    for resource_spans in export.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                attributes = {kv.key: kv.value for kv in span.attributes}
+                if GATEWAY_MARK in attributes or not USAGE_KEYS & attributes.keys():
+                    continue  # metered by the gateway, or not an LLM call's span
+                name = f"span {span.span_id.hex()}"
+                if len(converted.requests) >= MAX_SPANS:
+                    converted.reject(f"{name}: more than {MAX_SPANS} GenAI spans in one export")
+                    continue
+                try:
+                    converted.requests.append(_request(span, attributes, principal))
+                except SpanRejected as exc:
+                    converted.reject(f"{name}: {exc}")
+    return converted
+
+
+def _request(
+    span: trace_pb2.Span, attributes: dict[str, common_pb2.AnyValue], principal: Principal
+) -> usage_service_pb2.RecordUsageRequest:
+    if len(span.trace_id) != 16 or len(span.span_id) != 8:
+        raise SpanRejected("trace_id must be 16 bytes and span_id 8")
+    model = str(
+        _value(attributes.get("gen_ai.response.model"))
+        or _value(attributes.get("gen_ai.request.model")) or ""
+    )  # fmt: skip
+    if not model:
+        raise SpanRejected("no gen_ai.response.model or gen_ai.request.model")
+    agent = _agent(attributes, principal)
+    inputs, outputs = _count(attributes, *INPUT), _count(attributes, *OUTPUT)
+    read, write = _count(attributes, CACHE_READ), _count(attributes, CACHE_WRITE)
+    reasoning = _count(attributes, REASONING)
+    # The conventions count cache reads and writes in input_tokens; an instrumentation
+    # that reports Anthropic's input_tokens as they come (without them) shows fewer.
+    prompt = inputs if inputs >= read + write else inputs + read + write
+    elapsed = (span.end_time_unix_nano - span.start_time_unix_nano) // 1_000_000
+    return usage_service_pb2.RecordUsageRequest(
+        usage_id=f"otel-{span.trace_id.hex()}-{span.span_id.hex()}",
+        thread_id=str(_value(attributes.get("agentplane.thread_id")) or ""),
+        agent_id=agent, model=model, project_id=principal.project_id or _project(attributes),
+        prompt_tokens=prompt, completion_tokens=max(outputs, reasoning),
+        cached_prompt_tokens=read, cache_write_tokens=write, reasoning_tokens=reasoning,
+        latency_ms=max(0, min(elapsed, MAX_LATENCY_MS)),
+    )  # fmt: skip
+
+
+def _agent(attributes: dict[str, common_pb2.AnyValue], principal: Principal) -> str:
+    """The key's agent; an owner key's span names one in `gen_ai.agent.id`."""
+    given = str(_value(attributes.get("gen_ai.agent.id")) or "")
+    if principal.role == AGENT:
+        if given and given != principal.subject:
+            raise SpanRejected(f"an agent key counts only its own calls, not {given!r}'s")
+        return principal.subject
+    if not given:
+        raise SpanRejected("an owner key's span must name its agent in gen_ai.agent.id")
+    return given
+
+
+def _project(attributes: dict[str, common_pb2.AnyValue]) -> str:
+    """The project an unlimited owner key's span names (`agentplane.project_id`)."""
+    return str(_value(attributes.get("agentplane.project_id")) or "")
+
+
+class TraceIngest:
+    """`opentelemetry.proto.collector.trace.v1.TraceService` on the usage service."""
+
+    def __init__(self, usage: Any) -> None:
+        self._usage = usage  # the UsageServicer: its record_many is the one recording path
+
+    async def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        converted = usage_requests(request, current_principal())
+        _, failed = await self._usage.record_many(converted.requests)
+        for position, error in sorted(failed.items()):
+            converted.reject(f"{converted.requests[position].usage_id}: {error}")
+        response = trace_service_pb2.ExportTraceServiceResponse()
+        if converted.rejected:
+            response.partial_success.rejected_spans = converted.rejected
+            response.partial_success.error_message = "; ".join(converted.reasons)
+        return response
