@@ -38,6 +38,8 @@ def test_a_burst_can_still_be_set_explicitly() -> None:
 def test_every_rpc_is_declared_read_or_write() -> None:
     """The rate class and the behaviour while Redis is down come from one table; a new
     RPC must be added to it (no rule is derived from a method's name)."""
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
     from agentplane.agent.v1 import agent_service_pb2
     from agentplane.thread.v1 import thread_service_pb2
     from agentplane.usage.v1 import usage_service_pb2
@@ -48,6 +50,7 @@ def test_every_rpc_is_declared_read_or_write() -> None:
         (agent_service_pb2, "AgentService"),
         (thread_service_pb2, "ThreadService"),
         (usage_service_pb2, "UsageService"),
+        (trace_service_pb2, "TraceService"),  # OTLP, on the usage service
     ):
         for method in module.DESCRIPTOR.services_by_name[name].methods:
             assert method.name in declared, f"{name}.{method.name} is not in methods.KINDS"
