@@ -195,3 +195,72 @@ def orjson_dumps(value: object) -> bytes:
     import orjson
 
     return orjson.dumps(value)
+
+
+def _span(
+    request: trace_service_pb2.ExportTraceServiceRequest, n: int, **attributes: object
+) -> None:
+    scope = request.resource_spans.add().scope_spans.add()
+    span = scope.spans.add(trace_id=bytes(15) + bytes([n]), span_id=bytes(7) + bytes([n]))
+    for key, value in attributes.items():
+        attribute = span.attributes.add(key=key)
+        if isinstance(value, int):
+            attribute.value.int_value = value
+        else:
+            attribute.value.string_value = str(value)
+
+
+async def test_an_owner_key_counts_its_own_agents_on_either_replica_once(redis_url) -> None:
+    """An owner key names the agent (`gen_ai.agent.id`): one of its project's counts, one of
+    another project's is refused in partial_success; the same spans sent to two usage
+    replicas count once."""
+    from agentplane.agent.v1 import agent_service_pb2 as A
+    from agentplane.agent.v1 import api_key_pb2, project_pb2
+    from tests.helpers import spawn
+
+    cluster = await start_cluster(redis_url)
+    apps = []
+    try:
+        for name, owner in (("alices", "alice"), ("other", "bob")):
+            await cluster.agent.CreateProject(A.CreateProjectRequest(
+                project_id=name, project=project_pb2.Project(display_name=name, owner=owner)))  # fmt: skip
+        await make_type(cluster.agent)
+        mine = await spawn(cluster.agent, "mine", project_id="alices")
+        stranger = await spawn(cluster.agent, "stranger", project_id="other")
+        key = await cluster.agent.CreateApiKey(A.CreateApiKeyRequest(
+            role=api_key_pb2.API_KEY_ROLE_OWNER, subject="alice", project_id="alices"))  # fmt: skip
+        ports = []
+        for _ in range(2):
+            app, port = await create_usage_server(
+                make_settings("usage_svc", redis_url, agent_svc_addr=cluster.address("agent"),
+                              thread_svc_addr=cluster.address("thread")), "127.0.0.1:0")  # fmt: skip
+            await app.start()
+            apps.append(app)
+            ports.append(port)
+        export = trace_service_pb2.ExportTraceServiceRequest()
+        _span(export, 1, **{"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 40,
+                            "gen_ai.usage.output_tokens": 2, "gen_ai.agent.id": mine.id})  # fmt: skip
+        _span(export, 2, **{"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 9,
+                            "gen_ai.agent.id": stranger.id})  # fmt: skip
+        for port in ports:  # both replicas get the same export
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                reply = await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+                    export, metadata=[("authorization", f"Bearer {key.token}")]
+                )
+            assert reply.partial_success.rejected_spans == 1
+            assert (
+                f"no agent {stranger.id!r} in project 'alices'"
+                in reply.partial_success.error_message
+            )
+        counted = (
+            await cluster.usage.GetAgentUsage(U.GetAgentUsageRequest(agent_id=mine.id))
+        ).totals
+        assert (counted.request_count, counted.total_tokens) == (1, 42)
+        foreign = (
+            await cluster.usage.GetAgentUsage(U.GetAgentUsageRequest(agent_id=stranger.id))
+        ).totals
+        assert foreign.request_count == 0
+    finally:
+        for app in apps:
+            await app.stop(grace=0)
+        await stop_cluster(cluster)
