@@ -24,6 +24,7 @@ from gateway import otlp
 from gateway.compat import COMPAT, Compat, Paging, legacy_paging
 from gateway.openapi import build_openapi
 from gateway.routes import Route, build_routes, match
+from gateway.server import lifespan
 from services.common import codec, errors, registry
 from services.common.auth import Authenticator
 from services.common.clients import open_channel
@@ -592,15 +593,7 @@ class GatewayApp:
         await response(scope, receive, send)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await self.gateway.open()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.gateway.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send, self.gateway.open, self.gateway.close)
 
 
 def create_app(settings: Settings) -> GatewayApp:

@@ -14,7 +14,7 @@ import contextlib
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -113,6 +113,22 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().on_response_complete()
         # Waiting for the next request is the keep-alive timeout's business until its
         # first byte arrives (on_message_begin arms the read deadline again).
+
+
+async def lifespan(
+    receive: Any, send: Any, start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+) -> None:  # fmt: skip
+    """An ASGI app's lifespan: `start` before the first request, `stop` at shutdown."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await start()
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await stop()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def protocol_for(settings: Settings) -> type[BoundedHttpProtocol]:

@@ -40,6 +40,7 @@ from agentplane.usage.v1 import usage_pb2, usage_service_pb2, usage_service_pb2_
 from gateway.models import echo, wire
 from gateway.models.providers import Catalog, Provider
 from gateway.models.upstream import Upstream, UpstreamFailed, UpstreamTimeout
+from gateway.server import lifespan
 from services.common import errors, registry
 from services.common.auth import AGENT, INTERNAL_HEADER, Authenticator, Principal, internal_proof
 from services.common.clients import open_channel
@@ -840,15 +841,7 @@ class ModelsApp:
         await _send_plain(send, 200, body, b"application/json")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await self.gateway.open()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.gateway.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send, self.gateway.open, self.gateway.close)
 
 
 def _headers(scope: dict[str, Any]) -> dict[str, str]:
