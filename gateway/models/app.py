@@ -24,7 +24,7 @@ import gc
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -124,7 +124,6 @@ class Call:
     head_sent: bool = False  # the answer's status line went out
     finished: bool = False
     settled: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
 
     def end(
         self, outcome: usage_pb2.ModelCallOutcome.ValueType, reason: str, status: int,
@@ -518,7 +517,6 @@ class ModelGateway:
         extra = {"agentplane-usage-id": call.call_id}
         if cost is not None:
             extra["agentplane-cost-micros"] = str(cost)
-        call.extra = extra
         await _send_whole(send, call, 200, answer, {"content-type": "application/json", **extra})
 
     async def _answer_stream(

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from gateway.models.wire import CHAT, EMBEDDINGS, MESSAGES, RESPONSES, Request, Usage
+from gateway.models.wire import CHAT, EMBEDDINGS, RESPONSES, Request, Usage
 
 
 def sse(data: Any, event: str | None = None) -> bytes:
@@ -221,6 +221,3 @@ def echo_answer(request: Request, cap: int | None, call_id: str) -> Any:
     pieces = [words[0]] + [f" {w}" for w in words[1:]]
     usage = Usage(prompt=prompt, completion=len(words))
     return render(request, request.model, pieces, usage, call_id)
-
-
-__all__ = ["MESSAGES", "echo_answer", "render", "sse"]
