@@ -33,6 +33,7 @@ from bench.load import (
     wait_serving,
 )
 from bench.load import channel as channel_to
+from bench.otlp import otlp_throughput
 from bench.series import series_growth
 from scripts.redis_server import RedisProcess, free_port
 
@@ -214,6 +215,7 @@ def _targets(results: dict[str, Any]) -> dict[str, bool]:
         "  and p99 < 20 ms at half load": results["record_usage_five_budgets_half_load"]["p99_ms"]
         < 20,
         "RecordUsageBatch ≥ 8x Check (records/s)": results["batch_vs_check"] >= 8,
+        "OTLP GenAI spans/s ≥ RecordUsageBatch records/s": results["otlp_vs_batch"] >= 1,
         "reads within 2x from 1k to 100k threads": all(
             v <= 2 for v in results["read_growth_1k_to_100k"].values()
         ),
@@ -333,6 +335,9 @@ def main() -> int:
                 batch = await batch_throughput(stub)
                 results["record_usage_batch_records_per_s"] = batch
                 results["batch_vs_check"] = batch / check["calls_per_s"]
+                spans = await otlp_throughput(channel)
+                results["otlp_genai_spans_per_s"] = spans
+                results["otlp_vs_batch"] = spans / batch
                 await stub.ResetUsage(U.ResetUsageRequest())
                 await prepare_threads(stub, 1_000, "small-")
                 small = await read_latency(stub)
@@ -397,6 +402,9 @@ def main() -> int:
         ("  ratio to RecordUsage without budgets",
          f"{results['four_budgets_vs_plain_record']:.2f}"),
         ("RecordUsageBatch (records/s)", f"{results['record_usage_batch_records_per_s']:.0f}"),
+        ("OTLP Export, GenAI spans counted (spans/s)",
+         f"{results['otlp_genai_spans_per_s']:.0f}"),
+        ("  ratio to RecordUsageBatch records/s", f"{results['otlp_vs_batch']:.2f}"),
     ]  # fmt: skip
     for scale, key in (("1k", "reads_at_1k_threads"), ("100k", "reads_at_100k_threads")):
         reads = results[key]

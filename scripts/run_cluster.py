@@ -4,8 +4,9 @@ foreground.
 Logs of all processes go to this terminal; one Ctrl-C (or SIGTERM) stops them all
 cleanly, services first and Redis last. An already-running Redis at REDIS_URL is reused.
 RUN_PORT_OFFSET moves every port, Redis's included (to run a second cluster beside the
-first); everything listens on loopback unless BIND_HOST says otherwise. If any process
-ends — the Redis it started included — the rest are stopped and the exit code is 1.
+first); RUN_DIR moves Redis's data and log (default .run/); everything listens on
+loopback unless BIND_HOST says otherwise. If any process ends — the Redis it started
+included — the rest are stopped and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from scripts.redis_server import RedisProcess
 from services.common import registry
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN_DIR = ROOT / ".run"
+# Redis's data and log (RUN_DIR moves them: the tests start from an empty one).
+RUN_DIR = Path(os.environ.get("RUN_DIR") or ROOT / ".run")
 # RUN_PORT_OFFSET moves every port at once (to run a second cluster beside the first).
 OFFSET = int(os.environ.get("RUN_PORT_OFFSET", "0"))
 REDIS_URL = os.environ.get("REDIS_URL", f"redis://localhost:{registry.REDIS_PORT + OFFSET}/0")
@@ -40,6 +42,12 @@ def _ports(process: registry.Process) -> dict[str, int]:
 
 PROCESSES = [(p.name, p.module, _ports(p)) for p in registry.PROCESSES]
 PEERS = {s.address_env: f"localhost:{s.port + OFFSET}" for s in registry.SERVICES}
+
+
+def _model_gateway() -> str:
+    """The addresses an agent on this machine uses to reach `make run`'s model gateway."""
+    port = registry.MODELS.port + OFFSET
+    return ",".join(f"{host}:{port}" for host in ("localhost", "127.0.0.1", BIND_HOST))
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -124,6 +132,8 @@ def start_processes(redis_url: str) -> list[Child]:
         "MODEL_PROVIDERS_FILE": os.environ.get(
             "MODEL_PROVIDERS_FILE", str(ROOT / "examples" / "providers.yaml")
         ),
+        # OTLP spans of calls sent to this model gateway are not counted twice.
+        "MODEL_GATEWAY_ADDRESSES": os.environ.get("MODEL_GATEWAY_ADDRESSES", _model_gateway()),
         **PEERS,
     }
     children: list[Child] = []
@@ -166,7 +176,7 @@ def stop_processes(children: list[Child]) -> None:
 
 
 def main() -> int:
-    RUN_DIR.mkdir(exist_ok=True)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
     redis = start_redis(REDIS_URL)
     children = start_processes(REDIS_URL)
     print(banner(REDIS_URL, [name for name, _ in children]))

@@ -120,6 +120,7 @@ class Call:
     usage: wire.Usage | None = None
     streamed: int = 0
     model: str = ""
+    response_id: str = ""  # the provider's id of its answer
     first_byte: float = 0.0
     head_sent: bool = False  # the answer's status line went out
     finished: bool = False
@@ -513,6 +514,7 @@ class ModelGateway:
         data = _json(answer)
         call.usage = wire.usage_of(call.request.operation, data)
         call.model = str(data.get("model") or "") if isinstance(data, dict) else ""
+        call.response_id = wire.response_id(data)
         cost = await self._settle(call) if call.usage else None
         extra = {"agentplane-usage-id": call.call_id}
         if cost is not None:
@@ -535,6 +537,8 @@ class ModelGateway:
         try:
             async for event in events:
                 if meter.keep(event):
+                    if meter.done and meter.usage is not None and not call.settled:
+                        await self._settle_before_last(call, meter)
                     call.first_byte = call.first_byte or time.perf_counter()
                     await send({"type": "http.response.body", "body": event, "more_body": True})
         except UpstreamTimeout as exc:  # the stream is cut: the client sees it end early
@@ -543,7 +547,16 @@ class ModelGateway:
             call.outcome, call.reason = UPSTREAM_ERROR, "stream_cut"
         finally:
             call.usage, call.streamed, call.model = meter.usage, meter.streamed, meter.model
+            call.response_id = meter.response_id
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _settle_before_last(self, call: Call, meter: wire.StreamMeter) -> None:
+        """Settle a stream whose usage is known before its last event goes out: the
+        client's span, which ends (and may be exported) when it reads that event, then
+        finds the call metered (SPEC §16)."""
+        call.usage, call.streamed, call.model = meter.usage, meter.streamed, meter.model
+        call.response_id = meter.response_id
+        await self._settle_queued(call)
 
     # Settling -------------------------------------------------------------------------
     async def _settle_queued(self, call: Call) -> int | None:
@@ -620,7 +633,7 @@ class ModelGateway:
             model=call.model, provider=call.provider.name if call.provider else "",
             outcome=call.outcome, reason=call.reason[:1024], http_status=call.status,
             start_time=timestamp(call.start_ms), operation=call.operation,
-            stream=bool(call.request and call.request.stream),
+            stream=bool(call.request and call.request.stream), response_id=call.response_id,
         )  # fmt: skip
         entry.duration.FromNanoseconds(int((now - call.started) * 1e9))
         if call.first_byte:

@@ -8,6 +8,7 @@ OpenAI: `POST /v1/chat/completions`, `/v1/responses`, `/v1/embeddings`; Anthropi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +188,20 @@ def usage_of(operation: str, data: Any) -> Usage | None:
     )  # fmt: skip
 
 
+# The last event of a Responses or Messages stream (a chat stream ends with `[DONE]`).
+LAST_EVENTS = frozenset(
+    {"response.completed", "response.incomplete", "response.failed", "message_stop"}
+)
+RESPONSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def response_id(data: Any) -> str:
+    """The provider's id of an answer (`chatcmpl-...`, `resp_...`, `msg_...`), when it
+    has a sane one: OTLP ingestion skips the client spans that report it (SPEC §16)."""
+    found = data.get("id") if isinstance(data, dict) else None
+    return found if isinstance(found, str) and RESPONSE_ID.fullmatch(found) else ""
+
+
 def text_bytes(node: Any) -> int:
     """UTF-8 bytes of the generated text in a streamed event (an upper bound of its
     tokens, as for prompts)."""
@@ -214,16 +229,20 @@ class StreamMeter:
     request: Request
     usage: Usage | None = None
     model: str = ""
+    response_id: str = ""
     streamed: int = 0
     events: int = 0
+    done: bool = False  # the stream's last event came (`[DONE]`, message_stop, ...)
     _start: Usage | None = field(default=None)
 
     def keep(self, event: bytes) -> bool:
         self.events += 1
         data = _event_data(event)
         if data is None or not isinstance(data, dict):
+            self.done = self.done or b"data: [DONE]" in event
             return True
         operation = self.request.operation
+        self.done = self.done or data.get("type") in LAST_EVENTS
         self.streamed += text_bytes(data.get("choices") if operation == CHAT else data)
         if operation == CHAT:
             return self._chat(data)
@@ -231,6 +250,7 @@ class StreamMeter:
             response = data.get("response")
             if isinstance(response, dict):
                 self.model = str(response.get("model") or self.model)
+                self.response_id = self.response_id or response_id(response)
                 found = usage_of(RESPONSES, response)
                 self.usage = found or self.usage
             return True
@@ -239,6 +259,7 @@ class StreamMeter:
 
     def _chat(self, data: dict[str, Any]) -> bool:
         self.model = str(data.get("model") or self.model)
+        self.response_id = self.response_id or response_id(data)
         found = usage_of(CHAT, data)
         if found is None:
             return True
@@ -252,6 +273,7 @@ class StreamMeter:
             self._start = usage_of(MESSAGES, message)
             if isinstance(message, dict):
                 self.model = str(message.get("model") or self.model)
+                self.response_id = response_id(message)
             self.usage = self._start
         elif kind == "message_delta":
             given = data.get("usage")

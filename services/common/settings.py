@@ -215,6 +215,7 @@ class Settings:
     model_state_cache_s: float = 1.0
     call_log_retention_s: float = 7 * 86_400.0
     call_log_max: int = 50_000
+    model_gateway_addresses: str = ""  # host:port list; OTLP spans sent there are skipped
     retention_sweep_s: float = 10.0
     log_rpc_rate: int = 100  # OK calls logged per second at most (0: every call)
     log_slow_rpc_s: float = 1.0  # calls at least this slow are always logged
@@ -334,6 +335,7 @@ class Settings:
                 env, "CALL_LOG_RETENTION", 7 * 86_400.0, 1, 10 * 365 * 86_400
             ),
             call_log_max=_int(env, "CALL_LOG_MAX_PER_PROJECT", 50_000, 10, 10_000_000),
+            model_gateway_addresses=env.get("MODEL_GATEWAY_ADDRESSES", ""),
             retention_sweep_s=_duration(env, "RETENTION_SWEEP_INTERVAL", 10.0, 0.05, 86_400),
             log_rpc_rate=_int(env, "LOG_RPC_RATE", 100, 0, 10_000_000),
             log_slow_rpc_s=_duration(env, "LOG_SLOW_RPC", 1.0, 0.001, 3600),

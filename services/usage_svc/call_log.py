@@ -11,6 +11,7 @@ an upstream error that reported none) by `LogModelCall` alone.
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 
 from grpc.aio import ServicerContext
@@ -28,6 +29,7 @@ from services.common.settings import Settings
 from services.usage_svc.keys import Layout
 from services.usage_svc.thread_budgets import script
 
+RESPONSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # as the model gateway keeps them
 SCAN_BATCH = 200  # entries read per round trip while filtering
 SCAN_LIMIT = 5_000  # entries one ListModelCalls request looks at, at most
 
@@ -68,6 +70,10 @@ def require_call(call: usage_pb2.ModelCall, field: str) -> None:
     for name in ("model_requested", "model"):
         if getattr(call, name):
             require_model(f"{field}.{name}", getattr(call, name))
+    if call.response_id and not RESPONSE_ID.fullmatch(call.response_id):
+        raise errors.invalid_argument(
+            f"{field}.response_id", "must be 1 to 128 letters, digits or '_.:-'"
+        )
     if len(call.reason) > 1024 or len(call.provider) > 128 or len(call.operation) > 64:
         raise errors.invalid_argument(f"{field}.reason", "reason, provider or operation too long")
 
@@ -85,6 +91,15 @@ class CallLog:
             keys=[prefix],
             args=[call_member(call), self._policy.cutoff(now_ms()), self._policy.most],
         )
+
+    async def metered(self, project_id: str, response_ids: list[str]) -> set[str]:
+        """Which of these provider answer ids the model gateway metered (one read: a
+        project's keys share its partition's slot)."""
+        if not response_ids:
+            return set()
+        prefix = self._layout.partition(project_id).prefix + "resp:"
+        found = await self._redis.execute_command("MGET", *(prefix + i for i in response_ids))
+        return {i for i, value in zip(response_ids, found, strict=True) if value is not None}
 
     async def scan(
         self, project_id: str, before: str, after: str, count: int

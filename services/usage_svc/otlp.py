@@ -6,13 +6,16 @@ counts the usage in their GenAI spans exactly once, through the same recording p
 A span counts when it carries `gen_ai.usage.input_tokens` or
 `gen_ai.usage.output_tokens` (the GenAI conventions of opentelemetry-semantic-conventions
 0.66b2; the older `gen_ai.usage.prompt_tokens` / `completion_tokens` are read too), with
-`gen_ai.usage.cache_read.input_tokens`, `gen_ai.usage.cache_creation.input_tokens` and
+`gen_ai.usage.cache_read.input_tokens`, `gen_ai.usage.cache_creation.input_tokens` (or
+`cache_write`) and
 `gen_ai.usage.reasoning.output_tokens`. Its usage id is `otel-<trace id>-<span id>`, so a
 re-exported span counts once. The model is `gen_ai.response.model`, else
 `gen_ai.request.model`; the agent is the API key's (an owner key names one of its
 project's agents in `gen_ai.agent.id`); the thread is `agentplane.thread_id`. Spans of
 calls made through this installation's model gateway (they carry `agentplane.call_id`)
-are skipped — the gateway metered them; spans without GenAI usage are dropped without a
+are skipped — the gateway metered them — and so are the client spans of calls sent to it
+(`server.address`:`server.port` in MODEL_GATEWAY_ADDRESSES); aggregating spans
+(`invoke_agent`, `execute_tool`, ...) and spans without GenAI usage are dropped without a
 word. A span that cannot be counted is reported in `partial_success` with the reason.
 """
 
@@ -30,18 +33,25 @@ from agentplane.usage.v1 import usage_service_pb2
 from services.common.auth import AGENT, Principal
 from services.common.context import current_principal
 from services.common.limits import MAX_LATENCY_MS
+from services.usage_svc.call_log import RESPONSE_ID, CallLog
 
 INPUT = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
 OUTPUT = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")
-CACHE_READ, CACHE_WRITE = (
-    "gen_ai.usage.cache_read.input_tokens",
-    "gen_ai.usage.cache_creation.input_tokens",
-)
+CACHE_READ = "gen_ai.usage.cache_read.input_tokens"
+CACHE_WRITE = ("gen_ai.usage.cache_creation.input_tokens", "gen_ai.usage.cache_write.input_tokens")
 REASONING = "gen_ai.usage.reasoning.output_tokens"
 GATEWAY_MARK = "agentplane.call_id"  # set on every span of the model gateway's calls
 USAGE_KEYS = frozenset(INPUT + OUTPUT)
+# Inference operations; aggregating spans (invoke_agent, execute_tool, workflows...) sum
+# their children's usage and would count it twice. No operation name counts as inference.
+INFERENCE = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
 MAX_REASONS = 5  # reasons spelled out in partial_success (the count has them all)
 MAX_SPANS = 10_000  # spans counted per export
+
+
+def wire_id(text: str) -> bool:
+    """A response id as the model gateway keeps them (others were never metered there)."""
+    return RESPONSE_ID.fullmatch(text) is not None
 
 
 class SpanRejected(Exception):
@@ -71,6 +81,7 @@ def _count(attributes: dict[str, common_pb2.AnyValue], *keys: str) -> int:
 @dataclass
 class Converted:
     requests: list[usage_service_pb2.RecordUsageRequest] = field(default_factory=list)
+    response_ids: list[str] = field(default_factory=list)  # gen_ai.response.id, by request
     rejected: int = 0
     reasons: list[str] = field(default_factory=list)
 
@@ -79,9 +90,62 @@ class Converted:
         if len(self.reasons) < MAX_REASONS:
             self.reasons.append(reason)
 
+    def drop(self, metered: set[tuple[str, str]]) -> None:
+        """Leave out the requests whose (project, response id) the gateway metered."""
+        kept = [
+            (request, rid)
+            for request, rid in zip(self.requests, self.response_ids, strict=True)
+            if (request.project_id, rid) not in metered
+        ]
+        self.requests = [request for request, _ in kept]
+        self.response_ids = [rid for _, rid in kept]
+
+
+def gateway_address(host: str, port: int | None) -> str:
+    """`host:port` as spans and MODEL_GATEWAY_ADDRESSES compare it: the host in lower case
+    without IPv6 brackets, the port left out when it is a default one, 80 or 443 (clients drop
+    it: the OpenAI instrumentation reads httpx's URL.port)."""
+    host = host.strip().strip("[]").lower()
+    return host if port in (None, 0, 80, 443) else f"{host}:{port}"
+
+
+def parse_gateway_addresses(text: str) -> frozenset[str]:
+    """MODEL_GATEWAY_ADDRESSES: comma-separated `host:port` (or `host` for 443)."""
+    addresses = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        host, sep, port = item.rpartition(":")
+        if sep and port.isdigit() and "]" not in port:
+            addresses.add(gateway_address(host, int(port)))
+        else:
+            addresses.add(gateway_address(item, None))
+    return frozenset(addresses)
+
+
+def _through_gateway(attributes: dict[str, common_pb2.AnyValue], gateways: frozenset[str]) -> bool:
+    """The model gateway metered this call: its own span, or a client span sent to it."""
+    if GATEWAY_MARK in attributes:
+        return True
+    host = _value(attributes.get("server.address"))
+    if not gateways or not isinstance(host, str):
+        return False
+    port = _value(attributes.get("server.port"))
+    return gateway_address(host, port if isinstance(port, int) else None) in gateways
+
+
+def _counted(attributes: dict[str, common_pb2.AnyValue], gateways: frozenset[str]) -> bool:
+    """An inference span with usage that the model gateway did not meter."""
+    if not USAGE_KEYS & attributes.keys():
+        return False
+    operation = _value(attributes.get("gen_ai.operation.name"))
+    if operation is not None and operation not in INFERENCE:
+        return False
+    return not _through_gateway(attributes, gateways)
+
 
 def usage_requests(
-    export: trace_service_pb2.ExportTraceServiceRequest, principal: Principal
+    export: trace_service_pb2.ExportTraceServiceRequest,
+    principal: Principal,
+    gateways: frozenset[str] = frozenset(),
 ) -> Converted:
     """The RecordUsage requests of an export's GenAI spans, and the spans rejected."""
     converted = Converted()
@@ -89,14 +153,17 @@ def usage_requests(
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 attributes = {kv.key: kv.value for kv in span.attributes}
-                if GATEWAY_MARK in attributes or not USAGE_KEYS & attributes.keys():
-                    continue  # metered by the gateway, or not an LLM call's span
+                if not _counted(attributes, gateways):
+                    continue  # not an LLM call's span, an aggregate, or metered already
                 name = f"span {span.span_id.hex()}"
                 if len(converted.requests) >= MAX_SPANS:
                     converted.reject(f"{name}: more than {MAX_SPANS} GenAI spans in one export")
                     continue
                 try:
                     converted.requests.append(_request(span, attributes, principal))
+                    converted.response_ids.append(
+                        str(_value(attributes.get("gen_ai.response.id")) or "")
+                    )
                 except SpanRejected as exc:
                     converted.reject(f"{name}: {exc}")
     return converted
@@ -115,7 +182,7 @@ def _request(
         raise SpanRejected("no gen_ai.response.model or gen_ai.request.model")
     agent = _agent(attributes, principal)
     inputs, outputs = _count(attributes, *INPUT), _count(attributes, *OUTPUT)
-    read, write = _count(attributes, CACHE_READ), _count(attributes, CACHE_WRITE)
+    read, write = _count(attributes, CACHE_READ), _count(attributes, *CACHE_WRITE)
     reasoning = _count(attributes, REASONING)
     # The conventions count cache reads and writes in input_tokens; an instrumentation
     # that reports Anthropic's input_tokens as they come (without them) shows fewer.
@@ -132,12 +199,11 @@ def _request(
 
 
 def _agent(attributes: dict[str, common_pb2.AnyValue], principal: Principal) -> str:
-    """The key's agent; an owner key's span names one in `gen_ai.agent.id`."""
-    given = str(_value(attributes.get("gen_ai.agent.id")) or "")
+    """An agent key's own agent, whatever the span says (frameworks put their own names in
+    `gen_ai.agent.id`); an owner or superuser key's span names one there."""
     if principal.role == AGENT:
-        if given and given != principal.subject:
-            raise SpanRejected(f"an agent key counts only its own calls, not {given!r}'s")
         return principal.subject
+    given = str(_value(attributes.get("gen_ai.agent.id")) or "")
     if not given:
         raise SpanRejected("an owner key's span must name its agent in gen_ai.agent.id")
     return given
@@ -151,13 +217,16 @@ def _project(attributes: dict[str, common_pb2.AnyValue]) -> str:
 class TraceIngest:
     """`opentelemetry.proto.collector.trace.v1.TraceService` on the usage service."""
 
-    def __init__(self, usage: Any) -> None:
+    def __init__(self, usage: Any, calls: CallLog, gateways: frozenset[str] = frozenset()) -> None:
         self._usage = usage  # the UsageServicer: its record_many is the one recording path
+        self._calls = calls  # which provider answers the model gateway metered
+        self._gateways = gateways  # MODEL_GATEWAY_ADDRESSES
 
     async def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: ServicerContext
     ) -> trace_service_pb2.ExportTraceServiceResponse:
-        converted = usage_requests(request, current_principal())
+        converted = usage_requests(request, current_principal(), self._gateways)
+        await self._skip_metered(converted)
         _, failed = await self._usage.record_many(converted.requests)
         for position, error in sorted(failed.items()):
             converted.reject(f"{converted.requests[position].usage_id}: {error}")
@@ -166,3 +235,18 @@ class TraceIngest:
             response.partial_success.rejected_spans = converted.rejected
             response.partial_success.error_message = "; ".join(converted.reasons)
         return response
+
+    async def _skip_metered(self, converted: Converted) -> None:
+        """Drop the spans of calls the model gateway metered, known by the provider's
+        answer id (`gen_ai.response.id`): a client whose spans carry no server address
+        (or one not in MODEL_GATEWAY_ADDRESSES) still counts once."""
+        asked: dict[str, list[str]] = {}
+        for request, rid in zip(converted.requests, converted.response_ids, strict=True):
+            if rid and wire_id(rid):
+                asked.setdefault(request.project_id, []).append(rid)
+        metered: set[tuple[str, str]] = set()
+        for project, ids in asked.items():
+            if project:
+                metered |= {(project, i) for i in await self._calls.metered(project, ids)}
+        if metered:
+            converted.drop(metered)

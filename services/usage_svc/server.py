@@ -19,7 +19,7 @@ from services.usage_svc.budget_store import BudgetStore, Claim
 from services.usage_svc.call_log import CallLog, CallLogPolicy
 from services.usage_svc.expiry import ExpiredHolds
 from services.usage_svc.keys import Layout
-from services.usage_svc.otlp import TraceIngest
+from services.usage_svc.otlp import TraceIngest, parse_gateway_addresses
 from services.usage_svc.pricing import PriceStore, file_prices
 from services.usage_svc.servicer import UsageServicer
 from services.usage_svc.store import UsageStore
@@ -42,6 +42,7 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     )  # fmt: skip
     agents = AgentClient(chassis.peers.agent_channel, settings.auth_cache_s)
     chassis.use_key_lookup(agents.principal)
+    calls = CallLog(chassis.redis, layout, CallLogPolicy.from_settings(settings))
     servicer = UsageServicer(
         store,
         budgets,
@@ -50,7 +51,7 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
         settings,
         chassis.stream_redis,
         chassis.stopping,
-        CallLog(chassis.redis, layout, CallLogPolicy.from_settings(settings)),
+        calls,
     )
     dispatcher = Dispatcher(budgets, layout, settings, claim_json, now_ms)
     chassis.run_in_background(dispatcher.run)
@@ -61,7 +62,11 @@ def _register(server: grpc.aio.Server, chassis: Chassis) -> Sequence[str]:
     # OTLP trace exports of GenAI spans, counted through the same path (SPEC §16).
     return [
         chassis.serve(server, servicer, SERVICE),
-        chassis.serve(server, TraceIngest(servicer), TRACES),
+        chassis.serve(
+            server,
+            TraceIngest(servicer, calls, parse_gateway_addresses(settings.model_gateway_addresses)),
+            TRACES,
+        ),
     ]
 
 

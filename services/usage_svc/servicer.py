@@ -190,6 +190,7 @@ class UsageServicer(
             reservation_id=reservation_id,
             fingerprint=hashlib.blake2b(body, digest_size=12).hexdigest(),
             call=call,
+            response_id=request.call.response_id if call else "",
         )
 
     async def _may_record(self, record: UsageRecord, prefix: str) -> None:

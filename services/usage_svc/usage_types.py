@@ -31,6 +31,7 @@ class UsageRecord:
     cache_write_tokens: int = 0  # part of prompt_tokens
     estimated: bool = False  # the counts are an estimate (no usage from the provider)
     call: str = ""  # the model gateway's call-log entry ('<ulid>|<base64>'), if any
+    response_id: str = ""  # the provider's id of the call's answer, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +176,7 @@ RECORD_FIELDS = (
     "fingerprint", "usage id", "prompt", "completion", "cost micros", "latency ms",
     "unpriced", "reservation id", "agent id", "model", "thread id", "project id",
     "API key id", "cached prompt", "reasoning", "cache write", "estimated", "call ulid",
-    "call",
+    "call", "response id",
 )  # fmt: skip
 
 
@@ -186,7 +187,7 @@ def record_fields(r: UsageRecord, project: str) -> str:
         f"{r.cost_micros}|{r.latency_ms}|{int(r.unpriced)}|{r.reservation_id}|"
         f"{r.agent_id}|{r.model}|{r.thread_id}|{project}|{r.key_id}|"
         f"{r.cached_prompt_tokens}|{r.reasoning_tokens}|{r.cache_write_tokens}|{int(r.estimated)}"
-        + (f"|{r.call}" if r.call else "")
+        + (f"|{r.call}|{r.response_id}" if r.call else "")
     )
 
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -53,6 +54,9 @@ async def _make_run(offset_start: int):  # type: ignore[no-untyped-def]
             env={
                 **env,
                 "RUN_PORT_OFFSET": str(offset),
+                # Redis's data starts empty: a second run of the suite in the same
+                # checkout must not find the first one's projects.
+                "RUN_DIR": tempfile.mkdtemp(prefix="agentplane-run-"),
                 "AGENTPLANE_ADMIN_TOKEN": ADMIN_TOKEN,
                 "LOG_FORMAT": "json",
             },

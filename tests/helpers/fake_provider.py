@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,7 +104,9 @@ class FakeProvider:
             prompt, completion, b.cached, b.cache_write, min(b.reasoning, completion)
         )
         shown = usage if b.report_usage else wire.Usage()
-        answer = echo.render(request, f"{request.model}-2026", pieces, shown, "fake")
+        answer = echo.render(  # each answer its own id, as a provider gives
+            request, f"{request.model}-2026", pieces, shown, f"fake{uuid.uuid4().hex}"
+        )
         if isinstance(answer, bytes):
             if not b.report_usage:
                 data = orjson.loads(answer)

@@ -68,7 +68,9 @@ async def test_genai_spans_count_once_through_the_otlp_exporter(redis_url) -> No
     cluster = await start_cluster(redis_url)
     usage_app, port = await create_usage_server(
         make_settings("usage_svc", redis_url, agent_svc_addr=cluster.address("agent"),
-                      thread_svc_addr=cluster.address("thread")), "127.0.0.1:0")  # fmt: skip
+                      thread_svc_addr=cluster.address("thread"),
+                      model_gateway_addresses="models.example:8090, gw.example"),
+        "127.0.0.1:0")  # fmt: skip
     await usage_app.start()
     try:
         await make_project(cluster.agent)
@@ -98,8 +100,7 @@ async def test_genai_spans_count_once_through_the_otlp_exporter(redis_url) -> No
             for n, attributes in enumerate([
                 {"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": -5},
                 {"gen_ai.usage.input_tokens": 5},
-                {"gen_ai.request.model": "gpt-4o", "gen_ai.usage.output_tokens": 5,
-                 "gen_ai.agent.id": "someone-else"},
+                {"gen_ai.request.model": "gpt-4o", "gen_ai.usage.output_tokens": 10**13},
             ]):  # fmt: skip
                 span = scope.spans.add(
                     trace_id=bytes(15) + bytes([n + 1]), span_id=bytes(7) + b"\x01"
@@ -114,7 +115,7 @@ async def test_genai_spans_count_once_through_the_otlp_exporter(redis_url) -> No
             assert reply.partial_success.rejected_spans == 3
             message = reply.partial_success.error_message
             assert "must not be negative" in message and "no gen_ai.response.model" in message
-            assert "not 'someone-else'" in message
+            assert "completion_tokens: must be between 0 and" in message
             try:
                 await stub.Export(bad, metadata=[("authorization", "Bearer nope")])
             except grpc.aio.AioRpcError as exc:
@@ -125,6 +126,30 @@ async def test_genai_spans_count_once_through_the_otlp_exporter(redis_url) -> No
             await cluster.usage.GetAgentUsage(U.GetAgentUsageRequest(agent_id=agent_id))
         ).totals
         assert after.request_count == 2
+
+        # What counts and what does not: a framework's own agent name does not move an
+        # agent key's usage; `cache_write` is read as cache_creation; an aggregating span
+        # and a call sent to a model gateway of MODEL_GATEWAY_ADDRESSES are not counted.
+        mixed = trace_service_pb2.ExportTraceServiceRequest()
+        chat = {"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 100,
+                "gen_ai.usage.output_tokens": 10}  # fmt: skip
+        _span(mixed, 11, **chat, **{"gen_ai.agent.id": "planner",
+                                    "gen_ai.usage.cache_write.input_tokens": 60})  # fmt: skip
+        _span(mixed, 12, **chat, **{"gen_ai.operation.name": "invoke_agent"})
+        _span(mixed, 13, **chat, **{"server.address": "models.example", "server.port": 8090})
+        _span(mixed, 14, **chat, **{"server.address": "GW.example"})  # port 443 left out
+        _span(mixed, 15, **chat, **{"server.address": "api.openai.com", "server.port": 443,
+                                    "gen_ai.operation.name": "chat"})  # fmt: skip
+        _span(mixed, 16, **chat, **{"server.address": "models.example", "server.port": 9999})
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+                mixed, metadata=[("authorization", f"Bearer {token}")]
+            )
+        assert not reply.HasField("partial_success")
+        last = (await cluster.usage.GetAgentUsage(U.GetAgentUsageRequest(agent_id=agent_id))).totals
+        assert last.request_count == 2 + 3  # spans 11, 15 and 16
+        assert last.prompt_tokens - after.prompt_tokens == 300
+        assert last.cache_write_tokens - after.cache_write_tokens == 60
     finally:
         await usage_app.stop(grace=0)
         await stop_cluster(cluster)

@@ -1003,6 +1003,7 @@ class ModelCall(_message.Message):
     USAGE_ID_FIELD_NUMBER: _builtins.int
     OPERATION_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
+    RESPONSE_ID_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The call's id: a ULID the gateway makes when the call arrives (its time is the
     call's start, which orders the log).
@@ -1037,6 +1038,11 @@ class ModelCall(_message.Message):
     """The API operation: `chat.completions`, `responses`, `embeddings` or `messages`."""
     stream: _builtins.bool
     """Whether the answer was streamed."""
+    response_id: _builtins.str
+    """The provider's id of its answer (`chatcmpl-...`, `resp_...`, `msg_...`), when it gave
+    one: usage from OpenTelemetry skips a client span that reports it, since this call
+    already counted it.
+    """
     @_builtins.property
     def usage(self) -> Global___UsageTotals:
         """The call's usage (empty for a call that recorded none)."""
@@ -1075,10 +1081,11 @@ class ModelCall(_message.Message):
         usage_id: _builtins.str = ...,
         operation: _builtins.str = ...,
         stream: _builtins.bool = ...,
+        response_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "start_time", b"start_time", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "api_key_id", b"api_key_id", "call_id", b"call_id", "duration", b"duration", "estimated", b"estimated", "http_status", b"http_status", "model", b"model", "model_requested", b"model_requested", "operation", b"operation", "outcome", b"outcome", "project_id", b"project_id", "provider", b"provider", "reason", b"reason", "start_time", b"start_time", "stream", b"stream", "thread_id", b"thread_id", "time_to_first_token", b"time_to_first_token", "usage", b"usage", "usage_id", b"usage_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "api_key_id", b"api_key_id", "call_id", b"call_id", "duration", b"duration", "estimated", b"estimated", "http_status", b"http_status", "model", b"model", "model_requested", b"model_requested", "operation", b"operation", "outcome", b"outcome", "project_id", b"project_id", "provider", b"provider", "reason", b"reason", "response_id", b"response_id", "start_time", b"start_time", "stream", b"stream", "thread_id", b"thread_id", "time_to_first_token", b"time_to_first_token", "usage", b"usage", "usage_id", b"usage_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,6 +24,7 @@
 -- P..'alerts'        stream of alerts; P..'alert:<alert id>' -> its entry id
 -- P..'webhooks'      hash webhook id -> event types it takes (space-separated, '*' all)
 -- P..'calls'         zset of the model gateway's call log (see log_call)
+-- P..'resp:'<id>     a provider's answer id the model gateway metered -> its call ulid
 -- S..'due'           zset '<project>|<delivery id>' -> when its next attempt is due (ms)
 
 local ALERT_KEEP_MS = 7 * 24 * 3600 * 1000

@@ -13,10 +13,12 @@
 --   no thread's), project id ('' for none), API key id,
 --   cached prompt, reasoning, cache write, estimated (0/1), call ulid (a model-gateway
 --   call's log entry: logged with a new record only; absent for none), call (the
---   ModelCall in base64)
+--   ModelCall in base64), response id
 -- Returns per record: {outcome, cost, <thread budget state>}, outcome NEW | DUPLICATE |
 -- CONFLICT; or, before writing anything, {{'ROLL', P, budget id, ...}} when a covering
 -- budget's period has ended (the caller opens the new period and calls again).
+-- A call's response id (the provider's id of its answer, or '') is kept as P..'resp:'..id
+-- for the usage-id ttl: OTLP ingestion skips the client spans that report it.
 local now, ttl, keep_hour, keep_day = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local call_cutoff, call_most = ARGV[5], tonumber(ARGV[6])
 local FIRST = 7
@@ -63,22 +65,10 @@ local function window_of(P, bid)
   return win
 end
 
-local function add(key, prompt, completion, cost, latency, unpriced)
-  redis.call('HINCRBY', key, 'p', prompt)
-  redis.call('HINCRBY', key, 'c', completion)
-  redis.call('HINCRBY', key, 'n', 1)
-  if cost ~= '0' then redis.call('HINCRBY', key, 'cost', cost) end
-  if latency ~= '0' then redis.call('HINCRBY', key, 'lat', latency) end
-  if unpriced ~= '0' then redis.call('HINCRBY', key, 'unp', 1) end
-  if cached ~= '0' then redis.call('HINCRBY', key, 'cp', cached) end
-  if reasoning ~= '0' then redis.call('HINCRBY', key, 'rs', reasoning) end
-  if cache_write ~= '0' then redis.call('HINCRBY', key, 'cw', cache_write) end
-  if estimated ~= '0' then redis.call('HINCRBY', key, 'est', 1) end
-end
-
--- Aggregates (the shard's and the project's totals, per agent, per model, and the ranks)
--- nobody reads during this call: summed here per key and written once at the end, so a
--- batch pays a few commands per distinct key instead of a dozen per record.
+-- Aggregates (the threads' counters, the shard's and the project's totals, per agent,
+-- per model, and the ranks): summed here per key and written once at the end, so a batch
+-- pays a few commands per distinct key instead of a dozen per record. (A thread's budget
+-- state, which each record's answer carries, is read once and kept current below.)
 local sums, sums_order = {}, {}
 local COUNTER_FIELDS = {'p', 'c', 'n', 'cost', 'lat', 'unp', 'cp', 'rs', 'cw', 'est'}
 local N = #COUNTER_FIELDS
@@ -134,6 +124,27 @@ local function flush_charges()
     if e.cost ~= 0 then redis.call('HINCRBY', key, 'c', string.format('%d', e.cost)) end
     if e.requests ~= 0 then redis.call('HINCRBY', key, 'r', e.requests) end
     check_alerts(e.P, e.S, e.project, e.bid, now)
+  end
+end
+
+-- Threads: each one's budget state read once per call and kept here as its records add
+-- up (their counters wait in `sums`); its update time and hotness written once at the end.
+local threads, hot, hot_order = {}, {}, {}
+
+local function thread_state(thread)
+  local state = threads[thread]
+  if not state then
+    state = budget_state(thread)
+    threads[thread] = state
+  end
+  return state
+end
+
+local function flush_hot()
+  for _, thread in ipairs(hot_order) do
+    local h = hot[thread]
+    redis.call('HSET', thread, 'update_ms', now)
+    redis.call('ZADD', h.S .. 'budgets', h.score, h.member)
   end
 end
 
@@ -236,12 +247,19 @@ for _, item in ipairs(records) do
       if held then
         for _, bid in ipairs(split(split(held, '|')[4] or '', ',')) do settled[bid] = true end
         give_back(P, field, held, now, {tokens, tonumber(cost)})
+        if threads[thread] then  -- (its reserved tokens just changed)
+          threads[thread][5] = num(redis.call('HGET', thread, 'reserved'))
+        end
       end
     end
-    if thread_id ~= '' then add(thread, prompt, completion, cost, latency, unpriced) end
     local counters = {tonumber(prompt), tonumber(completion), 1, tonumber(cost),
       tonumber(latency), tonumber(unpriced), tonumber(cached), tonumber(reasoning),
       tonumber(cache_write), tonumber(estimated)}
+    local state = thread_state(thread)
+    if thread_id ~= '' then
+      add_later(thread, counters)
+      state[3], state[4] = state[3] + counters[1], state[4] + counters[2]
+    end
     add_later(S .. 'totals', counters)
     add_later(S .. 'agent:' .. agent, counters)
     add_later(S .. 'model:' .. model, counters)
@@ -262,23 +280,24 @@ for _, item in ipairs(records) do
         end
       end
     end
-    local state = budget_state(thread)
     if state[1] == 1 and thread_id ~= '' then
-      redis.call('HSET', thread, 'update_ms', now)
       state[7] = tonumber(now)
-      local hot = state[2] > 0 and (state[3] + state[4]) / state[2] or 0
-      redis.call('ZADD', S .. 'budgets', hot, thread_id .. '|' .. project)
+      if not hot[thread] then hot_order[#hot_order + 1] = thread end
+      hot[thread] = {S = S, member = thread_id .. '|' .. project,
+        score = state[2] > 0 and (state[3] + state[4]) / state[2] or 0}
     end
     local reply = {'NEW', tonumber(cost)}
     for _, v in ipairs(state) do reply[#reply + 1] = v end
     redis.call('SET', usage_key, fp .. '|' .. table.concat(reply, '|', 2), 'EX', ttl)
     if r[18] and r[18] ~= '' and project ~= '' then
       log_call(P, r[18] .. '|' .. r[19], call_cutoff, call_most)
+      if r[20] and r[20] ~= '' then redis.call('SET', P .. 'resp:' .. r[20], r[18], 'EX', ttl) end
     end
     replies[#replies + 1] = reply
   end
 end
 flush_charges()
 flush_sums()
+flush_hot()
 flush_buckets()
 return replies
