@@ -227,7 +227,7 @@ class TraceIngest:
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         converted = usage_requests(request, current_principal(), self._gateways)
         await self._skip_metered(converted)
-        _, failed = await self._usage.record_many(converted.requests)
+        _, failed = await self._usage.record_many(converted.requests, answer=False)
         for position, error in sorted(failed.items()):
             converted.reject(f"{converted.requests[position].usage_id}: {error}")
         response = trace_service_pb2.ExportTraceServiceResponse()

@@ -121,10 +121,11 @@ class UsageServicer(
         return response
 
     async def record_many(
-        self, requests: Sequence[usage_service_pb2.RecordUsageRequest]
+        self, requests: Sequence[usage_service_pb2.RecordUsageRequest], answer: bool = True
     ) -> tuple[dict[int, usage_service_pb2.RecordUsageResponse], dict[int, errors.ServiceError]]:
         """Check and record a batch in one store call: (answers, errors) by position. The
-        one path for RecordUsageBatch and usage from OpenTelemetry spans."""
+        one path for RecordUsageBatch and usage from OpenTelemetry spans (which needs the
+        errors only: `answer=False` builds no answers)."""
         errors_at: dict[int, errors.ServiceError] = {}
         valid: list[tuple[int, UsageRecord]] = []
         book = await self._prices.book()
@@ -140,11 +141,18 @@ class UsageServicer(
                 errors_at[position] = exc
         outcomes = await self._store.record([record for _, record in valid])
         answers: dict[int, usage_service_pb2.RecordUsageResponse] = {}
+        new: list[UsageRecord] = []
         for (position, record), outcome in zip(valid, outcomes, strict=True):
             try:
-                answers[position] = self._record_answer(record, outcome)
+                _refuse_outcome(record, outcome)
             except errors.ServiceError as exc:
                 errors_at[position] = exc
+                continue
+            if outcome.outcome == Outcome.NEW:
+                new.append(record)
+            if answer:
+                answers[position] = _answer(outcome)
+        _count_recorded(new, [o.cost_micros for o in outcomes if o.outcome == Outcome.NEW])
         return answers, errors_at
 
     def _check_record(
@@ -233,23 +241,10 @@ class UsageServicer(
     def _record_answer(
         self, record: UsageRecord, outcome: RecordOutcome
     ) -> usage_service_pb2.RecordUsageResponse:
-        if outcome.outcome == Outcome.FOREIGN:
-            raise errors.not_found("thread_budget", record.thread_id)
-        if outcome.outcome == Outcome.CONFLICT:
-            raise errors.already_exists(
-                "usage", record.usage_id,
-                f"usage_id {record.usage_id!r} was already recorded with a different body",
-            )  # fmt: skip
+        _refuse_outcome(record, outcome)
         if outcome.outcome == Outcome.NEW:
-            PROMPT_TOKENS.inc(record.prompt_tokens)
-            COMPLETION_TOKENS.inc(record.completion_tokens)
-            COST_RECORDED.inc(outcome.cost_micros)
-        return usage_service_pb2.RecordUsageResponse(
-            cost_usd=outcome.cost_micros / 1_000_000,
-            cost_micros=outcome.cost_micros,
-            duplicate=outcome.outcome == Outcome.DUPLICATE,
-            budget=None if outcome.budget is None else budget_message(outcome.budget),
-        )
+            _count_recorded([record], [outcome.cost_micros])
+        return _answer(outcome)
 
     # Budgets and reservations -------------------------------------------------------
 
@@ -542,6 +537,35 @@ def _ttl_ms(request: usage_service_pb2.ReserveBudgetRequest) -> int:
     if not 0 < ttl_ms <= MAX_RESERVATION_TTL_MS:
         raise errors.invalid_argument("ttl", "must be more than 0 and at most 1 hour")
     return ttl_ms
+
+
+def _refuse_outcome(record: UsageRecord, outcome: RecordOutcome) -> None:
+    """The error of a record the store would not write (another project's thread, or the
+    same usage id with another body)."""
+    if outcome.outcome == Outcome.FOREIGN:
+        raise errors.not_found("thread_budget", record.thread_id)
+    if outcome.outcome == Outcome.CONFLICT:
+        raise errors.already_exists(
+            "usage", record.usage_id,
+            f"usage_id {record.usage_id!r} was already recorded with a different body",
+        )  # fmt: skip
+
+
+def _answer(outcome: RecordOutcome) -> usage_service_pb2.RecordUsageResponse:
+    return usage_service_pb2.RecordUsageResponse(
+        cost_usd=outcome.cost_micros / 1_000_000,
+        cost_micros=outcome.cost_micros,
+        duplicate=outcome.outcome == Outcome.DUPLICATE,
+        budget=None if outcome.budget is None else budget_message(outcome.budget),
+    )
+
+
+def _count_recorded(records: Sequence[UsageRecord], costs: Sequence[int]) -> None:
+    """The recorded-usage metrics, once per call however many records it wrote."""
+    if records:
+        PROMPT_TOKENS.inc(sum(r.prompt_tokens for r in records))
+        COMPLETION_TOKENS.inc(sum(r.completion_tokens for r in records))
+        COST_RECORDED.inc(sum(costs))
 
 
 def _check_counts(request: usage_service_pb2.RecordUsageRequest, prefix: str) -> None:
