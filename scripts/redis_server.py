@@ -67,6 +67,7 @@ class RedisProcess:
         extra_args: list[str] | None = None,
         log_file: str | None = None,
         pick_port: Callable[[], int] = free_port,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         # redis-server cannot listen on port 0 and say which port it got, so a free port is
         # picked; if something takes it first, start() picks another (auto ports only).
@@ -75,6 +76,7 @@ class RedisProcess:
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="agentplane-redis-")
         self.extra_args = extra_args or []
         self.log_file = log_file
+        self.preexec = preexec  # run in the child before redis-server (make run's die_with_parent)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -101,7 +103,9 @@ class RedisProcess:
         log = Path(self.log_file or Path(self.data_dir) / "redis.log")
         start_of_run = log.stat().st_size if log.exists() else 0
         with open(log, "ab") as output:
-            self.process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                args, stdout=output, stderr=subprocess.STDOUT, preexec_fn=self.preexec
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -10,7 +10,7 @@ A span counts when it carries `gen_ai.usage.input_tokens` or
 `cache_write`) and
 `gen_ai.usage.reasoning.output_tokens`. Its usage id is `otel-<trace id>-<span id>`, so a
 re-exported span counts once. The model is `gen_ai.response.model`, else
-`gen_ai.request.model`; the agent is the API key's (an owner key names one of its
+`gen_ai.request.model`; the agent is the API key's (an owner key may name one of its
 project's agents in `gen_ai.agent.id`); the thread is `agentplane.thread_id`. Spans of
 calls made through this installation's model gateway (they carry `agentplane.call_id`)
 are skipped — the gateway metered them — and so are the client spans of calls sent to it
@@ -45,6 +45,13 @@ USAGE_KEYS = frozenset(INPUT + OUTPUT)
 # Inference operations; aggregating spans (invoke_agent, execute_tool, workflows...) sum
 # their children's usage and would count it twice. No operation name counts as inference.
 INFERENCE = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
+# The attributes read (the rest of a span's are never looked at).
+READ = USAGE_KEYS | {
+    CACHE_READ, *CACHE_WRITE, REASONING, GATEWAY_MARK, "gen_ai.operation.name",
+    "gen_ai.response.model", "gen_ai.request.model", "gen_ai.response.id", "gen_ai.agent.id",
+    "agentplane.thread_id", "agentplane.project_id", "server.address", "server.port",
+}  # fmt: skip
+Attributes = dict[str, Any]  # a span's attributes that are READ, as plain values
 MAX_REASONS = 5  # reasons spelled out in partial_success (the count has them all)
 MAX_SPANS = 10_000  # spans counted per export
 
@@ -58,16 +65,14 @@ class SpanRejected(Exception):
     """A GenAI span that cannot be counted; the message says why."""
 
 
-def _value(any_value: common_pb2.AnyValue | None) -> Any:
-    if any_value is None:
-        return None
+def _value(any_value: common_pb2.AnyValue) -> Any:
     kind = any_value.WhichOneof("value")
     return getattr(any_value, kind) if kind else None
 
 
-def _count(attributes: dict[str, common_pb2.AnyValue], *keys: str) -> int:
+def _count(attributes: Attributes, *keys: str) -> int:
     for key in keys:
-        value = _value(attributes.get(key))
+        value = attributes.get(key)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
@@ -121,22 +126,22 @@ def parse_gateway_addresses(text: str) -> frozenset[str]:
     return frozenset(addresses)
 
 
-def _through_gateway(attributes: dict[str, common_pb2.AnyValue], gateways: frozenset[str]) -> bool:
+def _through_gateway(attributes: Attributes, gateways: frozenset[str]) -> bool:
     """The model gateway metered this call: its own span, or a client span sent to it."""
     if GATEWAY_MARK in attributes:
         return True
-    host = _value(attributes.get("server.address"))
+    host = attributes.get("server.address")
     if not gateways or not isinstance(host, str):
         return False
-    port = _value(attributes.get("server.port"))
+    port = attributes.get("server.port")
     return gateway_address(host, port if isinstance(port, int) else None) in gateways
 
 
-def _counted(attributes: dict[str, common_pb2.AnyValue], gateways: frozenset[str]) -> bool:
+def _counted(attributes: Attributes, gateways: frozenset[str]) -> bool:
     """An inference span with usage that the model gateway did not meter."""
     if not USAGE_KEYS & attributes.keys():
         return False
-    operation = _value(attributes.get("gen_ai.operation.name"))
+    operation = attributes.get("gen_ai.operation.name")
     if operation is not None and operation not in INFERENCE:
         return False
     return not _through_gateway(attributes, gateways)
@@ -152,7 +157,7 @@ def usage_requests(
     for resource_spans in export.resource_spans:
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                attributes = {kv.key: kv.value for kv in span.attributes}
+                attributes = {kv.key: _value(kv.value) for kv in span.attributes if kv.key in READ}
                 if not _counted(attributes, gateways):
                     continue  # not an LLM call's span, an aggregate, or metered already
                 name = f"span {span.span_id.hex()}"
@@ -161,22 +166,20 @@ def usage_requests(
                     continue
                 try:
                     converted.requests.append(_request(span, attributes, principal))
-                    converted.response_ids.append(
-                        str(_value(attributes.get("gen_ai.response.id")) or "")
-                    )
+                    converted.response_ids.append(str(attributes.get("gen_ai.response.id") or ""))
                 except SpanRejected as exc:
                     converted.reject(f"{name}: {exc}")
     return converted
 
 
 def _request(
-    span: trace_pb2.Span, attributes: dict[str, common_pb2.AnyValue], principal: Principal
+    span: trace_pb2.Span, attributes: Attributes, principal: Principal
 ) -> usage_service_pb2.RecordUsageRequest:
     if len(span.trace_id) != 16 or len(span.span_id) != 8:
         raise SpanRejected("trace_id must be 16 bytes and span_id 8")
     model = str(
-        _value(attributes.get("gen_ai.response.model"))
-        or _value(attributes.get("gen_ai.request.model")) or ""
+        attributes.get("gen_ai.response.model")
+        or attributes.get("gen_ai.request.model") or ""
     )  # fmt: skip
     if not model:
         raise SpanRejected("no gen_ai.response.model or gen_ai.request.model")
@@ -190,7 +193,7 @@ def _request(
     elapsed = (span.end_time_unix_nano - span.start_time_unix_nano) // 1_000_000
     return usage_service_pb2.RecordUsageRequest(
         usage_id=f"otel-{span.trace_id.hex()}-{span.span_id.hex()}",
-        thread_id=str(_value(attributes.get("agentplane.thread_id")) or ""),
+        thread_id=str(attributes.get("agentplane.thread_id") or ""),
         agent_id=agent, model=model, project_id=principal.project_id or _project(attributes),
         prompt_tokens=prompt, completion_tokens=max(outputs, reasoning),
         cached_prompt_tokens=read, cache_write_tokens=write, reasoning_tokens=reasoning,
@@ -198,20 +201,22 @@ def _request(
     )  # fmt: skip
 
 
-def _agent(attributes: dict[str, common_pb2.AnyValue], principal: Principal) -> str:
+def _agent(attributes: Attributes, principal: Principal) -> str:
     """An agent key's own agent, whatever the span says (frameworks put their own names in
-    `gen_ai.agent.id`); an owner or superuser key's span names one there."""
+    `gen_ai.agent.id`); an owner key's span may name one of its project's there (else the
+    record has no agent: it counts in the project's totals, no agent's); a superuser's
+    must name one."""
     if principal.role == AGENT:
         return principal.subject
-    given = str(_value(attributes.get("gen_ai.agent.id")) or "")
-    if not given:
-        raise SpanRejected("an owner key's span must name its agent in gen_ai.agent.id")
+    given = str(attributes.get("gen_ai.agent.id") or "")
+    if not given and principal.is_superuser:
+        raise SpanRejected("a superuser export must name the agent in gen_ai.agent.id")
     return given
 
 
-def _project(attributes: dict[str, common_pb2.AnyValue]) -> str:
+def _project(attributes: Attributes) -> str:
     """The project an unlimited owner key's span names (`agentplane.project_id`)."""
-    return str(_value(attributes.get("agentplane.project_id")) or "")
+    return str(attributes.get("agentplane.project_id") or "")
 
 
 class TraceIngest:
@@ -227,7 +232,7 @@ class TraceIngest:
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         converted = usage_requests(request, current_principal(), self._gateways)
         await self._skip_metered(converted)
-        _, failed = await self._usage.record_many(converted.requests, answer=False)
+        _, failed = await self._usage.record_many(converted.requests, spans=True)
         for position, error in sorted(failed.items()):
             converted.reject(f"{converted.requests[position].usage_id}: {error}")
         response = trace_service_pb2.ExportTraceServiceResponse()

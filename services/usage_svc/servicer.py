@@ -121,11 +121,12 @@ class UsageServicer(
         return response
 
     async def record_many(
-        self, requests: Sequence[usage_service_pb2.RecordUsageRequest], answer: bool = True
+        self, requests: Sequence[usage_service_pb2.RecordUsageRequest], spans: bool = False
     ) -> tuple[dict[int, usage_service_pb2.RecordUsageResponse], dict[int, errors.ServiceError]]:
         """Check and record a batch in one store call: (answers, errors) by position. The
-        one path for RecordUsageBatch and usage from OpenTelemetry spans (which needs the
-        errors only: `answer=False` builds no answers)."""
+        one path for RecordUsageBatch and usage from OpenTelemetry spans (`spans`: only
+        the errors are wanted, no answers are built, and an owner's record may have no
+        agent: it counts in every total but no agent's)."""
         errors_at: dict[int, errors.ServiceError] = {}
         valid: list[tuple[int, UsageRecord]] = []
         book = await self._prices.book()
@@ -133,7 +134,7 @@ class UsageServicer(
         for position, item in enumerate(requests):
             prefix = f"requests[{position}]."
             try:
-                record = self._check_record(item, prefix, book)
+                record = self._check_record(item, prefix, book, agentless=spans)
                 if not superuser:
                     await self._may_record(record, prefix)
                 valid.append((position, record))
@@ -150,19 +151,21 @@ class UsageServicer(
                 continue
             if outcome.outcome == Outcome.NEW:
                 new.append(record)
-            if answer:
+            if not spans:
                 answers[position] = _answer(outcome)
         _count_recorded(new, [o.cost_micros for o in outcomes if o.outcome == Outcome.NEW])
         return answers, errors_at
 
     def _check_record(
-        self, request: usage_service_pb2.RecordUsageRequest, prefix: str, book: PriceBook
-    ) -> UsageRecord:
-        if prefix:  # a batch's record (a lone RecordUsage was checked by the chassis)
-            require_fields(request, prefix)
+        self, request: usage_service_pb2.RecordUsageRequest, prefix: str, book: PriceBook,
+        agentless: bool = False,
+    ) -> UsageRecord:  # fmt: skip
+        no_agent = agentless and not request.agent_id
+        if prefix and not agentless:  # a batch's record (a lone RecordUsage was checked by
+            require_fields(request, prefix)  # the chassis; a span's was built complete)
         usage_id = require_client_id(prefix + "usage_id", request.usage_id)
         thread_id = require_id(prefix + "thread_id", request.thread_id) if request.thread_id else ""
-        agent_id = require_id(prefix + "agent_id", request.agent_id)
+        agent_id = "" if no_agent else require_id(prefix + "agent_id", request.agent_id)
         project_id = (
             require_id(prefix + "project_id", request.project_id) if request.project_id else ""
         )
@@ -219,7 +222,8 @@ class UsageServicer(
             raise errors.invalid_argument(prefix + "project_id", "is required for owner tokens")
         if not await self._agents.can_see_project(record.project_id):
             raise errors.not_found("project", record.project_id)
-        await self._require_agent_in(record.agent_id, record.project_id, prefix)
+        if record.agent_id:  # (none: an owner's span that named no agent)
+            await self._require_agent_in(record.agent_id, record.project_id, prefix)
 
     async def _require_agent_in(self, agent_id: str, project_id: str, prefix: str = "") -> None:
         """An owner's write names only agents of the project it writes in (the thread's

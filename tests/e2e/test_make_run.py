@@ -108,8 +108,7 @@ async def test_make_run_starts_everything_and_one_ctrl_c_stops_it() -> None:
         )  # the banner's real ports
         assert f"http://localhost:{registry.GATEWAY.port + offset}" in output
     finally:
-        if process.poll() is None:
-            process.kill()
+        await _stop(process)
 
 
 async def _the_readme_tour(http: httpx.AsyncClient, offset: int) -> None:
@@ -153,6 +152,51 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
+async def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop `make run` as Ctrl-C does (it stops its children), killing it only if that
+    fails — a failed test must not leave a cluster running."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            await asyncio.to_thread(process.wait, 30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def _running(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists() and not _is_zombie(pid)]
+
+
+async def test_a_killed_make_run_takes_its_cluster_with_it() -> None:
+    """SIGKILL gives `make run` no chance to stop anything: its children (Redis, the
+    services, both gateways) stop on their own instead of holding the ports."""
+    process, _offset = await _make_run(7000)
+    try:
+        children = _children(process.pid)
+        assert len(children) == 1 + len(registry.PROCESSES), children
+        process.kill()
+        process.wait()
+        for _ in range(100):
+            alive = await asyncio.to_thread(_running, children)
+            if not alive:
+                break
+            await asyncio.sleep(0.2)
+        assert not alive, f"left running after make run was killed: {alive}"
+    finally:
+        await _stop(process)
+
+
 async def test_make_run_notices_when_its_redis_dies() -> None:
     process, offset = await _make_run(5000)
     try:
@@ -165,5 +209,4 @@ async def test_make_run_notices_when_its_redis_dies() -> None:
         assert "[run] redis-server exited" in output and "[run] stopped" in output
         assert not await asyncio.to_thread(_is_zombie, pid)
     finally:
-        if process.poll() is None:
-            process.kill()
+        await _stop(process)

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from agentplane.usage.v1 import usage_service_pb2 as U
 from services.usage_svc.server import create_server as create_usage_server
 from tests.helpers import make_project, make_type
-from tests.helpers.servers import make_settings, start_cluster, stop_cluster
+from tests.helpers.servers import ADMIN_TOKEN, make_settings, start_cluster, stop_cluster
 from tests.models.conftest import agent_key
 
 
@@ -237,8 +237,9 @@ def _span(
 
 async def test_an_owner_key_counts_its_own_agents_on_either_replica_once(redis_url) -> None:
     """An owner key names the agent (`gen_ai.agent.id`): one of its project's counts, one of
-    another project's is refused in partial_success; the same spans sent to two usage
-    replicas count once."""
+    another project's is refused in partial_success, none at all counts in the project's
+    totals and no agent's; the same spans sent to two usage replicas count once. A
+    superuser export must name the agent."""
     from agentplane.agent.v1 import agent_service_pb2 as A
     from agentplane.agent.v1 import api_key_pb2, project_pb2
     from tests.helpers import spawn
@@ -267,6 +268,7 @@ async def test_an_owner_key_counts_its_own_agents_on_either_replica_once(redis_u
                             "gen_ai.usage.output_tokens": 2, "gen_ai.agent.id": mine.id})  # fmt: skip
         _span(export, 2, **{"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 9,
                             "gen_ai.agent.id": stranger.id})  # fmt: skip
+        _span(export, 3, **{"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 5})
         for port in ports:  # both replicas get the same export
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 reply = await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
@@ -285,6 +287,22 @@ async def test_an_owner_key_counts_its_own_agents_on_either_replica_once(redis_u
             await cluster.usage.GetAgentUsage(U.GetAgentUsageRequest(agent_id=stranger.id))
         ).totals
         assert foreign.request_count == 0
+        overview = await cluster.usage.GetUsageOverview(
+            U.GetUsageOverviewRequest(project_id="alices")
+        )
+        assert (overview.totals.request_count, overview.totals.total_tokens) == (2, 47)
+        assert [a.agent_id for a in overview.by_agent] == [mine.id]
+
+        # The superuser must name the agent.
+        anonymous = trace_service_pb2.ExportTraceServiceRequest()
+        _span(anonymous, 9, **{"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 5,
+                               "agentplane.project_id": "alices"})  # fmt: skip
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
+            reply = await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+                anonymous, metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")]
+            )
+        assert reply.partial_success.rejected_spans == 1
+        assert "must name the agent" in reply.partial_success.error_message
     finally:
         for app in apps:
             await app.stop(grace=0)

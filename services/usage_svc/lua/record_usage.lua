@@ -9,7 +9,8 @@
 --   (s), 5 the call log's cutoff (a ULID time prefix), 6 the most calls a project keeps;
 --   then one per record, its fields joined by '|' (ids cannot contain '|'):
 --   fingerprint, usage id, prompt, completion, cost micros, latency ms, unpriced (0/1),
---   reservation id, agent id, model, thread id ('' for none: it counts in every total but
+--   reservation id, agent id ('' for none: usage from OpenTelemetry of an owner key
+--   that named no agent), model, thread id ('' for none: it counts in every total but
 --   no thread's), project id ('' for none), API key id,
 --   cached prompt, reasoning, cache write, estimated (0/1), call ulid (a model-gateway
 --   call's log entry: logged with a new record only; absent for none), call (the
@@ -261,16 +262,19 @@ for _, item in ipairs(records) do
       state[3], state[4] = state[3] + counters[1], state[4] + counters[2]
     end
     add_later(S .. 'totals', counters)
-    add_later(S .. 'agent:' .. agent, counters)
     add_later(S .. 'model:' .. model, counters)
-    rank_later(S .. 'rank:agents', agent, tokens)
     rank_later(S .. 'rank:models', model, tokens)
-    local groups = {'t', 'a:' .. agent, 'm:' .. model}
+    local groups = {'t', 'm:' .. model}
+    if agent ~= '' then  -- (a record without an agent counts in every total but no agent's)
+      add_later(S .. 'agent:' .. agent, counters)
+      rank_later(S .. 'rank:agents', agent, tokens)
+      groups[3] = 'a:' .. agent
+    end
     buckets(S, groups, counters)
     if project ~= '' then
       buckets(P, groups, counters)
       add_later(P .. 'totals', counters)
-      rank_later(P .. 'rank:agents', agent, tokens)
+      if agent ~= '' then rank_later(P .. 'rank:agents', agent, tokens) end
       for _, bid in ipairs(item.ids) do
         local win = window_of(P, bid)
         if win == 0 then
