@@ -14,7 +14,8 @@ re-exported span counts once. The model is `gen_ai.response.model`, else
 project's agents in `gen_ai.agent.id`); the thread is `agentplane.thread_id`. Spans of
 calls made through this installation's model gateway (they carry `agentplane.call_id`)
 are skipped — the gateway metered them — and so are the client spans of calls sent to it
-(`server.address`:`server.port` in MODEL_GATEWAY_ADDRESSES); aggregating spans
+(`server.address`:`server.port` in MODEL_GATEWAY_ADDRESSES, or a `gen_ai.response.id` the
+gateway kept from the provider's answer); aggregating spans
 (`invoke_agent`, `execute_tool`, ...) and spans without GenAI usage are dropped without a
 word. A span that cannot be counted is reported in `partial_success` with the reason.
 """
@@ -115,7 +116,7 @@ def gateway_address(host: str, port: int | None) -> str:
 
 
 def parse_gateway_addresses(text: str) -> frozenset[str]:
-    """MODEL_GATEWAY_ADDRESSES: comma-separated `host:port` (or `host` for 443)."""
+    """MODEL_GATEWAY_ADDRESSES: comma-separated `host:port` (or `host` for ports 80/443)."""
     addresses = set()
     for item in filter(None, (part.strip() for part in text.split(","))):
         host, sep, port = item.rpartition(":")

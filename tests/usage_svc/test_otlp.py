@@ -1,7 +1,7 @@
 """Usage from OpenTelemetry (SPEC §16): the official OpenTelemetry SDK and its OTLP/gRPC
 exporter send GenAI spans to the usage service with an agent's key in the exporter's
 headers; each span's usage is counted once — also when the same spans are exported
-again — spans of the model gateway's own calls and spans without GenAI usage are not,
+again, to the same replica or another — spans of the model gateway's own calls and spans without GenAI usage are not,
 and spans that cannot be counted come back in `partial_success` with the reason."""
 
 from __future__ import annotations
@@ -77,13 +77,19 @@ async def test_genai_spans_count_once_through_the_otlp_exporter(redis_url) -> No
         await make_type(cluster.agent)
         agent_id, token = await agent_key(cluster, "instrumented")
         spans = await asyncio.to_thread(gen_ai_spans)
-        exporter = OTLPSpanExporter(
-            endpoint=f"127.0.0.1:{port}", insecure=True,
-            headers=(("authorization", f"Bearer {token}"),),
-        )  # fmt: skip
-        for _ in range(2):  # the same spans exported twice count once
+        other_app, other_port = await create_usage_server(
+            make_settings("usage_svc", redis_url, agent_svc_addr=cluster.address("agent"),
+                          thread_svc_addr=cluster.address("thread")), "127.0.0.1:0")  # fmt: skip
+        await other_app.start()
+        # The same spans exported twice to one replica and once to another count once.
+        for replica in (port, port, other_port):
+            exporter = OTLPSpanExporter(
+                endpoint=f"127.0.0.1:{replica}", insecure=True,
+                headers=(("authorization", f"Bearer {token}"),),
+            )  # fmt: skip
             assert await asyncio.to_thread(exporter.export, spans) == SpanExportResult.SUCCESS
-        await asyncio.to_thread(exporter.shutdown)
+            await asyncio.to_thread(exporter.shutdown)
+        await other_app.stop(grace=0)
         totals = (
             await cluster.usage.GetAgentUsage(U.GetAgentUsageRequest(agent_id=agent_id))
         ).totals
