@@ -106,6 +106,14 @@ class Gateway:
         self.channels: dict[str, grpc.aio.Channel] = {}
         self._calls: dict[tuple[str, int], Any] = {}
         self.auth = Authenticator(settings.admin_token, Authenticator.no_keys, 0.0)
+        self.streams: set[Any] = set()  # the upstream calls of open event streams
+
+    def end_streams(self) -> None:
+        """At shutdown: end every event stream now (clients reconnect, to another replica,
+        resuming from their last event id) instead of holding the stop for the grace
+        period — streams never end on their own."""
+        for call in list(self.streams):
+            call.cancel()
 
     async def open(self) -> None:
         """Channels to the backends, once, on the serving event loop. The gateway sets
@@ -217,7 +225,7 @@ class Gateway:
             await self._opened(stream)
             if route.method.output_type.full_name == HTTP_BODY:
                 return await self._download(stream)
-            return EventStream(stream, resume, self.settings.sse_keepalive_s)
+            return EventStream(stream, resume, self.settings.sse_keepalive_s, self.streams)
         reply = await call(message, metadata=metadata, timeout=self.settings.peer_timeout_s)
         answer = codec.to_json(reply)
         if compat.reshape is not None:
@@ -502,13 +510,14 @@ class EventStream(Response):
         (b"x-accel-buffering", b"no"),
     )  # and no content-length: the body is as long as the stream
 
-    def __init__(self, call: Any, resume: str, keepalive_s: float) -> None:
+    def __init__(self, call: Any, resume: str, keepalive_s: float, live: set[Any]) -> None:
         self.status_code = 200
         self.raw_headers = list(self.HEADERS)
         self.background = None
         self._call = call
         self._resume = resume
         self._keepalive_s = keepalive_s
+        self._live = live  # the gateway's open streams (ended together at shutdown)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await send(
@@ -516,6 +525,7 @@ class EventStream(Response):
              "headers": self.raw_headers}
         )  # fmt: skip
         watcher = asyncio.create_task(self._until_disconnect(receive))
+        self._live.add(self._call)
         try:
             async for chunk in self._chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -523,6 +533,7 @@ class EventStream(Response):
         except OSError:  # the client went while we wrote
             pass
         finally:
+            self._live.discard(self._call)
             watcher.cancel()
             self._call.cancel()
 
@@ -594,6 +605,10 @@ class GatewayApp:
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         await lifespan(receive, send, self.gateway.open, self.gateway.close)
+
+    def end_streams(self) -> None:
+        """Called by the server when it starts to stop (see gateway/server.py)."""
+        self.gateway.end_streams()
 
 
 def create_app(settings: Settings) -> GatewayApp:

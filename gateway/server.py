@@ -158,7 +158,19 @@ def listen(settings: Settings, port: int | None = None) -> socket.socket:
 
 class GatewayServer(uvicorn.Server):
     """uvicorn's server, except that a SIGTERM/SIGINT that stopped it cleanly is not raised
-    again afterwards: like the services, the gateway exits 0 after a graceful stop."""
+    again afterwards: like the services, the gateway exits 0 after a graceful stop; and
+    that an app's endless event streams are ended when the stop begins (`end_streams`),
+    so they do not hold it for the whole grace period. (The model gateway's streams are
+    calls being paid for: they get the grace period to finish.)"""
+
+    def __init__(self, config: uvicorn.Config, end_streams: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._end_streams = end_streams
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._end_streams is not None:
+            self._end_streams()
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -185,4 +197,4 @@ def make_server(settings: Settings, app: Any) -> uvicorn.Server:
         timeout_keep_alive=5,
         timeout_graceful_shutdown=int(settings.grace_period_s),
     )
-    return GatewayServer(config)
+    return GatewayServer(config, getattr(app, "end_streams", None))

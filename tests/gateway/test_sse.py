@@ -119,3 +119,32 @@ async def test_idle_sse_streams_send_keep_alive_comments(cluster, seeded) -> Non
 
             await asyncio.wait_for(comments(), 5)
             assert seen == [": keep-alive"] * 3
+
+
+async def test_a_stopping_gateway_ends_its_event_streams_at_once(cluster, seeded) -> None:
+    """Event streams never end on their own: a gateway that stops ends them when the stop
+    begins (their clients reconnect elsewhere), instead of holding the stop for the whole
+    grace period (10 s here)."""
+    _alpha, _beta, thread = seeded
+    ended = asyncio.Event()
+
+    async def follow(url: str, opened: asyncio.Event) -> None:
+        headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as http:
+            async with http.stream("GET", f"{API}/threads/{thread['id']}/events") as events:
+                assert events.status_code == 200
+                opened.set()
+                async for _line in events.aiter_lines():
+                    pass
+        ended.set()
+
+    clock = asyncio.get_running_loop().time
+    async with serve_gateway(cluster, grace_period_s=10.0) as url:
+        opened = asyncio.Event()
+        follower = asyncio.create_task(follow(url, opened))
+        await asyncio.wait_for(opened.wait(), 10)
+        stopping = clock()
+    stopped = clock() - stopping
+    await asyncio.wait_for(follower, 5)
+    assert ended.is_set()
+    assert stopped < 3, f"the open stream held the stop for {stopped:.1f} s"
