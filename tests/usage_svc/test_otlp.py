@@ -15,6 +15,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from agentplane.usage.v1 import usage_pb2 as B
 from agentplane.usage.v1 import usage_service_pb2 as U
 from services.usage_svc.server import create_server as create_usage_server
 from tests.helpers import make_project, make_type
@@ -76,6 +77,11 @@ async def test_genai_spans_count_once_through_the_otlp_exporter(redis_url) -> No
         await make_project(cluster.agent)
         await make_type(cluster.agent)
         agent_id, token = await agent_key(cluster, "instrumented")
+        # A HARD budget far below the spans' usage: the calls already happened, so they
+        # count in full and the budget shows them past its limit.
+        await cluster.usage.CreateBudget(U.CreateBudgetRequest(project_id="demo", budget=B.Budget(
+            scope=B.BUDGET_SCOPE_PROJECT, limit_tokens=100, period=B.BUDGET_PERIOD_MONTH,
+            enforcement=B.BUDGET_ENFORCEMENT_HARD)))  # fmt: skip
         spans = await asyncio.to_thread(gen_ai_spans)
         other_app, other_port = await create_usage_server(
             make_settings("usage_svc", redis_url, agent_svc_addr=cluster.address("agent"),
@@ -97,6 +103,10 @@ async def test_genai_spans_count_once_through_the_otlp_exporter(redis_url) -> No
         assert (totals.prompt_tokens, totals.completion_tokens) == (1000 + 400, 200 + 5)
         assert (totals.cached_prompt_tokens, totals.cache_write_tokens) == (400 + 300, 90)
         assert totals.reasoning_tokens == 50 and totals.total_cost_micros > 0
+        (budget,) = (
+            await cluster.usage.ListBudgets(U.ListBudgetsRequest(project_id="demo"))
+        ).budgets
+        assert budget.used_tokens == 1400 + 205 and budget.is_exhausted
 
         # Spans that cannot be counted: partial_success says which and why; nothing counted.
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
