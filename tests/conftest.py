@@ -85,7 +85,12 @@ async def usage_stub(
 
 
 @pytest.fixture
-async def cluster(redis_target: RedisTarget) -> AsyncIterator[Cluster]:
-    running = await start_cluster(redis_target.url, redis_target.cluster)
+async def cluster(
+    redis_target: RedisTarget, request: pytest.FixtureRequest
+) -> AsyncIterator[Cluster]:
+    """The three services in-process; `@pytest.mark.settings(name=value)` changes theirs."""
+    marker = request.node.get_closest_marker("settings")
+    overrides = marker.kwargs if marker else {}
+    running = await start_cluster(redis_target.url, redis_target.cluster, **overrides)
     yield running
     await stop_cluster(running)

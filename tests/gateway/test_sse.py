@@ -29,6 +29,7 @@ async def _open_raw(
 
 
 @pytest.mark.timeout(180)  # 2 rounds of 400 connections, and a claim-idle wait if a read raced
+@pytest.mark.settings(inbox_claim_idle_s=3.0)  # that wait: 3 s at worst, not 30
 async def test_dropped_sse_inbox_clients_end_their_upstream_streams_at_once(
     cluster, seeded
 ) -> None:
@@ -93,9 +94,9 @@ async def test_dropped_sse_inbox_clients_end_their_upstream_streams_at_once(
                     raise AssertionError("stream ended")
 
                 # At once, or — when a stream that was leaving read it — at the live
-                # consumer's next claim: within INBOX_CLAIM_IDLE_SECONDS (30 s) at worst,
-                # not never (an orphan once kept taking messages for 25 minutes).
-                assert '"after"' in await asyncio.wait_for(first_data(), 40)
+                # consumer's next claim: within INBOX_CLAIM_IDLE_SECONDS (3 s here) at
+                # worst, not never (an orphan once kept taking messages for 25 minutes).
+                assert '"after"' in await asyncio.wait_for(first_data(), 15)
 
 
 async def test_idle_sse_streams_send_keep_alive_comments(cluster, seeded) -> None:
