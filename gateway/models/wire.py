@@ -8,11 +8,12 @@ OpenAI: `POST /v1/chat/completions`, `/v1/responses`, `/v1/embeddings`; Anthropi
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from services.common.convert import RESPONSE_ID
 
 OPENAI, ANTHROPIC = "openai", "anthropic"
 CHAT, RESPONSES, EMBEDDINGS, MESSAGES = "chat.completions", "responses", "embeddings", "messages"
@@ -192,7 +193,6 @@ def usage_of(operation: str, data: Any) -> Usage | None:
 LAST_EVENTS = frozenset(
     {"response.completed", "response.incomplete", "response.failed", "message_stop"}
 )
-RESPONSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 def response_id(data: Any) -> str:

@@ -13,6 +13,9 @@ from services.common.limits import MAX_ID_LENGTH, MAX_MODEL_LENGTH
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# A provider's id of its answer (`chatcmpl-...`, `resp_...`, `msg_...`) as the model
+# gateway keeps it and OTLP ingestion looks it up; other ids are not kept.
+RESPONSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")  # control characters other than \t and \n
 
 

@@ -11,7 +11,6 @@ an upstream error that reported none) by `LogModelCall` alone.
 from __future__ import annotations
 
 import base64
-import re
 from dataclasses import dataclass
 
 from grpc.aio import ServicerContext
@@ -21,7 +20,7 @@ from agentplane.usage.v1 import usage_pb2, usage_service_pb2
 from services.common import errors
 from services.common.auth import AGENT
 from services.common.context import current_principal
-from services.common.convert import now_ms, require_id, require_model
+from services.common.convert import RESPONSE_ID, now_ms, require_id, require_model
 from services.common.pagination import parse_page
 from services.common.peers import AgentClient
 from services.common.redis import RedisClient
@@ -29,7 +28,6 @@ from services.common.settings import Settings
 from services.usage_svc.keys import Layout
 from services.usage_svc.thread_budgets import script
 
-RESPONSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # as the model gateway keeps them
 SCAN_BATCH = 200  # entries read per round trip while filtering
 SCAN_LIMIT = 5_000  # entries one ListModelCalls request looks at, at most
 

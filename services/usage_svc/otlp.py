@@ -33,8 +33,9 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from agentplane.usage.v1 import usage_service_pb2
 from services.common.auth import AGENT, Principal
 from services.common.context import current_principal
+from services.common.convert import RESPONSE_ID
 from services.common.limits import MAX_LATENCY_MS
-from services.usage_svc.call_log import RESPONSE_ID, CallLog
+from services.usage_svc.call_log import CallLog
 
 INPUT = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
 OUTPUT = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")

@@ -142,7 +142,7 @@ class UsageServicer(
                 errors_at[position] = exc
         outcomes = await self._store.record([record for _, record in valid])
         answers: dict[int, usage_service_pb2.RecordUsageResponse] = {}
-        new: list[UsageRecord] = []
+        new: list[tuple[UsageRecord, int]] = []  # (record, its cost)
         for (position, record), outcome in zip(valid, outcomes, strict=True):
             try:
                 _refuse_outcome(record, outcome)
@@ -150,10 +150,10 @@ class UsageServicer(
                 errors_at[position] = exc
                 continue
             if outcome.outcome == Outcome.NEW:
-                new.append(record)
+                new.append((record, outcome.cost_micros))
             if not spans:
                 answers[position] = _answer(outcome)
-        _count_recorded(new, [o.cost_micros for o in outcomes if o.outcome == Outcome.NEW])
+        _count_recorded(new)
         return answers, errors_at
 
     def _check_record(
@@ -247,7 +247,7 @@ class UsageServicer(
     ) -> usage_service_pb2.RecordUsageResponse:
         _refuse_outcome(record, outcome)
         if outcome.outcome == Outcome.NEW:
-            _count_recorded([record], [outcome.cost_micros])
+            _count_recorded([(record, outcome.cost_micros)])
         return _answer(outcome)
 
     # Budgets and reservations -------------------------------------------------------
@@ -564,12 +564,13 @@ def _answer(outcome: RecordOutcome) -> usage_service_pb2.RecordUsageResponse:
     )
 
 
-def _count_recorded(records: Sequence[UsageRecord], costs: Sequence[int]) -> None:
-    """The recorded-usage metrics, once per call however many records it wrote."""
-    if records:
-        PROMPT_TOKENS.inc(sum(r.prompt_tokens for r in records))
-        COMPLETION_TOKENS.inc(sum(r.completion_tokens for r in records))
-        COST_RECORDED.inc(sum(costs))
+def _count_recorded(new: Sequence[tuple[UsageRecord, int]]) -> None:
+    """The recorded-usage metrics, once per call however many records (with their costs)
+    it wrote."""
+    if new:
+        PROMPT_TOKENS.inc(sum(r.prompt_tokens for r, _ in new))
+        COMPLETION_TOKENS.inc(sum(r.completion_tokens for r, _ in new))
+        COST_RECORDED.inc(sum(cost for _, cost in new))
 
 
 def _check_counts(request: usage_service_pb2.RecordUsageRequest, prefix: str) -> None:
