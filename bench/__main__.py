@@ -28,6 +28,7 @@ from bench.load import (
     THREADS,
     Caller,
     WorkerResult,
+    items_per_second,
     run_worker,
     thread_of,
     wait_serving,
@@ -152,13 +153,7 @@ async def batch_throughput(stub: Any, batches: int = 40, in_flight: int = 4) -> 
         assert all(r.status.code == 0 for r in reply.results)
         return len(reply.results)
 
-    began = time.perf_counter()
-    done = 0
-    for start in range(0, batches, in_flight):
-        done += sum(
-            await asyncio.gather(*(one(b) for b in range(start, min(batches, start + in_flight))))
-        )
-    return done / (time.perf_counter() - began)
+    return await items_per_second(one, batches, in_flight)
 
 
 def print_before_after(results: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,19 @@ def _field(number: int, text: str) -> bytes:
     """Protobuf wire encoding of one short string field (fields may come in any order)."""
     data = text.encode()
     return bytes([(number << 3) | 2, len(data)]) + data
+
+
+async def items_per_second(
+    one: Callable[[int], Awaitable[int]], batches: int, in_flight: int
+) -> float:
+    """Calls `one(0..batches-1)`, `in_flight` at a time; the items they report, per second."""
+    began = time.perf_counter()
+    done = 0
+    for start in range(0, batches, in_flight):
+        done += sum(
+            await asyncio.gather(*(one(b) for b in range(start, min(batches, start + in_flight))))
+        )
+    return done / (time.perf_counter() - began)
 
 
 def thread_of(worker: int, n: int) -> str:

@@ -5,14 +5,12 @@ compare the span conversion and nothing else: both ride the same recording path.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 
-from bench.load import thread_of
+from bench.load import items_per_second, thread_of
 
 
 def _attribute(key: str, value: str | int) -> common_pb2.KeyValue:
@@ -50,10 +48,4 @@ async def otlp_throughput(channel: Any, batches: int = 40, in_flight: int = 4) -
         assert not reply.partial_success.rejected_spans, reply.partial_success.error_message
         return sum(len(s.spans) for r in exports[b].resource_spans for s in r.scope_spans)
 
-    began = time.perf_counter()
-    done = 0
-    for start in range(0, batches, in_flight):
-        done += sum(
-            await asyncio.gather(*(one(b) for b in range(start, min(batches, start + in_flight))))
-        )
-    return done / (time.perf_counter() - began)
+    return await items_per_second(one, batches, in_flight)

@@ -38,6 +38,16 @@ async def start(redis_url: str, replicas: int, **env: str):  # type: ignore[no-u
     return agent, agent_address, usages, usage_addresses
 
 
+async def seeded_project(agent_address: str, usage_address: str, project: str):  # type: ignore[no-untyped-def]
+    """Superuser stubs of the agent and a usage service, with `project` made and the test
+    agent type."""
+    agents = agent_service_pb2_grpc.AgentServiceStub(authed_channel(agent_address))
+    usage = usage_service_pb2_grpc.UsageServiceStub(authed_channel(usage_address))
+    await make_project(agents, project)
+    await make_type(agents)
+    return agents, usage
+
+
 def budget_of(scope, scope_id="", **kw) -> U.CreateBudgetRequest:  # type: ignore[no-untyped-def]
     kw.setdefault("period", B.BUDGET_PERIOD_DAY)
     return U.CreateBudgetRequest(
@@ -48,10 +58,7 @@ def budget_of(scope, scope_id="", **kw) -> U.CreateBudgetRequest:  # type: ignor
 async def test_racing_clients_on_two_replicas_never_pass_a_hard_limit(redis_url) -> None:
     agent_proc, agent_address, usages, addresses = await start(redis_url, 2)
     try:
-        agents = agent_service_pb2_grpc.AgentServiceStub(authed_channel(agent_address))
-        usage = usage_service_pb2_grpc.UsageServiceStub(authed_channel(addresses[0]))
-        await make_project(agents, "race")
-        await make_type(agents)
+        agents, usage = await seeded_project(agent_address, addresses[0], "race")
         workers = [await spawn(agents, f"w{i}", project_id="race") for i in range(3)]
         for t in range(4):
             await usage.SetThreadBudget(
@@ -147,10 +154,7 @@ async def test_replicas_killed_mid_delivery_lose_nothing(redis_url) -> None:
     agent_proc, agent_address, usages, addresses = await start(redis_url, 2, **env)
     receiver = await Receiver(stall=1).start()
     try:
-        agents = agent_service_pb2_grpc.AgentServiceStub(authed_channel(agent_address))
-        usage = usage_service_pb2_grpc.UsageServiceStub(authed_channel(addresses[0]))
-        await make_project(agents, "race")
-        await make_type(agents)
+        agents, usage = await seeded_project(agent_address, addresses[0], "race")
         worker = await spawn(agents, "w", project_id="race")
         hook = await usage.CreateWebhook(
             U.CreateWebhookRequest(project_id="race", url=receiver.url)

@@ -14,12 +14,11 @@ from pathlib import Path
 import openai
 
 from agentplane.agent.v1 import agent_service_pb2 as A
-from agentplane.agent.v1 import agent_service_pb2_grpc, api_key_pb2
+from agentplane.agent.v1 import api_key_pb2
 from agentplane.usage.v1 import usage_pb2 as B
 from agentplane.usage.v1 import usage_service_pb2 as U
-from agentplane.usage.v1 import usage_service_pb2_grpc
-from tests.e2e.test_budget_race import start
-from tests.helpers import authed_channel, make_project, make_type, spawn, until
+from tests.e2e.test_budget_race import seeded_project, start
+from tests.helpers import spawn, until
 from tests.helpers.fake_provider import PROVIDER_KEY, fake_provider, providers_yaml
 from tests.helpers.processes import ServiceProcess
 
@@ -45,10 +44,7 @@ async def test_racing_streams_never_pass_a_hard_budget_and_a_killed_replica_is_c
     )
     gateways: list[ServiceProcess] = []
     try:
-        agents = agent_service_pb2_grpc.AgentServiceStub(authed_channel(agent_address))
-        usage = usage_service_pb2_grpc.UsageServiceStub(authed_channel(addresses[0]))
-        await make_project(agents, "race")
-        await make_type(agents)
+        agents, usage = await seeded_project(agent_address, addresses[0], "race")
         keys = []
         for i in range(AGENTS):
             agent = await spawn(agents, f"a{i}", project_id="race")

@@ -17,11 +17,10 @@ import orjson
 import pytest
 
 from agentplane.agent.v1 import agent_service_pb2 as A
-from agentplane.agent.v1 import agent_service_pb2_grpc, api_key_pb2
+from agentplane.agent.v1 import api_key_pb2
 from agentplane.usage.v1 import usage_service_pb2 as U
-from agentplane.usage.v1 import usage_service_pb2_grpc
-from tests.e2e.test_budget_race import start
-from tests.helpers import authed_channel, make_project, make_type, spawn, until
+from tests.e2e.test_budget_race import seeded_project, start
+from tests.helpers import spawn, until
 from tests.helpers.fake_provider import PROVIDER_KEY, providers_yaml
 from tests.helpers.processes import ServiceProcess
 
@@ -69,10 +68,7 @@ async def test_ten_thousand_open_streams_dropped_at_once(redis_url: str, tmp_pat
     fake = ServiceProcess("tests.helpers.fake_provider", FAKE_PIECES="40", FAKE_DELAY_S="5")
     gateways: list[ServiceProcess] = []
     try:
-        agents = agent_service_pb2_grpc.AgentServiceStub(authed_channel(agent_address))
-        usage = usage_service_pb2_grpc.UsageServiceStub(authed_channel(addresses[0]))
-        await make_project(agents, "storm")
-        await make_type(agents)
+        agents, usage = await seeded_project(agent_address, addresses[0], "storm")
         agent = await spawn(agents, "storm", project_id="storm")
         token = (await agents.CreateApiKey(
             A.CreateApiKeyRequest(role=api_key_pb2.API_KEY_ROLE_AGENT, subject=agent.id)

@@ -9,6 +9,7 @@ import asyncio
 
 import httpx
 import openai
+import pytest
 
 from agentplane.usage.v1 import usage_pb2 as P
 from tests.helpers import until
@@ -79,12 +80,9 @@ async def test_timeouts_between_events_and_before_the_first_byte(stack, tmp_path
         except openai.APIError:
             pass
         stack.fake.behaviour.delay_s, stack.fake.behaviour.first_delay_s = 0.0, 0.6
-        try:
+        with pytest.raises(openai.APIStatusError) as refused:
             await client.chat.completions.create(model="gpt-4o", messages=HELLO)
-        except openai.APIStatusError as exc:
-            assert exc.status_code == 504 and exc.code == "upstream_timeout"
-        else:
-            raise AssertionError("no timeout")
+        assert (refused.value.status_code, refused.value.code) == (504, "upstream_timeout")
         calls = await settled(stack, 2)
     assert {c.outcome for c in calls} == {P.MODEL_CALL_OUTCOME_TIMEOUT}
     assert all(c.estimated and c.usage.total_tokens > 0 for c in calls)
@@ -117,12 +115,9 @@ async def test_a_provider_that_cannot_be_reached_costs_nothing(stack, tmp_path) 
         client = stack.keep(
             openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=stack.token, max_retries=0)
         )
-        try:
+        with pytest.raises(openai.APIStatusError) as refused:
             await client.chat.completions.create(model="gpt-4o", messages=HELLO)
-        except openai.APIStatusError as exc:
-            assert exc.status_code == 502 and exc.code == "upstream_failed"
-        else:
-            raise AssertionError("no error")
+        assert (refused.value.status_code, refused.value.code) == (502, "upstream_failed")
         (call,) = await settled(stack, 1)
     assert call.outcome == P.MODEL_CALL_OUTCOME_UPSTREAM_ERROR and not call.usage.request_count
     assert (await stack.totals()).request_count == 0
