@@ -134,6 +134,11 @@ class Call:
             return
         self.outcome, self.reason, self.status = outcome, reason, status
 
+    def read(self, meter: wire.StreamMeter) -> None:
+        """What the stream's meter found so far: usage, text streamed, model, answer id."""
+        self.usage, self.streamed, self.model = meter.usage, meter.streamed, meter.model
+        self.response_id = meter.response_id
+
     @property
     def label(self) -> str:
         """The model as a metric label: configured models only (bounded cardinality)."""
@@ -546,16 +551,14 @@ class ModelGateway:
         except UpstreamFailed:
             call.outcome, call.reason = UPSTREAM_ERROR, "stream_cut"
         finally:
-            call.usage, call.streamed, call.model = meter.usage, meter.streamed, meter.model
-            call.response_id = meter.response_id
+            call.read(meter)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _settle_before_last(self, call: Call, meter: wire.StreamMeter) -> None:
         """Settle a stream whose usage is known before its last event goes out: the
         client's span, which ends (and may be exported) when it reads that event, then
         finds the call metered (SPEC §16)."""
-        call.usage, call.streamed, call.model = meter.usage, meter.streamed, meter.model
-        call.response_id = meter.response_id
+        call.read(meter)
         await self._settle_queued(call)
 
     # Settling -------------------------------------------------------------------------
